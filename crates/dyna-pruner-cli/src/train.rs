@@ -1,0 +1,37 @@
+//! `dyna-pruner train`: fit a model from a TOML config, then score it on the test range.
+
+use std::path::Path;
+
+use dyna_pruner::config::{Plan, RunConfig};
+use dyna_pruner::eval::{evaluate_persistence, Evaluation};
+use dyna_pruner::train::{checkpoint, train};
+
+use crate::device::DeviceArg;
+use crate::eval::{evaluate_checkpoint, table_row, TABLE_HEADER};
+use crate::progress::Bars;
+use crate::with_backend;
+
+/// Trains `plan` and returns the best checkpoint's test evaluation.
+pub fn train_plan(plan: &Plan, resume: bool, device: DeviceArg) -> anyhow::Result<Evaluation> {
+    with_backend!(device, |B, T, dev| {
+        let trained = train::<T>(plan, &dev, resume, &mut Bars::default())?;
+        let ck = checkpoint::load::<B>(&trained.checkpoint, &dev)?;
+        let test = evaluate_checkpoint(&ck, &trained.splits.test, 256, &dev, "test");
+        let persistence = evaluate_persistence(&trained.splits.test, &ck.meta.scaler);
+        println!(
+            "checkpoint {} (best epoch {}, {:.0}s)\ntest range: {} windows\n{TABLE_HEADER}",
+            trained.checkpoint.display(),
+            trained.meta.provenance.best_epoch,
+            trained.meta.provenance.wall_time_s,
+            trained.splits.test.len()
+        );
+        println!("{}", table_row("model", &test, test.macs_per_sample));
+        println!("{}", table_row("persistence", &persistence, None));
+        Ok(test)
+    })
+}
+
+pub fn run(config: &Path, resume: bool, device: DeviceArg) -> anyhow::Result<()> {
+    let plan = RunConfig::load(config)?;
+    train_plan(&plan, resume, device).map(|_| ())
+}

@@ -1,0 +1,160 @@
+//! SimVP-style CNN backbone (Gao et al., "SimVP: Simpler yet Better Video Prediction", CVPR 2022),
+//! with the translator made of masked residual blocks.
+//!
+//! Input frames are stacked as channels; a strided conv encoder maps them to a feature map, a
+//! translator of residual blocks `x + M * F(x)` evolves it, and a decoder with a skip from the
+//! first encoder layer predicts the change from the last input frame. In a masked block, F runs
+//! only on kept positions (its hidden map is zero elsewhere, so the second conv reads no halo of
+//! pruned work) and only with kept hidden filters; pruned positions take the identity path.
+//! No normalization layers: batch- or group-statistics would couple kept and pruned positions.
+
+use burn::nn::conv::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig};
+use burn::nn::PaddingConfig2d;
+use burn::prelude::*;
+use burn::tensor::activation::gelu;
+
+use super::{BackboneMacs, PrunableLayer, SpatioTemporal};
+use crate::method::MaskSource;
+
+/// Configuration of [`Cnn`].
+#[derive(Config, Debug)]
+pub struct CnnConfig {
+    /// Input frames.
+    pub t_in: usize,
+    /// Predicted frames.
+    pub t_out: usize,
+    /// Channels per frame.
+    pub channels: usize,
+    /// Width of the encoder, translator and decoder feature maps.
+    #[config(default = 64)]
+    pub hidden: usize,
+    /// Hidden filters of each translator block: the ModelMask's units.
+    #[config(default = 128)]
+    pub units: usize,
+    /// Translator blocks.
+    #[config(default = 6)]
+    pub blocks: usize,
+    /// Encoder stride (1 or 2): the translator runs at 1/stride of the input resolution.
+    #[config(default = 2)]
+    pub stride: usize,
+}
+
+impl CnnConfig {
+    /// The crowd-flow preset (TaxiBJ/TaxiNYC: 4 -> 4 frames of in/out flow).
+    pub fn crowd() -> Self {
+        CnnConfig::new(4, 4, 2)
+    }
+
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Cnn<B> {
+        let conv3 = |i, o, s| {
+            Conv2dConfig::new([i, o], [3, 3])
+                .with_stride([s, s])
+                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                .init(device)
+        };
+        let up = (self.stride > 1).then(|| {
+            ConvTranspose2dConfig::new([self.hidden, self.hidden], [self.stride, self.stride])
+                .with_stride([self.stride, self.stride])
+                .init(device)
+        });
+        Cnn {
+            enc_in: conv3(self.t_in * self.channels, self.hidden, 1),
+            enc_down: conv3(self.hidden, self.hidden, self.stride),
+            blocks: (0..self.blocks)
+                .map(|_| MaskedBlock { conv1: conv3(self.hidden, self.units, 1), conv2: conv3(self.units, self.hidden, 1) })
+                .collect(),
+            dec_up: up,
+            dec_out: conv3(self.hidden, self.t_out * self.channels, 1),
+            t_out: self.t_out,
+            channels: self.channels,
+            hidden: self.hidden,
+            units: self.units,
+            stride: self.stride,
+        }
+    }
+}
+
+/// `x + M_space * conv2(M_space * (gelu(conv1(x)) * M_units))`.
+#[derive(Module, Debug)]
+struct MaskedBlock<B: Backend> {
+    conv1: Conv2d<B>,
+    conv2: Conv2d<B>,
+}
+
+impl<B: Backend> MaskedBlock<B> {
+    /// # Shapes
+    /// - x: `[batch, hidden, h, w]`; space: `[batch, 1, h, w]`; units: `[batch, units]`
+    /// - output: `[batch, hidden, h, w]`
+    fn forward(&self, x: Tensor<B, 4>, space: Option<Tensor<B, 4>>, units: Option<Tensor<B, 2>>) -> Tensor<B, 4> {
+        let mut hidden = gelu(self.conv1.forward(x.clone()));
+        if let Some(u) = units {
+            let [b, k] = u.dims();
+            hidden = hidden * u.reshape([b, k, 1, 1]);
+        }
+        if let Some(s) = &space {
+            hidden = hidden * s.clone();
+        }
+        let update = self.conv2.forward(hidden);
+        match space {
+            Some(s) => x + update * s,
+            None => x + update,
+        }
+    }
+}
+
+/// The SimVP-style CNN.
+#[derive(Module, Debug)]
+pub struct Cnn<B: Backend> {
+    enc_in: Conv2d<B>,
+    enc_down: Conv2d<B>,
+    blocks: Vec<MaskedBlock<B>>,
+    dec_up: Option<ConvTranspose2d<B>>,
+    dec_out: Conv2d<B>,
+    t_out: usize,
+    channels: usize,
+    hidden: usize,
+    units: usize,
+    stride: usize,
+}
+
+impl<B: Backend> SpatioTemporal<B> for Cnn<B> {
+    fn forward(&self, x: Tensor<B, 5>, masks: &mut dyn MaskSource<B>) -> Tensor<B, 5> {
+        let [b, t, c, h, w] = x.dims();
+        let last = x.clone().narrow(1, t - 1, 1).reshape([b, c, h, w]);
+        let skip = gelu(self.enc_in.forward(x.reshape([b, t * c, h, w])));
+        let mut z = gelu(self.enc_down.forward(skip.clone()));
+        for (l, block) in self.blocks.iter().enumerate() {
+            let m = masks.layer_masks(l, &z, self.stride);
+            z = block.forward(z, m.space, m.units);
+        }
+        if let Some(up) = &self.dec_up {
+            z = gelu(up.forward(z));
+            let [_, _, zh, zw] = z.dims();
+            if (zh, zw) != (h, w) {
+                z = z.slice([0..b, 0..self.hidden, 0..h, 0..w]);
+            }
+        }
+        let delta = self.dec_out.forward(z + skip).reshape([b, self.t_out, self.channels, h, w]);
+        let base = last.reshape([b, 1, self.channels, h, w]).expand([b, self.t_out, self.channels, h, w]);
+        base + delta
+    }
+
+    fn prunable_layers(&self) -> Vec<PrunableLayer> {
+        let layer = PrunableLayer { in_channels: self.hidden, units: self.units, stride: self.stride };
+        vec![layer; self.blocks.len()]
+    }
+
+    fn macs(&self, height: usize, width: usize) -> BackboneMacs {
+        let full = (height * width) as u64;
+        let low = (height.div_ceil(self.stride) * width.div_ceil(self.stride)) as u64;
+        let [hid, units] = [self.hidden as u64, self.units as u64];
+        let t_in_c = self.enc_in.weight.dims()[1] as u64;
+        let out_c = (self.t_out * self.channels) as u64;
+        let s2 = (self.stride * self.stride) as u64;
+        let up = if self.dec_up.is_some() { low * s2 * hid * hid } else { 0 };
+        BackboneMacs {
+            fixed: full * 9 * t_in_c * hid + low * 9 * hid * hid + up + full * 9 * hid * out_c,
+            layers: vec![low * 9 * 2 * hid * units; self.blocks.len()],
+        }
+    }
+}

@@ -1,0 +1,81 @@
+//! The backbones the method wraps. [`BackboneKind`] lists them; [`Backbone`] holds one.
+//!
+//! The contract ([`SpatioTemporal`]): map `[batch, t_in, c, h, w]` to `[batch, t_out, c, h, w]`,
+//! ask the [`MaskSource`] for masks at each prunable layer (in the order of
+//! [`SpatioTemporal::prunable_layers`]), apply them so that pruned positions and units cost
+//! nothing in a sparse executor, and count dense MACs analytically.
+
+pub mod cnn;
+
+use burn::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::method::MaskSource;
+
+/// The backbones that exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackboneKind {
+    /// SimVP-style CNN: strided conv encoder -> masked residual translator -> decoder.
+    Cnn,
+}
+
+/// One layer whose positions (DataMask) and units (ModelMask) can be pruned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PrunableLayer {
+    /// Channels of the layer input (what the unit gate pools).
+    pub in_channels: usize,
+    /// Prunable units (hidden filters).
+    pub units: usize,
+    /// Input pixels per feature pixel at this layer.
+    pub stride: usize,
+}
+
+/// Dense MACs per sample: the part no mask touches, and each prunable layer's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackboneMacs {
+    pub fixed: u64,
+    pub layers: Vec<u64>,
+}
+
+/// What every backbone implements.
+pub trait SpatioTemporal<B: Backend> {
+    /// Prediction.
+    ///
+    /// # Shapes
+    /// - x: `[batch, t_in, channels, height, width]`
+    /// - output: `[batch, t_out, channels, height, width]`
+    fn forward(&self, x: Tensor<B, 5>, masks: &mut dyn MaskSource<B>) -> Tensor<B, 5>;
+
+    /// The prunable layers, in the order `forward` asks for their masks.
+    fn prunable_layers(&self) -> Vec<PrunableLayer>;
+
+    /// Dense MACs per sample for frames of `height x width`.
+    fn macs(&self, height: usize, width: usize) -> BackboneMacs;
+}
+
+/// One backbone of any kind.
+#[derive(Module, Debug)]
+pub enum Backbone<B: Backend> {
+    Cnn(cnn::Cnn<B>),
+}
+
+impl<B: Backend> SpatioTemporal<B> for Backbone<B> {
+    fn forward(&self, x: Tensor<B, 5>, masks: &mut dyn MaskSource<B>) -> Tensor<B, 5> {
+        match self {
+            Backbone::Cnn(m) => m.forward(x, masks),
+        }
+    }
+
+    fn prunable_layers(&self) -> Vec<PrunableLayer> {
+        match self {
+            Backbone::Cnn(m) => m.prunable_layers(),
+        }
+    }
+
+    fn macs(&self, height: usize, width: usize) -> BackboneMacs {
+        match self {
+            Backbone::Cnn(m) => m.macs(height, width),
+        }
+    }
+}

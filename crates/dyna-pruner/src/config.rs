@@ -1,0 +1,256 @@
+//! Run configuration: TOML with every field defaulted, validated up front into a [`Plan`].
+//! A bad value is reported with its field, the value and the allowed range.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::backbones::BackboneKind;
+use crate::data::timeslots::parse_date;
+use crate::data::{DateRange, SlotFormat};
+use crate::error::{Error, Result};
+use crate::method::MaskMode;
+use crate::model::Architecture;
+
+/// Where the data comes from and how it is cut.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataConfig {
+    /// HDF5 crowd-flow files (merged) or one OpenSTL `dataset.npz`; relative to the working directory.
+    pub files: Vec<PathBuf>,
+    pub slot_format: SlotFormat,
+    pub t_in: usize,
+    pub t_out: usize,
+    /// `[from, to)` as `YYYY-MM-DD`.
+    pub train: [String; 2],
+    pub val: [String; 2],
+    pub test: [String; 2],
+    /// npz only: the last fraction of the training windows used for validation.
+    pub val_fraction: f32,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        let taxi = |y: u32| PathBuf::from(format!("data/taxinyc/NYC{y}_Taxi_M16x8_T60_InOut.h5"));
+        DataConfig {
+            files: vec![taxi(10), taxi(11), taxi(12), taxi(13)],
+            slot_format: SlotFormat::Auto,
+            t_in: 4,
+            t_out: 4,
+            train: ["2010-01-01".into(), "2013-01-01".into()],
+            val: ["2013-01-01".into(), "2013-07-01".into()],
+            test: ["2013-07-01".into(), "2014-01-01".into()],
+            val_fraction: 0.1,
+        }
+    }
+}
+
+/// The backbone and the patch grid.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    pub backbone: BackboneKind,
+    pub hidden: usize,
+    pub units: usize,
+    pub blocks: usize,
+    pub stride: usize,
+    pub patch: usize,
+    pub generator_width: usize,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig { backbone: BackboneKind::Cnn, hidden: 64, units: 128, blocks: 6, stride: 2, patch: 2, generator_width: 16 }
+    }
+}
+
+/// The pruning method's targets and loss weights.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MethodConfig {
+    pub mode: MaskMode,
+    /// Final fraction of patches kept by the DataMask.
+    pub data_keep: f32,
+    /// Final fraction of units kept by the ModelMask.
+    pub unit_keep: f32,
+    /// Weight lambda of the FLOPs-budget loss.
+    pub budget_weight: f32,
+    /// Epochs over which the keep ratios anneal from 1 to their targets.
+    pub warmup_epochs: f32,
+    /// Weight of `mse(prediction, teacher prediction)` when `train.init_from` is set.
+    pub distill_weight: f32,
+}
+
+impl Default for MethodConfig {
+    fn default() -> Self {
+        MethodConfig { mode: MaskMode::Dense, data_keep: 1.0, unit_keep: 1.0, budget_weight: 1.0, warmup_epochs: 1.0, distill_weight: 1.0 }
+    }
+}
+
+/// The optimizer and the schedule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub seed: u64,
+    /// Use every n-th training window (1: all).
+    pub window_stride: usize,
+    /// Checkpoint to start from (the trained dense model); it is also the distillation teacher.
+    pub init_from: Option<PathBuf>,
+    /// Output checkpoint directory.
+    pub out: PathBuf,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig { epochs: 10, batch_size: 32, lr: 1e-3, seed: 42, window_stride: 1, init_from: None, out: PathBuf::from("runs/model") }
+    }
+}
+
+/// A whole run configuration (`dyna-pruner train --config FILE`).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunConfig {
+    pub data: DataConfig,
+    pub model: ModelConfig,
+    pub method: MethodConfig,
+    pub train: TrainConfig,
+}
+
+/// A validated [`RunConfig`] with its dates parsed.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub config: RunConfig,
+    pub ranges: [DateRange; 3],
+}
+
+impl Plan {
+    /// The model architecture for data with `channels` channels per frame.
+    pub fn architecture(&self, channels: usize) -> Architecture {
+        let (d, m) = (&self.config.data, &self.config.model);
+        Architecture {
+            backbone: m.backbone,
+            t_in: d.t_in,
+            t_out: d.t_out,
+            channels,
+            hidden: m.hidden,
+            units: m.units,
+            blocks: m.blocks,
+            stride: m.stride,
+            patch: m.patch,
+            generator_width: m.generator_width,
+        }
+    }
+}
+
+impl RunConfig {
+    /// Reads and validates a TOML file.
+    pub fn load(path: &Path) -> Result<Plan> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let config: RunConfig = toml::from_str(&text).map_err(|e| Error::Format {
+            path: path.to_path_buf(),
+            format: "TOML run config",
+            detail: e.to_string(),
+        })?;
+        config.validate().map_err(|e| match e {
+            Error::Config { field, value, expected, .. } => Error::Config { file: Some(path.to_path_buf()), field, value, expected },
+            other => other,
+        })
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("a RunConfig always serializes")
+    }
+
+    /// Checks every field against its allowed range.
+    pub fn validate(self) -> Result<Plan> {
+        let bad = |field: &str, value: String, expected: &str| Error::Config {
+            file: None,
+            field: field.into(),
+            value,
+            expected: expected.into(),
+        };
+        let in_range = |field: &str, v: usize, lo: usize, hi: usize| {
+            if (lo..=hi).contains(&v) { Ok(()) } else { Err(bad(field, v.to_string(), &format!("an integer in {lo}..={hi}"))) }
+        };
+        let fraction = |field: &str, v: f32| {
+            if v > 0.0 && v <= 1.0 { Ok(()) } else { Err(bad(field, v.to_string(), "a fraction in (0, 1]")) }
+        };
+        let non_negative = |field: &str, v: f32| {
+            if v.is_finite() && v >= 0.0 { Ok(()) } else { Err(bad(field, v.to_string(), "a finite number >= 0")) }
+        };
+        let (d, m, me, t) = (&self.data, &self.model, &self.method, &self.train);
+        if d.files.is_empty() {
+            return Err(bad("data.files", "[]".into(), "at least one HDF5 or npz file"));
+        }
+        in_range("data.t_in", d.t_in, 2, 64)?;
+        in_range("data.t_out", d.t_out, 1, 64)?;
+        fraction("data.val_fraction", d.val_fraction)?;
+        let range = |field: &str, [from, to]: &[String; 2]| -> Result<DateRange> {
+            let date = |s: &str| {
+                parse_date(s)
+                    .map(|(y, mo, da)| (y * 10_000 + mo * 100 + da) as u32)
+                    .ok_or_else(|| bad(field, format!("{from:?}..{to:?}"), "two dates YYYY-MM-DD, from before to"))
+            };
+            let r = DateRange { from: date(from)?, to: date(to)? };
+            if r.from < r.to { Ok(r) } else { Err(bad(field, format!("{from:?}..{to:?}"), "two dates YYYY-MM-DD, from before to")) }
+        };
+        let ranges = [range("data.train", &d.train)?, range("data.val", &d.val)?, range("data.test", &d.test)?];
+        in_range("model.hidden", m.hidden, 1, 1024)?;
+        in_range("model.units", m.units, 1, 4096)?;
+        in_range("model.blocks", m.blocks, 1, 64)?;
+        in_range("model.stride", m.stride, 1, 2)?;
+        in_range("model.patch", m.patch, 1, 256)?;
+        in_range("model.generator_width", m.generator_width, 1, 256)?;
+        if m.patch % m.stride != 0 {
+            return Err(bad("model.patch", m.patch.to_string(), &format!("a multiple of model.stride = {}", m.stride)));
+        }
+        fraction("method.data_keep", me.data_keep)?;
+        fraction("method.unit_keep", me.unit_keep)?;
+        non_negative("method.budget_weight", me.budget_weight)?;
+        non_negative("method.warmup_epochs", me.warmup_epochs)?;
+        non_negative("method.distill_weight", me.distill_weight)?;
+        in_range("train.epochs", t.epochs, 1, 100_000)?;
+        in_range("train.batch_size", t.batch_size, 1, 4096)?;
+        in_range("train.window_stride", t.window_stride, 1, 10_000)?;
+        if !(t.lr.is_finite() && t.lr > 0.0 && t.lr <= 1.0) {
+            return Err(bad("train.lr", t.lr.to_string(), "a learning rate in (0, 1]"));
+        }
+Ok(Plan { config: self, ranges })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate() {
+        RunConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn invalid_value_names_field_and_range() {
+        let cfg: RunConfig = toml::from_str("[method]\nunit_keep = 1.5\n").unwrap();
+        let msg = cfg.validate().unwrap_err().to_string();
+        assert!(msg.contains("method.unit_keep") && msg.contains("(0, 1]"), "{msg}");
+        let cfg: RunConfig = toml::from_str("[model]\npatch = 3\nstride = 2\n").unwrap();
+        assert!(cfg.validate().unwrap_err().to_string().contains("multiple of model.stride"));
+        let cfg: RunConfig = toml::from_str("[data]\ntrain = [\"2013-02-30\", \"2014-01-01\"]\n").unwrap();
+        assert!(cfg.validate().unwrap_err().to_string().contains("data.train"));
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        assert!(toml::from_str::<RunConfig>("[train]\nepoch = 3\n").is_err());
+    }
+
+    #[test]
+    fn round_trips_through_toml() {
+        let cfg = RunConfig::default();
+        let back: RunConfig = toml::from_str(&cfg.to_toml()).unwrap();
+        assert_eq!(back, cfg);
+    }
+}

@@ -1,0 +1,187 @@
+//! Data: files -> frame series -> input/output windows -> scaled batches.
+//!
+//! One file per format (`crowd_h5`, `npz`), the shared series and window logic (`series`),
+//! time stamps (`timeslots`), scaling fitted on training data only (`scaling`) and seeded
+//! generators for tests and benches (`synthetic`).
+
+pub mod batch;
+pub mod crowd_h5;
+pub mod hdf5;
+pub mod npz;
+pub mod scaling;
+pub mod series;
+pub mod synthetic;
+pub mod timeslots;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub use scaling::MinMaxScaler;
+pub use series::{DateRange, FrameSeries, WindowSet};
+pub use timeslots::SlotFormat;
+
+use crate::error::{Error, Result};
+
+/// What a set of data files holds: a time series (HDF5) or pre-cut windows (npz).
+pub enum Source {
+    Series(Arc<FrameSeries>),
+    Npz(npz::NpzWindows),
+}
+
+/// Train / validation / test windows.
+pub struct Splits {
+    pub train: WindowSet,
+    pub val: WindowSet,
+    pub test: WindowSet,
+}
+
+fn is_zip(path: &Path) -> Result<bool> {
+    let mut magic = [0u8; 4];
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let n = file.read(&mut magic).map_err(|e| Error::io(path, e))?;
+    Ok(n == 4 && &magic == b"PK\x03\x04")
+}
+
+/// Reads crowd-flow files: several HDF5 files (e.g. one per year) are merged into one series;
+/// an OpenSTL `dataset.npz` must come alone.
+pub fn load(paths: &[PathBuf], format: SlotFormat) -> Result<Source> {
+    let Some(first) = paths.first() else {
+        return Err(Error::Config {
+            file: None,
+            field: "data.files".into(),
+            value: "[]".into(),
+            expected: "at least one HDF5 or npz file".into(),
+        });
+    };
+    let mut kinds = Vec::with_capacity(paths.len());
+    for p in paths {
+        kinds.push(is_zip(p)?);
+    }
+    if kinds[0] {
+        if paths.len() > 1 {
+            return Err(Error::Config {
+                file: None,
+                field: "data.files".into(),
+                value: format!("{} files", paths.len()),
+                expected: "a single OpenSTL dataset.npz (it already holds train and test)".into(),
+            });
+        }
+        return Ok(Source::Npz(npz::read(first)?));
+    }
+    let mut parts = Vec::with_capacity(paths.len());
+    for p in paths {
+        if is_zip(p)? {
+            return Err(Error::Config {
+                file: None,
+                field: "data.files".into(),
+                value: p.display().to_string(),
+                expected: "HDF5 files only once the first file is HDF5".into(),
+            });
+        }
+        parts.push(crowd_h5::read(p, format)?);
+    }
+    let grids: Vec<String> = parts.iter().map(|p| format!("{}x{}x{}", p.channels, p.height, p.width)).collect();
+    let series = FrameSeries::merge(parts).ok_or_else(|| Error::BadField {
+        path: first.clone(),
+        field: "data".into(),
+        detail: format!("grids differ between files: {}", grids.join(", ")),
+    })?;
+    Ok(Source::Series(Arc::new(series)))
+}
+
+fn describe(paths: &[PathBuf]) -> String {
+    paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+}
+
+impl Source {
+    /// All windows of the source: every consecutive window of a series, or the test part of an npz.
+    pub fn all_windows(&self, t_in: usize, t_out: usize, paths: &[PathBuf]) -> Result<WindowSet> {
+        match self {
+            Source::Series(s) => windows_in(s, t_in, t_out, None, "all dates", paths),
+            Source::Npz(n) => check_lengths(&n.test, t_in, t_out, paths),
+        }
+    }
+
+    /// Splits by date (series) or takes the last `val_fraction` of the npz training windows as
+    /// validation (npz windows carry no dates).
+    pub fn split(
+        &self,
+        t_in: usize,
+        t_out: usize,
+        ranges: [DateRange; 3],
+        val_fraction: f32,
+        paths: &[PathBuf],
+    ) -> Result<Splits> {
+        match self {
+            Source::Series(s) => {
+                let [train, val, test] = ranges;
+                Ok(Splits {
+                    train: windows_in(s, t_in, t_out, Some(train), "the train range", paths)?,
+                    val: windows_in(s, t_in, t_out, Some(val), "the validation range", paths)?,
+                    test: windows_in(s, t_in, t_out, Some(test), "the test range", paths)?,
+                })
+            }
+            Source::Npz(n) => {
+                let train = check_lengths(&n.train, t_in, t_out, paths)?;
+                let n_val = ((train.len() as f32 * val_fraction).ceil() as usize).clamp(1, train.len().max(1));
+                let cut = train.len().saturating_sub(n_val);
+                if cut == 0 {
+                    return Err(Error::NoWindows {
+                        what: describe(paths),
+                        window: t_in + t_out,
+                        detail: format!("X_train has {} windows, too few to keep some for validation", train.len()),
+                    });
+                }
+                let idx: Vec<usize> = (0..train.len()).collect();
+                Ok(Splits {
+                    val: train.subset(&idx[cut..]),
+                    train: train.subset(&idx[..cut]),
+                    test: check_lengths(&n.test, t_in, t_out, paths)?,
+                })
+            }
+        }
+    }
+}
+
+fn windows_in(
+    s: &Arc<FrameSeries>,
+    t_in: usize,
+    t_out: usize,
+    range: Option<DateRange>,
+    range_name: &str,
+    paths: &[PathBuf],
+) -> Result<WindowSet> {
+    let starts = s.window_starts(t_in + t_out, range);
+    if starts.is_empty() {
+        let inside = s.stamps.iter().filter(|st| range.is_none_or(|r| r.contains(st.date))).count();
+        return Err(Error::NoWindows {
+            what: format!("{range_name} of {}", describe(paths)),
+            window: t_in + t_out,
+            detail: match range {
+                Some(r) => format!(
+                    "{inside} frames fall in {}..{}; the longest run of consecutive slots in the files is {}",
+                    r.from,
+                    r.to,
+                    s.longest_run()
+                ),
+                None => format!("the longest run of consecutive slots is {}", s.longest_run()),
+            },
+        });
+    }
+    Ok(WindowSet::from_series(s.clone(), starts, t_in, t_out))
+}
+
+fn check_lengths(w: &WindowSet, t_in: usize, t_out: usize, paths: &[PathBuf]) -> Result<WindowSet> {
+    if (w.t_in, w.t_out) != (t_in, t_out) {
+        return Err(Error::BadField {
+            path: paths[0].clone(),
+            field: "X_train/Y_train".into(),
+            detail: format!(
+                "hold {} -> {} frame windows; the config asks for {t_in} -> {t_out}",
+                w.t_in, w.t_out
+            ),
+        });
+    }
+    Ok(w.clone())
+}

@@ -1,0 +1,121 @@
+//! Evaluation of a model (or of persistence) on a set of windows: metrics, MACs per sample and
+//! kept fractions.
+
+use std::collections::BTreeMap;
+
+use burn::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::data::{MinMaxScaler, WindowSet};
+use crate::method::{MaskMode, Masking};
+use crate::metrics::CrowdMetrics;
+use crate::model::DynamicModel;
+
+/// What an evaluation measured.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Evaluation {
+    pub metrics: BTreeMap<String, f64>,
+    /// Mean MACs per sample (absent for persistence).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub macs_per_sample: Option<f64>,
+    pub samples: usize,
+    /// Mean fraction of pixels computed by the prunable layers (dynamic models only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kept_patch_fraction: Option<f64>,
+    /// Mean fraction of units kept in the prunable layers (dynamic models only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kept_unit_fraction: Option<f64>,
+}
+
+/// Per-sample record of a dynamic forward: MACs and mean kept fractions over layers.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SampleCost {
+    pub macs: f64,
+    pub kept_patch_fraction: f32,
+    pub kept_unit_fraction: f32,
+}
+
+/// Runs `model` over `windows` in batches; `on_batch(done, total)` reports progress.
+pub fn evaluate<B: Backend>(
+    model: &DynamicModel<B>,
+    windows: &WindowSet,
+    scaler: &MinMaxScaler,
+    masking: Masking,
+    batch_size: usize,
+    device: &B::Device,
+    on_batch: &mut dyn FnMut(usize, usize),
+) -> Evaluation {
+    let mut metrics = CrowdMetrics::new(windows.frame_len());
+    let mac_model = model.mac_model(windows.height, windows.width);
+    let mut costs = Vec::with_capacity(windows.len());
+    let indices: Vec<usize> = (0..windows.len()).collect();
+    for chunk in indices.chunks(batch_size.max(1)) {
+        let (x, y) = windows.batch::<B>(chunk, scaler, device);
+        let out = model.forward(x, masking);
+        let pred: Vec<f32> = out.prediction.into_data().to_vec().expect("f32 prediction");
+        let target: Vec<f32> = y.into_data().to_vec().expect("f32 target");
+        metrics.update(&pred, &target);
+        costs.extend(sample_costs(&mac_model, &out.fractions, chunk.len()));
+        on_batch(costs.len(), windows.len());
+    }
+    let n = costs.len().max(1) as f64;
+    let dynamic = masking.mode != MaskMode::Dense;
+    Evaluation {
+        metrics: metrics.finish(scaler),
+        macs_per_sample: Some(costs.iter().map(|c| c.macs).sum::<f64>() / n),
+        samples: windows.len(),
+        kept_patch_fraction: dynamic.then(|| costs.iter().map(|c| c.kept_patch_fraction as f64).sum::<f64>() / n),
+        kept_unit_fraction: dynamic.then(|| costs.iter().map(|c| c.kept_unit_fraction as f64).sum::<f64>() / n),
+    }
+}
+
+/// MACs and kept fractions of each sample of a batch from the hard per-layer fractions.
+pub fn sample_costs<B: Backend>(
+    mac_model: &crate::macs::MacModel,
+    fractions: &[crate::method::LayerFractions<B>],
+    batch: usize,
+) -> Vec<SampleCost> {
+    if fractions.is_empty() {
+        let dense = mac_model.dense() as f64;
+        return vec![SampleCost { macs: dense, kept_patch_fraction: 1.0, kept_unit_fraction: 1.0 }; batch];
+    }
+    let per_layer: Vec<(Vec<f32>, Vec<f32>)> = fractions
+        .iter()
+        .map(|f| {
+            let s: Vec<f32> = f.hard.0.clone().into_data().convert::<f32>().to_vec().expect("f32");
+            let u: Vec<f32> = f.hard.1.clone().into_data().convert::<f32>().to_vec().expect("f32");
+            (s, u)
+        })
+        .collect();
+    (0..batch)
+        .map(|b| {
+            let layer: Vec<(f32, f32)> = per_layer.iter().map(|(s, u)| (s[b], u[b])).collect();
+            let l = layer.len() as f32;
+            SampleCost {
+                macs: mac_model.dynamic(&layer),
+                kept_patch_fraction: layer.iter().map(|p| p.0).sum::<f32>() / l,
+                kept_unit_fraction: layer.iter().map(|p| p.1).sum::<f32>() / l,
+            }
+        })
+        .collect()
+}
+
+/// Persistence (the last input frame repeated) on `windows`.
+pub fn evaluate_persistence(windows: &WindowSet, scaler: &MinMaxScaler) -> Evaluation {
+    let mut metrics = CrowdMetrics::new(windows.frame_len());
+    let (mut pred, mut target) = (Vec::new(), Vec::new());
+    for i in 0..windows.len() {
+        pred.clear();
+        target.clear();
+        windows.persistence(i, scaler, &mut pred);
+        scaler.scale_into(windows.target(i), &mut target);
+        metrics.update(&pred, &target);
+    }
+    Evaluation {
+        metrics: metrics.finish(scaler),
+        macs_per_sample: None,
+        samples: windows.len(),
+        kept_patch_fraction: None,
+        kept_unit_fraction: None,
+    }
+}

@@ -1,0 +1,64 @@
+//! Analytical multiply-accumulate counts per sample (OpenSTL's "FLOPs" are MACs). Convolutions
+//! and linear layers count `outputs x fan-in`; pooling counts one MAC per element read; biases,
+//! activations and additions are not counted.
+
+use crate::method::masks::kept_count;
+
+/// The MACs of a wrapped backbone for one frame size.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MacModel {
+    /// Backbone layers no mask touches (encoder, decoder).
+    pub backbone_fixed: u64,
+    /// Dense MACs of each prunable layer.
+    pub layers: Vec<u64>,
+    /// The method's own cost: mask generator and unit gates (only paid by the dynamic model).
+    pub method: u64,
+}
+
+impl MacModel {
+    /// The dense backbone, masks off (no mask generator runs).
+    pub fn dense(&self) -> u64 {
+        self.backbone_fixed + self.layers.iter().sum::<u64>()
+    }
+
+    /// The dynamic model for one sample, given each layer's hard kept fractions
+    /// `(kept pixels / pixels, kept units / units)`.
+    pub fn dynamic(&self, fractions: &[(f32, f32)]) -> f64 {
+        let pruned: f64 = self
+            .layers
+            .iter()
+            .zip(fractions)
+            .map(|(&macs, &(space, units))| macs as f64 * space as f64 * units as f64)
+            .sum();
+        (self.backbone_fixed + self.method) as f64 + pruned
+    }
+
+    /// MACs of the dynamic model relative to `backbone_fixed + method + sum(layers)` when every
+    /// layer keeps `space x units` (the budget loss's target, on the same scale as its estimate).
+    pub fn budget_fraction(&self, space: f32, units: f32) -> f32 {
+        let always = (self.backbone_fixed + self.method) as f64;
+        let layers: f64 = self.layers.iter().map(|&m| m as f64).sum();
+        ((always + layers * space as f64 * units as f64) / (always + layers)) as f32
+    }
+
+    /// The dynamic model's MACs at nominal keep ratios (patch counts rounded up), for planning.
+    pub fn nominal_dynamic(&self, patches: usize, data_keep: f32, units: usize, unit_keep: f32) -> f64 {
+        let space = kept_count(data_keep, patches) as f32 / patches as f32;
+        let unit = kept_count(unit_keep, units) as f32 / units as f32;
+        self.dynamic(&vec![(space, unit); self.layers.len()])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dynamic_scales_prunable_layers_only() {
+        let m = MacModel { backbone_fixed: 100, layers: vec![400, 400], method: 10 };
+        assert_eq!(m.dense(), 900);
+        assert_eq!(m.dynamic(&[(1.0, 1.0), (1.0, 1.0)]), 910.0);
+        assert_eq!(m.dynamic(&[(0.5, 0.5), (1.0, 0.25)]), 310.0);
+        assert!((m.budget_fraction(0.5, 0.5) - (110.0 + 200.0) / 910.0).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,140 @@
+//! The lightweight mask generator `g_mask(X; phi)`: input frames -> one importance map S over
+//! spatial patches, and the unit gates that turn S-weighted layer features into unit scores.
+
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{Linear, LinearConfig, PaddingConfig2d};
+use burn::prelude::*;
+use burn::tensor::activation::{gelu, sigmoid};
+use burn::tensor::module::{avg_pool2d, max_pool2d};
+
+/// Configuration of [`MaskGenerator`].
+#[derive(Config, Debug)]
+pub struct MaskGeneratorConfig {
+    /// Channels per input frame.
+    pub channels: usize,
+    /// Patch side in input pixels.
+    pub patch: usize,
+    /// Width of the generator's hidden layers.
+    #[config(default = 16)]
+    pub width: usize,
+}
+
+/// Scores each patch from per-patch statistics of the last frame and of the last temporal
+/// difference, with two 3x3 convolutions at patch resolution so neighbours inform each other.
+#[derive(Module, Debug)]
+pub struct MaskGenerator<B: Backend> {
+    conv1: Conv2d<B>,
+    conv2: Conv2d<B>,
+    head: Conv2d<B>,
+    channels: usize,
+    patch: usize,
+    width: usize,
+}
+
+/// Number of per-patch statistics per input channel (mean, max of the last frame; mean |diff|).
+const STATS: usize = 3;
+
+impl MaskGeneratorConfig {
+    pub fn init<B: Backend>(&self, device: &B::Device) -> MaskGenerator<B> {
+        let conv = |i, o, k| {
+            Conv2dConfig::new([i, o], [k, k])
+                .with_padding(if k == 3 { PaddingConfig2d::Explicit(1, 1, 1, 1) } else { PaddingConfig2d::Valid })
+                .init(device)
+        };
+        MaskGenerator {
+            conv1: conv(STATS * self.channels, self.width, 3),
+            conv2: conv(self.width, self.width, 3),
+            head: conv(self.width, 1, 1),
+            channels: self.channels,
+            patch: self.patch,
+            width: self.width,
+        }
+    }
+}
+
+/// Patch-grid side for a frame side: `ceil(side / patch)`.
+pub fn patch_grid(side: usize, patch: usize) -> usize {
+    side.div_ceil(patch)
+}
+
+impl<B: Backend> MaskGenerator<B> {
+    /// Importance map S in [0, 1].
+    ///
+    /// # Shapes
+    /// - x: `[batch, t_in, channels, height, width]`
+    /// - output: `[batch, ceil(height / patch), ceil(width / patch)]`
+    pub fn forward(&self, x: Tensor<B, 5>) -> Tensor<B, 3> {
+        let [b, t, c, h, w] = x.dims();
+        let last = x.clone().narrow(1, t - 1, 1).reshape([b, c, h, w]);
+        let diff = if t > 1 {
+            (last.clone() - x.narrow(1, t - 2, 1).reshape([b, c, h, w])).abs()
+        } else {
+            last.zeros_like()
+        };
+        let p = [self.patch, self.patch];
+        let mean = |v: Tensor<B, 4>| avg_pool2d(v, p, p, [0, 0], false, true);
+        let stats = Tensor::cat(
+            vec![mean(last.clone()), max_pool2d(last, p, p, [0, 0], [1, 1], true), mean(diff)],
+            1,
+        );
+        let hidden = gelu(self.conv2.forward(gelu(self.conv1.forward(stats))));
+        let logits = self.head.forward(hidden);
+        let [_, _, hp, wp] = logits.dims();
+        sigmoid(logits).reshape([b, hp, wp])
+    }
+
+    /// MACs per sample: pooling reads (counted as one MAC per element) plus the convolutions.
+    pub fn macs(&self, height: usize, width: usize) -> u64 {
+        let channels = self.channels;
+        let (hp, wp) = (patch_grid(height, self.patch), patch_grid(width, self.patch));
+        let cells = (hp * wp) as u64;
+        let pooling = (4 * channels * height * width) as u64;
+        let w = self.width as u64;
+        pooling + cells * (9 * (STATS * channels) as u64 * w + 9 * w * w + w)
+    }
+}
+
+/// Configuration of [`UnitGate`].
+#[derive(Config, Debug)]
+pub struct UnitGateConfig {
+    /// Channels of the gated layer's input.
+    pub in_channels: usize,
+    /// Prunable units of the layer.
+    pub units: usize,
+}
+
+/// ModelMask scores of one prunable layer: `g = sigmoid(W [z; mean(S)] + b)` with
+/// `z = sum(S * f) / sum(S)`, the S-weighted pooled features of the layer input.
+#[derive(Module, Debug)]
+pub struct UnitGate<B: Backend> {
+    linear: Linear<B>,
+}
+
+impl UnitGateConfig {
+    pub fn init<B: Backend>(&self, device: &B::Device) -> UnitGate<B> {
+        UnitGate { linear: LinearConfig::new(self.in_channels + 1, self.units).init(device) }
+    }
+}
+
+impl<B: Backend> UnitGate<B> {
+    /// Unit scores in [0, 1].
+    ///
+    /// # Shapes
+    /// - features: `[batch, in_channels, h, w]`
+    /// - importance: `[batch, 1, h, w]` (S resized to the layer's resolution)
+    /// - output: `[batch, units]`
+    pub fn forward(&self, features: Tensor<B, 4>, importance: Tensor<B, 4>) -> Tensor<B, 2> {
+        let [b, c, _, _] = features.dims();
+        let weighted = (features * importance.clone()).sum_dims(&[2, 3]).reshape([b, c]);
+        let mass = importance.clone().sum_dims(&[2, 3]).reshape([b, 1]);
+        let z = weighted / (mass + 1e-6);
+        let density = importance.mean_dims(&[2, 3]).reshape([b, 1]);
+        sigmoid(self.linear.forward(Tensor::cat(vec![z, density], 1)))
+    }
+
+    /// MACs per sample at a layer resolution of `pixels`.
+    pub fn macs(&self, pixels: usize) -> u64 {
+        let [inputs, units] = self.linear.weight.dims();
+        (pixels * (inputs - 1) + inputs * units) as u64
+    }
+}

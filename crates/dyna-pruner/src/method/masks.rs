@@ -1,0 +1,94 @@
+//! Hard top-k masks and the straight-through estimator shared by the DataMask and the ModelMask.
+
+use burn::prelude::*;
+use burn::tensor::IndexingUpdateOp;
+
+/// Number of items kept out of `total` at keep ratio `ratio`: `ceil(ratio * total)`, at least 1.
+pub fn kept_count(ratio: f32, total: usize) -> usize {
+    ((ratio as f64 * total as f64 - 1e-6).ceil() as usize).clamp(1, total)
+}
+
+/// A 0/1 mask keeping the `k` highest scores of each row (exactly `k` ones per row, ties broken
+/// by the sort).
+///
+/// # Shapes
+/// - scores: `[batch, n]`
+/// - output: `[batch, n]`
+pub fn top_k_hard<B: Backend>(scores: Tensor<B, 2>, k: usize) -> Tensor<B, 2> {
+    let [batch, n] = scores.dims();
+    let device = scores.device();
+    if k >= n {
+        return Tensor::ones([batch, n], &device);
+    }
+    let (_, indices) = scores.detach().topk_with_indices(k, 1);
+    Tensor::zeros([batch, n], &device).scatter(
+        1,
+        indices,
+        Tensor::ones([batch, k], &device),
+        IndexingUpdateOp::Add,
+    )
+}
+
+/// Straight-through estimator: the forward value is exactly `hard`, the gradient flows to `soft`.
+pub fn straight_through<B: Backend, const D: usize>(hard: Tensor<B, D>, soft: Tensor<B, D>) -> Tensor<B, D> {
+    // (soft - soft) is exactly zero in floating point, so the sum is exactly `hard`.
+    soft.clone() - soft.detach() + hard.detach()
+}
+
+/// Hard top-k over `scores` with straight-through gradients to `scores`.
+///
+/// # Shapes
+/// - scores: `[batch, n]` in [0, 1]
+/// - output: `[batch, n]`, each row holding exactly `kept_count(ratio, n)` ones
+pub fn top_k_ste<B: Backend>(scores: Tensor<B, 2>, ratio: f32) -> Tensor<B, 2> {
+    let k = kept_count(ratio, scores.dims()[1]);
+    let hard = top_k_hard(scores.clone(), k);
+    straight_through(hard, scores)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::TrainBackend;
+    use burn::tensor::Distribution;
+
+    type B = TrainBackend;
+
+    #[test]
+    fn kept_count_is_ceil_and_at_least_one() {
+        assert_eq!(kept_count(0.3, 10), 3);
+        assert_eq!(kept_count(0.31, 10), 4);
+        assert_eq!(kept_count(0.0, 10), 1);
+        assert_eq!(kept_count(1.0, 7), 7);
+    }
+
+    #[test]
+    fn top_k_keeps_exactly_k_per_sample_even_with_ties() {
+        let device = Default::default();
+        let mut scores: Tensor<B, 2> = Tensor::random([5, 37], Distribution::Uniform(0.0, 1.0), &device);
+        // Saturated scores tie exactly; the count must still be exact.
+        scores = scores.slice_assign([0..1, 0..37], Tensor::ones([1, 37], &device));
+        for ratio in [0.1f32, 0.3, 0.5, 0.99] {
+            let mask = top_k_ste(scores.clone(), ratio);
+            let counts: Vec<f32> = mask.clone().sum_dim(1).into_data().to_vec().unwrap();
+            let k = kept_count(ratio, 37) as f32;
+            assert!(counts.iter().all(|&c| c == k), "{counts:?} != {k}");
+            let values: Vec<f32> = mask.into_data().to_vec().unwrap();
+            assert!(values.iter().all(|&v| v == 0.0 || v == 1.0));
+        }
+    }
+
+    #[test]
+    fn ste_forward_is_hard_and_gradient_reaches_scores() {
+        let device = Default::default();
+        let scores: Tensor<B, 2> =
+            Tensor::<B, 2>::from_floats([[0.9, 0.2, 0.6, 0.1]], &device).require_grad();
+        let mask = top_k_ste(scores.clone(), 0.5);
+        let values: Vec<f32> = mask.clone().into_data().to_vec().unwrap();
+        assert_eq!(values, vec![1.0, 0.0, 1.0, 0.0]);
+        let weights = Tensor::<B, 2>::from_floats([[1.0, 2.0, 3.0, 4.0]], &device);
+        let grads = (mask * weights).sum().backward();
+        let g: Vec<f32> = scores.grad(&grads).unwrap().into_data().to_vec().unwrap();
+        assert_eq!(g, vec![1.0, 2.0, 3.0, 4.0]);
+    }
+}

@@ -1,0 +1,153 @@
+//! The pruning method, independent of any backbone: one importance map S per sample drives a
+//! DataMask over spatial patches and a synchronized ModelMask over each prunable layer's units.
+//!
+//! A backbone asks for masks layer by layer through [`MaskSource`]; [`DynamicMasks`] answers
+//! with the method's masks, [`NoMasks`] with none (the dense model).
+
+pub mod budget;
+pub mod mask_generator;
+pub mod masks;
+
+use burn::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use mask_generator::UnitGate;
+
+/// Which masks are active (the ablations of the method).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MaskMode {
+    /// No masks: the dense backbone.
+    Dense,
+    /// DataMask only (spatial patches).
+    Data,
+    /// ModelMask only (units).
+    Model,
+    /// Both, driven by the one importance map S.
+    Both,
+}
+
+impl MaskMode {
+    pub fn data(self) -> bool {
+        matches!(self, MaskMode::Data | MaskMode::Both)
+    }
+    pub fn model(self) -> bool {
+        matches!(self, MaskMode::Model | MaskMode::Both)
+    }
+}
+
+/// The masks of the current forward: mode and keep ratios (annealed while training).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Masking {
+    pub mode: MaskMode,
+    /// Fraction of patches kept by the DataMask.
+    pub data_keep: f32,
+    /// Fraction of units kept by the ModelMask in every prunable layer.
+    pub unit_keep: f32,
+}
+
+impl Masking {
+    pub const DENSE: Masking = Masking { mode: MaskMode::Dense, data_keep: 1.0, unit_keep: 1.0 };
+}
+
+/// The masks of one prunable layer. `None` keeps everything.
+pub struct LayerMasks<B: Backend> {
+    /// `[batch, 1, h, w]`, 0/1 in the forward pass (straight-through while training).
+    pub space: Option<Tensor<B, 4>>,
+    /// `[batch, units]`, 0/1 in the forward pass.
+    pub units: Option<Tensor<B, 2>>,
+}
+
+/// What a backbone calls at each prunable layer, in a fixed order, to get that layer's masks.
+pub trait MaskSource<B: Backend> {
+    /// Masks for prunable layer `layer`, whose input `features` (`[batch, c, h, w]`) sits at
+    /// `stride` input pixels per feature pixel.
+    fn layer_masks(&mut self, layer: usize, features: &Tensor<B, 4>, stride: usize) -> LayerMasks<B>;
+}
+
+/// The dense model: no masks anywhere.
+pub struct NoMasks;
+
+impl<B: Backend> MaskSource<B> for NoMasks {
+    fn layer_masks(&mut self, _: usize, _: &Tensor<B, 4>, _: usize) -> LayerMasks<B> {
+        LayerMasks { space: None, units: None }
+    }
+}
+
+/// Per-sample kept fractions of one layer, soft (for the budget loss) and hard (for MACs).
+pub struct LayerFractions<B: Backend> {
+    /// Soft kept fractions `[batch]`: mean S over the layer's pixels, mean unit score.
+    pub soft: (Tensor<B, 1>, Tensor<B, 1>),
+    /// Hard kept fractions `[batch]`: kept pixels / pixels, kept units / units.
+    pub hard: (Tensor<B, 1>, Tensor<B, 1>),
+}
+
+/// The method's masks for one batch: the DataMask from S (computed once), and the ModelMask of
+/// each layer from that layer's gate on S-weighted features. Records the kept fractions.
+pub struct DynamicMasks<'a, B: Backend> {
+    masking: Masking,
+    patch: usize,
+    importance: Tensor<B, 3>,
+    data_mask: Tensor<B, 3>,
+    gates: &'a [UnitGate<B>],
+    pub fractions: Vec<LayerFractions<B>>,
+}
+
+/// Nearest upsampling of a patch map to a layer's resolution, cropped to `h x w`.
+///
+/// # Shapes
+/// - map: `[batch, hp, wp]`
+/// - output: `[batch, 1, h, w]`
+pub fn patches_to_pixels<B: Backend>(map: Tensor<B, 3>, cell: usize, h: usize, w: usize) -> Tensor<B, 4> {
+    let [b, hp, wp] = map.dims();
+    map.reshape([b, hp, 1, wp, 1])
+        .expand([b, hp, cell, wp, cell])
+        .reshape([b, hp * cell, wp * cell])
+        .slice([0..b, 0..h, 0..w])
+        .reshape([b, 1, h, w])
+}
+
+impl<'a, B: Backend> DynamicMasks<'a, B> {
+    /// `importance`: S `[batch, hp, wp]` from the mask generator.
+    pub fn new(importance: Tensor<B, 3>, gates: &'a [UnitGate<B>], masking: Masking, patch: usize) -> Self {
+        let [b, hp, wp] = importance.dims();
+        let data_mask = if masking.mode.data() {
+            let flat = importance.clone().reshape([b, hp * wp]);
+            masks::top_k_ste(flat, masking.data_keep).reshape([b, hp, wp])
+        } else {
+            importance.ones_like()
+        };
+        DynamicMasks { masking, patch, importance, data_mask, gates, fractions: Vec::new() }
+    }
+
+    pub fn importance(&self) -> &Tensor<B, 3> {
+        &self.importance
+    }
+}
+
+impl<B: Backend> MaskSource<B> for DynamicMasks<'_, B> {
+    fn layer_masks(&mut self, layer: usize, features: &Tensor<B, 4>, stride: usize) -> LayerMasks<B> {
+        let [b, _, h, w] = features.dims();
+        let cell = self.patch / stride;
+        let soft_space = patches_to_pixels(self.importance.clone(), cell, h, w);
+        let device = features.device();
+        let ones = || Tensor::<B, 1>::ones([b], &device);
+        let (space, soft_s, hard_s) = if self.masking.mode.data() {
+            let m = patches_to_pixels(self.data_mask.clone(), cell, h, w);
+            let hard = m.clone().detach().mean_dims(&[2, 3]).reshape([b]);
+            (Some(m), soft_space.clone().mean_dims(&[2, 3]).reshape([b]), hard)
+        } else {
+            (None, ones(), ones())
+        };
+        let (units, soft_u, hard_u) = if self.masking.mode.model() {
+            let scores = self.gates[layer].forward(features.clone(), soft_space);
+            let m = masks::top_k_ste(scores.clone(), self.masking.unit_keep);
+            let hard = m.clone().detach().mean_dim(1).reshape([b]);
+            (Some(m), scores.mean_dim(1).reshape([b]), hard)
+        } else {
+            (None, ones(), ones())
+        };
+        self.fractions.push(LayerFractions { soft: (soft_s, soft_u), hard: (hard_s, hard_u) });
+        LayerMasks { space, units }
+    }
+}

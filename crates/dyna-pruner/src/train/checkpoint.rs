@@ -1,0 +1,128 @@
+//! Checkpoints: a directory with the weights (`model.mpk`), the run config (`config.toml`) and
+//! `checkpoint.json` (architecture, scaler, masking, provenance: seed, commit, backend, wall time).
+
+use std::path::{Path, PathBuf};
+
+use burn::prelude::*;
+use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder};
+use serde::{Deserialize, Serialize};
+
+use crate::config::RunConfig;
+use crate::data::MinMaxScaler;
+use crate::error::{Error, Result};
+use crate::method::{MaskMode, Masking};
+use crate::model::{Architecture, DynamicModel};
+
+/// The recorder of all weight files.
+pub type Recorder = NamedMpkFileRecorder<FullPrecisionSettings>;
+
+/// How the checkpoint's masks are set at inference.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct MaskingSpec {
+    pub mode: MaskMode,
+    pub data_keep: f32,
+    pub unit_keep: f32,
+}
+
+impl From<MaskingSpec> for Masking {
+    fn from(m: MaskingSpec) -> Self {
+        Masking { mode: m.mode, data_keep: m.data_keep, unit_keep: m.unit_keep }
+    }
+}
+
+/// Where and how a checkpoint was made.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Provenance {
+    pub seed: u64,
+    pub commit: String,
+    pub backend: String,
+    pub threads: usize,
+    pub wall_time_s: f64,
+    pub epochs: usize,
+    pub best_epoch: usize,
+    pub best_val_mse: f64,
+    pub train_windows: usize,
+    pub data_files: Vec<PathBuf>,
+    /// The checkpoint this one was fine-tuned from, if any.
+    pub init_from: Option<PathBuf>,
+}
+
+/// `checkpoint.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointMeta {
+    pub architecture: Architecture,
+    pub scaler: MinMaxScaler,
+    pub masking: MaskingSpec,
+    pub provenance: Provenance,
+}
+
+/// A loaded checkpoint.
+pub struct Checkpoint<B: Backend> {
+    pub model: DynamicModel<B>,
+    pub meta: CheckpointMeta,
+    pub dir: PathBuf,
+}
+
+const WEIGHTS: &str = "model";
+const META: &str = "checkpoint.json";
+const CONFIG: &str = "config.toml";
+
+fn ck_err(path: &Path, detail: impl Into<String>) -> Error {
+    Error::Checkpoint { path: path.to_path_buf(), detail: detail.into() }
+}
+
+/// Writes weights, config and metadata to `dir` (created if needed).
+pub fn save<B: Backend>(dir: &Path, model: &DynamicModel<B>, meta: &CheckpointMeta, config: &RunConfig) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    model
+        .clone()
+        .save_file(dir.join(WEIGHTS), &Recorder::new())
+        .map_err(|e| ck_err(dir, format!("cannot write weights: {e}")))?;
+    let json = serde_json::to_string_pretty(meta).expect("metadata serializes");
+    std::fs::write(dir.join(META), json).map_err(|e| Error::io(dir.join(META), e))?;
+    std::fs::write(dir.join(CONFIG), config.to_toml()).map_err(|e| Error::io(dir.join(CONFIG), e))
+}
+
+/// Reads `checkpoint.json` of `dir`.
+pub fn read_meta(dir: &Path) -> Result<CheckpointMeta> {
+    let path = dir.join(META);
+    if !dir.is_dir() {
+        return Err(ck_err(dir, "is not a directory (expected model.mpk, checkpoint.json, config.toml)"));
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    serde_json::from_str(&text).map_err(|e| ck_err(&path, format!("malformed metadata: {e}")))
+}
+
+/// Loads a checkpoint onto `device`.
+pub fn load<B: Backend>(dir: &Path, device: &B::Device) -> Result<Checkpoint<B>> {
+    let meta = read_meta(dir)?;
+    let model = load_weights(dir, &meta.architecture, device)?;
+    Ok(Checkpoint { model, meta, dir: dir.to_path_buf() })
+}
+
+/// Loads weights of `architecture` from `dir/model.mpk`.
+pub fn load_weights<B: Backend>(dir: &Path, architecture: &Architecture, device: &B::Device) -> Result<DynamicModel<B>> {
+    architecture
+        .init::<B>(device)
+        .load_file(dir.join(WEIGHTS), &Recorder::new(), device)
+        .map_err(|e| ck_err(dir, format!("cannot load weights model.mpk: {e}")))
+}
+
+/// The git commit of the working directory, with `-dirty` when it has uncommitted changes.
+pub fn current_commit() -> String {
+    let run = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    match run(&["rev-parse", "HEAD"]) {
+        Some(head) => {
+            let dirty = run(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+            if dirty { format!("{head}-dirty") } else { head }
+        }
+        None => "unknown".into(),
+    }
+}

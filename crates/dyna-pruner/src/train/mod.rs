@@ -1,0 +1,277 @@
+//! Training: end to end with the straight-through masks, the FLOPs-budget loss, keep ratios
+//! annealed over warm-up, optional distillation from the checkpoint it starts from, Adam with a
+//! cosine learning rate, the best validation epoch kept, and `--resume` from the last epoch.
+
+pub mod checkpoint;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::AutodiffModule;
+use burn::optim::{AdamConfig, GradientsParams, Optimizer};
+use burn::prelude::*;
+use burn::record::Recorder as _;
+use burn::tensor::backend::AutodiffBackend;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+
+use crate::config::Plan;
+use crate::data::{self, MinMaxScaler, Splits};
+use crate::error::{Error, Result};
+use crate::eval::evaluate;
+use crate::method::budget::{annealed, budget_loss};
+use crate::method::{MaskMode, Masking};
+use checkpoint::{CheckpointMeta, MaskingSpec, Provenance, Recorder};
+
+/// Receives progress of a training run.
+pub trait Progress {
+    fn message(&mut self, _text: &str) {}
+    fn epoch_start(&mut self, _epoch: usize, _epochs: usize, _steps: usize) {}
+    fn step(&mut self, _step: usize, _loss: f64) {}
+    fn validating(&mut self, _done: usize, _total: usize) {}
+    fn epoch_end(&mut self, _report: &EpochReport) {}
+}
+
+/// Ignores progress (tests).
+pub struct Quiet;
+impl Progress for Quiet {}
+
+/// One finished epoch.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EpochReport {
+    pub epoch: usize,
+    pub epochs: usize,
+    pub train_loss: f64,
+    pub val_mse: f64,
+    pub data_keep: f32,
+    pub unit_keep: f32,
+    pub elapsed_s: f64,
+    /// Whether this epoch is the best so far (and was saved as the checkpoint).
+    pub best: bool,
+}
+
+/// State written after every epoch so that `--resume` continues where a run stopped.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ResumeState {
+    epochs_done: usize,
+    best_epoch: usize,
+    best_val_mse: f64,
+    elapsed_s: f64,
+    history: Vec<EpochReport>,
+}
+
+/// The result of a training run.
+pub struct Trained {
+    pub checkpoint: PathBuf,
+    pub meta: CheckpointMeta,
+    pub splits: Splits,
+    pub history: Vec<EpochReport>,
+}
+
+fn resume_dir(out: &Path) -> PathBuf {
+    out.join("resume")
+}
+
+/// Loads the data of a plan and fits the scaler on its training windows.
+pub fn prepare_data(plan: &Plan) -> Result<(Splits, MinMaxScaler)> {
+    let d = &plan.config.data;
+    let source = data::load(&d.files, d.slot_format)?;
+    let splits = source.split(d.t_in, d.t_out, plan.ranges, d.val_fraction, &d.files)?;
+    let t = &splits.train;
+    let scaler = MinMaxScaler::fit((0..t.len()).flat_map(|i| [t.input(i), t.target(i)])).ok_or_else(|| Error::BadValues {
+        path: d.files[0].clone(),
+        field: "data".into(),
+        detail: "the training range is constant; min-max scaling needs max > min".into(),
+    })?;
+    Ok((splits, scaler))
+}
+
+/// Trains the model of `plan` on `device`, writing the best checkpoint to `plan.config.train.out`.
+pub fn train<B: AutodiffBackend>(plan: &Plan, device: &B::Device, resume: bool, progress: &mut dyn Progress) -> Result<Trained> {
+    let cfg = &plan.config;
+    let (splits, fitted) = prepare_data(plan)?;
+    progress.message(&format!(
+        "windows: {} train, {} validation, {} test ({}x{} grid, {} channels)",
+        splits.train.len(),
+        splits.val.len(),
+        splits.test.len(),
+        splits.train.height,
+        splits.train.width,
+        splits.train.channels
+    ));
+    B::seed(device, cfg.train.seed);
+    let architecture = plan.architecture(splits.train.channels);
+
+    // Start from scratch or from a trained checkpoint (its scaler then stays, and it teaches).
+    let (mut model, scaler, teacher) = match &cfg.train.init_from {
+        Some(dir) => {
+            let init = checkpoint::load::<B>(dir, device)?;
+            if init.meta.architecture != architecture {
+                return Err(Error::Checkpoint {
+                    path: dir.clone(),
+                    detail: format!("architecture {:?} differs from the config's {architecture:?}", init.meta.architecture),
+                });
+            }
+            let teacher = init.model.valid();
+            (init.model, init.meta.scaler, Some((teacher, Masking::from(init.meta.masking))))
+        }
+        None => (architecture.init::<B>(device), fitted, None),
+    };
+    let mut optim = AdamConfig::new().init::<B, crate::model::DynamicModel<B>>();
+
+    let train_idx: Vec<usize> = (0..splits.train.len()).step_by(cfg.train.window_stride).collect();
+    let batch = cfg.train.batch_size;
+    let steps_per_epoch = train_idx.len().div_ceil(batch);
+    let total_steps = steps_per_epoch * cfg.train.epochs;
+    let warmup_steps = (cfg.method.warmup_epochs as f64 * steps_per_epoch as f64).round() as usize;
+    let mode = cfg.method.mode;
+    let masking_at = |step: usize| {
+        let progress = if warmup_steps == 0 { 1.0 } else { step as f32 / warmup_steps as f32 };
+        Masking {
+            mode,
+            data_keep: annealed(cfg.method.data_keep, progress),
+            unit_keep: annealed(cfg.method.unit_keep, progress),
+        }
+    };
+    let mac_model = model.mac_model(splits.train.height, splits.train.width);
+    let always = (mac_model.backbone_fixed + mac_model.method) as f64;
+    let layer_macs: Vec<f64> = mac_model.layers.iter().map(|&m| m as f64).collect();
+
+    let out = &cfg.train.out;
+    let mut state = ResumeState { epochs_done: 0, best_epoch: 0, best_val_mse: f64::INFINITY, elapsed_s: 0.0, history: Vec::new() };
+    if resume {
+        let dir = resume_dir(out);
+        let text = std::fs::read_to_string(dir.join("state.json")).map_err(|e| Error::Checkpoint {
+            path: dir.clone(),
+            detail: format!("nothing to resume (state.json: {e})"),
+        })?;
+        state = serde_json::from_str(&text).map_err(|e| Error::Checkpoint { path: dir.clone(), detail: e.to_string() })?;
+        model = checkpoint::load_weights::<B>(&dir, &architecture, device)?;
+        let record = Recorder::new()
+            .load(dir.join("optim"), device)
+            .map_err(|e| Error::Checkpoint { path: dir.clone(), detail: format!("optimizer state: {e}") })?;
+        optim = optim.load_record(record);
+        progress.message(&format!("resuming after epoch {} of {}", state.epochs_done, cfg.train.epochs));
+    }
+
+    for epoch in state.epochs_done + 1..=cfg.train.epochs {
+        let epoch_start = Instant::now();
+        let mut order = train_idx.clone();
+        order.shuffle(&mut StdRng::seed_from_u64(cfg.train.seed.wrapping_add(epoch as u64)));
+        progress.epoch_start(epoch, cfg.train.epochs, steps_per_epoch);
+        let mut loss_sum = 0.0;
+        for (s, chunk) in order.chunks(batch).enumerate() {
+            let step = (epoch - 1) * steps_per_epoch + s;
+            let masking = masking_at(step);
+            let (x, y) = splits.train.batch::<B>(chunk, &scaler, device);
+            let teacher_pred = teacher
+                .as_ref()
+                .filter(|_| cfg.method.distill_weight > 0.0)
+                .map(|(t, m)| Tensor::<B, 5>::from_inner(t.forward(x.clone().inner(), *m).prediction));
+            let fwd = model.forward(x, masking);
+            let mut loss = (fwd.prediction.clone() - y).powi_scalar(2).mean();
+            if let Some(t) = teacher_pred {
+                loss = loss + (fwd.prediction - t).powi_scalar(2).mean() * cfg.method.distill_weight;
+            }
+            if mode != MaskMode::Dense && cfg.method.budget_weight > 0.0 {
+                let soft: Vec<_> = fwd.fractions.iter().map(|f| f.soft.clone()).collect();
+                let target = mac_model.budget_fraction(
+                    if mode.data() { masking.data_keep } else { 1.0 },
+                    if mode.model() { masking.unit_keep } else { 1.0 },
+                );
+                loss = loss + budget_loss(always, &layer_macs, &soft, target) * cfg.method.budget_weight;
+            }
+            let value = loss.clone().into_scalar().elem::<f64>();
+            if !value.is_finite() {
+                return Err(Error::BadValues {
+                    path: out.clone(),
+                    field: "training loss".into(),
+                    detail: format!("became {value} at epoch {epoch}, step {s}; lower train.lr"),
+                });
+            }
+            loss_sum += value;
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            let lr = cosine_lr(cfg.train.lr, step, total_steps);
+            model = optim.step(lr, model, grads);
+            progress.step(s + 1, value);
+        }
+        let end_masking = masking_at(epoch * steps_per_epoch);
+        let val = evaluate(&model.valid(), &splits.val, &scaler, end_masking, 256, device, &mut |d, t| progress.validating(d, t));
+        let val_mse = val.metrics["mse"];
+        let warm = epoch * steps_per_epoch >= warmup_steps;
+        let best = warm && val_mse < state.best_val_mse;
+        state.elapsed_s += epoch_start.elapsed().as_secs_f64();
+        let report = EpochReport {
+            epoch,
+            epochs: cfg.train.epochs,
+            train_loss: loss_sum / steps_per_epoch as f64,
+            val_mse,
+            data_keep: end_masking.data_keep,
+            unit_keep: end_masking.unit_keep,
+            elapsed_s: state.elapsed_s,
+            best,
+        };
+        progress.epoch_end(&report);
+        state.history.push(report);
+        state.epochs_done = epoch;
+        if best {
+            state.best_epoch = epoch;
+            state.best_val_mse = val_mse;
+            let meta = meta_for(plan, architecture.clone(), scaler, &state, splits.train.len());
+            checkpoint::save(out, &model, &meta, &plan.config)?;
+        }
+        save_resume(out, &model, &optim, &state)?;
+    }
+    let _ = std::fs::remove_dir_all(resume_dir(out));
+    let meta = checkpoint::read_meta(out)?;
+    Ok(Trained { checkpoint: out.clone(), meta, splits, history: state.history })
+}
+
+fn meta_for(plan: &Plan, architecture: crate::model::Architecture, scaler: MinMaxScaler, state: &ResumeState, train_windows: usize) -> CheckpointMeta {
+    let cfg = &plan.config;
+    CheckpointMeta {
+        architecture,
+        scaler,
+        masking: MaskingSpec { mode: cfg.method.mode, data_keep: cfg.method.data_keep, unit_keep: cfg.method.unit_keep },
+        provenance: Provenance {
+            seed: cfg.train.seed,
+            commit: checkpoint::current_commit(),
+            backend: backend_name(),
+            threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            wall_time_s: state.elapsed_s,
+            epochs: cfg.train.epochs,
+            best_epoch: state.best_epoch,
+            best_val_mse: state.best_val_mse,
+            train_windows,
+            data_files: cfg.data.files.clone(),
+            init_from: cfg.train.init_from.clone(),
+        },
+    }
+}
+
+fn backend_name() -> String {
+    std::any::type_name::<crate::CpuBackend>().rsplit("::").next().unwrap_or("flex").to_lowercase()
+}
+
+fn save_resume<B: AutodiffBackend, O: Optimizer<crate::model::DynamicModel<B>, B>>(
+    out: &Path,
+    model: &crate::model::DynamicModel<B>,
+    optim: &O,
+    state: &ResumeState,
+) -> Result<()> {
+    let dir = resume_dir(out);
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    let fail = |what: &str, e: String| Error::Checkpoint { path: dir.clone(), detail: format!("cannot write {what}: {e}") };
+    model.clone().save_file(dir.join("model"), &Recorder::new()).map_err(|e| fail("weights", e.to_string()))?;
+    Recorder::new().record(optim.to_record(), dir.join("optim")).map_err(|e| fail("optimizer", e.to_string()))?;
+    let json = serde_json::to_string_pretty(state).expect("state serializes");
+    std::fs::write(dir.join("state.json"), json).map_err(|e| Error::io(dir.join("state.json"), e))
+}
+
+/// Cosine decay from `lr` to 5% of it over the run.
+fn cosine_lr(lr: f64, step: usize, total: usize) -> f64 {
+    let t = step as f64 / total.max(1) as f64;
+    lr * (0.05 + 0.95 * 0.5 * (1.0 + (std::f64::consts::PI * t).cos()))
+}
