@@ -104,3 +104,87 @@ impl<B: Backend> DynamicModel<B> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::method::{MaskMode, Masking};
+    use crate::{CpuBackend, TrainBackend};
+    use burn::tensor::Distribution;
+
+    fn arch(patch: usize, stride: usize) -> Architecture {
+        Architecture {
+            backbone: BackboneKind::Cnn,
+            t_in: 3,
+            t_out: 2,
+            channels: 2,
+            hidden: 8,
+            units: 12,
+            blocks: 2,
+            stride,
+            patch,
+            generator_width: 4,
+        }
+    }
+
+    fn input<B: Backend>(b: usize, h: usize, w: usize, device: &B::Device) -> Tensor<B, 5> {
+        Tensor::random([b, 3, 2, h, w], Distribution::Uniform(0.0, 1.0), device)
+    }
+
+    #[test]
+    fn all_ones_masks_reproduce_the_dense_forward_exactly() {
+        let device = Default::default();
+        for (patch, stride, h, w) in [(2, 2, 10, 6), (4, 2, 9, 7), (3, 1, 8, 5)] {
+            let model = arch(patch, stride).init::<CpuBackend>(&device);
+            let x = input::<CpuBackend>(3, h, w, &device);
+            let dense = model.forward(x.clone(), Masking::DENSE).prediction;
+            let ones = Masking { mode: MaskMode::Both, data_keep: 1.0, unit_keep: 1.0 };
+            let masked = model.forward(x, ones).prediction;
+            assert_eq!(dense.dims(), [3, 2, 2, h, w]);
+            let (a, b): (Vec<f32>, Vec<f32>) = (dense.into_data().to_vec().unwrap(), masked.into_data().to_vec().unwrap());
+            assert_eq!(a, b, "patch {patch} stride {stride} {h}x{w}");
+        }
+    }
+
+    #[test]
+    fn hard_fractions_match_the_keep_ratios_per_sample() {
+        let device = Default::default();
+        // 16x8 frame, patch 2, stride 2: 8x4 = 32 patches, each one feature pixel.
+        let model = arch(2, 2).init::<CpuBackend>(&device);
+        let masking = Masking { mode: MaskMode::Both, data_keep: 0.25, unit_keep: 0.5 };
+        let out = model.forward(input::<CpuBackend>(4, 16, 8, &device), masking);
+        assert_eq!(out.fractions.len(), 2);
+        for f in &out.fractions {
+            let s: Vec<f32> = f.hard.0.clone().into_data().to_vec().unwrap();
+            let u: Vec<f32> = f.hard.1.clone().into_data().to_vec().unwrap();
+            assert!(s.iter().all(|&v| v == 8.0 / 32.0), "{s:?}");
+            assert!(u.iter().all(|&v| v == 6.0 / 12.0), "{u:?}");
+        }
+    }
+
+    #[test]
+    fn gradient_reaches_the_mask_generator_and_gates() {
+        let device = Default::default();
+        let model = arch(2, 2).init::<TrainBackend>(&device);
+        let masking = Masking { mode: MaskMode::Both, data_keep: 0.5, unit_keep: 0.5 };
+        let out = model.forward(input::<TrainBackend>(2, 8, 8, &device), masking);
+        let grads = out.prediction.powi_scalar(2).mean().backward();
+        let g = model.mask_generator.head.weight.grad(&grads).expect("mask generator gets a gradient");
+        assert!(g.abs().sum().into_scalar() > 0.0);
+        let g = model.unit_gates[0].linear.weight.grad(&grads).expect("unit gate gets a gradient");
+        assert!(g.abs().sum().into_scalar() > 0.0);
+    }
+
+    #[test]
+    fn a_mask_keeping_one_patch_and_one_unit_works() {
+        let device = Default::default();
+        let model = arch(4, 2).init::<CpuBackend>(&device);
+        let x = input::<CpuBackend>(1, 16, 16, &device);
+        let one = Masking { mode: MaskMode::Both, data_keep: 1e-3, unit_keep: 1e-3 };
+        let out = model.forward(x, one);
+        let s: Vec<f32> = out.fractions[0].hard.0.clone().into_data().to_vec().unwrap();
+        let u: Vec<f32> = out.fractions[0].hard.1.clone().into_data().to_vec().unwrap();
+        assert_eq!(s, vec![4.0 / 64.0]);
+        assert_eq!(u, vec![1.0 / 12.0]);
+    }
+}

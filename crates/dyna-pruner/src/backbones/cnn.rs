@@ -158,3 +158,35 @@ impl<B: Backend> SpatioTemporal<B> for Cnn<B> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::CpuBackend;
+    use burn::tensor::Distribution;
+
+    #[test]
+    fn pruned_positions_take_the_identity_path() {
+        let device = Default::default();
+        let block = MaskedBlock::<CpuBackend> {
+            conv1: Conv2dConfig::new([4, 6], [3, 3]).with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1)).init(&device),
+            conv2: Conv2dConfig::new([6, 4], [3, 3]).with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1)).init(&device),
+        };
+        let x: Tensor<CpuBackend, 4> = Tensor::random([1, 4, 5, 5], Distribution::Uniform(-1.0, 1.0), &device);
+        let mut m = vec![0.0f32; 25];
+        m[12] = 1.0; // keep only the centre
+        let space = Tensor::<CpuBackend, 1>::from_floats(m.as_slice(), &device).reshape([1, 1, 5, 5]);
+        let y = block.forward(x.clone(), Some(space), None);
+        let (xv, yv): (Vec<f32>, Vec<f32>) = (x.into_data().to_vec().unwrap(), y.into_data().to_vec().unwrap());
+        for c in 0..4 {
+            for p in 0..25 {
+                let i = c * 25 + p;
+                if p == 12 {
+                    assert_ne!(xv[i], yv[i]);
+                } else {
+                    assert_eq!(xv[i], yv[i], "pruned position {p} of channel {c} changed");
+                }
+            }
+        }
+    }
+}

@@ -69,3 +69,106 @@ pub(crate) fn check_counts(values: &[f32], path: &Path, field: &str, [c, h, w]: 
     }
     Ok(())
 }
+
+/// Writes a series in the same layout (`data` as f64 `(T, C, H, W)`, `date` as `YYYYMMDDHH`),
+/// e.g. to turn synthetic data into a file the readers and the CLI accept.
+pub fn write(path: &Path, series: &FrameSeries) -> Result<()> {
+    use hdf5_writer::{DatasetBuilder, Hdf5Builder, Hdf5Writer, WriteOptions};
+    let fail = |e: hdf5_writer::Error| Error::Format { path: path.to_path_buf(), format: "HDF5", detail: e.to_string() };
+    let t = series.len() as u64;
+    let values: Vec<f64> = series.values.iter().map(|&v| v as f64).collect();
+    let dates: Vec<String> = series.stamps.iter().map(|s| format!("{}{:02}", s.date, s.slot.rem_euclid(24))).collect();
+    let shape = vec![t, series.channels as u64, series.height as u64, series.width as u64];
+    let plan = Hdf5Builder::new()
+        .dataset(DatasetBuilder::typed_data("data", shape, &values).map_err(fail)?)
+        .dataset(DatasetBuilder::fixed_string_data("date", vec![t], &dates).map_err(fail)?)
+        .into_plan()
+        .map_err(fail)?;
+    let file = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
+    Hdf5Writer::new(file, WriteOptions::default()).finish(plan).map_err(fail)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::synthetic::crowd_series;
+
+    fn temp(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("dyna-pruner-crowd-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join(name)
+    }
+
+    #[test]
+    fn round_trips_through_the_file_layout() {
+        let s = crowd_series(4, 3, 2, 0, 1);
+        let path = temp("roundtrip.h5");
+        write(&path, &s).unwrap();
+        let back = read(&path, SlotFormat::Auto).unwrap();
+        assert_eq!(back.values, s.values);
+        assert_eq!(back.stamps, s.stamps);
+    }
+
+    #[test]
+    fn missing_file_is_an_io_error_naming_it() {
+        let err = read(Path::new("/nonexistent/taxi.h5"), SlotFormat::Auto).unwrap_err();
+        assert!(matches!(err, Error::Io { .. }));
+        assert!(err.to_string().contains("/nonexistent/taxi.h5"));
+    }
+
+    #[test]
+    fn a_file_that_is_not_hdf5_is_a_format_error() {
+        let path = temp("not.h5");
+        std::fs::write(&path, b"time,value\n1,2\n").unwrap();
+        let err = read(&path, SlotFormat::Auto).unwrap_err();
+        assert!(matches!(err, Error::Format { .. }), "{err}");
+        assert!(err.to_string().contains("not a valid HDF5"));
+    }
+
+    #[test]
+    fn hdf5_without_data_names_the_missing_dataset() {
+        use hdf5_writer::{DatasetBuilder, Hdf5Builder, Hdf5Writer, WriteOptions};
+        let path = temp("nodata.h5");
+        let plan = Hdf5Builder::new()
+            .dataset(DatasetBuilder::fixed_string_data("date", vec![1], &["2010010100"]).unwrap())
+            .into_plan()
+            .unwrap();
+        Hdf5Writer::new(std::fs::File::create(&path).unwrap(), WriteOptions::default()).finish(plan).unwrap();
+        let err = read(&path, SlotFormat::Auto).unwrap_err();
+        assert!(matches!(&err, Error::MissingField { field, .. } if field == "data"), "{err}");
+    }
+
+    #[test]
+    fn nan_in_data_is_reported_with_its_position() {
+        let mut s = crowd_series(4, 3, 1, 0, 2);
+        let frame = s.frame_len();
+        s.values[5 * frame + 7] = f32::NAN;
+        let path = temp("nan.h5");
+        write(&path, &s).unwrap();
+        let err = read(&path, SlotFormat::Auto).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, Error::BadValues { .. }) && msg.contains("[5, 0, 2, 1]"), "{msg}");
+    }
+
+    #[test]
+    fn negative_no_data_codes_are_rejected() {
+        let mut s = crowd_series(4, 3, 1, 0, 2);
+        s.values[3] = -1.0;
+        let path = temp("neg.h5");
+        write(&path, &s).unwrap();
+        assert!(read(&path, SlotFormat::Auto).unwrap_err().to_string().contains("no-data"));
+    }
+
+    #[test]
+    fn window_longer_than_any_run_is_a_clear_error() {
+        // a gap every 6 hours: runs of 5 consecutive slots, windows need 8
+        let s = crowd_series(4, 3, 3, 6, 3);
+        let path = temp("gaps.h5");
+        write(&path, &s).unwrap();
+        let source = crate::data::load(std::slice::from_ref(&path), SlotFormat::Auto).unwrap();
+        let err = source.all_windows(4, 4, std::slice::from_ref(&path)).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, Error::NoWindows { .. }) && msg.contains("longest run of consecutive slots is 5"), "{msg}");
+    }
+}

@@ -8,6 +8,7 @@ use super::series::WindowSet;
 use crate::error::{Error, Result};
 
 /// One array of an `.npy` member, as f32 with its shape.
+#[derive(Debug)]
 struct NpyArray {
     shape: Vec<usize>,
     values: Vec<f32>,

@@ -4,7 +4,11 @@ use burn::prelude::*;
 
 /// Keep ratio at `progress` in [0, 1] of the warm-up: from 1 down to `target`, linearly.
 pub fn annealed(target: f32, progress: f32) -> f32 {
-    1.0 - (1.0 - target) * progress.clamp(0.0, 1.0)
+    if progress >= 1.0 {
+        target
+    } else {
+        1.0 - (1.0 - target) * progress.max(0.0)
+    }
 }
 
 /// `(F(M) / F_dense - rho_target)^2`, averaged over the batch, where F(M) is the expected MACs

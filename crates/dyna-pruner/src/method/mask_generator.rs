@@ -25,7 +25,7 @@ pub struct MaskGeneratorConfig {
 pub struct MaskGenerator<B: Backend> {
     conv1: Conv2d<B>,
     conv2: Conv2d<B>,
-    head: Conv2d<B>,
+    pub(crate) head: Conv2d<B>,
     channels: usize,
     patch: usize,
     width: usize,
@@ -107,7 +107,7 @@ pub struct UnitGateConfig {
 /// `z = sum(S * f) / sum(S)`, the S-weighted pooled features of the layer input.
 #[derive(Module, Debug)]
 pub struct UnitGate<B: Backend> {
-    linear: Linear<B>,
+    pub(crate) linear: Linear<B>,
 }
 
 impl UnitGateConfig {
