@@ -8,7 +8,7 @@ use serde_json::json;
 
 use dyna_pruner::config::{Plan, RunConfig};
 use dyna_pruner::eval::evaluate_persistence;
-use dyna_pruner::train::{checkpoint, prepare_data};
+use dyna_pruner::train::{checkpoint, prepare_data, RunControl};
 
 use crate::device::DeviceArg;
 use crate::eval::{evaluate_checkpoint, table_row, TABLE_HEADER};
@@ -50,12 +50,12 @@ pub fn run(out: &Path, retrain: bool, root: &Path, device: DeviceArg) -> anyhow:
         let mut dense = dense_plan.clone();
         dense.config.train.out = dense_dir.clone();
         eprintln!("retraining the dense CNN ({DENSE_CONFIG})");
-        train_plan(&dense, false, device)?;
+        train_plan(&dense, RunControl::default(), device)?;
         let mut dynamic = load_plan(root, DYNAMIC_CONFIG)?;
         dynamic.config.train.out = dynamic_dir.clone();
         dynamic.config.train.init_from = Some(dense_dir.clone());
         eprintln!("fine-tuning the dynamic CNN from it ({DYNAMIC_CONFIG})");
-        train_plan(&dynamic, false, device)?;
+        train_plan(&dynamic, RunControl::default(), device)?;
     } else {
         copy_dir(&root.join(DENSE_MODEL), &dense_dir)?;
         copy_dir(&root.join(DYNAMIC_MODEL), &dynamic_dir)?;

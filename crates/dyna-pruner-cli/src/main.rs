@@ -28,6 +28,9 @@ enum Command {
         /// Continue an interrupted run from its last finished epoch.
         #[arg(long)]
         resume: bool,
+        /// Stop after this many epochs of this invocation; continue later with --resume.
+        #[arg(long, value_name = "EPOCHS")]
+        stop_after: Option<usize>,
         #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
         device: DeviceArg,
     },
@@ -63,7 +66,9 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Train { config, resume, device } => train::run(&config, resume, device),
+        Command::Train { config, resume, stop_after, device } => {
+            train::run(&config, dyna_pruner::train::RunControl { resume, stop_after }, device)
+        }
         Command::Eval { checkpoint, data, out, batch_size, device } => {
             eval::run(&checkpoint, &data, out.as_deref(), batch_size, device)
         }

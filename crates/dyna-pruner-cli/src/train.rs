@@ -4,17 +4,19 @@ use std::path::Path;
 
 use dyna_pruner::config::{Plan, RunConfig};
 use dyna_pruner::eval::{evaluate_persistence, Evaluation};
-use dyna_pruner::train::{checkpoint, train};
+use dyna_pruner::train::{checkpoint, train, RunControl};
 
 use crate::device::DeviceArg;
 use crate::eval::{evaluate_checkpoint, table_row, TABLE_HEADER};
 use crate::progress::Bars;
 use crate::with_backend;
 
-/// Trains `plan` and returns the best checkpoint's test evaluation.
-pub fn train_plan(plan: &Plan, resume: bool, device: DeviceArg) -> anyhow::Result<Evaluation> {
+/// Trains `plan` and returns the best checkpoint's test evaluation (`None` if stopped early).
+pub fn train_plan(plan: &Plan, control: RunControl, device: DeviceArg) -> anyhow::Result<Option<Evaluation>> {
     with_backend!(device, |B, T, dev| {
-        let trained = train::<T>(plan, &dev, resume, &mut Bars::default())?;
+        let Some(trained) = train::<T>(plan, &dev, control, &mut Bars::default())? else {
+            return Ok(None);
+        };
         let ck = checkpoint::load::<B>(&trained.checkpoint, &dev)?;
         let test = evaluate_checkpoint(&ck, &trained.splits.test, 256, &dev, "test");
         let persistence = evaluate_persistence(&trained.splits.test, &ck.meta.scaler);
@@ -27,11 +29,11 @@ pub fn train_plan(plan: &Plan, resume: bool, device: DeviceArg) -> anyhow::Resul
         );
         println!("{}", table_row("model", &test, test.macs_per_sample));
         println!("{}", table_row("persistence", &persistence, None));
-        Ok(test)
+        Ok(Some(test))
     })
 }
 
-pub fn run(config: &Path, resume: bool, device: DeviceArg) -> anyhow::Result<()> {
+pub fn run(config: &Path, control: RunControl, device: DeviceArg) -> anyhow::Result<()> {
     let plan = RunConfig::load(config)?;
-    train_plan(&plan, resume, device).map(|_| ())
+    train_plan(&plan, control, device).map(|_| ())
 }

@@ -88,9 +88,21 @@ pub fn prepare_data(plan: &Plan) -> Result<(Splits, MinMaxScaler)> {
     Ok((splits, scaler))
 }
 
+/// How a run starts and stops.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunControl {
+    /// Continue from the last finished epoch of an interrupted run (`out/resume/`).
+    pub resume: bool,
+    /// Stop after this many epochs of this invocation (continue later with `resume`).
+    pub stop_after: Option<usize>,
+}
+
 /// Trains the model of `plan` on `device`, writing the best checkpoint to `plan.config.train.out`.
-pub fn train<B: AutodiffBackend>(plan: &Plan, device: &B::Device, resume: bool, progress: &mut dyn Progress) -> Result<Trained> {
+/// Returns `None` when the run stopped early (`control.stop_after`) and can be resumed.
+pub fn train<B: AutodiffBackend>(plan: &Plan, device: &B::Device, control: RunControl, progress: &mut dyn Progress) -> Result<Option<Trained>> {
     let cfg = &plan.config;
+    // The commit of the code that runs, taken before anything can change the work tree.
+    let commit = checkpoint::current_commit();
     let (splits, fitted) = prepare_data(plan)?;
     progress.message(&format!(
         "windows: {} train, {} validation, {} test ({}x{} grid, {} channels)",
@@ -141,7 +153,7 @@ pub fn train<B: AutodiffBackend>(plan: &Plan, device: &B::Device, resume: bool, 
 
     let out = &cfg.train.out;
     let mut state = ResumeState { epochs_done: 0, best_epoch: 0, best_val_mse: f64::INFINITY, elapsed_s: 0.0, history: Vec::new() };
-    if resume {
+    if control.resume {
         let dir = resume_dir(out);
         let text = std::fs::read_to_string(dir.join("state.json")).map_err(|e| Error::Checkpoint {
             path: dir.clone(),
@@ -156,7 +168,12 @@ pub fn train<B: AutodiffBackend>(plan: &Plan, device: &B::Device, resume: bool, 
         progress.message(&format!("resuming after epoch {} of {}", state.epochs_done, cfg.train.epochs));
     }
 
-    for epoch in state.epochs_done + 1..=cfg.train.epochs {
+    let first = state.epochs_done + 1;
+    for epoch in first..=cfg.train.epochs {
+        if control.stop_after.is_some_and(|n| epoch - first >= n) {
+            progress.message(&format!("stopped after epoch {}; continue with --resume", epoch - 1));
+            return Ok(None);
+        }
         let epoch_start = Instant::now();
         let mut order = train_idx.clone();
         order.shuffle(&mut StdRng::seed_from_u64(cfg.train.seed.wrapping_add(epoch as u64)));
@@ -219,17 +236,24 @@ pub fn train<B: AutodiffBackend>(plan: &Plan, device: &B::Device, resume: bool, 
         if best {
             state.best_epoch = epoch;
             state.best_val_mse = val_mse;
-            let meta = meta_for(plan, architecture.clone(), scaler, &state, splits.train.len());
+            let meta = meta_for(plan, architecture.clone(), scaler, &state, splits.train.len(), &commit);
             checkpoint::save(out, &model, &meta, &plan.config)?;
         }
         save_resume(out, &model, &optim, &state)?;
     }
     let _ = std::fs::remove_dir_all(resume_dir(out));
     let meta = checkpoint::read_meta(out)?;
-    Ok(Trained { checkpoint: out.clone(), meta, splits, history: state.history })
+    Ok(Some(Trained { checkpoint: out.clone(), meta, splits, history: state.history }))
 }
 
-fn meta_for(plan: &Plan, architecture: crate::model::Architecture, scaler: MinMaxScaler, state: &ResumeState, train_windows: usize) -> CheckpointMeta {
+fn meta_for(
+    plan: &Plan,
+    architecture: crate::model::Architecture,
+    scaler: MinMaxScaler,
+    state: &ResumeState,
+    train_windows: usize,
+    commit: &str,
+) -> CheckpointMeta {
     let cfg = &plan.config;
     CheckpointMeta {
         architecture,
@@ -237,7 +261,7 @@ fn meta_for(plan: &Plan, architecture: crate::model::Architecture, scaler: MinMa
         masking: MaskingSpec { mode: cfg.method.mode, data_keep: cfg.method.data_keep, unit_keep: cfg.method.unit_keep },
         provenance: Provenance {
             seed: cfg.train.seed,
-            commit: checkpoint::current_commit(),
+            commit: commit.to_string(),
             backend: backend_name(),
             threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             wall_time_s: state.elapsed_s,

@@ -1,0 +1,199 @@
+//! Integration tests: the real `dyna-pruner` binary on small synthetic files in temp dirs.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use dyna_pruner::data::crowd_h5;
+use dyna_pruner::data::synthetic::crowd_series;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_dyna-pruner"))
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("dyna-pruner-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("binary runs");
+    eprintln!("stdout:\n{}\nstderr:\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// 40 days of synthetic hourly flows on 8x4, with a gap every 100 hours.
+fn synthetic_file(dir: &Path) -> PathBuf {
+    let path = dir.join("flows.h5");
+    crowd_h5::write(&path, &crowd_series(8, 4, 40, 100, 11)).unwrap();
+    path
+}
+
+fn tiny_config(dir: &Path, data: &Path, out: &str, extra: &str) -> PathBuf {
+    let text = format!(
+        r#"[data]
+files = ["{}"]
+train = ["2010-01-01", "2010-01-25"]
+val = ["2010-01-25", "2010-02-01"]
+test = ["2010-02-01", "2010-02-10"]
+[model]
+hidden = 8
+units = 8
+blocks = 2
+patch = 2
+generator_width = 4
+[train]
+epochs = 2
+batch_size = 16
+window_stride = 3
+out = "{}"
+{extra}
+"#,
+        data.display(),
+        dir.join(out).display()
+    );
+    let path = dir.join(format!("{out}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn train_then_eval_writes_checkpoint_and_report() {
+    let dir = temp_dir("train-eval");
+    let data = synthetic_file(&dir);
+    let dense = tiny_config(&dir, &data, "dense", "");
+    assert!(run(bin().args(["train", "--config"]).arg(&dense)).status.success());
+    let ck = dir.join("dense");
+    for f in ["model.mpk", "config.toml", "checkpoint.json"] {
+        assert!(ck.join(f).is_file(), "missing {f}");
+    }
+    assert!(!ck.join("resume").exists(), "resume state is removed after a finished run");
+    let meta = json(&ck.join("checkpoint.json"));
+    for key in ["seed", "commit", "backend", "wall_time_s", "best_epoch"] {
+        assert!(meta["provenance"].get(key).is_some(), "provenance lacks {key}");
+    }
+
+    // The dynamic model, fine-tuned from the dense one with distillation.
+    let extra = format!("init_from = \"{}\"\n[method]\nmode = \"both\"\ndata_keep = 0.5\nunit_keep = 0.5\nwarmup_epochs = 1", ck.display());
+    let dynamic = tiny_config(&dir, &data, "dynamic", &extra);
+    assert!(run(bin().args(["train", "--config"]).arg(&dynamic)).status.success());
+
+    let report = dir.join("eval.json");
+    let out = run(bin().args(["eval", "--checkpoint"]).arg(dir.join("dynamic")).arg("--data").arg(&data).arg("--out").arg(&report));
+    assert!(out.status.success());
+    let r = json(&report);
+    assert!(r["metrics"]["mse"].as_f64().unwrap() > 0.0);
+    assert!(r["samples"].as_u64().unwrap() > 100);
+    let kept_units = r["kept_unit_fraction"].as_f64().unwrap();
+    assert_eq!(kept_units, 0.5);
+    assert!(r["macs_per_sample"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn same_seed_gives_the_same_numbers_and_resume_continues_exactly() {
+    let dir = temp_dir("determinism");
+    let data = synthetic_file(&dir);
+    let a = tiny_config(&dir, &data, "a", "");
+    let b = tiny_config(&dir, &data, "b", "");
+    assert!(run(bin().args(["train", "--config"]).arg(&a)).status.success());
+    // b: stop after one epoch, then resume.
+    let out = run(bin().args(["train", "--stop-after", "1", "--config"]).arg(&b));
+    assert!(out.status.success());
+    assert!(stderr(&out).contains("continue with --resume"));
+    assert!(dir.join("b/resume/state.json").is_file());
+    assert!(run(bin().args(["train", "--resume", "--config"]).arg(&b)).status.success());
+    let (ma, mb) = (json(&dir.join("a/checkpoint.json")), json(&dir.join("b/checkpoint.json")));
+    assert_eq!(ma["provenance"]["best_val_mse"], mb["provenance"]["best_val_mse"]);
+    // Weight files carry random parameter ids, so compare what the weights compute instead.
+    let metrics = |name: &str| {
+        let report = dir.join(format!("{name}.json"));
+        assert!(run(bin().args(["eval", "--checkpoint"]).arg(dir.join(name)).arg("--data").arg(&data).arg("--out").arg(&report)).status.success());
+        json(&report)["metrics"].clone()
+    };
+    assert_eq!(metrics("a"), metrics("b"));
+}
+
+#[test]
+fn eval_rejects_a_missing_file_with_its_name() {
+    let dir = temp_dir("missing");
+    let data = synthetic_file(&dir);
+    let cfg = tiny_config(&dir, &data, "m", "epochs = 1");
+    let cfg_text = std::fs::read_to_string(&cfg).unwrap().replace("epochs = 2\n", "");
+    std::fs::write(&cfg, cfg_text).unwrap();
+    assert!(run(bin().args(["train", "--config"]).arg(&cfg)).status.success());
+    let out = run(bin().args(["eval", "--checkpoint"]).arg(dir.join("m")).args(["--data", "/nonexistent/flows.h5"]));
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("/nonexistent/flows.h5") && !err.contains("panicked"), "{err}");
+
+    let not_hdf5 = dir.join("notes.h5");
+    std::fs::write(&not_hdf5, "not an hdf5 file").unwrap();
+    let out = run(bin().args(["eval", "--checkpoint"]).arg(dir.join("m")).arg("--data").arg(&not_hdf5));
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("not a valid HDF5"), "{}", stderr(&out));
+}
+
+#[test]
+fn invalid_config_value_names_the_field_and_range() {
+    let dir = temp_dir("badcfg");
+    let data = synthetic_file(&dir);
+    let cfg = tiny_config(&dir, &data, "bad", "lr = -0.1");
+    let out = run(bin().args(["train", "--config"]).arg(&cfg));
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("train.lr") && err.contains("(0, 1]") && !err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn npz_archives_are_read_as_openstl_windows() {
+    use std::io::Write;
+    let dir = temp_dir("npz");
+    let data = synthetic_file(&dir);
+    let cfg = tiny_config(&dir, &data, "n", "");
+    assert!(run(bin().args(["train", "--config"]).arg(&cfg)).status.success());
+    // An OpenSTL-style archive of 5 test windows [N, 4, 2, 8, 4].
+    let series = crowd_series(8, 4, 1, 0, 5);
+    let frame = series.frame_len();
+    let (mut x, mut y) = (Vec::new(), Vec::new());
+    for n in 0..5 {
+        x.extend_from_slice(&series.values[n * frame..(n + 4) * frame]);
+        y.extend_from_slice(&series.values[(n + 4) * frame..(n + 8) * frame]);
+    }
+    let npz = dir.join("dataset.npz");
+    let mut zip = zip::ZipWriter::new(std::fs::File::create(&npz).unwrap());
+    let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
+    for (name, values) in [("X_train", &x), ("Y_train", &y), ("X_test", &x), ("Y_test", &y)] {
+        zip.start_file(format!("{name}.npy"), opts).unwrap();
+        zip.write_all(&npy_f32(&[5, 4, 2, 8, 4], values)).unwrap();
+    }
+    zip.finish().unwrap();
+    let report = dir.join("npz.json");
+    let out = run(bin().args(["eval", "--checkpoint"]).arg(dir.join("n")).arg("--data").arg(&npz).arg("--out").arg(&report));
+    assert!(out.status.success());
+    assert_eq!(json(&report)["samples"], 5);
+}
+
+fn npy_f32(shape: &[usize], values: &[f32]) -> Vec<u8> {
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({}), }}", dims.join(", "));
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend((header.len() as u16).to_le_bytes());
+    out.extend(header.as_bytes());
+    for v in values {
+        out.extend(v.to_le_bytes());
+    }
+    out
+}
