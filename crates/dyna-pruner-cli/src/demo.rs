@@ -75,7 +75,12 @@ pub fn run(out: &Path, retrain: bool, root: &Path, device: DeviceArg) -> anyhow:
         let dynamic_macs = y.macs_per_sample.unwrap_or(f64::NAN);
         let mac_reduction = 1.0 - dynamic_macs / dense_macs;
         let relative_error_change = (y.metrics["mse"] - d.metrics["mse"]) / d.metrics["mse"];
-        println!("TaxiNYC test range {} .. {}: {} windows (4 -> 4 hours, 16x8 grid)", dense_plan.config.data.test[0], dense_plan.config.data.test[1], test.len());
+        println!(
+            "TaxiNYC test range {} .. {}: {} windows (4 -> 4 hours, 16x8 grid)",
+            dense_plan.config.data.test[0],
+            dense_plan.config.data.test[1],
+            test.len()
+        );
         println!("{TABLE_HEADER}");
         println!("{}", table_row("dense CNN", &d, Some(dense_macs)));
         println!("{}", table_row("dynamic CNN", &y, Some(dense_macs)));
@@ -105,7 +110,8 @@ pub fn run(out: &Path, retrain: bool, root: &Path, device: DeviceArg) -> anyhow:
         })
     });
     let path: PathBuf = out.join("report.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;
+    std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("writing {}", path.display()))?;
     eprintln!("wrote {}", path.display());
     Ok(())
 }

@@ -15,16 +15,33 @@ use crate::progress::eval_bar;
 use crate::with_backend;
 
 /// Evaluates a loaded checkpoint with its own scaler and masks, with a progress bar.
-pub fn evaluate_checkpoint<B: Backend>(ck: &Checkpoint<B>, windows: &WindowSet, batch_size: usize, device: &B::Device, label: &str) -> Evaluation {
+pub fn evaluate_checkpoint<B: Backend>(
+    ck: &Checkpoint<B>,
+    windows: &WindowSet,
+    batch_size: usize,
+    device: &B::Device,
+    label: &str,
+) -> Evaluation {
     let bar = eval_bar(label, windows.len());
-    let result = evaluate(&ck.model, windows, &ck.meta.scaler, ck.meta.masking.into(), batch_size, device, &mut |d, _| bar.set_position(d as u64));
+    let result = evaluate(
+        &ck.model,
+        windows,
+        &ck.meta.scaler,
+        ck.meta.masking.into(),
+        batch_size,
+        device,
+        &mut |d, _| bar.set_position(d as u64),
+    );
     bar.finish_and_clear();
     result
 }
 
 /// One line of a results table.
 pub fn table_row(name: &str, e: &Evaluation, dense_macs: Option<f64>) -> String {
-    let macs = e.macs_per_sample.map(|m| format!("{:.2}M", m / 1e6)).unwrap_or_else(|| "-".into());
+    let macs = e
+        .macs_per_sample
+        .map(|m| format!("{:.2}M", m / 1e6))
+        .unwrap_or_else(|| "-".into());
     let ratio = match (e.macs_per_sample, dense_macs) {
         (Some(m), Some(d)) => format!("{:.3}", m / d),
         _ => "-".into(),
@@ -42,7 +59,13 @@ pub fn table_row(name: &str, e: &Evaluation, dense_macs: Option<f64>) -> String 
 
 pub const TABLE_HEADER: &str = "| model        |       mse |      mae |     rmse |      MACs |  ratio | patch | units |\n|--------------|-----------|----------|----------|-----------|--------|-------|-------|";
 
-pub fn run(checkpoint_dir: &Path, files: &[std::path::PathBuf], out: Option<&Path>, batch_size: usize, device: DeviceArg) -> anyhow::Result<()> {
+pub fn run(
+    checkpoint_dir: &Path,
+    files: &[std::path::PathBuf],
+    out: Option<&Path>,
+    batch_size: usize,
+    device: DeviceArg,
+) -> anyhow::Result<()> {
     with_backend!(device, |B, T, dev| {
         let ck = checkpoint::load::<B>(checkpoint_dir, &dev)?;
         let arch = &ck.meta.architecture;
@@ -58,14 +81,21 @@ pub fn run(checkpoint_dir: &Path, files: &[std::path::PathBuf], out: Option<&Pat
         }
         let e = evaluate_checkpoint(&ck, &windows, batch_size, &dev, "eval");
         let p = evaluate_persistence(&windows, &ck.meta.scaler);
-        println!("{} windows of {}x{} from {} file(s)\n{TABLE_HEADER}", windows.len(), windows.height, windows.width, files.len());
+        println!(
+            "{} windows of {}x{} from {} file(s)\n{TABLE_HEADER}",
+            windows.len(),
+            windows.height,
+            windows.width,
+            files.len()
+        );
         println!("{}", table_row("model", &e, e.macs_per_sample));
         println!("{}", table_row("persistence", &p, None));
         if let Some(out) = out {
             let mut report = serde_json::to_value(&e)?;
             report["persistence"] = json!({ "metrics": p.metrics });
             report["checkpoint"] = json!(checkpoint_dir);
-            std::fs::write(out, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", out.display()))?;
+            std::fs::write(out, serde_json::to_string_pretty(&report)?)
+                .with_context(|| format!("writing {}", out.display()))?;
             eprintln!("wrote {}", out.display());
         }
         Ok(())

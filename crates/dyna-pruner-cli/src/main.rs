@@ -13,7 +13,11 @@ use clap::{Parser, Subcommand};
 use device::DeviceArg;
 
 #[derive(Parser)]
-#[command(name = "dyna-pruner", version, about = "Input-dependent co-pruning of data and model for spatio-temporal prediction")]
+#[command(
+    name = "dyna-pruner",
+    version,
+    about = "Input-dependent co-pruning of data and model for spatio-temporal prediction"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -66,12 +70,24 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Train { config, resume, stop_after, device } => {
-            train::run(&config, dyna_pruner::train::RunControl { resume, stop_after }, device)
-        }
-        Command::Eval { checkpoint, data, out, batch_size, device } => {
-            eval::run(&checkpoint, &data, out.as_deref(), batch_size, device)
-        }
-        Command::Demo { out, retrain, root, device } => demo::run(&out, retrain, &root, device),
+        Command::Train {
+            config,
+            resume,
+            stop_after,
+            device,
+        } => train::run(&config, dyna_pruner::train::RunControl { resume, stop_after }, device),
+        Command::Eval {
+            checkpoint,
+            data,
+            out,
+            batch_size,
+            device,
+        } => eval::run(&checkpoint, &data, out.as_deref(), batch_size, device),
+        Command::Demo {
+            out,
+            retrain,
+            root,
+            device,
+        } => demo::run(&out, retrain, &root, device),
     }
 }

@@ -60,7 +60,15 @@ pub struct ModelConfig {
 
 impl Default for ModelConfig {
     fn default() -> Self {
-        ModelConfig { backbone: BackboneKind::Cnn, hidden: 64, units: 128, blocks: 6, stride: 2, patch: 2, generator_width: 16 }
+        ModelConfig {
+            backbone: BackboneKind::Cnn,
+            hidden: 64,
+            units: 128,
+            blocks: 6,
+            stride: 2,
+            patch: 2,
+            generator_width: 16,
+        }
     }
 }
 
@@ -83,7 +91,14 @@ pub struct MethodConfig {
 
 impl Default for MethodConfig {
     fn default() -> Self {
-        MethodConfig { mode: MaskMode::Dense, data_keep: 1.0, unit_keep: 1.0, budget_weight: 1.0, warmup_epochs: 1.0, distill_weight: 1.0 }
+        MethodConfig {
+            mode: MaskMode::Dense,
+            data_keep: 1.0,
+            unit_keep: 1.0,
+            budget_weight: 1.0,
+            warmup_epochs: 1.0,
+            distill_weight: 1.0,
+        }
     }
 }
 
@@ -105,7 +120,15 @@ pub struct TrainConfig {
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        TrainConfig { epochs: 10, batch_size: 32, lr: 1e-3, seed: 42, window_stride: 1, init_from: None, out: PathBuf::from("runs/model") }
+        TrainConfig {
+            epochs: 10,
+            batch_size: 32,
+            lr: 1e-3,
+            seed: 42,
+            window_stride: 1,
+            init_from: None,
+            out: PathBuf::from("runs/model"),
+        }
     }
 }
 
@@ -155,7 +178,14 @@ impl RunConfig {
             detail: e.to_string(),
         })?;
         config.validate().map_err(|e| match e {
-            Error::Config { field, value, expected, .. } => Error::Config { file: Some(path.to_path_buf()), field, value, expected },
+            Error::Config {
+                field, value, expected, ..
+            } => Error::Config {
+                file: Some(path.to_path_buf()),
+                field,
+                value,
+                expected,
+            },
             other => other,
         })
     }
@@ -173,13 +203,25 @@ impl RunConfig {
             expected: expected.into(),
         };
         let in_range = |field: &str, v: usize, lo: usize, hi: usize| {
-            if (lo..=hi).contains(&v) { Ok(()) } else { Err(bad(field, v.to_string(), &format!("an integer in {lo}..={hi}"))) }
+            if (lo..=hi).contains(&v) {
+                Ok(())
+            } else {
+                Err(bad(field, v.to_string(), &format!("an integer in {lo}..={hi}")))
+            }
         };
         let fraction = |field: &str, v: f32| {
-            if v > 0.0 && v <= 1.0 { Ok(()) } else { Err(bad(field, v.to_string(), "a fraction in (0, 1]")) }
+            if v > 0.0 && v <= 1.0 {
+                Ok(())
+            } else {
+                Err(bad(field, v.to_string(), "a fraction in (0, 1]"))
+            }
         };
         let non_negative = |field: &str, v: f32| {
-            if v.is_finite() && v >= 0.0 { Ok(()) } else { Err(bad(field, v.to_string(), "a finite number >= 0")) }
+            if v.is_finite() && v >= 0.0 {
+                Ok(())
+            } else {
+                Err(bad(field, v.to_string(), "a finite number >= 0"))
+            }
         };
         let (d, m, me, t) = (&self.data, &self.model, &self.method, &self.train);
         if d.files.is_empty() {
@@ -192,12 +234,33 @@ impl RunConfig {
             let date = |s: &str| {
                 parse_date(s)
                     .map(|(y, mo, da)| (y * 10_000 + mo * 100 + da) as u32)
-                    .ok_or_else(|| bad(field, format!("{from:?}..{to:?}"), "two dates YYYY-MM-DD, from before to"))
+                    .ok_or_else(|| {
+                        bad(
+                            field,
+                            format!("{from:?}..{to:?}"),
+                            "two dates YYYY-MM-DD, from before to",
+                        )
+                    })
             };
-            let r = DateRange { from: date(from)?, to: date(to)? };
-            if r.from < r.to { Ok(r) } else { Err(bad(field, format!("{from:?}..{to:?}"), "two dates YYYY-MM-DD, from before to")) }
+            let r = DateRange {
+                from: date(from)?,
+                to: date(to)?,
+            };
+            if r.from < r.to {
+                Ok(r)
+            } else {
+                Err(bad(
+                    field,
+                    format!("{from:?}..{to:?}"),
+                    "two dates YYYY-MM-DD, from before to",
+                ))
+            }
         };
-        let ranges = [range("data.train", &d.train)?, range("data.val", &d.val)?, range("data.test", &d.test)?];
+        let ranges = [
+            range("data.train", &d.train)?,
+            range("data.val", &d.val)?,
+            range("data.test", &d.test)?,
+        ];
         in_range("model.hidden", m.hidden, 1, 1024)?;
         in_range("model.units", m.units, 1, 4096)?;
         in_range("model.blocks", m.blocks, 1, 64)?;
@@ -205,7 +268,11 @@ impl RunConfig {
         in_range("model.patch", m.patch, 1, 256)?;
         in_range("model.generator_width", m.generator_width, 1, 256)?;
         if m.patch % m.stride != 0 {
-            return Err(bad("model.patch", m.patch.to_string(), &format!("a multiple of model.stride = {}", m.stride)));
+            return Err(bad(
+                "model.patch",
+                m.patch.to_string(),
+                &format!("a multiple of model.stride = {}", m.stride),
+            ));
         }
         fraction("method.data_keep", me.data_keep)?;
         fraction("method.unit_keep", me.unit_keep)?;
@@ -218,7 +285,7 @@ impl RunConfig {
         if !(t.lr.is_finite() && t.lr > 0.0 && t.lr <= 1.0) {
             return Err(bad("train.lr", t.lr.to_string(), "a learning rate in (0, 1]"));
         }
-Ok(Plan { config: self, ranges })
+        Ok(Plan { config: self, ranges })
     }
 }
 
@@ -237,7 +304,11 @@ mod tests {
         let msg = cfg.validate().unwrap_err().to_string();
         assert!(msg.contains("method.unit_keep") && msg.contains("(0, 1]"), "{msg}");
         let cfg: RunConfig = toml::from_str("[model]\npatch = 3\nstride = 2\n").unwrap();
-        assert!(cfg.validate().unwrap_err().to_string().contains("multiple of model.stride"));
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("multiple of model.stride"));
         let cfg: RunConfig = toml::from_str("[data]\ntrain = [\"2013-02-30\", \"2014-01-01\"]\n").unwrap();
         assert!(cfg.validate().unwrap_err().to_string().contains("data.train"));
     }

@@ -61,7 +61,10 @@ impl CnnConfig {
             enc_in: conv3(self.t_in * self.channels, self.hidden, 1),
             enc_down: conv3(self.hidden, self.hidden, self.stride),
             blocks: (0..self.blocks)
-                .map(|_| MaskedBlock { conv1: conv3(self.hidden, self.units, 1), conv2: conv3(self.units, self.hidden, 1) })
+                .map(|_| MaskedBlock {
+                    conv1: conv3(self.hidden, self.units, 1),
+                    conv2: conv3(self.units, self.hidden, 1),
+                })
                 .collect(),
             dec_up: up,
             dec_out: conv3(self.hidden, self.t_out * self.channels, 1),
@@ -76,9 +79,9 @@ impl CnnConfig {
 
 /// `x + M_space * conv2(M_space * (gelu(conv1(x)) * M_units))`.
 #[derive(Module, Debug)]
-struct MaskedBlock<B: Backend> {
-    conv1: Conv2d<B>,
-    conv2: Conv2d<B>,
+pub(crate) struct MaskedBlock<B: Backend> {
+    pub(crate) conv1: Conv2d<B>,
+    pub(crate) conv2: Conv2d<B>,
 }
 
 impl<B: Backend> MaskedBlock<B> {
@@ -105,11 +108,11 @@ impl<B: Backend> MaskedBlock<B> {
 /// The SimVP-style CNN.
 #[derive(Module, Debug)]
 pub struct Cnn<B: Backend> {
-    enc_in: Conv2d<B>,
-    enc_down: Conv2d<B>,
-    blocks: Vec<MaskedBlock<B>>,
-    dec_up: Option<ConvTranspose2d<B>>,
-    dec_out: Conv2d<B>,
+    pub(crate) enc_in: Conv2d<B>,
+    pub(crate) enc_down: Conv2d<B>,
+    pub(crate) blocks: Vec<MaskedBlock<B>>,
+    pub(crate) dec_up: Option<ConvTranspose2d<B>>,
+    pub(crate) dec_out: Conv2d<B>,
     t_out: usize,
     channels: usize,
     hidden: usize,
@@ -134,13 +137,22 @@ impl<B: Backend> SpatioTemporal<B> for Cnn<B> {
                 z = z.slice([0..b, 0..self.hidden, 0..h, 0..w]);
             }
         }
-        let delta = self.dec_out.forward(z + skip).reshape([b, self.t_out, self.channels, h, w]);
-        let base = last.reshape([b, 1, self.channels, h, w]).expand([b, self.t_out, self.channels, h, w]);
+        let delta = self
+            .dec_out
+            .forward(z + skip)
+            .reshape([b, self.t_out, self.channels, h, w]);
+        let base = last
+            .reshape([b, 1, self.channels, h, w])
+            .expand([b, self.t_out, self.channels, h, w]);
         base + delta
     }
 
     fn prunable_layers(&self) -> Vec<PrunableLayer> {
-        let layer = PrunableLayer { in_channels: self.hidden, units: self.units, stride: self.stride };
+        let layer = PrunableLayer {
+            in_channels: self.hidden,
+            units: self.units,
+            stride: self.stride,
+        };
         vec![layer; self.blocks.len()]
     }
 
@@ -169,8 +181,12 @@ mod tests {
     fn pruned_positions_take_the_identity_path() {
         let device = Default::default();
         let block = MaskedBlock::<CpuBackend> {
-            conv1: Conv2dConfig::new([4, 6], [3, 3]).with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1)).init(&device),
-            conv2: Conv2dConfig::new([6, 4], [3, 3]).with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1)).init(&device),
+            conv1: Conv2dConfig::new([4, 6], [3, 3])
+                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                .init(&device),
+            conv2: Conv2dConfig::new([6, 4], [3, 3])
+                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                .init(&device),
         };
         let x: Tensor<CpuBackend, 4> = Tensor::random([1, 4, 5, 5], Distribution::Uniform(-1.0, 1.0), &device);
         let mut m = vec![0.0f32; 25];

@@ -10,7 +10,12 @@ impl WindowSet {
     /// # Shapes
     /// - inputs: `[indices.len(), t_in, channels, height, width]`
     /// - targets: `[indices.len(), t_out, channels, height, width]`
-    pub fn batch<B: Backend>(&self, indices: &[usize], scaler: &MinMaxScaler, device: &B::Device) -> (Tensor<B, 5>, Tensor<B, 5>) {
+    pub fn batch<B: Backend>(
+        &self,
+        indices: &[usize],
+        scaler: &MinMaxScaler,
+        device: &B::Device,
+    ) -> (Tensor<B, 5>, Tensor<B, 5>) {
         let (mut x, mut y) = (Vec::new(), Vec::new());
         for &i in indices {
             scaler.scale_into(self.input(i), &mut x);

@@ -20,12 +20,7 @@ pub fn open(path: &Path) -> Result<Hdf5File> {
 }
 
 /// Looks up a dataset, naming what was expected when it is absent.
-pub fn dataset(
-    file: &Hdf5File,
-    path: &Path,
-    field: &str,
-    expected: &str,
-) -> Result<hdf5_reader::Dataset> {
+pub fn dataset(file: &Hdf5File, path: &Path, field: &str, expected: &str) -> Result<hdf5_reader::Dataset> {
     file.dataset(field).map_err(|_| Error::MissingField {
         path: path.to_path_buf(),
         field: field.to_string(),
@@ -65,10 +60,34 @@ macro_rules! read_numeric_as {
             match ds.dtype() {
                 Datatype::FloatingPoint { size: 8, .. } => conv!(f64),
                 Datatype::FloatingPoint { size: 4, .. } => conv!(f32),
-                Datatype::FixedPoint { size: 1, signed, .. } => if *signed { conv!(i8) } else { conv!(u8) },
-                Datatype::FixedPoint { size: 2, signed, .. } => if *signed { conv!(i16) } else { conv!(u16) },
-                Datatype::FixedPoint { size: 4, signed, .. } => if *signed { conv!(i32) } else { conv!(u32) },
-                Datatype::FixedPoint { size: 8, signed, .. } => if *signed { conv!(i64) } else { conv!(u64) },
+                Datatype::FixedPoint { size: 1, signed, .. } => {
+                    if *signed {
+                        conv!(i8)
+                    } else {
+                        conv!(u8)
+                    }
+                }
+                Datatype::FixedPoint { size: 2, signed, .. } => {
+                    if *signed {
+                        conv!(i16)
+                    } else {
+                        conv!(u16)
+                    }
+                }
+                Datatype::FixedPoint { size: 4, signed, .. } => {
+                    if *signed {
+                        conv!(i32)
+                    } else {
+                        conv!(u32)
+                    }
+                }
+                Datatype::FixedPoint { size: 8, signed, .. } => {
+                    if *signed {
+                        conv!(i64)
+                    } else {
+                        conv!(u64)
+                    }
+                }
                 other => Err(Error::BadField {
                     path: path.to_path_buf(),
                     field: field.to_string(),
@@ -80,18 +99,27 @@ macro_rules! read_numeric_as {
 }
 
 read_numeric_as!(read_as_f32, f32, "Reads any numeric dataset as `f32` (row-major).");
-read_numeric_as!(read_as_f64, f64, "Reads any numeric dataset as `f64` (row-major; exact for integers below 2^53).");
+read_numeric_as!(
+    read_as_f64,
+    f64,
+    "Reads any numeric dataset as `f64` (row-major; exact for integers below 2^53)."
+);
 
 /// Reads a string dataset (fixed or variable length), or an integer dataset rendered as decimal
 /// strings (some tools store `YYYYMMDDHH` dates as integers).
 pub fn read_as_strings(ds: &hdf5_reader::Dataset, path: &Path, field: &str) -> Result<Vec<String>> {
     match ds.dtype() {
-        Datatype::FixedPoint { .. } => {
-            Ok(read_as_f64(ds, path, field)?.iter().map(|v| format!("{v:.0}")).collect())
-        }
+        Datatype::FixedPoint { .. } => Ok(read_as_f64(ds, path, field)?
+            .iter()
+            .map(|v| format!("{v:.0}"))
+            .collect()),
         _ => ds
             .read_strings()
-            .map(|v| v.into_iter().map(|s| s.trim_end_matches('\0').trim().to_string()).collect())
+            .map(|v| {
+                v.into_iter()
+                    .map(|s| s.trim_end_matches('\0').trim().to_string())
+                    .collect()
+            })
             .map_err(|e| bad_read(path, field, e)),
     }
 }

@@ -81,7 +81,10 @@ pub fn load(paths: &[PathBuf], format: SlotFormat) -> Result<Source> {
         }
         parts.push(crowd_h5::read(p, format)?);
     }
-    let grids: Vec<String> = parts.iter().map(|p| format!("{}x{}x{}", p.channels, p.height, p.width)).collect();
+    let grids: Vec<String> = parts
+        .iter()
+        .map(|p| format!("{}x{}x{}", p.channels, p.height, p.width))
+        .collect();
     let series = FrameSeries::merge(parts).ok_or_else(|| Error::BadField {
         path: first.clone(),
         field: "data".into(),
@@ -91,7 +94,11 @@ pub fn load(paths: &[PathBuf], format: SlotFormat) -> Result<Source> {
 }
 
 fn describe(paths: &[PathBuf]) -> String {
-    paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl Source {
@@ -130,7 +137,10 @@ impl Source {
                     return Err(Error::NoWindows {
                         what: describe(paths),
                         window: t_in + t_out,
-                        detail: format!("X_train has {} windows, too few to keep some for validation", train.len()),
+                        detail: format!(
+                            "X_train has {} windows, too few to keep some for validation",
+                            train.len()
+                        ),
                     });
                 }
                 let idx: Vec<usize> = (0..train.len()).collect();
@@ -154,7 +164,11 @@ fn windows_in(
 ) -> Result<WindowSet> {
     let starts = s.window_starts(t_in + t_out, range);
     if starts.is_empty() {
-        let inside = s.stamps.iter().filter(|st| range.is_none_or(|r| r.contains(st.date))).count();
+        let inside = s
+            .stamps
+            .iter()
+            .filter(|st| range.is_none_or(|r| r.contains(st.date)))
+            .count();
         return Err(Error::NoWindows {
             what: format!("{range_name} of {}", describe(paths)),
             window: t_in + t_out,

@@ -34,13 +34,7 @@ impl DateRange {
 impl FrameSeries {
     /// Builds a series from rows in file order: sorts by stamp and keeps the first row of each
     /// duplicated stamp (the shipped TaxiNYC files repeat some slots with different values).
-    pub fn from_rows(
-        channels: usize,
-        height: usize,
-        width: usize,
-        values: Vec<f32>,
-        stamps: Vec<Stamp>,
-    ) -> Self {
+    pub fn from_rows(channels: usize, height: usize, width: usize, values: Vec<f32>, stamps: Vec<Stamp>) -> Self {
         let frame = channels * height * width;
         debug_assert_eq!(values.len(), frame * stamps.len());
         let mut order: Vec<usize> = (0..stamps.len()).collect();
@@ -170,7 +164,14 @@ impl WindowSet {
         let [channels, height, width] = chw;
         debug_assert_eq!(x.len(), n * t_in * channels * height * width);
         debug_assert_eq!(y.len(), n * t_out * channels * height * width);
-        WindowSet { t_in, t_out, channels, height, width, source: WindowSource::Pairs { x, y, n } }
+        WindowSet {
+            t_in,
+            t_out,
+            channels,
+            height,
+            width,
+            source: WindowSource::Pairs { x, y, n },
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -199,8 +200,14 @@ impl WindowSet {
             WindowSource::Pairs { x, y, .. } => {
                 let (xi, yi) = (self.t_in * f, self.t_out * f);
                 WindowSource::Pairs {
-                    x: keep.iter().flat_map(|&i| x[i * xi..(i + 1) * xi].iter().copied()).collect(),
-                    y: keep.iter().flat_map(|&i| y[i * yi..(i + 1) * yi].iter().copied()).collect(),
+                    x: keep
+                        .iter()
+                        .flat_map(|&i| x[i * xi..(i + 1) * xi].iter().copied())
+                        .collect(),
+                    y: keep
+                        .iter()
+                        .flat_map(|&i| y[i * yi..(i + 1) * yi].iter().copied())
+                        .collect(),
                     n: keep.len(),
                 }
             }
@@ -219,9 +226,7 @@ impl WindowSet {
     pub fn input(&self, i: usize) -> &[f32] {
         let f = self.frame_len();
         match &self.source {
-            WindowSource::Series { series, starts } => {
-                &series.values[starts[i] * f..(starts[i] + self.t_in) * f]
-            }
+            WindowSource::Series { series, starts } => &series.values[starts[i] * f..(starts[i] + self.t_in) * f],
             WindowSource::Pairs { x, .. } => &x[i * self.t_in * f..(i + 1) * self.t_in * f],
         }
     }
@@ -252,7 +257,13 @@ mod tests {
     use super::*;
 
     fn series(slots: &[i64]) -> FrameSeries {
-        let stamps = slots.iter().map(|&s| Stamp { date: 20100101 + (s / 24) as u32, slot: s }).collect();
+        let stamps = slots
+            .iter()
+            .map(|&s| Stamp {
+                date: 20100101 + (s / 24) as u32,
+                slot: s,
+            })
+            .collect();
         let values = slots.iter().map(|&s| s as f32).collect();
         FrameSeries::from_rows(1, 1, 1, values, stamps)
     }

@@ -23,8 +23,8 @@ pub struct MaskGeneratorConfig {
 /// difference, with two 3x3 convolutions at patch resolution so neighbours inform each other.
 #[derive(Module, Debug)]
 pub struct MaskGenerator<B: Backend> {
-    conv1: Conv2d<B>,
-    conv2: Conv2d<B>,
+    pub(crate) conv1: Conv2d<B>,
+    pub(crate) conv2: Conv2d<B>,
     pub(crate) head: Conv2d<B>,
     channels: usize,
     patch: usize,
@@ -38,7 +38,11 @@ impl MaskGeneratorConfig {
     pub fn init<B: Backend>(&self, device: &B::Device) -> MaskGenerator<B> {
         let conv = |i, o, k| {
             Conv2dConfig::new([i, o], [k, k])
-                .with_padding(if k == 3 { PaddingConfig2d::Explicit(1, 1, 1, 1) } else { PaddingConfig2d::Valid })
+                .with_padding(if k == 3 {
+                    PaddingConfig2d::Explicit(1, 1, 1, 1)
+                } else {
+                    PaddingConfig2d::Valid
+                })
                 .init(device)
         };
         MaskGenerator {
@@ -74,7 +78,11 @@ impl<B: Backend> MaskGenerator<B> {
         let p = [self.patch, self.patch];
         let mean = |v: Tensor<B, 4>| avg_pool2d(v, p, p, [0, 0], false, true);
         let stats = Tensor::cat(
-            vec![mean(last.clone()), max_pool2d(last, p, p, [0, 0], [1, 1], true), mean(diff)],
+            vec![
+                mean(last.clone()),
+                max_pool2d(last, p, p, [0, 0], [1, 1], true),
+                mean(diff),
+            ],
             1,
         );
         let hidden = gelu(self.conv2.forward(gelu(self.conv1.forward(stats))));
@@ -112,7 +120,9 @@ pub struct UnitGate<B: Backend> {
 
 impl UnitGateConfig {
     pub fn init<B: Backend>(&self, device: &B::Device) -> UnitGate<B> {
-        UnitGate { linear: LinearConfig::new(self.in_channels + 1, self.units).init(device) }
+        UnitGate {
+            linear: LinearConfig::new(self.in_channels + 1, self.units).init(device),
+        }
     }
 }
 

@@ -21,12 +21,7 @@ pub fn top_k_hard<B: Backend>(scores: Tensor<B, 2>, k: usize) -> Tensor<B, 2> {
         return Tensor::ones([batch, n], &device);
     }
     let (_, indices) = scores.detach().topk_with_indices(k, 1);
-    Tensor::zeros([batch, n], &device).scatter(
-        1,
-        indices,
-        Tensor::ones([batch, k], &device),
-        IndexingUpdateOp::Add,
-    )
+    Tensor::zeros([batch, n], &device).scatter(1, indices, Tensor::ones([batch, k], &device), IndexingUpdateOp::Add)
 }
 
 /// Straight-through estimator: the forward value is exactly `hard`, the gradient flows to `soft`.
@@ -81,8 +76,7 @@ mod tests {
     #[test]
     fn ste_forward_is_hard_and_gradient_reaches_scores() {
         let device = Default::default();
-        let scores: Tensor<B, 2> =
-            Tensor::<B, 2>::from_floats([[0.9, 0.2, 0.6, 0.1]], &device).require_grad();
+        let scores: Tensor<B, 2> = Tensor::<B, 2>::from_floats([[0.9, 0.2, 0.6, 0.1]], &device).require_grad();
         let mask = top_k_ste(scores.clone(), 0.5);
         let values: Vec<f32> = mask.clone().into_data().to_vec().unwrap();
         assert_eq!(values, vec![1.0, 0.0, 1.0, 0.0]);

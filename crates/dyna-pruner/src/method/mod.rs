@@ -47,7 +47,11 @@ pub struct Masking {
 }
 
 impl Masking {
-    pub const DENSE: Masking = Masking { mode: MaskMode::Dense, data_keep: 1.0, unit_keep: 1.0 };
+    pub const DENSE: Masking = Masking {
+        mode: MaskMode::Dense,
+        data_keep: 1.0,
+        unit_keep: 1.0,
+    };
 }
 
 /// The masks of one prunable layer. `None` keeps everything.
@@ -70,7 +74,10 @@ pub struct NoMasks;
 
 impl<B: Backend> MaskSource<B> for NoMasks {
     fn layer_masks(&mut self, _: usize, _: &Tensor<B, 4>, _: usize) -> LayerMasks<B> {
-        LayerMasks { space: None, units: None }
+        LayerMasks {
+            space: None,
+            units: None,
+        }
     }
 }
 
@@ -80,6 +87,8 @@ pub struct LayerFractions<B: Backend> {
     pub soft: (Tensor<B, 1>, Tensor<B, 1>),
     /// Hard kept fractions `[batch]`: kept pixels / pixels, kept units / units.
     pub hard: (Tensor<B, 1>, Tensor<B, 1>),
+    /// The hard unit mask `[batch, units]` (ModelMask active only).
+    pub unit_mask: Option<Tensor<B, 2>>,
 }
 
 /// The method's masks for one batch: the DataMask from S (computed once), and the ModelMask of
@@ -117,11 +126,23 @@ impl<'a, B: Backend> DynamicMasks<'a, B> {
         } else {
             importance.ones_like()
         };
-        DynamicMasks { masking, patch, importance, data_mask, gates, fractions: Vec::new() }
+        DynamicMasks {
+            masking,
+            patch,
+            importance,
+            data_mask,
+            gates,
+            fractions: Vec::new(),
+        }
     }
 
     pub fn importance(&self) -> &Tensor<B, 3> {
         &self.importance
+    }
+
+    /// The hard DataMask `[batch, hp, wp]` (ones when the DataMask is off).
+    pub fn data_mask(&self) -> Tensor<B, 3> {
+        self.data_mask.clone().detach()
     }
 }
 
@@ -147,7 +168,62 @@ impl<B: Backend> MaskSource<B> for DynamicMasks<'_, B> {
         } else {
             (None, ones(), ones())
         };
-        self.fractions.push(LayerFractions { soft: (soft_s, soft_u), hard: (hard_s, hard_u) });
+        let unit_mask = units.as_ref().map(|u| u.clone().detach());
+        self.fractions.push(LayerFractions {
+            soft: (soft_s, soft_u),
+            hard: (hard_s, hard_u),
+            unit_mask,
+        });
         LayerMasks { space, units }
+    }
+}
+
+/// Masks given per sample as kept patch and unit lists, e.g. to run the reference forward with
+/// exactly the masks the sparse executor used.
+pub struct FixedMasks<B: Backend> {
+    data: Tensor<B, 3>,
+    units: Vec<Tensor<B, 2>>,
+    patch: usize,
+}
+
+impl<B: Backend> FixedMasks<B> {
+    /// `masks[b]`: kept patches of the `hp x wp` grid and kept units of each layer (of `units`).
+    pub fn new(
+        masks: &[dyna_pruner_exec::SampleMasks],
+        (hp, wp): (usize, usize),
+        units: usize,
+        patch: usize,
+        device: &B::Device,
+    ) -> Self {
+        let b = masks.len();
+        let mut data = vec![0.0f32; b * hp * wp];
+        for (i, m) in masks.iter().enumerate() {
+            m.patches.iter().for_each(|&p| data[i * hp * wp + p] = 1.0);
+        }
+        let layers = masks.first().map_or(0, |m| m.units.len());
+        let units = (0..layers)
+            .map(|l| {
+                let mut u = vec![0.0f32; b * units];
+                for (i, m) in masks.iter().enumerate() {
+                    m.units[l].iter().for_each(|&k| u[i * units + k] = 1.0);
+                }
+                Tensor::from_data(TensorData::new(u, [b, units]), device)
+            })
+            .collect();
+        FixedMasks {
+            data: Tensor::from_data(TensorData::new(data, [b, hp, wp]), device),
+            units,
+            patch,
+        }
+    }
+}
+
+impl<B: Backend> MaskSource<B> for FixedMasks<B> {
+    fn layer_masks(&mut self, layer: usize, features: &Tensor<B, 4>, stride: usize) -> LayerMasks<B> {
+        let [_, _, h, w] = features.dims();
+        LayerMasks {
+            space: Some(patches_to_pixels(self.data.clone(), self.patch / stride, h, w)),
+            units: Some(self.units[layer].clone()),
+        }
     }
 }

@@ -26,7 +26,11 @@ pub struct MaskingSpec {
 
 impl From<MaskingSpec> for Masking {
     fn from(m: MaskingSpec) -> Self {
-        Masking { mode: m.mode, data_keep: m.data_keep, unit_keep: m.unit_keep }
+        Masking {
+            mode: m.mode,
+            data_keep: m.data_keep,
+            unit_keep: m.unit_keep,
+        }
     }
 }
 
@@ -68,7 +72,10 @@ const META: &str = "checkpoint.json";
 const CONFIG: &str = "config.toml";
 
 fn ck_err(path: &Path, detail: impl Into<String>) -> Error {
-    Error::Checkpoint { path: path.to_path_buf(), detail: detail.into() }
+    Error::Checkpoint {
+        path: path.to_path_buf(),
+        detail: detail.into(),
+    }
 }
 
 /// Writes weights, config and metadata to `dir` (created if needed).
@@ -87,7 +94,10 @@ pub fn save<B: Backend>(dir: &Path, model: &DynamicModel<B>, meta: &CheckpointMe
 pub fn read_meta(dir: &Path) -> Result<CheckpointMeta> {
     let path = dir.join(META);
     if !dir.is_dir() {
-        return Err(ck_err(dir, "is not a directory (expected model.mpk, checkpoint.json, config.toml)"));
+        return Err(ck_err(
+            dir,
+            "is not a directory (expected model.mpk, checkpoint.json, config.toml)",
+        ));
     }
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
     serde_json::from_str(&text).map_err(|e| ck_err(&path, format!("malformed metadata: {e}")))
@@ -97,11 +107,19 @@ pub fn read_meta(dir: &Path) -> Result<CheckpointMeta> {
 pub fn load<B: Backend>(dir: &Path, device: &B::Device) -> Result<Checkpoint<B>> {
     let meta = read_meta(dir)?;
     let model = load_weights(dir, &meta.architecture, device)?;
-    Ok(Checkpoint { model, meta, dir: dir.to_path_buf() })
+    Ok(Checkpoint {
+        model,
+        meta,
+        dir: dir.to_path_buf(),
+    })
 }
 
 /// Loads weights of `architecture` from `dir/model.mpk`.
-pub fn load_weights<B: Backend>(dir: &Path, architecture: &Architecture, device: &B::Device) -> Result<DynamicModel<B>> {
+pub fn load_weights<B: Backend>(
+    dir: &Path,
+    architecture: &Architecture,
+    device: &B::Device,
+) -> Result<DynamicModel<B>> {
     architecture
         .init::<B>(device)
         .load_file(dir.join(WEIGHTS), &Recorder::new(), device)
@@ -121,7 +139,11 @@ pub fn current_commit() -> String {
     match run(&["rev-parse", "HEAD"]) {
         Some(head) => {
             let dirty = run(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
-            if dirty { format!("{head}-dirty") } else { head }
+            if dirty {
+                format!("{head}-dirty")
+            } else {
+                head
+            }
         }
         None => "unknown".into(),
     }

@@ -1,0 +1,373 @@
+//! The dynamic SimVP-style CNN (see the trainer's `backbones/cnn.rs`) on plain kernels:
+//! dense encoder and decoder, translator blocks computed only at kept positions with kept units.
+
+use serde::{Deserialize, Serialize};
+
+use crate::kernels::{gelu, run_jobs, Conv, Job, Positions};
+use crate::masks::{kept_count, top_k, MaskGenerator, UnitGate};
+use crate::ExecError;
+
+/// The architecture and masking of an exported CNN (mirrors the trainer's `Architecture`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CnnSpec {
+    pub t_in: usize,
+    pub t_out: usize,
+    pub channels: usize,
+    pub hidden: usize,
+    pub units: usize,
+    pub blocks: usize,
+    pub stride: usize,
+    pub patch: usize,
+    pub generator_width: usize,
+    /// Whether the DataMask / ModelMask are active, and their keep ratios.
+    pub data_mask: bool,
+    pub model_mask: bool,
+    pub data_keep: f32,
+    pub unit_keep: f32,
+}
+
+/// The kept patches and units of one sample.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SampleMasks {
+    /// Kept patch indices `py * wp + px`, ascending.
+    pub patches: Vec<usize>,
+    /// Kept unit indices of each prunable layer, ascending.
+    pub units: Vec<Vec<usize>>,
+}
+
+/// How to mask a forward pass.
+#[derive(Debug, Clone, Copy)]
+pub enum MaskPlan<'a> {
+    /// The dense backbone: no masks, no mask generator.
+    Dense,
+    /// The model's own masks from its mask generator and gates (its spec's modes and ratios).
+    Dynamic,
+    /// Masks given per sample (e.g. from the training framework, to compare).
+    Given(&'a [SampleMasks]),
+}
+
+/// The result of a forward pass.
+#[derive(Debug, Clone)]
+pub struct Output {
+    /// `[batch, t_out, channels, h, w]`.
+    pub prediction: Vec<f32>,
+    /// Per-sample masks (empty for `MaskPlan::Dense`).
+    pub masks: Vec<SampleMasks>,
+    /// Per-sample MACs actually executed.
+    pub macs: Vec<u64>,
+}
+
+/// A CNN ready to run.
+#[derive(Debug, Clone)]
+pub struct CnnExec {
+    pub spec: CnnSpec,
+    pub(crate) enc_in: Conv,
+    pub(crate) enc_down: Conv,
+    pub(crate) blocks: Vec<(Conv, Conv)>,
+    /// Transposed conv (kernel = stride) as a 1x1 conv to `stride^2 * hidden` outputs.
+    pub(crate) dec_up: Option<Conv>,
+    pub(crate) dec_out: Conv,
+    pub(crate) generator: MaskGenerator,
+    pub(crate) gates: Vec<UnitGate>,
+}
+
+/// Runs one conv over every position of each sample's map.
+fn dense_layer(conv: &Conv, inputs: &[Vec<f32>], h: usize, w: usize, act: bool) -> Vec<Vec<f32>> {
+    let (ho, wo) = conv.out_size(h, w);
+    let jobs: Vec<Job<'_>> = inputs
+        .iter()
+        .map(|input| Job {
+            conv,
+            input,
+            h,
+            w,
+            positions: Positions::all(ho, wo),
+        })
+        .collect();
+    let mut outs = vec![vec![0.0; ho * wo * conv.cout]; inputs.len()];
+    run_jobs(&jobs, &mut outs);
+    if act {
+        outs.iter_mut().for_each(|o| gelu(o));
+    }
+    outs
+}
+
+impl CnnExec {
+    /// Feature-map size of the translator.
+    fn low(&self, h: usize, w: usize) -> (usize, usize) {
+        self.enc_down.out_size(h, w)
+    }
+
+    /// Runs a batch `x` (`[batch, t_in, channels, h, w]`, scaled) under `plan`.
+    pub fn forward(
+        &self,
+        x: &[f32],
+        batch: usize,
+        h: usize,
+        w: usize,
+        plan: MaskPlan<'_>,
+    ) -> Result<Output, ExecError> {
+        let s = &self.spec;
+        let (t, c) = (s.t_in, s.channels);
+        let per_sample = t * c * h * w;
+        if x.len() != batch * per_sample || batch == 0 {
+            return Err(ExecError::Input {
+                got: x.len(),
+                expected: format!("[{batch}, {t}, {c}, {h}, {w}]"),
+            });
+        }
+        if let MaskPlan::Given(m) = plan {
+            if m.len() != batch || m.iter().any(|m| m.units.len() != s.blocks) {
+                return Err(ExecError::Input {
+                    got: m.len(),
+                    expected: format!("masks for {batch} samples and {} layers", s.blocks),
+                });
+            }
+        }
+        // Frames as channels, channels last.
+        let inputs: Vec<Vec<f32>> = (0..batch)
+            .map(|b| {
+                let xs = &x[b * per_sample..(b + 1) * per_sample];
+                let mut v = vec![0.0; per_sample];
+                for tc in 0..t * c {
+                    for p in 0..h * w {
+                        v[p * t * c + tc] = xs[tc * h * w + p];
+                    }
+                }
+                v
+            })
+            .collect();
+        let skip = dense_layer(&self.enc_in, &inputs, h, w, true);
+        let (h2, w2) = self.low(h, w);
+        let mut z = dense_layer(&self.enc_down, &skip, h, w, true);
+        let mut macs = vec![self.fixed_macs(h, w); batch];
+
+        // The DataMask and the importance map S per sample.
+        let cell = s.patch / s.stride;
+        let wp = w.div_ceil(s.patch);
+        let mut importance: Vec<Vec<f32>> = Vec::new();
+        let mut masks: Vec<SampleMasks> = match plan {
+            MaskPlan::Dense => Vec::new(),
+            MaskPlan::Given(m) => m.to_vec(),
+            MaskPlan::Dynamic => (0..batch)
+                .map(|b| {
+                    let (sc, hp, wpp) = self
+                        .generator
+                        .importance(&x[b * per_sample..(b + 1) * per_sample], t, h, w);
+                    let n = hp * wpp;
+                    let patches = if s.data_mask {
+                        top_k(&sc, kept_count(s.data_keep, n))
+                    } else {
+                        (0..n).collect()
+                    };
+                    importance.push(sc);
+                    macs[b] += self.generator.macs(h, w);
+                    SampleMasks {
+                        patches,
+                        units: Vec::new(),
+                    }
+                })
+                .collect(),
+        };
+        let positions: Vec<Option<Vec<u32>>> = masks
+            .iter()
+            .map(|m| {
+                let mut pos = Vec::new();
+                for &patch in &m.patches {
+                    let (py, px) = (patch / wp, patch % wp);
+                    for y in py * cell..((py + 1) * cell).min(h2) {
+                        for xx in px * cell..((px + 1) * cell).min(w2) {
+                            pos.push((y * w2 + xx) as u32);
+                        }
+                    }
+                }
+                pos.sort_unstable();
+                (pos.len() < h2 * w2).then_some(pos)
+            })
+            .collect();
+
+        for (l, (conv1, conv2)) in self.blocks.iter().enumerate() {
+            if masks.is_empty() {
+                let hidden = dense_layer(conv1, &z, h2, w2, true);
+                let update = dense_layer(conv2, &hidden, h2, w2, false);
+                for (zb, ub) in z.iter_mut().zip(&update) {
+                    zb.iter_mut().zip(ub).for_each(|(a, b)| *a += b);
+                }
+                for m in &mut macs {
+                    *m += (h2 * w2) as u64 * (conv1.macs_per_position() + conv2.macs_per_position());
+                }
+                continue;
+            }
+            if matches!(plan, MaskPlan::Dynamic) {
+                for b in 0..batch {
+                    let units = if s.model_mask {
+                        let sc = &importance[b];
+                        let scores =
+                            self.gates[l].scores(&z[b], h2 * w2, |p| sc[(p / w2 / cell) * wp + (p % w2) / cell]);
+                        macs[b] += self.gates[l].macs(h2 * w2);
+                        top_k(&scores, kept_count(s.unit_keep, s.units))
+                    } else {
+                        (0..s.units).collect()
+                    };
+                    masks[b].units.push(units);
+                }
+            }
+            self.sparse_block(l, conv1, conv2, &mut z, &masks, &positions, (h2, w2), &mut macs);
+        }
+
+        let mut d = match &self.dec_up {
+            Some(up) => {
+                let rows = dense_layer(up, &z, h2, w2, false);
+                let st = s.stride;
+                let mut out = vec![vec![0.0; h * w * s.hidden]; batch];
+                for (o, r) in out.iter_mut().zip(&rows) {
+                    for p in 0..h2 * w2 {
+                        let (y, xx) = (p / w2, p % w2);
+                        for ky in 0..st {
+                            for kx in 0..st {
+                                let (oy, ox) = (y * st + ky, xx * st + kx);
+                                if oy < h && ox < w {
+                                    let src = p * up.cout + (ky * st + kx) * s.hidden;
+                                    o[(oy * w + ox) * s.hidden..(oy * w + ox + 1) * s.hidden]
+                                        .copy_from_slice(&r[src..src + s.hidden]);
+                                }
+                            }
+                        }
+                    }
+                    gelu(o);
+                }
+                out
+            }
+            None => z,
+        };
+        for (db, sb) in d.iter_mut().zip(&skip) {
+            db.iter_mut().zip(sb).for_each(|(a, b)| *a += b);
+        }
+        let delta = dense_layer(&self.dec_out, &d, h, w, false);
+        let out_c = s.t_out * c;
+        let mut prediction = vec![0.0; batch * out_c * h * w];
+        for b in 0..batch {
+            let last = &x[b * per_sample + (t - 1) * c * h * w..b * per_sample + t * c * h * w];
+            let dst = &mut prediction[b * out_c * h * w..(b + 1) * out_c * h * w];
+            for to in 0..s.t_out {
+                for ch in 0..c {
+                    for p in 0..h * w {
+                        dst[((to * c + ch) * h * w) + p] = last[ch * h * w + p] + delta[b][p * out_c + to * c + ch];
+                    }
+                }
+            }
+        }
+        Ok(Output {
+            prediction,
+            masks,
+            macs,
+        })
+    }
+
+    /// One masked residual block: conv1 with the kept units at the kept positions, GELU, conv2
+    /// reading that (zero elsewhere) at the kept positions, added into `z`.
+    #[allow(clippy::too_many_arguments)]
+    fn sparse_block(
+        &self,
+        l: usize,
+        conv1: &Conv,
+        conv2: &Conv,
+        z: &mut [Vec<f32>],
+        masks: &[SampleMasks],
+        positions: &[Option<Vec<u32>>],
+        (h2, w2): (usize, usize),
+        macs: &mut [u64],
+    ) {
+        let all_units = self.spec.units;
+        let selected: Vec<(Conv, Conv)> = masks
+            .iter()
+            .map(|m| {
+                let u = &m.units[l];
+                if u.len() == all_units {
+                    (conv1.clone(), conv2.clone())
+                } else {
+                    (conv1.select_outputs(u), conv2.select_inputs(u))
+                }
+            })
+            .collect();
+        let pos_of = |b: usize| match &positions[b] {
+            Some(list) => Positions::List(list),
+            None => Positions::all(h2, w2),
+        };
+        let jobs: Vec<Job<'_>> = (0..z.len())
+            .map(|b| Job {
+                conv: &selected[b].0,
+                input: &z[b],
+                h: h2,
+                w: w2,
+                positions: pos_of(b),
+            })
+            .collect();
+        let mut hidden: Vec<Vec<f32>> = jobs
+            .iter()
+            .map(|j| vec![0.0; j.positions.len() * j.conv.cout])
+            .collect();
+        run_jobs(&jobs, &mut hidden);
+        // Hidden maps: zero at pruned positions, so conv2 reads no pruned work.
+        let maps: Vec<Vec<f32>> = hidden
+            .into_iter()
+            .enumerate()
+            .map(|(b, mut rows)| {
+                gelu(&mut rows);
+                match &positions[b] {
+                    None => rows,
+                    Some(list) => {
+                        let k = selected[b].0.cout;
+                        let mut map = vec![0.0; h2 * w2 * k];
+                        for (i, &p) in list.iter().enumerate() {
+                            map[p as usize * k..(p as usize + 1) * k].copy_from_slice(&rows[i * k..(i + 1) * k]);
+                        }
+                        map
+                    }
+                }
+            })
+            .collect();
+        let jobs: Vec<Job<'_>> = (0..z.len())
+            .map(|b| Job {
+                conv: &selected[b].1,
+                input: &maps[b],
+                h: h2,
+                w: w2,
+                positions: pos_of(b),
+            })
+            .collect();
+        let mut update: Vec<Vec<f32>> = jobs
+            .iter()
+            .map(|j| vec![0.0; j.positions.len() * j.conv.cout])
+            .collect();
+        run_jobs(&jobs, &mut update);
+        let hid = self.spec.hidden;
+        for b in 0..z.len() {
+            let n = jobs[b].positions.len() as u64;
+            macs[b] += n * (selected[b].0.macs_per_position() + selected[b].1.macs_per_position());
+            match &positions[b] {
+                None => z[b].iter_mut().zip(&update[b]).for_each(|(a, u)| *a += u),
+                Some(list) => {
+                    for (i, &p) in list.iter().enumerate() {
+                        let dst = &mut z[b][p as usize * hid..(p as usize + 1) * hid];
+                        dst.iter_mut()
+                            .zip(&update[b][i * hid..(i + 1) * hid])
+                            .for_each(|(a, u)| *a += u);
+                    }
+                }
+            }
+        }
+    }
+
+    /// MACs of the layers no mask touches, as the trainer's `Cnn::macs` counts them.
+    pub fn fixed_macs(&self, h: usize, w: usize) -> u64 {
+        let (h2, w2) = self.low(h, w);
+        let up = self
+            .dec_up
+            .as_ref()
+            .map_or(0, |u| (h2 * w2) as u64 * u.macs_per_position());
+        (h * w) as u64 * (self.enc_in.macs_per_position() + self.dec_out.macs_per_position())
+            + (h2 * w2) as u64 * self.enc_down.macs_per_position()
+            + up
+    }
+}

@@ -1,0 +1,178 @@
+//! The exported model file: safetensors with the weights in the training framework's layouts
+//! (conv `[out, in, k, k]`, transposed conv `[in, out, k, k]`, linear `[in, out]`) and the
+//! [`CnnSpec`] as JSON in the metadata key `spec`.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+
+use crate::cnn::{CnnExec, CnnSpec};
+use crate::kernels::Conv;
+use crate::masks::{MaskGenerator, UnitGate};
+use crate::ExecError;
+
+/// Named tensors: shape and row-major values.
+pub type Tensors = HashMap<String, (Vec<usize>, Vec<f32>)>;
+
+/// Writes `spec` and `tensors` to `path`.
+pub fn save(path: &Path, spec: &CnnSpec, tensors: &Tensors) -> Result<(), ExecError> {
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(n, (shape, v))| {
+            (
+                n.clone(),
+                shape.clone(),
+                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            )
+        })
+        .collect();
+    let views = bytes
+        .iter()
+        .map(|(n, shape, b)| {
+            TensorView::new(Dtype::F32, shape.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| ExecError::Tensor {
+                    name: n.clone(),
+                    detail: e.to_string(),
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let meta = HashMap::from([(
+        "spec".to_string(),
+        serde_json::to_string(spec).expect("spec serializes"),
+    )]);
+    let data = safetensors::serialize(views, Some(meta)).map_err(|e| ExecError::Format {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    })?;
+    std::fs::write(path, data).map_err(|source| ExecError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Reads an exported model.
+pub fn load(path: &Path) -> Result<CnnExec, ExecError> {
+    let bytes = std::fs::read(path).map_err(|source| ExecError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let fmt = |detail: String| ExecError::Format {
+        path: path.to_path_buf(),
+        detail,
+    };
+    let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| fmt(e.to_string()))?;
+    let spec_text = meta
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("spec"))
+        .ok_or_else(|| fmt("no `spec` in the metadata".into()))?;
+    let spec: CnnSpec = serde_json::from_str(spec_text).map_err(|e| fmt(format!("bad spec: {e}")))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| fmt(e.to_string()))?;
+    let mut tensors = Tensors::new();
+    for (name, view) in st.tensors() {
+        if view.dtype() != Dtype::F32 {
+            return Err(ExecError::Tensor {
+                name,
+                detail: format!("has dtype {:?}; expected F32", view.dtype()),
+            });
+        }
+        let values = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        tensors.insert(name, (view.shape().to_vec(), values));
+    }
+    from_tensors(spec, &tensors)
+}
+
+fn take<'a>(tensors: &'a Tensors, name: &str, shape: &[usize]) -> Result<&'a [f32], ExecError> {
+    let (s, v) = tensors.get(name).ok_or_else(|| ExecError::Tensor {
+        name: name.into(),
+        detail: "is missing".into(),
+    })?;
+    if s != shape {
+        return Err(ExecError::Tensor {
+            name: name.into(),
+            detail: format!("has shape {s:?}; expected {shape:?}"),
+        });
+    }
+    Ok(v)
+}
+
+fn conv(t: &Tensors, name: &str, cout: usize, cin: usize, k: usize, stride: usize) -> Result<Conv, ExecError> {
+    let w = take(t, &format!("{name}.weight"), &[cout, cin, k, k])?;
+    let b = take(t, &format!("{name}.bias"), &[cout])?;
+    Ok(Conv::from_oihw(w, b, cout, cin, k, stride, k / 2))
+}
+
+/// Builds an executor from a spec and framework-layout tensors.
+pub fn from_tensors(spec: CnnSpec, t: &Tensors) -> Result<CnnExec, ExecError> {
+    let (hid, units, c) = (spec.hidden, spec.units, spec.channels);
+    let blocks = (0..spec.blocks)
+        .map(|l| {
+            Ok((
+                conv(t, &format!("blocks.{l}.conv1"), units, hid, 3, 1)?,
+                conv(t, &format!("blocks.{l}.conv2"), hid, units, 3, 1)?,
+            ))
+        })
+        .collect::<Result<Vec<_>, ExecError>>()?;
+    let st = spec.stride;
+    let dec_up = if st > 1 {
+        let w = take(t, "dec_up.weight", &[hid, hid, st, st])?;
+        let b = take(t, "dec_up.bias", &[hid])?;
+        let cout = st * st * hid;
+        let mut weight = vec![0.0; hid * cout];
+        for ci in 0..hid {
+            for co in 0..hid {
+                for ky in 0..st {
+                    for kx in 0..st {
+                        weight[ci * cout + (ky * st + kx) * hid + co] = w[((ci * hid + co) * st + ky) * st + kx];
+                    }
+                }
+            }
+        }
+        let bias = (0..st * st).flat_map(|_| b.iter().copied()).collect();
+        Some(Conv {
+            k: 1,
+            stride: 1,
+            pad: 0,
+            cin: hid,
+            cout,
+            weight,
+            bias,
+        })
+    } else {
+        None
+    };
+    let g = spec.generator_width;
+    let gates = (0..spec.blocks)
+        .map(|l| {
+            Ok(UnitGate {
+                weight: take(t, &format!("gates.{l}.weight"), &[hid + 1, units])?.to_vec(),
+                bias: take(t, &format!("gates.{l}.bias"), &[units])?.to_vec(),
+                cin: hid,
+                units,
+            })
+        })
+        .collect::<Result<Vec<_>, ExecError>>()?;
+    Ok(CnnExec {
+        enc_in: conv(t, "enc_in", hid, spec.t_in * c, 3, 1)?,
+        enc_down: conv(t, "enc_down", hid, hid, 3, st)?,
+        blocks,
+        dec_up,
+        dec_out: conv(t, "dec_out", spec.t_out * c, hid, 3, 1)?,
+        generator: MaskGenerator {
+            conv1: conv(t, "generator.conv1", g, 3 * c, 3, 1)?,
+            conv2: conv(t, "generator.conv2", g, g, 3, 1)?,
+            head: conv(t, "generator.head", 1, g, 1, 1)?,
+            patch: spec.patch,
+            channels: c,
+        },
+        gates,
+        spec,
+    })
+}

@@ -1,0 +1,369 @@
+//! Plain f32 kernels over channels-last (`[h, w, c]`) feature maps: a safe GEMM wrapper, 3x3
+//! (or 1x1) convolution over a list of output positions (im2col of one tile + GEMM), GELU,
+//! sigmoid.
+
+use rayon::prelude::*;
+
+/// Output positions processed per task: one im2col tile and one GEMM.
+pub const TILE: usize = 64;
+
+/// `dst[m x n] = a[m x k] * b[k x n] (+ dst when accumulate)`, all row-major.
+pub fn matmul(dst: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usize, n: usize, accumulate: bool) {
+    assert!(
+        dst.len() >= m * n && a.len() >= m * k && b.len() >= k * n,
+        "matmul operand too short"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(0.0);
+        }
+        return;
+    }
+    // SAFETY: the assertion above guarantees that every element addressed through the row-major
+    // strides (rows m/k, columns k/n) lies inside the three slices; `dst` is borrowed mutably and
+    // cannot alias `a` or `b`.
+    #[allow(unsafe_code)]
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            1,
+            k as isize,
+            b.as_ptr(),
+            1,
+            n as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// A convolution with square kernel `k`, stride and symmetric zero padding, as a GEMM weight.
+#[derive(Debug, Clone)]
+pub struct Conv {
+    pub k: usize,
+    pub stride: usize,
+    pub pad: usize,
+    pub cin: usize,
+    pub cout: usize,
+    /// `[(ky, kx, ci), co]` row-major: the im2col row times this gives one output pixel.
+    pub weight: Vec<f32>,
+    pub bias: Vec<f32>,
+}
+
+impl Conv {
+    /// From a framework weight `[co, ci, ky, kx]` and bias `[co]`.
+    pub fn from_oihw(
+        weight: &[f32],
+        bias: &[f32],
+        cout: usize,
+        cin: usize,
+        k: usize,
+        stride: usize,
+        pad: usize,
+    ) -> Self {
+        let mut w = vec![0.0; k * k * cin * cout];
+        for co in 0..cout {
+            for ci in 0..cin {
+                for ky in 0..k {
+                    for kx in 0..k {
+                        w[((ky * k + kx) * cin + ci) * cout + co] = weight[((co * cin + ci) * k + ky) * k + kx];
+                    }
+                }
+            }
+        }
+        Conv {
+            k,
+            stride,
+            pad,
+            cin,
+            cout,
+            weight: w,
+            bias: bias.to_vec(),
+        }
+    }
+
+    pub fn out_size(&self, h: usize, w: usize) -> (usize, usize) {
+        (
+            (h + 2 * self.pad - self.k) / self.stride + 1,
+            (w + 2 * self.pad - self.k) / self.stride + 1,
+        )
+    }
+
+    /// Keeps only the output units `units` (columns of the weight).
+    pub fn select_outputs(&self, units: &[usize]) -> Conv {
+        let rows = self.k * self.k * self.cin;
+        let mut weight = Vec::with_capacity(rows * units.len());
+        for r in 0..rows {
+            weight.extend(units.iter().map(|&u| self.weight[r * self.cout + u]));
+        }
+        let bias = units.iter().map(|&u| self.bias[u]).collect();
+        Conv {
+            k: self.k,
+            stride: self.stride,
+            pad: self.pad,
+            cin: self.cin,
+            cout: units.len(),
+            weight,
+            bias,
+        }
+    }
+
+    /// Keeps only the input channels `channels` (rows of the weight); the input then holds only those.
+    pub fn select_inputs(&self, channels: &[usize]) -> Conv {
+        let mut weight = Vec::with_capacity(self.k * self.k * channels.len() * self.cout);
+        for tap in 0..self.k * self.k {
+            for &c in channels {
+                let row = (tap * self.cin + c) * self.cout;
+                weight.extend_from_slice(&self.weight[row..row + self.cout]);
+            }
+        }
+        let (k, stride, pad, cout) = (self.k, self.stride, self.pad, self.cout);
+        Conv {
+            k,
+            stride,
+            pad,
+            cin: channels.len(),
+            cout,
+            weight,
+            bias: self.bias.clone(),
+        }
+    }
+
+    /// Multiply-accumulates per output position.
+    pub fn macs_per_position(&self) -> u64 {
+        (self.k * self.k * self.cin * self.cout) as u64
+    }
+
+    /// Output rows `[positions.len(), cout]` for one sample's input `[h, w, cin]`, one tile:
+    /// im2col of the tile, then one GEMM.
+    fn tile(&self, input: &[f32], h: usize, w: usize, positions: Positions<'_>, out: &mut [f32]) {
+        let (_, wo) = self.out_size(h, w);
+        let n = positions.len();
+        let row = self.k * self.k * self.cin;
+        let mut cols = vec![0.0f32; n * row];
+        for (p, dst) in cols.chunks_exact_mut(row).enumerate() {
+            let pos = positions.get(p);
+            let (oy, ox) = (pos / wo, pos % wo);
+            for ky in 0..self.k {
+                let iy = (oy * self.stride + ky) as isize - self.pad as isize;
+                for kx in 0..self.k {
+                    let ix = (ox * self.stride + kx) as isize - self.pad as isize;
+                    let d = &mut dst[(ky * self.k + kx) * self.cin..(ky * self.k + kx + 1) * self.cin];
+                    if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w {
+                        let src = (iy as usize * w + ix as usize) * self.cin;
+                        d.copy_from_slice(&input[src..src + self.cin]);
+                    }
+                }
+            }
+        }
+        for r in out.chunks_exact_mut(self.cout) {
+            r.copy_from_slice(&self.bias);
+        }
+        matmul(out, &cols, &self.weight, n, row, self.cout, true);
+    }
+}
+
+/// Output positions of a convolution: a range of flat `y * wo + x` indices, or a list of them.
+#[derive(Debug, Clone, Copy)]
+pub enum Positions<'a> {
+    Range(usize, usize),
+    List(&'a [u32]),
+}
+
+impl Positions<'_> {
+    /// Every output position of an `h x w` output, in order.
+    pub fn all(h: usize, w: usize) -> Positions<'static> {
+        Positions::Range(0, h * w)
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Positions::Range(a, b) => b - a,
+            Positions::List(l) => l.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn get(&self, i: usize) -> usize {
+        match self {
+            Positions::Range(a, _) => a + i,
+            Positions::List(l) => l[i] as usize,
+        }
+    }
+
+    fn slice(&self, start: usize, end: usize) -> Positions<'_> {
+        match self {
+            Positions::Range(a, _) => Positions::Range(a + start, a + end),
+            Positions::List(l) => Positions::List(&l[start..end]),
+        }
+    }
+}
+
+/// One sample's convolution: its input `[h, w, cin]` and the output positions to compute.
+pub struct Job<'a> {
+    pub conv: &'a Conv,
+    pub input: &'a [f32],
+    pub h: usize,
+    pub w: usize,
+    pub positions: Positions<'a>,
+}
+
+/// Runs every job tile by tile, all tiles of all jobs in parallel; `outputs[j]` (sized
+/// `positions x cout`) receives job j's rows.
+pub fn run_jobs(jobs: &[Job<'_>], outputs: &mut [Vec<f32>]) {
+    let mut tasks = Vec::new();
+    for (job, out) in jobs.iter().zip(outputs.iter_mut()) {
+        debug_assert_eq!(out.len(), job.positions.len() * job.conv.cout);
+        for (t, chunk) in out.chunks_mut(TILE * job.conv.cout).enumerate() {
+            tasks.push((job, t, chunk));
+        }
+    }
+    tasks.into_par_iter().for_each(|(job, t, chunk)| {
+        let start = t * TILE;
+        let end = start + chunk.len() / job.conv.cout;
+        job.conv
+            .tile(job.input, job.h, job.w, job.positions.slice(start, end), chunk);
+    });
+}
+
+/// `0.5 x (1 + erf(x / sqrt 2))`, as the training framework computes it.
+pub fn gelu(values: &mut [f32]) {
+    values.par_chunks_mut(4096).for_each(|c| {
+        for v in c {
+            *v = 0.5 * *v * (1.0 + libm::erff(*v / std::f32::consts::SQRT_2));
+        }
+    });
+}
+
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Direct convolution, the plain reference for the im2col + GEMM path.
+    fn direct(conv: &Conv, input: &[f32], h: usize, w: usize) -> Vec<f32> {
+        let (ho, wo) = conv.out_size(h, w);
+        let mut out = vec![0.0; ho * wo * conv.cout];
+        for oy in 0..ho {
+            for ox in 0..wo {
+                for co in 0..conv.cout {
+                    let mut acc = conv.bias[co];
+                    for ky in 0..conv.k {
+                        for kx in 0..conv.k {
+                            let iy = (oy * conv.stride + ky) as isize - conv.pad as isize;
+                            let ix = (ox * conv.stride + kx) as isize - conv.pad as isize;
+                            if iy < 0 || ix < 0 || iy as usize >= h || ix as usize >= w {
+                                continue;
+                            }
+                            for ci in 0..conv.cin {
+                                acc += input[(iy as usize * w + ix as usize) * conv.cin + ci]
+                                    * conv.weight[((ky * conv.k + kx) * conv.cin + ci) * conv.cout + co];
+                            }
+                        }
+                    }
+                    out[(oy * wo + ox) * conv.cout + co] = acc;
+                }
+            }
+        }
+        out
+    }
+
+    fn pseudo(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
+            .collect()
+    }
+
+    #[test]
+    fn tiled_gemm_conv_matches_direct_conv() {
+        for (k, stride, pad, h, w) in [(3, 1, 1, 9, 7), (3, 2, 1, 9, 7), (1, 1, 0, 5, 3)] {
+            let (cin, cout) = (5, 6);
+            let oihw = pseudo(cout * cin * k * k, 3);
+            let conv = Conv::from_oihw(&oihw, &pseudo(cout, 9), cout, cin, k, stride, pad);
+            let input = pseudo(h * w * cin, 7);
+            let (ho, wo) = conv.out_size(h, w);
+            let mut out = vec![vec![0.0; ho * wo * cout]];
+            let job = Job {
+                conv: &conv,
+                input: &input,
+                h,
+                w,
+                positions: Positions::all(ho, wo),
+            };
+            run_jobs(&[job], &mut out);
+            let reference = direct(&conv, &input, h, w);
+            for (a, b) in out[0].iter().zip(&reference) {
+                assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+            }
+            // A list of positions gives the same rows.
+            let list: Vec<u32> = (0..(ho * wo) as u32).rev().step_by(3).collect();
+            let mut rows = vec![vec![0.0; list.len() * cout]];
+            run_jobs(
+                &[Job {
+                    conv: &conv,
+                    input: &input,
+                    h,
+                    w,
+                    positions: Positions::List(&list),
+                }],
+                &mut rows,
+            );
+            for (i, &p) in list.iter().enumerate() {
+                let p = p as usize;
+                assert_eq!(&rows[0][i * cout..(i + 1) * cout], &out[0][p * cout..(p + 1) * cout]);
+            }
+        }
+    }
+
+    #[test]
+    fn selecting_units_and_inputs_matches_the_full_conv() {
+        let (cin, cout, h, w) = (4, 5, 6, 6);
+        let conv = Conv::from_oihw(&pseudo(cout * cin * 9, 1), &pseudo(cout, 2), cout, cin, 3, 1, 1);
+        let input = pseudo(h * w * cin, 5);
+        let full = direct(&conv, &input, h, w);
+        let outs = [1usize, 3];
+        let sub = direct(&conv.select_outputs(&outs), &input, h, w);
+        for p in 0..h * w {
+            for (j, &u) in outs.iter().enumerate() {
+                assert_eq!(sub[p * 2 + j], full[p * cout + u]);
+            }
+        }
+        // Zeroing input channels 0 and 2 equals dropping them.
+        let keep = [1usize, 3];
+        let mut zeroed = input.clone();
+        let mut compact = Vec::new();
+        for p in 0..h * w {
+            for c in 0..cin {
+                if !keep.contains(&c) {
+                    zeroed[p * cin + c] = 0.0;
+                }
+            }
+            compact.extend(keep.iter().map(|&c| input[p * cin + c]));
+        }
+        let a = direct(&conv, &zeroed, h, w);
+        let b = direct(&conv.select_inputs(&keep), &compact, h, w);
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() < 1e-5);
+        }
+    }
+}

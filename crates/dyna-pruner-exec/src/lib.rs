@@ -1,0 +1,32 @@
+//! Sparse inference executor for dyna-pruner models.
+//!
+//! Runs the hard-masked sub-network for real: for each prunable layer only the kept output
+//! positions (with the input halo they read) and only the kept units are computed, as one
+//! im2col + GEMM per tile, tiles of all samples in parallel; results are written back and
+//! pruned positions take the identity path. The dense forward of the same model through the same
+//! kernels is the fair dense baseline. No deep-learning framework: plain f32 slices, the `gemm`
+//! crate, rayon. Models come from an exported file (`format`), written by the trainer.
+
+pub mod cnn;
+pub mod format;
+pub mod kernels;
+pub mod masks;
+
+pub use cnn::{CnnExec, CnnSpec, MaskPlan, Output, SampleMasks};
+
+/// Errors of the executor.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not an exported dyna-pruner model: {detail}")]
+    Format { path: std::path::PathBuf, detail: String },
+    #[error("tensor `{name}`: {detail}")]
+    Tensor { name: String, detail: String },
+    #[error("input of {got} values does not match {expected}")]
+    Input { got: usize, expected: String },
+}

@@ -1,0 +1,144 @@
+//! The method at inference on plain slices: mask generator (importance S), DataMask (top-k
+//! patches) and unit gates (top-k units), mirroring the trainer's `method` module.
+
+use crate::kernels::{gelu, run_jobs, sigmoid, Conv, Job, Positions};
+
+/// Number kept out of `total` at ratio `ratio`: `ceil(ratio * total)`, at least 1 (as the trainer).
+pub fn kept_count(ratio: f32, total: usize) -> usize {
+    ((ratio as f64 * total as f64 - 1e-6).ceil() as usize).clamp(1, total)
+}
+
+/// Indices of the `k` largest scores (ties: lower index first), sorted ascending.
+pub fn top_k(scores: &[f32], k: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+    order.truncate(k);
+    order.sort_unstable();
+    order
+}
+
+/// The mask generator: per-patch statistics -> 3x3 conv -> GELU -> 3x3 conv -> GELU -> 1x1 -> sigmoid.
+#[derive(Debug, Clone)]
+pub struct MaskGenerator {
+    pub conv1: Conv,
+    pub conv2: Conv,
+    pub head: Conv,
+    pub patch: usize,
+    pub channels: usize,
+}
+
+impl MaskGenerator {
+    /// Importance S `[hp * wp]` of one sample from its input `[t, c, h, w]`.
+    pub fn importance(&self, x: &[f32], t: usize, h: usize, w: usize) -> (Vec<f32>, usize, usize) {
+        let (c, p) = (self.channels, self.patch);
+        let (hp, wp) = (h.div_ceil(p), w.div_ceil(p));
+        let frame = c * h * w;
+        let last = &x[(t - 1) * frame..t * frame];
+        let prev = (t > 1).then(|| &x[(t - 2) * frame..(t - 1) * frame]);
+        let mut stats = vec![0.0f32; hp * wp * 3 * c];
+        for py in 0..hp {
+            for px in 0..wp {
+                let cell = &mut stats[(py * wp + px) * 3 * c..(py * wp + px + 1) * 3 * c];
+                for ch in 0..c {
+                    let (mut sum, mut max, mut diff, mut n) = (0.0f32, f32::NEG_INFINITY, 0.0f32, 0usize);
+                    for y in py * p..((py + 1) * p).min(h) {
+                        for xx in px * p..((px + 1) * p).min(w) {
+                            let i = (ch * h + y) * w + xx;
+                            sum += last[i];
+                            max = max.max(last[i]);
+                            diff += prev.map_or(0.0, |pr| (last[i] - pr[i]).abs());
+                            n += 1;
+                        }
+                    }
+                    cell[ch] = sum / n as f32;
+                    cell[c + ch] = max;
+                    cell[2 * c + ch] = diff / n as f32;
+                }
+            }
+        }
+        let conv = |conv: &Conv, input: &[f32], act: bool| {
+            let mut out = vec![vec![0.0; hp * wp * conv.cout]];
+            run_jobs(
+                &[Job {
+                    conv,
+                    input,
+                    h: hp,
+                    w: wp,
+                    positions: Positions::all(hp, wp),
+                }],
+                &mut out,
+            );
+            let mut out = out.pop().expect("one job");
+            if act {
+                gelu(&mut out);
+            }
+            out
+        };
+        let hidden = conv(&self.conv2, &conv(&self.conv1, &stats, true), true);
+        let logits = conv(&self.head, &hidden, false);
+        (logits.into_iter().map(sigmoid).collect(), hp, wp)
+    }
+
+    /// MACs per sample, counted as the trainer's `MaskGenerator::macs`.
+    pub fn macs(&self, h: usize, w: usize) -> u64 {
+        let cells = (h.div_ceil(self.patch) * w.div_ceil(self.patch)) as u64;
+        (4 * self.channels * h * w) as u64
+            + cells * (self.conv1.macs_per_position() + self.conv2.macs_per_position() + self.head.macs_per_position())
+    }
+}
+
+/// ModelMask gate of one layer: `sigmoid([z; mean S] W + b)` with `z = sum(S f) / sum(S)`.
+#[derive(Debug, Clone)]
+pub struct UnitGate {
+    /// `[cin + 1, units]` row-major.
+    pub weight: Vec<f32>,
+    pub bias: Vec<f32>,
+    pub cin: usize,
+    pub units: usize,
+}
+
+impl UnitGate {
+    /// Unit scores from a layer input `[h, w, cin]` and S resized to it (`s_at(pixel)`).
+    pub fn scores(&self, features: &[f32], pixels: usize, s_at: impl Fn(usize) -> f32) -> Vec<f32> {
+        let mut z = vec![0.0f32; self.cin + 1];
+        let mut mass = 0.0f32;
+        for p in 0..pixels {
+            let s = s_at(p);
+            mass += s;
+            for (zc, f) in z.iter_mut().zip(&features[p * self.cin..(p + 1) * self.cin]) {
+                *zc += s * f;
+            }
+        }
+        for zc in &mut z[..self.cin] {
+            *zc /= mass + 1e-6;
+        }
+        z[self.cin] = mass / pixels as f32;
+        let mut logits = self.bias.clone();
+        for (i, zi) in z.iter().enumerate() {
+            for (l, wv) in logits
+                .iter_mut()
+                .zip(&self.weight[i * self.units..(i + 1) * self.units])
+            {
+                *l += zi * wv;
+            }
+        }
+        logits.into_iter().map(sigmoid).collect()
+    }
+
+    pub fn macs(&self, pixels: usize) -> u64 {
+        (pixels * self.cin + (self.cin + 1) * self.units) as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_k_is_exact_and_sorted() {
+        assert_eq!(top_k(&[0.1, 0.9, 0.5, 0.9], 2), vec![1, 3]);
+        assert_eq!(top_k(&[0.3, 0.2, 0.1], 1), vec![0]);
+        assert_eq!(kept_count(0.3, 10), 3);
+        assert_eq!(kept_count(0.0, 10), 1);
+    }
+}
