@@ -23,25 +23,17 @@ pub fn evaluate_checkpoint<B: Backend>(
     label: &str,
 ) -> Evaluation {
     let bar = eval_bar(label, windows.len());
-    let result = evaluate(
-        &ck.model,
-        windows,
-        &ck.meta.scaler,
-        ck.meta.masking.into(),
-        batch_size,
-        device,
-        &mut |d, _| bar.set_position(d as u64),
-    );
+    let result =
+        evaluate(&ck.model, windows, &ck.meta.scaler, ck.meta.masking.into(), batch_size, device, &mut |d, _| {
+            bar.set_position(d as u64)
+        });
     bar.finish_and_clear();
     result
 }
 
 /// One line of a results table.
 pub fn table_row(name: &str, e: &Evaluation, dense_macs: Option<f64>) -> String {
-    let macs = e
-        .macs_per_sample
-        .map(|m| format!("{:.2}M", m / 1e6))
-        .unwrap_or_else(|| "-".into());
+    let macs = e.macs_per_sample.map(|m| format!("{:.2}M", m / 1e6)).unwrap_or_else(|| "-".into());
     let ratio = match (e.macs_per_sample, dense_macs) {
         (Some(m), Some(d)) => format!("{:.3}", m / d),
         _ => "-".into(),

@@ -1,8 +1,10 @@
 //! `dyna-pruner`: train, evaluate and demonstrate dynamic co-pruned spatio-temporal models.
 
+mod bench;
 mod demo;
 mod device;
 mod eval;
+mod predict;
 mod progress;
 mod train;
 
@@ -53,6 +55,36 @@ enum Command {
         #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
         device: DeviceArg,
     },
+    /// Run the sparse executor of a checkpoint on data files; writes DIR/predictions.npy,
+    /// DIR/samples.json (per-sample kept fractions and MACs) and DIR/model.safetensors.
+    Predict {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        #[arg(long, num_args = 1.., required = true)]
+        data: Vec<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 64)]
+        batch_size: usize,
+    },
+    /// Time the sparse executor against its dense path and Burn's dense forward; writes DIR/bench.json.
+    Bench {
+        #[arg(long, default_value = "bench-out")]
+        out: PathBuf,
+        /// Square frame sizes.
+        #[arg(long, value_delimiter = ',', default_values_t = [32, 128, 384])]
+        sizes: Vec<usize>,
+        #[arg(long, value_delimiter = ',', default_values_t = [1, 16])]
+        batches: Vec<usize>,
+        /// Kept patch fractions (the unit fraction is the same).
+        #[arg(long, value_delimiter = ',', default_values_t = [1.0, 0.5, 0.3, 0.2])]
+        fractions: Vec<f32>,
+        /// Timed runs per measurement (the median is reported).
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+    },
     /// Evaluate the shipped dense and dynamic CNNs and persistence on the TaxiNYC test range.
     Demo {
         #[arg(long, default_value = "demo-out")]
@@ -70,24 +102,23 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Train {
-            config,
-            resume,
-            stop_after,
-            device,
-        } => train::run(&config, dyna_pruner::train::RunControl { resume, stop_after }, device),
-        Command::Eval {
-            checkpoint,
-            data,
-            out,
-            batch_size,
-            device,
-        } => eval::run(&checkpoint, &data, out.as_deref(), batch_size, device),
-        Command::Demo {
-            out,
-            retrain,
-            root,
-            device,
-        } => demo::run(&out, retrain, &root, device),
+        Command::Train { config, resume, stop_after, device } => {
+            train::run(&config, dyna_pruner::train::RunControl { resume, stop_after }, device)
+        }
+        Command::Eval { checkpoint, data, out, batch_size, device } => {
+            eval::run(&checkpoint, &data, out.as_deref(), batch_size, device)
+        }
+        Command::Demo { out, retrain, root, device } => demo::run(&out, retrain, &root, device),
+        Command::Predict { checkpoint, data, out, batch_size } => predict::run(&checkpoint, &data, &out, batch_size),
+        Command::Bench { out, sizes, batches, fractions, runs, warmup } => {
+            if runs == 0
+                || fractions.iter().any(|f| !(*f > 0.0 && *f <= 1.0))
+                || sizes.contains(&0)
+                || batches.contains(&0)
+            {
+                anyhow::bail!("bench: --runs >= 1, sizes and batches >= 1, fractions in (0, 1]");
+            }
+            bench::run(&out, &bench::BenchPlan { sizes, batches, fractions, runs, warmup })
+        }
     }
 }

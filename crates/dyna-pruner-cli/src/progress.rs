@@ -13,9 +13,7 @@ pub struct Bars {
 }
 
 fn style(template: &str) -> ProgressStyle {
-    ProgressStyle::with_template(template)
-        .expect("valid template")
-        .progress_chars("=> ")
+    ProgressStyle::with_template(template).expect("valid template").progress_chars("=> ")
 }
 
 impl Progress for Bars {
@@ -27,9 +25,7 @@ impl Progress for Bars {
         self.epoch = epoch;
         self.epochs = epochs;
         let bar = ProgressBar::new(steps as u64);
-        bar.set_style(style(
-            "epoch {prefix} [{bar:30}] {pos}/{len} loss {msg} | {elapsed_precise} ETA {eta_precise}",
-        ));
+        bar.set_style(style("epoch {prefix} [{bar:30}] {pos}/{len} loss {msg} | {elapsed_precise} ETA {eta_precise}"));
         bar.set_prefix(format!("{epoch}/{epochs}"));
         self.bar = Some(bar);
     }

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use dyna_pruner::data::crowd_h5;
+use dyna_pruner::data::npz::npy_bytes;
 use dyna_pruner::data::synthetic::crowd_series;
 
 fn bin() -> Command {
@@ -19,11 +20,7 @@ fn temp_dir(name: &str) -> PathBuf {
 
 fn run(cmd: &mut Command) -> Output {
     let out = cmd.output().expect("binary runs");
-    eprintln!(
-        "stdout:\n{}\nstderr:\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    eprintln!("stdout:\n{}\nstderr:\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     out
 }
 
@@ -80,10 +77,7 @@ fn train_then_eval_writes_checkpoint_and_report() {
     for f in ["model.mpk", "config.toml", "checkpoint.json"] {
         assert!(ck.join(f).is_file(), "missing {f}");
     }
-    assert!(
-        !ck.join("resume").exists(),
-        "resume state is removed after a finished run"
-    );
+    assert!(!ck.join("resume").exists(), "resume state is removed after a finished run");
     let meta = json(&ck.join("checkpoint.json"));
     for key in ["seed", "commit", "backend", "wall_time_s", "best_epoch"] {
         assert!(meta["provenance"].get(key).is_some(), "provenance lacks {key}");
@@ -126,13 +120,8 @@ fn same_seed_gives_the_same_numbers_and_resume_continues_exactly() {
     assert!(out.status.success());
     assert!(stderr(&out).contains("continue with --resume"));
     assert!(dir.join("b/resume/state.json").is_file());
-    assert!(run(bin().args(["train", "--resume", "--config"]).arg(&b))
-        .status
-        .success());
-    let (ma, mb) = (
-        json(&dir.join("a/checkpoint.json")),
-        json(&dir.join("b/checkpoint.json")),
-    );
+    assert!(run(bin().args(["train", "--resume", "--config"]).arg(&b)).status.success());
+    let (ma, mb) = (json(&dir.join("a/checkpoint.json")), json(&dir.join("b/checkpoint.json")));
     assert_eq!(ma["provenance"]["best_val_mse"], mb["provenance"]["best_val_mse"]);
     // Weight files carry random parameter ids, so compare what the weights compute instead.
     let metrics = |name: &str| {
@@ -159,24 +148,14 @@ fn eval_rejects_a_missing_file_with_its_name() {
     let cfg_text = std::fs::read_to_string(&cfg).unwrap().replace("epochs = 2\n", "");
     std::fs::write(&cfg, cfg_text).unwrap();
     assert!(run(bin().args(["train", "--config"]).arg(&cfg)).status.success());
-    let out = run(bin()
-        .args(["eval", "--checkpoint"])
-        .arg(dir.join("m"))
-        .args(["--data", "/nonexistent/flows.h5"]));
+    let out = run(bin().args(["eval", "--checkpoint"]).arg(dir.join("m")).args(["--data", "/nonexistent/flows.h5"]));
     assert!(!out.status.success());
     let err = stderr(&out);
-    assert!(
-        err.contains("/nonexistent/flows.h5") && !err.contains("panicked"),
-        "{err}"
-    );
+    assert!(err.contains("/nonexistent/flows.h5") && !err.contains("panicked"), "{err}");
 
     let not_hdf5 = dir.join("notes.h5");
     std::fs::write(&not_hdf5, "not an hdf5 file").unwrap();
-    let out = run(bin()
-        .args(["eval", "--checkpoint"])
-        .arg(dir.join("m"))
-        .arg("--data")
-        .arg(&not_hdf5));
+    let out = run(bin().args(["eval", "--checkpoint"]).arg(dir.join("m")).arg("--data").arg(&not_hdf5));
     assert!(!out.status.success());
     assert!(stderr(&out).contains("not a valid HDF5"), "{}", stderr(&out));
 }
@@ -189,10 +168,7 @@ fn invalid_config_value_names_the_field_and_range() {
     let out = run(bin().args(["train", "--config"]).arg(&cfg));
     assert!(!out.status.success());
     let err = stderr(&out);
-    assert!(
-        err.contains("train.lr") && err.contains("(0, 1]") && !err.contains("panicked"),
-        "{err}"
-    );
+    assert!(err.contains("train.lr") && err.contains("(0, 1]") && !err.contains("panicked"), "{err}");
 }
 
 #[test]
@@ -215,36 +191,12 @@ fn npz_archives_are_read_as_openstl_windows() {
     let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
     for (name, values) in [("X_train", &x), ("Y_train", &y), ("X_test", &x), ("Y_test", &y)] {
         zip.start_file(format!("{name}.npy"), opts).unwrap();
-        zip.write_all(&npy_f32(&[5, 4, 2, 8, 4], values)).unwrap();
+        zip.write_all(&npy_bytes(&[5, 4, 2, 8, 4], values)).unwrap();
     }
     zip.finish().unwrap();
     let report = dir.join("npz.json");
-    let out = run(bin()
-        .args(["eval", "--checkpoint"])
-        .arg(dir.join("n"))
-        .arg("--data")
-        .arg(&npz)
-        .arg("--out")
-        .arg(&report));
+    let out =
+        run(bin().args(["eval", "--checkpoint"]).arg(dir.join("n")).arg("--data").arg(&npz).arg("--out").arg(&report));
     assert!(out.status.success());
     assert_eq!(json(&report)["samples"], 5);
-}
-
-fn npy_f32(shape: &[usize], values: &[f32]) -> Vec<u8> {
-    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    let mut header = format!(
-        "{{'descr': '<f4', 'fortran_order': False, 'shape': ({}), }}",
-        dims.join(", ")
-    );
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut out = b"\x93NUMPY\x01\x00".to_vec();
-    out.extend((header.len() as u16).to_le_bytes());
-    out.extend(header.as_bytes());
-    for v in values {
-        out.extend(v.to_le_bytes());
-    }
-    out
 }

@@ -74,16 +74,8 @@ pub struct CnnExec {
 /// Runs one conv over every position of each sample's map.
 fn dense_layer(conv: &Conv, inputs: &[Vec<f32>], h: usize, w: usize, act: bool) -> Vec<Vec<f32>> {
     let (ho, wo) = conv.out_size(h, w);
-    let jobs: Vec<Job<'_>> = inputs
-        .iter()
-        .map(|input| Job {
-            conv,
-            input,
-            h,
-            w,
-            positions: Positions::all(ho, wo),
-        })
-        .collect();
+    let jobs: Vec<Job<'_>> =
+        inputs.iter().map(|input| Job { conv, input, h, w, positions: Positions::all(ho, wo) }).collect();
     let mut outs = vec![vec![0.0; ho * wo * conv.cout]; inputs.len()];
     run_jobs(&jobs, &mut outs);
     if act {
@@ -111,10 +103,7 @@ impl CnnExec {
         let (t, c) = (s.t_in, s.channels);
         let per_sample = t * c * h * w;
         if x.len() != batch * per_sample || batch == 0 {
-            return Err(ExecError::Input {
-                got: x.len(),
-                expected: format!("[{batch}, {t}, {c}, {h}, {w}]"),
-            });
+            return Err(ExecError::Input { got: x.len(), expected: format!("[{batch}, {t}, {c}, {h}, {w}]") });
         }
         if let MaskPlan::Given(m) = plan {
             if m.len() != batch || m.iter().any(|m| m.units.len() != s.blocks) {
@@ -151,21 +140,12 @@ impl CnnExec {
             MaskPlan::Given(m) => m.to_vec(),
             MaskPlan::Dynamic => (0..batch)
                 .map(|b| {
-                    let (sc, hp, wpp) = self
-                        .generator
-                        .importance(&x[b * per_sample..(b + 1) * per_sample], t, h, w);
+                    let (sc, hp, wpp) = self.generator.importance(&x[b * per_sample..(b + 1) * per_sample], t, h, w);
                     let n = hp * wpp;
-                    let patches = if s.data_mask {
-                        top_k(&sc, kept_count(s.data_keep, n))
-                    } else {
-                        (0..n).collect()
-                    };
+                    let patches = if s.data_mask { top_k(&sc, kept_count(s.data_keep, n)) } else { (0..n).collect() };
                     importance.push(sc);
                     macs[b] += self.generator.macs(h, w);
-                    SampleMasks {
-                        patches,
-                        units: Vec::new(),
-                    }
+                    SampleMasks { patches, units: Vec::new() }
                 })
                 .collect(),
         };
@@ -257,11 +237,7 @@ impl CnnExec {
                 }
             }
         }
-        Ok(Output {
-            prediction,
-            masks,
-            macs,
-        })
+        Ok(Output { prediction, masks, macs })
     }
 
     /// One masked residual block: conv1 with the kept units at the kept positions, GELU, conv2
@@ -295,18 +271,9 @@ impl CnnExec {
             None => Positions::all(h2, w2),
         };
         let jobs: Vec<Job<'_>> = (0..z.len())
-            .map(|b| Job {
-                conv: &selected[b].0,
-                input: &z[b],
-                h: h2,
-                w: w2,
-                positions: pos_of(b),
-            })
+            .map(|b| Job { conv: &selected[b].0, input: &z[b], h: h2, w: w2, positions: pos_of(b) })
             .collect();
-        let mut hidden: Vec<Vec<f32>> = jobs
-            .iter()
-            .map(|j| vec![0.0; j.positions.len() * j.conv.cout])
-            .collect();
+        let mut hidden: Vec<Vec<f32>> = jobs.iter().map(|j| vec![0.0; j.positions.len() * j.conv.cout]).collect();
         run_jobs(&jobs, &mut hidden);
         // Hidden maps: zero at pruned positions, so conv2 reads no pruned work.
         let maps: Vec<Vec<f32>> = hidden
@@ -328,18 +295,9 @@ impl CnnExec {
             })
             .collect();
         let jobs: Vec<Job<'_>> = (0..z.len())
-            .map(|b| Job {
-                conv: &selected[b].1,
-                input: &maps[b],
-                h: h2,
-                w: w2,
-                positions: pos_of(b),
-            })
+            .map(|b| Job { conv: &selected[b].1, input: &maps[b], h: h2, w: w2, positions: pos_of(b) })
             .collect();
-        let mut update: Vec<Vec<f32>> = jobs
-            .iter()
-            .map(|j| vec![0.0; j.positions.len() * j.conv.cout])
-            .collect();
+        let mut update: Vec<Vec<f32>> = jobs.iter().map(|j| vec![0.0; j.positions.len() * j.conv.cout]).collect();
         run_jobs(&jobs, &mut update);
         let hid = self.spec.hidden;
         for b in 0..z.len() {
@@ -350,9 +308,7 @@ impl CnnExec {
                 Some(list) => {
                     for (i, &p) in list.iter().enumerate() {
                         let dst = &mut z[b][p as usize * hid..(p as usize + 1) * hid];
-                        dst.iter_mut()
-                            .zip(&update[b][i * hid..(i + 1) * hid])
-                            .for_each(|(a, u)| *a += u);
+                        dst.iter_mut().zip(&update[b][i * hid..(i + 1) * hid]).for_each(|(a, u)| *a += u);
                     }
                 }
             }
@@ -362,10 +318,7 @@ impl CnnExec {
     /// MACs of the layers no mask touches, as the trainer's `Cnn::macs` counts them.
     pub fn fixed_macs(&self, h: usize, w: usize) -> u64 {
         let (h2, w2) = self.low(h, w);
-        let up = self
-            .dec_up
-            .as_ref()
-            .map_or(0, |u| (h2 * w2) as u64 * u.macs_per_position());
+        let up = self.dec_up.as_ref().map_or(0, |u| (h2 * w2) as u64 * u.macs_per_position());
         (h * w) as u64 * (self.enc_in.macs_per_position() + self.dec_out.macs_per_position())
             + (h2 * w2) as u64 * self.enc_down.macs_per_position()
             + up

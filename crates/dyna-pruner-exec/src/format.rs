@@ -20,85 +20,47 @@ pub type Tensors = HashMap<String, (Vec<usize>, Vec<f32>)>;
 pub fn save(path: &Path, spec: &CnnSpec, tensors: &Tensors) -> Result<(), ExecError> {
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .iter()
-        .map(|(n, (shape, v))| {
-            (
-                n.clone(),
-                shape.clone(),
-                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            )
-        })
+        .map(|(n, (shape, v))| (n.clone(), shape.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect()))
         .collect();
     let views = bytes
         .iter()
         .map(|(n, shape, b)| {
             TensorView::new(Dtype::F32, shape.clone(), b)
                 .map(|v| (n.clone(), v))
-                .map_err(|e| ExecError::Tensor {
-                    name: n.clone(),
-                    detail: e.to_string(),
-                })
+                .map_err(|e| ExecError::Tensor { name: n.clone(), detail: e.to_string() })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let meta = HashMap::from([(
-        "spec".to_string(),
-        serde_json::to_string(spec).expect("spec serializes"),
-    )]);
-    let data = safetensors::serialize(views, Some(meta)).map_err(|e| ExecError::Format {
-        path: path.to_path_buf(),
-        detail: e.to_string(),
-    })?;
-    std::fs::write(path, data).map_err(|source| ExecError::Io {
-        path: path.to_path_buf(),
-        source,
-    })
+    let meta = HashMap::from([("spec".to_string(), serde_json::to_string(spec).expect("spec serializes"))]);
+    let data = safetensors::serialize(views, Some(meta))
+        .map_err(|e| ExecError::Format { path: path.to_path_buf(), detail: e.to_string() })?;
+    std::fs::write(path, data).map_err(|source| ExecError::Io { path: path.to_path_buf(), source })
 }
 
 /// Reads an exported model.
 pub fn load(path: &Path) -> Result<CnnExec, ExecError> {
-    let bytes = std::fs::read(path).map_err(|source| ExecError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let fmt = |detail: String| ExecError::Format {
-        path: path.to_path_buf(),
-        detail,
-    };
+    let bytes = std::fs::read(path).map_err(|source| ExecError::Io { path: path.to_path_buf(), source })?;
+    let fmt = |detail: String| ExecError::Format { path: path.to_path_buf(), detail };
     let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| fmt(e.to_string()))?;
-    let spec_text = meta
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get("spec"))
-        .ok_or_else(|| fmt("no `spec` in the metadata".into()))?;
+    let spec_text =
+        meta.metadata().as_ref().and_then(|m| m.get("spec")).ok_or_else(|| fmt("no `spec` in the metadata".into()))?;
     let spec: CnnSpec = serde_json::from_str(spec_text).map_err(|e| fmt(format!("bad spec: {e}")))?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| fmt(e.to_string()))?;
     let mut tensors = Tensors::new();
     for (name, view) in st.tensors() {
         if view.dtype() != Dtype::F32 {
-            return Err(ExecError::Tensor {
-                name,
-                detail: format!("has dtype {:?}; expected F32", view.dtype()),
-            });
+            return Err(ExecError::Tensor { name, detail: format!("has dtype {:?}; expected F32", view.dtype()) });
         }
-        let values = view
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        let values = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
         tensors.insert(name, (view.shape().to_vec(), values));
     }
     from_tensors(spec, &tensors)
 }
 
 fn take<'a>(tensors: &'a Tensors, name: &str, shape: &[usize]) -> Result<&'a [f32], ExecError> {
-    let (s, v) = tensors.get(name).ok_or_else(|| ExecError::Tensor {
-        name: name.into(),
-        detail: "is missing".into(),
-    })?;
+    let (s, v) =
+        tensors.get(name).ok_or_else(|| ExecError::Tensor { name: name.into(), detail: "is missing".into() })?;
     if s != shape {
-        return Err(ExecError::Tensor {
-            name: name.into(),
-            detail: format!("has shape {s:?}; expected {shape:?}"),
-        });
+        return Err(ExecError::Tensor { name: name.into(), detail: format!("has shape {s:?}; expected {shape:?}") });
     }
     Ok(v)
 }
@@ -136,15 +98,7 @@ pub fn from_tensors(spec: CnnSpec, t: &Tensors) -> Result<CnnExec, ExecError> {
             }
         }
         let bias = (0..st * st).flat_map(|_| b.iter().copied()).collect();
-        Some(Conv {
-            k: 1,
-            stride: 1,
-            pad: 0,
-            cin: hid,
-            cout,
-            weight,
-            bias,
-        })
+        Some(Conv { k: 1, stride: 1, pad: 0, cin: hid, cout, weight, bias })
     } else {
         None
     };

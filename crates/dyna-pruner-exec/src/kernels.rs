@@ -9,10 +9,7 @@ pub const TILE: usize = 64;
 
 /// `dst[m x n] = a[m x k] * b[k x n] (+ dst when accumulate)`, all row-major.
 pub fn matmul(dst: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usize, n: usize, accumulate: bool) {
-    assert!(
-        dst.len() >= m * n && a.len() >= m * k && b.len() >= k * n,
-        "matmul operand too short"
-    );
+    assert!(dst.len() >= m * n && a.len() >= m * k && b.len() >= k * n, "matmul operand too short");
     if m == 0 || n == 0 {
         return;
     }
@@ -85,22 +82,11 @@ impl Conv {
                 }
             }
         }
-        Conv {
-            k,
-            stride,
-            pad,
-            cin,
-            cout,
-            weight: w,
-            bias: bias.to_vec(),
-        }
+        Conv { k, stride, pad, cin, cout, weight: w, bias: bias.to_vec() }
     }
 
     pub fn out_size(&self, h: usize, w: usize) -> (usize, usize) {
-        (
-            (h + 2 * self.pad - self.k) / self.stride + 1,
-            (w + 2 * self.pad - self.k) / self.stride + 1,
-        )
+        ((h + 2 * self.pad - self.k) / self.stride + 1, (w + 2 * self.pad - self.k) / self.stride + 1)
     }
 
     /// Keeps only the output units `units` (columns of the weight).
@@ -111,15 +97,7 @@ impl Conv {
             weight.extend(units.iter().map(|&u| self.weight[r * self.cout + u]));
         }
         let bias = units.iter().map(|&u| self.bias[u]).collect();
-        Conv {
-            k: self.k,
-            stride: self.stride,
-            pad: self.pad,
-            cin: self.cin,
-            cout: units.len(),
-            weight,
-            bias,
-        }
+        Conv { k: self.k, stride: self.stride, pad: self.pad, cin: self.cin, cout: units.len(), weight, bias }
     }
 
     /// Keeps only the input channels `channels` (rows of the weight); the input then holds only those.
@@ -132,15 +110,7 @@ impl Conv {
             }
         }
         let (k, stride, pad, cout) = (self.k, self.stride, self.pad, self.cout);
-        Conv {
-            k,
-            stride,
-            pad,
-            cin: channels.len(),
-            cout,
-            weight,
-            bias: self.bias.clone(),
-        }
+        Conv { k, stride, pad, cin: channels.len(), cout, weight, bias: self.bias.clone() }
     }
 
     /// Multiply-accumulates per output position.
@@ -238,8 +208,7 @@ pub fn run_jobs(jobs: &[Job<'_>], outputs: &mut [Vec<f32>]) {
     tasks.into_par_iter().for_each(|(job, t, chunk)| {
         let start = t * TILE;
         let end = start + chunk.len() / job.conv.cout;
-        job.conv
-            .tile(job.input, job.h, job.w, job.positions.slice(start, end), chunk);
+        job.conv.tile(job.input, job.h, job.w, job.positions.slice(start, end), chunk);
     });
 }
 
@@ -289,9 +258,7 @@ mod tests {
     }
 
     fn pseudo(n: usize, seed: u32) -> Vec<f32> {
-        (0..n)
-            .map(|i| (((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
-            .collect()
+        (0..n).map(|i| (((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 1000) as f32 / 500.0 - 1.0).collect()
     }
 
     #[test]
@@ -303,13 +270,7 @@ mod tests {
             let input = pseudo(h * w * cin, 7);
             let (ho, wo) = conv.out_size(h, w);
             let mut out = vec![vec![0.0; ho * wo * cout]];
-            let job = Job {
-                conv: &conv,
-                input: &input,
-                h,
-                w,
-                positions: Positions::all(ho, wo),
-            };
+            let job = Job { conv: &conv, input: &input, h, w, positions: Positions::all(ho, wo) };
             run_jobs(&[job], &mut out);
             let reference = direct(&conv, &input, h, w);
             for (a, b) in out[0].iter().zip(&reference) {
@@ -318,16 +279,7 @@ mod tests {
             // A list of positions gives the same rows.
             let list: Vec<u32> = (0..(ho * wo) as u32).rev().step_by(3).collect();
             let mut rows = vec![vec![0.0; list.len() * cout]];
-            run_jobs(
-                &[Job {
-                    conv: &conv,
-                    input: &input,
-                    h,
-                    w,
-                    positions: Positions::List(&list),
-                }],
-                &mut rows,
-            );
+            run_jobs(&[Job { conv: &conv, input: &input, h, w, positions: Positions::List(&list) }], &mut rows);
             for (i, &p) in list.iter().enumerate() {
                 let p = p as usize;
                 assert_eq!(&rows[0][i * cout..(i + 1) * cout], &out[0][p * cout..(p + 1) * cout]);

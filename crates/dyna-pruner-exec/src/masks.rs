@@ -58,16 +58,7 @@ impl MaskGenerator {
         }
         let conv = |conv: &Conv, input: &[f32], act: bool| {
             let mut out = vec![vec![0.0; hp * wp * conv.cout]];
-            run_jobs(
-                &[Job {
-                    conv,
-                    input,
-                    h: hp,
-                    w: wp,
-                    positions: Positions::all(hp, wp),
-                }],
-                &mut out,
-            );
+            run_jobs(&[Job { conv, input, h: hp, w: wp, positions: Positions::all(hp, wp) }], &mut out);
             let mut out = out.pop().expect("one job");
             if act {
                 gelu(&mut out);
@@ -115,10 +106,7 @@ impl UnitGate {
         z[self.cin] = mass / pixels as f32;
         let mut logits = self.bias.clone();
         for (i, zi) in z.iter().enumerate() {
-            for (l, wv) in logits
-                .iter_mut()
-                .zip(&self.weight[i * self.units..(i + 1) * self.units])
-            {
+            for (l, wv) in logits.iter_mut().zip(&self.weight[i * self.units..(i + 1) * self.units]) {
                 *l += zi * wv;
             }
         }

@@ -178,14 +178,9 @@ impl RunConfig {
             detail: e.to_string(),
         })?;
         config.validate().map_err(|e| match e {
-            Error::Config {
-                field, value, expected, ..
-            } => Error::Config {
-                file: Some(path.to_path_buf()),
-                field,
-                value,
-                expected,
-            },
+            Error::Config { field, value, expected, .. } => {
+                Error::Config { file: Some(path.to_path_buf()), field, value, expected }
+            }
             other => other,
         })
     }
@@ -234,33 +229,16 @@ impl RunConfig {
             let date = |s: &str| {
                 parse_date(s)
                     .map(|(y, mo, da)| (y * 10_000 + mo * 100 + da) as u32)
-                    .ok_or_else(|| {
-                        bad(
-                            field,
-                            format!("{from:?}..{to:?}"),
-                            "two dates YYYY-MM-DD, from before to",
-                        )
-                    })
+                    .ok_or_else(|| bad(field, format!("{from:?}..{to:?}"), "two dates YYYY-MM-DD, from before to"))
             };
-            let r = DateRange {
-                from: date(from)?,
-                to: date(to)?,
-            };
+            let r = DateRange { from: date(from)?, to: date(to)? };
             if r.from < r.to {
                 Ok(r)
             } else {
-                Err(bad(
-                    field,
-                    format!("{from:?}..{to:?}"),
-                    "two dates YYYY-MM-DD, from before to",
-                ))
+                Err(bad(field, format!("{from:?}..{to:?}"), "two dates YYYY-MM-DD, from before to"))
             }
         };
-        let ranges = [
-            range("data.train", &d.train)?,
-            range("data.val", &d.val)?,
-            range("data.test", &d.test)?,
-        ];
+        let ranges = [range("data.train", &d.train)?, range("data.val", &d.val)?, range("data.test", &d.test)?];
         in_range("model.hidden", m.hidden, 1, 1024)?;
         in_range("model.units", m.units, 1, 4096)?;
         in_range("model.blocks", m.blocks, 1, 64)?;
@@ -268,11 +246,7 @@ impl RunConfig {
         in_range("model.patch", m.patch, 1, 256)?;
         in_range("model.generator_width", m.generator_width, 1, 256)?;
         if m.patch % m.stride != 0 {
-            return Err(bad(
-                "model.patch",
-                m.patch.to_string(),
-                &format!("a multiple of model.stride = {}", m.stride),
-            ));
+            return Err(bad("model.patch", m.patch.to_string(), &format!("a multiple of model.stride = {}", m.stride)));
         }
         fraction("method.data_keep", me.data_keep)?;
         fraction("method.unit_keep", me.unit_keep)?;
@@ -304,11 +278,7 @@ mod tests {
         let msg = cfg.validate().unwrap_err().to_string();
         assert!(msg.contains("method.unit_keep") && msg.contains("(0, 1]"), "{msg}");
         let cfg: RunConfig = toml::from_str("[model]\npatch = 3\nstride = 2\n").unwrap();
-        assert!(cfg
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("multiple of model.stride"));
+        assert!(cfg.validate().unwrap_err().to_string().contains("multiple of model.stride"));
         let cfg: RunConfig = toml::from_str("[data]\ntrain = [\"2013-02-30\", \"2014-01-01\"]\n").unwrap();
         assert!(cfg.validate().unwrap_err().to_string().contains("data.train"));
     }

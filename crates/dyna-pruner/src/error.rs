@@ -14,47 +14,22 @@ pub enum Error {
     },
     /// The file exists but is not in the expected container format.
     #[error("{path} is not a valid {format} file: {detail}")]
-    Format {
-        path: PathBuf,
-        format: &'static str,
-        detail: String,
-    },
+    Format { path: PathBuf, format: &'static str, detail: String },
     /// A dataset/array the format requires is absent.
     #[error("{path} has no dataset `{field}` ({expected})")]
-    MissingField {
-        path: PathBuf,
-        field: String,
-        expected: String,
-    },
+    MissingField { path: PathBuf, field: String, expected: String },
     /// A dataset has the wrong shape or type.
     #[error("{path}: field `{field}` {detail}")]
-    BadField {
-        path: PathBuf,
-        field: String,
-        detail: String,
-    },
+    BadField { path: PathBuf, field: String, detail: String },
     /// Values that cannot be used (NaN, infinities, negative counts, unparsable dates...).
     #[error("{path}: field `{field}` has invalid values: {detail}")]
-    BadValues {
-        path: PathBuf,
-        field: String,
-        detail: String,
-    },
+    BadValues { path: PathBuf, field: String, detail: String },
     /// No input/output window fits in the data under the requested split.
     #[error("no windows of {window} consecutive slots in {what}: {detail}")]
-    NoWindows {
-        what: String,
-        window: usize,
-        detail: String,
-    },
+    NoWindows { what: String, window: usize, detail: String },
     /// An invalid configuration value.
     #[error("invalid config{}: `{field}` = {value}; expected {expected}", file.as_ref().map(|f| format!(" {}", f.display())).unwrap_or_default())]
-    Config {
-        file: Option<PathBuf>,
-        field: String,
-        value: String,
-        expected: String,
-    },
+    Config { file: Option<PathBuf>, field: String, value: String, expected: String },
     /// Tensors of incompatible shapes reached an op.
     #[error("shape mismatch in {op}: {detail}")]
     Shape { op: &'static str, detail: String },
@@ -68,9 +43,6 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.into(),
-            source,
-        }
+        Error::Io { path: path.into(), source }
     }
 }

@@ -77,14 +77,7 @@ pub fn sample_costs<B: Backend>(
 ) -> Vec<SampleCost> {
     if fractions.is_empty() {
         let dense = mac_model.dense() as f64;
-        return vec![
-            SampleCost {
-                macs: dense,
-                kept_patch_fraction: 1.0,
-                kept_unit_fraction: 1.0
-            };
-            batch
-        ];
+        return vec![SampleCost { macs: dense, kept_patch_fraction: 1.0, kept_unit_fraction: 1.0 }; batch];
     }
     let per_layer: Vec<(Vec<f32>, Vec<f32>)> = fractions
         .iter()

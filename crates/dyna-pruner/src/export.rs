@@ -16,10 +16,7 @@ use crate::model::{Architecture, DynamicModel};
 fn put<B: Backend, const D: usize>(t: &mut Tensors, name: &str, p: &Param<Tensor<B, D>>) {
     let v = p.val();
     let shape = v.dims().to_vec();
-    t.insert(
-        name.to_string(),
-        (shape, v.into_data().convert::<f32>().to_vec().expect("f32 weights")),
-    );
+    t.insert(name.to_string(), (shape, v.into_data().convert::<f32>().to_vec().expect("f32 weights")));
 }
 
 fn conv<B: Backend>(t: &mut Tensors, name: &str, c: &burn::nn::conv::Conv2d<B>) {
@@ -48,11 +45,7 @@ pub fn export<B: Backend>(model: &DynamicModel<B>, arch: &Architecture, masking:
     conv(&mut t, "generator.head", &g.head);
     for (l, gate) in model.unit_gates.iter().enumerate() {
         put(&mut t, &format!("gates.{l}.weight"), &gate.linear.weight);
-        put(
-            &mut t,
-            &format!("gates.{l}.bias"),
-            gate.linear.bias.as_ref().expect("bias"),
-        );
+        put(&mut t, &format!("gates.{l}.bias"), gate.linear.bias.as_ref().expect("bias"));
     }
     let spec = CnnSpec {
         t_in: arch.t_in,
@@ -81,10 +74,8 @@ pub fn executor<B: Backend>(model: &DynamicModel<B>, arch: &Architecture, maskin
 /// Writes the executor file for `model`.
 pub fn write<B: Backend>(path: &Path, model: &DynamicModel<B>, arch: &Architecture, masking: Masking) -> Result<()> {
     let (spec, tensors) = export(model, arch, masking);
-    dyna_pruner_exec::format::save(path, &spec, &tensors).map_err(|e| Error::Checkpoint {
-        path: path.to_path_buf(),
-        detail: e.to_string(),
-    })
+    dyna_pruner_exec::format::save(path, &spec, &tensors)
+        .map_err(|e| Error::Checkpoint { path: path.to_path_buf(), detail: e.to_string() })
 }
 
 #[cfg(test)]
@@ -120,10 +111,8 @@ mod tests {
     fn input(rng: &mut StdRng, arch: &Architecture, batch: usize, h: usize, w: usize) -> (Vec<f32>, Tensor<B, 5>) {
         let n = batch * arch.t_in * arch.channels * h * w;
         let x: Vec<f32> = (0..n).map(|_| rng.random_range(0.0..1.0)).collect();
-        let t = Tensor::from_data(
-            TensorData::new(x.clone(), [batch, arch.t_in, arch.channels, h, w]),
-            &Default::default(),
-        );
+        let t =
+            Tensor::from_data(TensorData::new(x.clone(), [batch, arch.t_in, arch.channels, h, w]), &Default::default());
         (x, t)
     }
 
@@ -153,11 +142,7 @@ mod tests {
             let arch = random_arch(&mut rng);
             let model = arch.init::<B>(&Default::default());
             let exec = executor(&model, &arch, Masking::DENSE);
-            let (batch, h, w) = (
-                rng.random_range(1..=3),
-                rng.random_range(5..=17),
-                rng.random_range(5..=17),
-            );
+            let (batch, h, w) = (rng.random_range(1..=3), rng.random_range(5..=17), rng.random_range(5..=17));
             let (x, xt) = input(&mut rng, &arch, batch, h, w);
             let n = h.div_ceil(arch.patch) * w.div_ceil(arch.patch);
             let masks: Vec<SampleMasks> = (0..batch)
@@ -178,61 +163,30 @@ mod tests {
                 .collect();
             let out = exec.forward(&x, batch, h, w, MaskPlan::Given(&masks)).unwrap();
             let want = reference(&model, &arch, xt, &masks, h, w);
-            assert_close(
-                &out.prediction,
-                &want,
-                &format!("case {case}: {arch:?} batch {batch} {h}x{w}"),
-            );
+            assert_close(&out.prediction, &want, &format!("case {case}: {arch:?} batch {batch} {h}x{w}"));
         }
     }
 
     #[test]
     fn all_ones_masks_equal_the_dense_forward_and_one_patch_one_unit_works() {
         let mut rng = StdRng::seed_from_u64(7);
-        let arch = Architecture {
-            stride: 2,
-            patch: 4,
-            ..random_arch(&mut rng)
-        };
+        let arch = Architecture { stride: 2, patch: 4, ..random_arch(&mut rng) };
         let model = arch.init::<B>(&Default::default());
         let exec = executor(&model, &arch, Masking::DENSE);
         let (batch, h, w) = (2, 13, 10);
         let (x, xt) = input(&mut rng, &arch, batch, h, w);
         let dense = exec.forward(&x, batch, h, w, MaskPlan::Dense).unwrap();
-        let burn_dense: Vec<f32> = model
-            .forward(xt.clone(), Masking::DENSE)
-            .prediction
-            .into_data()
-            .to_vec()
-            .unwrap();
+        let burn_dense: Vec<f32> = model.forward(xt.clone(), Masking::DENSE).prediction.into_data().to_vec().unwrap();
         assert_close(&dense.prediction, &burn_dense, "dense");
         let n = h.div_ceil(4) * w.div_ceil(4);
-        let all = vec![
-            SampleMasks {
-                patches: (0..n).collect(),
-                units: vec![(0..arch.units).collect(); arch.blocks]
-            };
-            batch
-        ];
+        let all =
+            vec![SampleMasks { patches: (0..n).collect(), units: vec![(0..arch.units).collect(); arch.blocks] }; batch];
         let ones = exec.forward(&x, batch, h, w, MaskPlan::Given(&all)).unwrap();
-        assert_eq!(
-            ones.prediction, dense.prediction,
-            "all-ones masks must reproduce the dense path exactly"
-        );
+        assert_eq!(ones.prediction, dense.prediction, "all-ones masks must reproduce the dense path exactly");
         assert_eq!(ones.macs, dense.macs);
-        let one = vec![
-            SampleMasks {
-                patches: vec![n - 1],
-                units: vec![vec![0]; arch.blocks]
-            };
-            batch
-        ];
+        let one = vec![SampleMasks { patches: vec![n - 1], units: vec![vec![0]; arch.blocks] }; batch];
         let out = exec.forward(&x, batch, h, w, MaskPlan::Given(&one)).unwrap();
-        assert_close(
-            &out.prediction,
-            &reference(&model, &arch, xt, &one, h, w),
-            "one patch, one unit",
-        );
+        assert_close(&out.prediction, &reference(&model, &arch, xt, &one, h, w), "one patch, one unit");
         assert!(out.macs[0] < dense.macs[0]);
     }
 
@@ -242,11 +196,7 @@ mod tests {
         for case in 0..4 {
             let arch = random_arch(&mut rng);
             let model = arch.init::<B>(&Default::default());
-            let masking = Masking {
-                mode: MaskMode::Both,
-                data_keep: 0.5,
-                unit_keep: 0.4,
-            };
+            let masking = Masking { mode: MaskMode::Both, data_keep: 0.5, unit_keep: 0.4 };
             let exec = executor(&model, &arch, masking);
             let (batch, h, w) = (3, rng.random_range(6..=16), rng.random_range(6..=16));
             let (x, xt) = input(&mut rng, &arch, batch, h, w);
@@ -269,11 +219,7 @@ mod tests {
             // MACs executed equal the analytical count from the hard fractions.
             let costs = crate::eval::sample_costs(&model.mac_model(h, w), &fwd.fractions, batch);
             for (got, c) in out.macs.iter().zip(&costs) {
-                assert!(
-                    (*got as f64 - c.macs).abs() <= 1e-6 * c.macs,
-                    "case {case}: {got} vs {}",
-                    c.macs
-                );
+                assert!((*got as f64 - c.macs).abs() <= 1e-6 * c.macs, "case {case}: {got} vs {}", c.macs);
             }
         }
     }

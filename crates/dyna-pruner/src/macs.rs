@@ -55,11 +55,7 @@ mod tests {
 
     #[test]
     fn dynamic_scales_prunable_layers_only() {
-        let m = MacModel {
-            backbone_fixed: 100,
-            layers: vec![400, 400],
-            method: 10,
-        };
+        let m = MacModel { backbone_fixed: 100, layers: vec![400, 400], method: 10 };
         assert_eq!(m.dense(), 900);
         assert_eq!(m.dynamic(&[(1.0, 1.0), (1.0, 1.0)]), 910.0);
         assert_eq!(m.dynamic(&[(0.5, 0.5), (1.0, 0.25)]), 310.0);

@@ -17,10 +17,7 @@ pub struct CrowdMetrics {
 
 impl CrowdMetrics {
     pub fn new(pixels_per_frame: usize) -> Self {
-        CrowdMetrics {
-            pixels_per_frame: pixels_per_frame as u64,
-            ..Default::default()
-        }
+        CrowdMetrics { pixels_per_frame: pixels_per_frame as u64, ..Default::default() }
     }
 
     /// Adds scaled predictions and targets of equal length, a whole number of frames.
@@ -41,10 +38,7 @@ impl CrowdMetrics {
         BTreeMap::from([
             ("mse".to_string(), self.sum_sq / frames),
             ("mae".to_string(), self.sum_abs / frames),
-            (
-                "rmse".to_string(),
-                (self.sum_sq / pixels).sqrt() * scaler.range() as f64,
-            ),
+            ("rmse".to_string(), (self.sum_sq / pixels).sqrt() * scaler.range() as f64),
         ])
     }
 }

@@ -81,12 +81,7 @@ impl<B: Backend> DynamicModel<B> {
     pub fn forward(&self, x: Tensor<B, 5>, masking: Masking) -> Forward<B> {
         if masking.mode == crate::method::MaskMode::Dense {
             let prediction = self.backbone.forward(x, &mut NoMasks);
-            return Forward {
-                prediction,
-                importance: None,
-                fractions: Vec::new(),
-                data_mask: None,
-            };
+            return Forward { prediction, importance: None, fractions: Vec::new(), data_mask: None };
         }
         let importance = self.mask_generator.forward(x.clone());
         let mut masks = DynamicMasks::new(importance, &self.unit_gates, masking, self.patch);
@@ -159,17 +154,11 @@ mod tests {
             let model = arch(patch, stride).init::<CpuBackend>(&device);
             let x = input::<CpuBackend>(3, h, w, &device);
             let dense = model.forward(x.clone(), Masking::DENSE).prediction;
-            let ones = Masking {
-                mode: MaskMode::Both,
-                data_keep: 1.0,
-                unit_keep: 1.0,
-            };
+            let ones = Masking { mode: MaskMode::Both, data_keep: 1.0, unit_keep: 1.0 };
             let masked = model.forward(x, ones).prediction;
             assert_eq!(dense.dims(), [3, 2, 2, h, w]);
-            let (a, b): (Vec<f32>, Vec<f32>) = (
-                dense.into_data().to_vec().unwrap(),
-                masked.into_data().to_vec().unwrap(),
-            );
+            let (a, b): (Vec<f32>, Vec<f32>) =
+                (dense.into_data().to_vec().unwrap(), masked.into_data().to_vec().unwrap());
             assert_eq!(a, b, "patch {patch} stride {stride} {h}x{w}");
         }
     }
@@ -179,11 +168,7 @@ mod tests {
         let device = Default::default();
         // 16x8 frame, patch 2, stride 2: 8x4 = 32 patches, each one feature pixel.
         let model = arch(2, 2).init::<CpuBackend>(&device);
-        let masking = Masking {
-            mode: MaskMode::Both,
-            data_keep: 0.25,
-            unit_keep: 0.5,
-        };
+        let masking = Masking { mode: MaskMode::Both, data_keep: 0.25, unit_keep: 0.5 };
         let out = model.forward(input::<CpuBackend>(4, 16, 8, &device), masking);
         assert_eq!(out.fractions.len(), 2);
         for f in &out.fractions {
@@ -198,25 +183,12 @@ mod tests {
     fn gradient_reaches_the_mask_generator_and_gates() {
         let device = Default::default();
         let model = arch(2, 2).init::<TrainBackend>(&device);
-        let masking = Masking {
-            mode: MaskMode::Both,
-            data_keep: 0.5,
-            unit_keep: 0.5,
-        };
+        let masking = Masking { mode: MaskMode::Both, data_keep: 0.5, unit_keep: 0.5 };
         let out = model.forward(input::<TrainBackend>(2, 8, 8, &device), masking);
         let grads = out.prediction.powi_scalar(2).mean().backward();
-        let g = model
-            .mask_generator
-            .head
-            .weight
-            .grad(&grads)
-            .expect("mask generator gets a gradient");
+        let g = model.mask_generator.head.weight.grad(&grads).expect("mask generator gets a gradient");
         assert!(g.abs().sum().into_scalar() > 0.0);
-        let g = model.unit_gates[0]
-            .linear
-            .weight
-            .grad(&grads)
-            .expect("unit gate gets a gradient");
+        let g = model.unit_gates[0].linear.weight.grad(&grads).expect("unit gate gets a gradient");
         assert!(g.abs().sum().into_scalar() > 0.0);
     }
 
@@ -225,11 +197,7 @@ mod tests {
         let device = Default::default();
         let model = arch(4, 2).init::<CpuBackend>(&device);
         let x = input::<CpuBackend>(1, 16, 16, &device);
-        let one = Masking {
-            mode: MaskMode::Both,
-            data_keep: 1e-3,
-            unit_keep: 1e-3,
-        };
+        let one = Masking { mode: MaskMode::Both, data_keep: 1e-3, unit_keep: 1e-3 };
         let out = model.forward(x, one);
         let s: Vec<f32> = out.fractions[0].hard.0.clone().into_data().to_vec().unwrap();
         let u: Vec<f32> = out.fractions[0].hard.1.clone().into_data().to_vec().unwrap();

@@ -137,22 +137,13 @@ impl<B: Backend> SpatioTemporal<B> for Cnn<B> {
                 z = z.slice([0..b, 0..self.hidden, 0..h, 0..w]);
             }
         }
-        let delta = self
-            .dec_out
-            .forward(z + skip)
-            .reshape([b, self.t_out, self.channels, h, w]);
-        let base = last
-            .reshape([b, 1, self.channels, h, w])
-            .expand([b, self.t_out, self.channels, h, w]);
+        let delta = self.dec_out.forward(z + skip).reshape([b, self.t_out, self.channels, h, w]);
+        let base = last.reshape([b, 1, self.channels, h, w]).expand([b, self.t_out, self.channels, h, w]);
         base + delta
     }
 
     fn prunable_layers(&self) -> Vec<PrunableLayer> {
-        let layer = PrunableLayer {
-            in_channels: self.hidden,
-            units: self.units,
-            stride: self.stride,
-        };
+        let layer = PrunableLayer { in_channels: self.hidden, units: self.units, stride: self.stride };
         vec![layer; self.blocks.len()]
     }
 
@@ -181,12 +172,8 @@ mod tests {
     fn pruned_positions_take_the_identity_path() {
         let device = Default::default();
         let block = MaskedBlock::<CpuBackend> {
-            conv1: Conv2dConfig::new([4, 6], [3, 3])
-                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
-                .init(&device),
-            conv2: Conv2dConfig::new([6, 4], [3, 3])
-                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
-                .init(&device),
+            conv1: Conv2dConfig::new([4, 6], [3, 3]).with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1)).init(&device),
+            conv2: Conv2dConfig::new([6, 4], [3, 3]).with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1)).init(&device),
         };
         let x: Tensor<CpuBackend, 4> = Tensor::random([1, 4, 5, 5], Distribution::Uniform(-1.0, 1.0), &device);
         let mut m = vec![0.0f32; 25];

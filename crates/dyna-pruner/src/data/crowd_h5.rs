@@ -31,12 +31,7 @@ pub fn read(path: &Path, format: SlotFormat) -> Result<FrameSeries> {
     let values = hdf5::read_as_f32(&data, path, "data")?;
     check_counts(&values, path, "data", [c, h, w])?;
 
-    let date = hdf5::dataset(
-        &file,
-        path,
-        "date",
-        "one YYYYMMDDHH or YYYYMMDDSS stamp per row of `data`",
-    )?;
+    let date = hdf5::dataset(&file, path, "date", "one YYYYMMDDHH or YYYYMMDDSS stamp per row of `data`")?;
     let raw = hdf5::read_as_strings(&date, path, "date")?;
     if raw.len() != t {
         return Err(Error::BadField {
@@ -59,11 +54,7 @@ pub(crate) fn check_counts(values: &[f32], path: &Path, field: &str, [c, h, w]: 
     if let Some(i) = values.iter().position(|v| !v.is_finite() || *v < 0.0) {
         let frame = c * h * w;
         let (t, r) = (i / frame, i % frame);
-        let what = if values[i].is_finite() {
-            "a negative value (no-data code?)"
-        } else {
-            "a non-finite value"
-        };
+        let what = if values[i].is_finite() { "a negative value (no-data code?)" } else { "a non-finite value" };
         return Err(Error::BadValues {
             path: path.to_path_buf(),
             field: field.into(),
@@ -83,18 +74,11 @@ pub(crate) fn check_counts(values: &[f32], path: &Path, field: &str, [c, h, w]: 
 /// e.g. to turn synthetic data into a file the readers and the CLI accept.
 pub fn write(path: &Path, series: &FrameSeries) -> Result<()> {
     use hdf5_writer::{DatasetBuilder, Hdf5Builder, Hdf5Writer, WriteOptions};
-    let fail = |e: hdf5_writer::Error| Error::Format {
-        path: path.to_path_buf(),
-        format: "HDF5",
-        detail: e.to_string(),
-    };
+    let fail =
+        |e: hdf5_writer::Error| Error::Format { path: path.to_path_buf(), format: "HDF5", detail: e.to_string() };
     let t = series.len() as u64;
     let values: Vec<f64> = series.values.iter().map(|&v| v as f64).collect();
-    let dates: Vec<String> = series
-        .stamps
-        .iter()
-        .map(|s| format!("{}{:02}", s.date, s.slot.rem_euclid(24)))
-        .collect();
+    let dates: Vec<String> = series.stamps.iter().map(|s| format!("{}{:02}", s.date, s.slot.rem_euclid(24))).collect();
     let shape = vec![t, series.channels as u64, series.height as u64, series.width as u64];
     let plan = Hdf5Builder::new()
         .dataset(DatasetBuilder::typed_data("data", shape, &values).map_err(fail)?)
@@ -102,9 +86,7 @@ pub fn write(path: &Path, series: &FrameSeries) -> Result<()> {
         .into_plan()
         .map_err(fail)?;
     let file = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
-    Hdf5Writer::new(file, WriteOptions::default())
-        .finish(plan)
-        .map_err(fail)?;
+    Hdf5Writer::new(file, WriteOptions::default()).finish(plan).map_err(fail)?;
     Ok(())
 }
 
@@ -153,14 +135,9 @@ mod tests {
             .dataset(DatasetBuilder::fixed_string_data("date", vec![1], &["2010010100"]).unwrap())
             .into_plan()
             .unwrap();
-        Hdf5Writer::new(std::fs::File::create(&path).unwrap(), WriteOptions::default())
-            .finish(plan)
-            .unwrap();
+        Hdf5Writer::new(std::fs::File::create(&path).unwrap(), WriteOptions::default()).finish(plan).unwrap();
         let err = read(&path, SlotFormat::Auto).unwrap_err();
-        assert!(
-            matches!(&err, Error::MissingField { field, .. } if field == "data"),
-            "{err}"
-        );
+        assert!(matches!(&err, Error::MissingField { field, .. } if field == "data"), "{err}");
     }
 
     #[test]
@@ -172,10 +149,7 @@ mod tests {
         write(&path, &s).unwrap();
         let err = read(&path, SlotFormat::Auto).unwrap_err();
         let msg = err.to_string();
-        assert!(
-            matches!(err, Error::BadValues { .. }) && msg.contains("[5, 0, 2, 1]"),
-            "{msg}"
-        );
+        assert!(matches!(err, Error::BadValues { .. }) && msg.contains("[5, 0, 2, 1]"), "{msg}");
     }
 
     #[test]
@@ -184,10 +158,7 @@ mod tests {
         s.values[3] = -1.0;
         let path = temp("neg.h5");
         write(&path, &s).unwrap();
-        assert!(read(&path, SlotFormat::Auto)
-            .unwrap_err()
-            .to_string()
-            .contains("no-data"));
+        assert!(read(&path, SlotFormat::Auto).unwrap_err().to_string().contains("no-data"));
     }
 
     #[test]

@@ -12,11 +12,7 @@ pub fn open(path: &Path) -> Result<Hdf5File> {
     if let Err(source) = std::fs::metadata(path) {
         return Err(Error::io(path, source));
     }
-    Hdf5File::open(path).map_err(|e| Error::Format {
-        path: path.to_path_buf(),
-        format: "HDF5",
-        detail: e.to_string(),
-    })
+    Hdf5File::open(path).map_err(|e| Error::Format { path: path.to_path_buf(), format: "HDF5", detail: e.to_string() })
 }
 
 /// Looks up a dataset, naming what was expected when it is absent.
@@ -29,11 +25,7 @@ pub fn dataset(file: &Hdf5File, path: &Path, field: &str, expected: &str) -> Res
 }
 
 fn bad_read(path: &Path, field: &str, e: impl std::fmt::Display) -> Error {
-    Error::BadField {
-        path: path.to_path_buf(),
-        field: field.to_string(),
-        detail: format!("could not be read: {e}"),
-    }
+    Error::BadField { path: path.to_path_buf(), field: field.to_string(), detail: format!("could not be read: {e}") }
 }
 
 fn read_typed<T: hdf5_reader::H5Type + Copy + Default>(
@@ -99,27 +91,16 @@ macro_rules! read_numeric_as {
 }
 
 read_numeric_as!(read_as_f32, f32, "Reads any numeric dataset as `f32` (row-major).");
-read_numeric_as!(
-    read_as_f64,
-    f64,
-    "Reads any numeric dataset as `f64` (row-major; exact for integers below 2^53)."
-);
+read_numeric_as!(read_as_f64, f64, "Reads any numeric dataset as `f64` (row-major; exact for integers below 2^53).");
 
 /// Reads a string dataset (fixed or variable length), or an integer dataset rendered as decimal
 /// strings (some tools store `YYYYMMDDHH` dates as integers).
 pub fn read_as_strings(ds: &hdf5_reader::Dataset, path: &Path, field: &str) -> Result<Vec<String>> {
     match ds.dtype() {
-        Datatype::FixedPoint { .. } => Ok(read_as_f64(ds, path, field)?
-            .iter()
-            .map(|v| format!("{v:.0}"))
-            .collect()),
+        Datatype::FixedPoint { .. } => Ok(read_as_f64(ds, path, field)?.iter().map(|v| format!("{v:.0}")).collect()),
         _ => ds
             .read_strings()
-            .map(|v| {
-                v.into_iter()
-                    .map(|s| s.trim_end_matches('\0').trim().to_string())
-                    .collect()
-            })
+            .map(|v| v.into_iter().map(|s| s.trim_end_matches('\0').trim().to_string()).collect())
             .map_err(|e| bad_read(path, field, e)),
     }
 }

@@ -81,10 +81,7 @@ pub fn load(paths: &[PathBuf], format: SlotFormat) -> Result<Source> {
         }
         parts.push(crowd_h5::read(p, format)?);
     }
-    let grids: Vec<String> = parts
-        .iter()
-        .map(|p| format!("{}x{}x{}", p.channels, p.height, p.width))
-        .collect();
+    let grids: Vec<String> = parts.iter().map(|p| format!("{}x{}x{}", p.channels, p.height, p.width)).collect();
     let series = FrameSeries::merge(parts).ok_or_else(|| Error::BadField {
         path: first.clone(),
         field: "data".into(),
@@ -94,11 +91,7 @@ pub fn load(paths: &[PathBuf], format: SlotFormat) -> Result<Source> {
 }
 
 fn describe(paths: &[PathBuf]) -> String {
-    paths
-        .iter()
-        .map(|p| p.display().to_string())
-        .collect::<Vec<_>>()
-        .join(", ")
+    paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
 }
 
 impl Source {
@@ -137,10 +130,7 @@ impl Source {
                     return Err(Error::NoWindows {
                         what: describe(paths),
                         window: t_in + t_out,
-                        detail: format!(
-                            "X_train has {} windows, too few to keep some for validation",
-                            train.len()
-                        ),
+                        detail: format!("X_train has {} windows, too few to keep some for validation", train.len()),
                     });
                 }
                 let idx: Vec<usize> = (0..train.len()).collect();
@@ -164,11 +154,7 @@ fn windows_in(
 ) -> Result<WindowSet> {
     let starts = s.window_starts(t_in + t_out, range);
     if starts.is_empty() {
-        let inside = s
-            .stamps
-            .iter()
-            .filter(|st| range.is_none_or(|r| r.contains(st.date)))
-            .count();
+        let inside = s.stamps.iter().filter(|st| range.is_none_or(|r| r.contains(st.date))).count();
         return Err(Error::NoWindows {
             what: format!("{range_name} of {}", describe(paths)),
             window: t_in + t_out,
@@ -191,10 +177,7 @@ fn check_lengths(w: &WindowSet, t_in: usize, t_out: usize, paths: &[PathBuf]) ->
         return Err(Error::BadField {
             path: paths[0].clone(),
             field: "X_train/Y_train".into(),
-            detail: format!(
-                "hold {} -> {} frame windows; the config asks for {t_in} -> {t_out}",
-                w.t_in, w.t_out
-            ),
+            detail: format!("hold {} -> {} frame windows; the config asks for {t_in} -> {t_out}", w.t_in, w.t_out),
         });
     }
     Ok(w.clone())

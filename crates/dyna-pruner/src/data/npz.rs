@@ -21,11 +21,7 @@ pub struct NpzWindows {
 }
 
 fn format_err(path: &Path, detail: impl Into<String>) -> Error {
-    Error::Format {
-        path: path.to_path_buf(),
-        format: "npz (zip of .npy)",
-        detail: detail.into(),
-    }
+    Error::Format { path: path.to_path_buf(), format: "npz (zip of .npy)", detail: detail.into() }
 }
 
 /// Reads the four arrays and checks that their shapes agree.
@@ -33,20 +29,14 @@ pub fn read(path: &Path) -> Result<NpzWindows> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let mut archive = zip::ZipArchive::new(file).map_err(|e| format_err(path, e.to_string()))?;
     let mut load = |name: &str| -> Result<NpyArray> {
-        let mut member = archive
-            .by_name(&format!("{name}.npy"))
-            .map_err(|_| Error::MissingField {
-                path: path.to_path_buf(),
-                field: name.into(),
-                expected: "an array [N, T, C, H, W] (OpenSTL dataset.npz)".into(),
-            })?;
-        let mut bytes = Vec::new();
-        member.read_to_end(&mut bytes).map_err(|e| Error::io(path, e))?;
-        parse_npy(&bytes).map_err(|detail| Error::BadField {
+        let mut member = archive.by_name(&format!("{name}.npy")).map_err(|_| Error::MissingField {
             path: path.to_path_buf(),
             field: name.into(),
-            detail,
-        })
+            expected: "an array [N, T, C, H, W] (OpenSTL dataset.npz)".into(),
+        })?;
+        let mut bytes = Vec::new();
+        member.read_to_end(&mut bytes).map_err(|e| Error::io(path, e))?;
+        parse_npy(&bytes).map_err(|detail| Error::BadField { path: path.to_path_buf(), field: name.into(), detail })
     };
     let (xtr, ytr, xte, yte) = (load("X_train")?, load("Y_train")?, load("X_test")?, load("Y_test")?);
     let train = pair(path, ("X_train", xtr), ("Y_train", ytr))?;
@@ -73,28 +63,13 @@ fn split_shape(shape: &[usize]) -> Option<(usize, usize, [usize; 3])> {
 }
 
 fn pair(path: &Path, (xn, x): (&str, NpyArray), (yn, y): (&str, NpyArray)) -> Result<WindowSet> {
-    let bad = |field: &str, detail: String| Error::BadField {
-        path: path.to_path_buf(),
-        field: field.into(),
-        detail,
-    };
-    let (n, t_in, chw) = split_shape(&x.shape).ok_or_else(|| {
-        bad(
-            xn,
-            format!("has shape {:?}; expected [N, T, C, H, W] or [N, T, H, W]", x.shape),
-        )
-    })?;
-    let (ny, t_out, chw_y) = split_shape(&y.shape).ok_or_else(|| {
-        bad(
-            yn,
-            format!("has shape {:?}; expected [N, T, C, H, W] or [N, T, H, W]", y.shape),
-        )
-    })?;
+    let bad = |field: &str, detail: String| Error::BadField { path: path.to_path_buf(), field: field.into(), detail };
+    let (n, t_in, chw) = split_shape(&x.shape)
+        .ok_or_else(|| bad(xn, format!("has shape {:?}; expected [N, T, C, H, W] or [N, T, H, W]", x.shape)))?;
+    let (ny, t_out, chw_y) = split_shape(&y.shape)
+        .ok_or_else(|| bad(yn, format!("has shape {:?}; expected [N, T, C, H, W] or [N, T, H, W]", y.shape)))?;
     if ny != n || chw_y != chw {
-        return Err(bad(
-            yn,
-            format!("has shape {:?}, which does not match {xn} {:?}", y.shape, x.shape),
-        ));
+        return Err(bad(yn, format!("has shape {:?}, which does not match {xn} {:?}", y.shape, x.shape)));
     }
     for (name, arr) in [(xn, &x), (yn, &y)] {
         if let Some(i) = arr.values.iter().position(|v| !v.is_finite()) {
@@ -115,10 +90,7 @@ fn parse_npy(bytes: &[u8]) -> std::result::Result<NpyArray, String> {
     }
     let (header_len, start) = match bytes[6] {
         1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
-        2 | 3 if bytes.len() >= 12 => (
-            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
-            12,
-        ),
+        2 | 3 if bytes.len() >= 12 => (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12),
         v => return Err(format!("has unsupported .npy version {v}")),
     };
     let header = bytes
@@ -126,9 +98,7 @@ fn parse_npy(bytes: &[u8]) -> std::result::Result<NpyArray, String> {
         .and_then(|h| std::str::from_utf8(h).ok())
         .ok_or("has a truncated .npy header")?;
     let field = |key: &str| -> std::result::Result<&str, String> {
-        let at = header
-            .find(&format!("'{key}'"))
-            .ok_or(format!("has no '{key}' in its .npy header"))?;
+        let at = header.find(&format!("'{key}'")).ok_or(format!("has no '{key}' in its .npy header"))?;
         Ok(header[at + key.len() + 2..].trim_start_matches([':', ' ']))
     };
     if field("fortran_order")?.starts_with("True") {
@@ -142,25 +112,16 @@ fn parse_npy(bytes: &[u8]) -> std::result::Result<NpyArray, String> {
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| {
-            s.parse::<usize>()
-                .map_err(|_| format!("has a malformed shape `({shape_text})`"))
-        })
+        .map(|s| s.parse::<usize>().map_err(|_| format!("has a malformed shape `({shape_text})`")))
         .collect::<std::result::Result<Vec<_>, _>>()?;
     let count: usize = shape.iter().product();
     let data = &bytes[start + header_len..];
     macro_rules! decode {
         ($t:ty, $n:expr) => {{
             if data.len() < count * $n {
-                return Err(format!(
-                    "is truncated: {} bytes for {count} values of {descr}",
-                    data.len()
-                ));
+                return Err(format!("is truncated: {} bytes for {count} values of {descr}", data.len()));
             }
-            data.chunks_exact($n)
-                .take(count)
-                .map(|c| <$t>::from_le_bytes(c.try_into().unwrap()) as f32)
-                .collect()
+            data.chunks_exact($n).take(count).map(|c| <$t>::from_le_bytes(c.try_into().unwrap()) as f32).collect()
         }};
     }
     let values: Vec<f32> = match descr {
@@ -176,42 +137,39 @@ fn parse_npy(bytes: &[u8]) -> std::result::Result<NpyArray, String> {
     Ok(NpyArray { shape, values })
 }
 
-#[cfg(test)]
-pub(crate) mod tests {
-    use super::*;
-
-    /// Writes a C-ordered little-endian f32 `.npy` buffer.
-    pub(crate) fn npy_f32(shape: &[usize], values: &[f32]) -> Vec<u8> {
-        let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-        let tuple = if dims.len() == 1 {
-            format!("({},)", dims[0])
-        } else {
-            format!("({})", dims.join(", "))
-        };
-        let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {tuple}, }}");
-        while (10 + header.len() + 1) % 64 != 0 {
-            header.push(' ');
-        }
-        header.push('\n');
-        let mut out = b"\x93NUMPY\x01\x00".to_vec();
-        out.extend((header.len() as u16).to_le_bytes());
-        out.extend(header.as_bytes());
-        for v in values {
-            out.extend(v.to_le_bytes());
-        }
-        out
+/// A C-ordered little-endian f32 `.npy` buffer (version 1.0) of `values` with `shape`.
+pub fn npy_bytes(shape: &[usize], values: &[f32]) -> Vec<u8> {
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    let tuple = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {tuple}, }}");
+    // Pad so that the data starts at a multiple of 64 bytes, as numpy writes it.
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
     }
+    header.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend((header.len() as u16).to_le_bytes());
+    out.extend(header.as_bytes());
+    for v in values {
+        out.extend(v.to_le_bytes());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
 
     #[test]
     fn parses_npy_header_and_values() {
-        let arr = parse_npy(&npy_f32(&[2, 3], &[1., 2., 3., 4., 5., 6.])).unwrap();
+        let arr = parse_npy(&npy_bytes(&[2, 3], &[1., 2., 3., 4., 5., 6.])).unwrap();
         assert_eq!(arr.shape, vec![2, 3]);
         assert_eq!(arr.values[5], 6.0);
     }
 
     #[test]
     fn rejects_truncated_npy() {
-        let mut b = npy_f32(&[2, 3], &[1., 2., 3., 4., 5., 6.]);
+        let mut b = npy_bytes(&[2, 3], &[1., 2., 3., 4., 5., 6.]);
         b.truncate(b.len() - 4);
         assert!(parse_npy(&b).unwrap_err().contains("truncated"));
     }

@@ -128,10 +128,7 @@ impl FrameSeries {
 #[derive(Debug, Clone)]
 enum WindowSource {
     /// Windows cut from a series at the given starts.
-    Series {
-        series: Arc<FrameSeries>,
-        starts: Vec<usize>,
-    },
+    Series { series: Arc<FrameSeries>, starts: Vec<usize> },
     /// Pre-cut windows (OpenSTL `dataset.npz`): `x` is `[N, T_in, C, H, W]`, `y` `[N, T_out, C, H, W]`.
     Pairs { x: Vec<f32>, y: Vec<f32>, n: usize },
 }
@@ -164,14 +161,7 @@ impl WindowSet {
         let [channels, height, width] = chw;
         debug_assert_eq!(x.len(), n * t_in * channels * height * width);
         debug_assert_eq!(y.len(), n * t_out * channels * height * width);
-        WindowSet {
-            t_in,
-            t_out,
-            channels,
-            height,
-            width,
-            source: WindowSource::Pairs { x, y, n },
-        }
+        WindowSet { t_in, t_out, channels, height, width, source: WindowSource::Pairs { x, y, n } }
     }
 
     pub fn len(&self) -> usize {
@@ -193,21 +183,14 @@ impl WindowSet {
     pub fn subset(&self, keep: &[usize]) -> WindowSet {
         let f = self.frame_len();
         let source = match &self.source {
-            WindowSource::Series { series, starts } => WindowSource::Series {
-                series: series.clone(),
-                starts: keep.iter().map(|&i| starts[i]).collect(),
-            },
+            WindowSource::Series { series, starts } => {
+                WindowSource::Series { series: series.clone(), starts: keep.iter().map(|&i| starts[i]).collect() }
+            }
             WindowSource::Pairs { x, y, .. } => {
                 let (xi, yi) = (self.t_in * f, self.t_out * f);
                 WindowSource::Pairs {
-                    x: keep
-                        .iter()
-                        .flat_map(|&i| x[i * xi..(i + 1) * xi].iter().copied())
-                        .collect(),
-                    y: keep
-                        .iter()
-                        .flat_map(|&i| y[i * yi..(i + 1) * yi].iter().copied())
-                        .collect(),
+                    x: keep.iter().flat_map(|&i| x[i * xi..(i + 1) * xi].iter().copied()).collect(),
+                    y: keep.iter().flat_map(|&i| y[i * yi..(i + 1) * yi].iter().copied()).collect(),
                     n: keep.len(),
                 }
             }
@@ -257,13 +240,7 @@ mod tests {
     use super::*;
 
     fn series(slots: &[i64]) -> FrameSeries {
-        let stamps = slots
-            .iter()
-            .map(|&s| Stamp {
-                date: 20100101 + (s / 24) as u32,
-                slot: s,
-            })
-            .collect();
+        let stamps = slots.iter().map(|&s| Stamp { date: 20100101 + (s / 24) as u32, slot: s }).collect();
         let values = slots.iter().map(|&s| s as f32).collect();
         FrameSeries::from_rows(1, 1, 1, values, stamps)
     }

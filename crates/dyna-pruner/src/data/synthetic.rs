@@ -43,10 +43,7 @@ pub fn crowd_series(height: usize, width: usize, days: usize, gap_every: usize, 
             }
         }
         let (y, m, d) = civil_from_days(base + day);
-        stamps.push(Stamp {
-            date: (y * 10_000 + m * 100 + d) as u32,
-            slot: (base + day) * 24 + (hour % 24) as i64,
-        });
+        stamps.push(Stamp { date: (y * 10_000 + m * 100 + d) as u32, slot: (base + day) * 24 + (hour % 24) as i64 });
     }
     FrameSeries::from_rows(2, height, width, values, stamps)
 }

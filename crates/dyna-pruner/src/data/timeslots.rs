@@ -112,10 +112,7 @@ pub fn parse_stamps(raw: &[String], format: SlotFormat) -> Result<(Vec<Stamp>, S
                     first + per_day - 1
                 ));
             }
-            Ok(Stamp {
-                date: (y * 10_000 + m * 100 + d) as Ymd,
-                slot: days_from_civil(y, m, d) * per_day + of_day,
-            })
+            Ok(Stamp { date: (y * 10_000 + m * 100 + d) as Ymd, slot: days_from_civil(y, m, d) * per_day + of_day })
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok((stamps, format))

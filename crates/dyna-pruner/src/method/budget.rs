@@ -62,9 +62,6 @@ mod tests {
         let off = budget_loss(20.0, &[80.0], &[(s.clone(), u)], 0.4);
         let grads = off.backward();
         let g: Vec<f32> = s.grad(&grads).unwrap().into_data().to_vec().unwrap();
-        assert!(
-            g.iter().all(|&v| v > 0.0),
-            "pushing the budget down must push S down: {g:?}"
-        );
+        assert!(g.iter().all(|&v| v > 0.0), "pushing the budget down must push S down: {g:?}");
     }
 }

@@ -38,11 +38,7 @@ impl MaskGeneratorConfig {
     pub fn init<B: Backend>(&self, device: &B::Device) -> MaskGenerator<B> {
         let conv = |i, o, k| {
             Conv2dConfig::new([i, o], [k, k])
-                .with_padding(if k == 3 {
-                    PaddingConfig2d::Explicit(1, 1, 1, 1)
-                } else {
-                    PaddingConfig2d::Valid
-                })
+                .with_padding(if k == 3 { PaddingConfig2d::Explicit(1, 1, 1, 1) } else { PaddingConfig2d::Valid })
                 .init(device)
         };
         MaskGenerator {
@@ -70,21 +66,11 @@ impl<B: Backend> MaskGenerator<B> {
     pub fn forward(&self, x: Tensor<B, 5>) -> Tensor<B, 3> {
         let [b, t, c, h, w] = x.dims();
         let last = x.clone().narrow(1, t - 1, 1).reshape([b, c, h, w]);
-        let diff = if t > 1 {
-            (last.clone() - x.narrow(1, t - 2, 1).reshape([b, c, h, w])).abs()
-        } else {
-            last.zeros_like()
-        };
+        let diff =
+            if t > 1 { (last.clone() - x.narrow(1, t - 2, 1).reshape([b, c, h, w])).abs() } else { last.zeros_like() };
         let p = [self.patch, self.patch];
         let mean = |v: Tensor<B, 4>| avg_pool2d(v, p, p, [0, 0], false, true);
-        let stats = Tensor::cat(
-            vec![
-                mean(last.clone()),
-                max_pool2d(last, p, p, [0, 0], [1, 1], true),
-                mean(diff),
-            ],
-            1,
-        );
+        let stats = Tensor::cat(vec![mean(last.clone()), max_pool2d(last, p, p, [0, 0], [1, 1], true), mean(diff)], 1);
         let hidden = gelu(self.conv2.forward(gelu(self.conv1.forward(stats))));
         let logits = self.head.forward(hidden);
         let [_, _, hp, wp] = logits.dims();
@@ -120,9 +106,7 @@ pub struct UnitGate<B: Backend> {
 
 impl UnitGateConfig {
     pub fn init<B: Backend>(&self, device: &B::Device) -> UnitGate<B> {
-        UnitGate {
-            linear: LinearConfig::new(self.in_channels + 1, self.units).init(device),
-        }
+        UnitGate { linear: LinearConfig::new(self.in_channels + 1, self.units).init(device) }
     }
 }
 

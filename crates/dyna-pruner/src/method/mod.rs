@@ -47,11 +47,7 @@ pub struct Masking {
 }
 
 impl Masking {
-    pub const DENSE: Masking = Masking {
-        mode: MaskMode::Dense,
-        data_keep: 1.0,
-        unit_keep: 1.0,
-    };
+    pub const DENSE: Masking = Masking { mode: MaskMode::Dense, data_keep: 1.0, unit_keep: 1.0 };
 }
 
 /// The masks of one prunable layer. `None` keeps everything.
@@ -74,10 +70,7 @@ pub struct NoMasks;
 
 impl<B: Backend> MaskSource<B> for NoMasks {
     fn layer_masks(&mut self, _: usize, _: &Tensor<B, 4>, _: usize) -> LayerMasks<B> {
-        LayerMasks {
-            space: None,
-            units: None,
-        }
+        LayerMasks { space: None, units: None }
     }
 }
 
@@ -126,14 +119,7 @@ impl<'a, B: Backend> DynamicMasks<'a, B> {
         } else {
             importance.ones_like()
         };
-        DynamicMasks {
-            masking,
-            patch,
-            importance,
-            data_mask,
-            gates,
-            fractions: Vec::new(),
-        }
+        DynamicMasks { masking, patch, importance, data_mask, gates, fractions: Vec::new() }
     }
 
     pub fn importance(&self) -> &Tensor<B, 3> {
@@ -169,11 +155,7 @@ impl<B: Backend> MaskSource<B> for DynamicMasks<'_, B> {
             (None, ones(), ones())
         };
         let unit_mask = units.as_ref().map(|u| u.clone().detach());
-        self.fractions.push(LayerFractions {
-            soft: (soft_s, soft_u),
-            hard: (hard_s, hard_u),
-            unit_mask,
-        });
+        self.fractions.push(LayerFractions { soft: (soft_s, soft_u), hard: (hard_s, hard_u), unit_mask });
         LayerMasks { space, units }
     }
 }
@@ -210,11 +192,7 @@ impl<B: Backend> FixedMasks<B> {
                 Tensor::from_data(TensorData::new(u, [b, units]), device)
             })
             .collect();
-        FixedMasks {
-            data: Tensor::from_data(TensorData::new(data, [b, hp, wp]), device),
-            units,
-            patch,
-        }
+        FixedMasks { data: Tensor::from_data(TensorData::new(data, [b, hp, wp]), device), units, patch }
     }
 }
 

@@ -26,11 +26,7 @@ pub struct MaskingSpec {
 
 impl From<MaskingSpec> for Masking {
     fn from(m: MaskingSpec) -> Self {
-        Masking {
-            mode: m.mode,
-            data_keep: m.data_keep,
-            unit_keep: m.unit_keep,
-        }
+        Masking { mode: m.mode, data_keep: m.data_keep, unit_keep: m.unit_keep }
     }
 }
 
@@ -72,10 +68,7 @@ const META: &str = "checkpoint.json";
 const CONFIG: &str = "config.toml";
 
 fn ck_err(path: &Path, detail: impl Into<String>) -> Error {
-    Error::Checkpoint {
-        path: path.to_path_buf(),
-        detail: detail.into(),
-    }
+    Error::Checkpoint { path: path.to_path_buf(), detail: detail.into() }
 }
 
 /// Writes weights, config and metadata to `dir` (created if needed).
@@ -94,10 +87,7 @@ pub fn save<B: Backend>(dir: &Path, model: &DynamicModel<B>, meta: &CheckpointMe
 pub fn read_meta(dir: &Path) -> Result<CheckpointMeta> {
     let path = dir.join(META);
     if !dir.is_dir() {
-        return Err(ck_err(
-            dir,
-            "is not a directory (expected model.mpk, checkpoint.json, config.toml)",
-        ));
+        return Err(ck_err(dir, "is not a directory (expected model.mpk, checkpoint.json, config.toml)"));
     }
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
     serde_json::from_str(&text).map_err(|e| ck_err(&path, format!("malformed metadata: {e}")))
@@ -107,11 +97,7 @@ pub fn read_meta(dir: &Path) -> Result<CheckpointMeta> {
 pub fn load<B: Backend>(dir: &Path, device: &B::Device) -> Result<Checkpoint<B>> {
     let meta = read_meta(dir)?;
     let model = load_weights(dir, &meta.architecture, device)?;
-    Ok(Checkpoint {
-        model,
-        meta,
-        dir: dir.to_path_buf(),
-    })
+    Ok(Checkpoint { model, meta, dir: dir.to_path_buf() })
 }
 
 /// Loads weights of `architecture` from `dir/model.mpk`.

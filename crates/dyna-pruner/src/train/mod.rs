@@ -136,11 +136,7 @@ pub fn train<B: AutodiffBackend>(
                 });
             }
             let teacher = init.model.valid();
-            (
-                init.model,
-                init.meta.scaler,
-                Some((teacher, Masking::from(init.meta.masking))),
-            )
+            (init.model, init.meta.scaler, Some((teacher, Masking::from(init.meta.masking))))
         }
         None => (architecture.init::<B>(device), fitted, None),
     };
@@ -153,11 +149,7 @@ pub fn train<B: AutodiffBackend>(
     let warmup_steps = (cfg.method.warmup_epochs as f64 * steps_per_epoch as f64).round() as usize;
     let mode = cfg.method.mode;
     let masking_at = |step: usize| {
-        let progress = if warmup_steps == 0 {
-            1.0
-        } else {
-            step as f32 / warmup_steps as f32
-        };
+        let progress = if warmup_steps == 0 { 1.0 } else { step as f32 / warmup_steps as f32 };
         Masking {
             mode,
             data_keep: annealed(cfg.method.data_keep, progress),
@@ -169,35 +161,22 @@ pub fn train<B: AutodiffBackend>(
     let layer_macs: Vec<f64> = mac_model.layers.iter().map(|&m| m as f64).collect();
 
     let out = &cfg.train.out;
-    let mut state = ResumeState {
-        epochs_done: 0,
-        best_epoch: 0,
-        best_val_mse: f64::INFINITY,
-        elapsed_s: 0.0,
-        history: Vec::new(),
-    };
+    let mut state =
+        ResumeState { epochs_done: 0, best_epoch: 0, best_val_mse: f64::INFINITY, elapsed_s: 0.0, history: Vec::new() };
     if control.resume {
         let dir = resume_dir(out);
         let text = std::fs::read_to_string(dir.join("state.json")).map_err(|e| Error::Checkpoint {
             path: dir.clone(),
             detail: format!("nothing to resume (state.json: {e})"),
         })?;
-        state = serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
-            path: dir.clone(),
-            detail: e.to_string(),
-        })?;
+        state =
+            serde_json::from_str(&text).map_err(|e| Error::Checkpoint { path: dir.clone(), detail: e.to_string() })?;
         model = checkpoint::load_weights::<B>(&dir, &architecture, device)?;
         let record = Recorder::new()
             .load(dir.join("optim"), device)
-            .map_err(|e| Error::Checkpoint {
-                path: dir.clone(),
-                detail: format!("optimizer state: {e}"),
-            })?;
+            .map_err(|e| Error::Checkpoint { path: dir.clone(), detail: format!("optimizer state: {e}") })?;
         optim = optim.load_record(record);
-        progress.message(&format!(
-            "resuming after epoch {} of {}",
-            state.epochs_done, cfg.train.epochs
-        ));
+        progress.message(&format!("resuming after epoch {} of {}", state.epochs_done, cfg.train.epochs));
     }
 
     let first = state.epochs_done + 1;
@@ -247,15 +226,9 @@ pub fn train<B: AutodiffBackend>(
             progress.step(s + 1, value);
         }
         let end_masking = masking_at(epoch * steps_per_epoch);
-        let val = evaluate(
-            &model.valid(),
-            &splits.val,
-            &scaler,
-            end_masking,
-            256,
-            device,
-            &mut |d, t| progress.validating(d, t),
-        );
+        let val = evaluate(&model.valid(), &splits.val, &scaler, end_masking, 256, device, &mut |d, t| {
+            progress.validating(d, t)
+        });
         let val_mse = val.metrics["mse"];
         let warm = epoch * steps_per_epoch >= warmup_steps;
         let best = warm && val_mse < state.best_val_mse;
@@ -283,12 +256,7 @@ pub fn train<B: AutodiffBackend>(
     }
     let _ = std::fs::remove_dir_all(resume_dir(out));
     let meta = checkpoint::read_meta(out)?;
-    Ok(Some(Trained {
-        checkpoint: out.clone(),
-        meta,
-        splits,
-        history: state.history,
-    }))
+    Ok(Some(Trained { checkpoint: out.clone(), meta, splits, history: state.history }))
 }
 
 fn meta_for(
@@ -325,11 +293,7 @@ fn meta_for(
 }
 
 fn backend_name() -> String {
-    std::any::type_name::<crate::CpuBackend>()
-        .rsplit("::")
-        .next()
-        .unwrap_or("flex")
-        .to_lowercase()
+    std::any::type_name::<crate::CpuBackend>().rsplit("::").next().unwrap_or("flex").to_lowercase()
 }
 
 fn save_resume<B: AutodiffBackend, O: Optimizer<crate::model::DynamicModel<B>, B>>(
@@ -340,17 +304,10 @@ fn save_resume<B: AutodiffBackend, O: Optimizer<crate::model::DynamicModel<B>, B
 ) -> Result<()> {
     let dir = resume_dir(out);
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-    let fail = |what: &str, e: String| Error::Checkpoint {
-        path: dir.clone(),
-        detail: format!("cannot write {what}: {e}"),
-    };
-    model
-        .clone()
-        .save_file(dir.join("model"), &Recorder::new())
-        .map_err(|e| fail("weights", e.to_string()))?;
-    Recorder::new()
-        .record(optim.to_record(), dir.join("optim"))
-        .map_err(|e| fail("optimizer", e.to_string()))?;
+    let fail =
+        |what: &str, e: String| Error::Checkpoint { path: dir.clone(), detail: format!("cannot write {what}: {e}") };
+    model.clone().save_file(dir.join("model"), &Recorder::new()).map_err(|e| fail("weights", e.to_string()))?;
+    Recorder::new().record(optim.to_record(), dir.join("optim")).map_err(|e| fail("optimizer", e.to_string()))?;
     let json = serde_json::to_string_pretty(state).expect("state serializes");
     std::fs::write(dir.join("state.json"), json).map_err(|e| Error::io(dir.join("state.json"), e))
 }

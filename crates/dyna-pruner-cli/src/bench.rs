@@ -1,0 +1,152 @@
+//! `dyna-pruner bench`: wall-clock of the sparse executor against its own dense path (the fair
+//! baseline: same kernels) and against Burn's dense forward, on random CNNs at several frame
+//! sizes, batches and kept fractions.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::Context;
+use burn::prelude::*;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use dyna_pruner::backbones::BackboneKind;
+use dyna_pruner::export;
+use dyna_pruner::method::{MaskMode, Masking};
+use dyna_pruner::model::Architecture;
+use dyna_pruner::CpuBackend;
+use dyna_pruner_exec::MaskPlan;
+
+/// What to measure.
+pub struct BenchPlan {
+    pub sizes: Vec<usize>,
+    pub batches: Vec<usize>,
+    pub fractions: Vec<f32>,
+    pub runs: usize,
+    pub warmup: usize,
+}
+
+#[derive(Serialize)]
+struct Row {
+    backbone: &'static str,
+    height: usize,
+    width: usize,
+    batch: usize,
+    kept_fraction: f32,
+    mac_ratio: f64,
+    dense_ms: f64,
+    sparse_ms: f64,
+    speedup: f64,
+    efficiency: f64,
+    burn_dense_ms: f64,
+}
+
+#[derive(Serialize)]
+struct Report {
+    threads: usize,
+    architecture: Architecture,
+    runs: usize,
+    warmup: usize,
+    rows: Vec<Row>,
+}
+
+/// The crowd CNN's architecture (4 -> 4 frames, 2 channels), with patches of 8 pixels.
+fn architecture() -> Architecture {
+    Architecture {
+        backbone: BackboneKind::Cnn,
+        t_in: 4,
+        t_out: 4,
+        channels: 2,
+        hidden: 32,
+        units: 64,
+        blocks: 8,
+        stride: 2,
+        patch: 8,
+        generator_width: 16,
+    }
+}
+
+/// Median wall time in ms of `f` over `runs` runs after `warmup` runs.
+fn median_ms(runs: usize, warmup: usize, mut f: impl FnMut()) -> f64 {
+    for _ in 0..warmup {
+        f();
+    }
+    let mut times: Vec<f64> = (0..runs)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+pub fn run(out: &Path, plan: &BenchPlan) -> anyhow::Result<()> {
+    let arch = architecture();
+    let device = Default::default();
+    let model = arch.init::<CpuBackend>(&device);
+    let threads = rayon::current_num_threads();
+    let dense_exec = export::executor(&model, &arch, Masking::DENSE);
+    let mut rows = Vec::new();
+    println!("CNN {arch:?}\n{threads} threads, median of {} runs after {} warm-up runs\n", plan.runs, plan.warmup);
+    println!(
+        "| size | batch | kept | MAC ratio | dense ms | sparse ms | speedup | efficiency | burn dense ms | ours/burn |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let mut rng = StdRng::seed_from_u64(1);
+    for &size in &plan.sizes {
+        for &batch in &plan.batches {
+            let (h, w) = (size, size);
+            let n = batch * arch.t_in * arch.channels * h * w;
+            let x: Vec<f32> = (0..n).map(|_| rng.random_range(0.0..1.0)).collect();
+            let dense_macs = dense_exec.forward(&x, batch, h, w, MaskPlan::Dense)?.macs[0] as f64;
+            let dense_ms = median_ms(plan.runs, plan.warmup, || {
+                dense_exec.forward(&x, batch, h, w, MaskPlan::Dense).expect("valid input");
+            });
+            let shape = [batch, arch.t_in, arch.channels, h, w];
+            let burn_dense_ms = median_ms(plan.runs, plan.warmup, || {
+                let xt = Tensor::<CpuBackend, 5>::from_data(TensorData::new(x.clone(), shape), &device);
+                let _: Vec<f32> = model.forward(xt, Masking::DENSE).prediction.into_data().to_vec().expect("f32");
+            });
+            for &f in &plan.fractions {
+                let masking = Masking { mode: MaskMode::Both, data_keep: f, unit_keep: f };
+                let exec = export::executor(&model, &arch, masking);
+                let out = exec.forward(&x, batch, h, w, MaskPlan::Dynamic)?;
+                let sparse_macs = out.macs.iter().sum::<u64>() as f64 / batch as f64;
+                let sparse_ms = median_ms(plan.runs, plan.warmup, || {
+                    exec.forward(&x, batch, h, w, MaskPlan::Dynamic).expect("valid input");
+                });
+                let mac_ratio = dense_macs / sparse_macs;
+                let speedup = dense_ms / sparse_ms;
+                let row = Row {
+                    backbone: "cnn",
+                    height: h,
+                    width: w,
+                    batch,
+                    kept_fraction: f,
+                    mac_ratio,
+                    dense_ms,
+                    sparse_ms,
+                    speedup,
+                    efficiency: speedup / mac_ratio,
+                    burn_dense_ms,
+                };
+                println!(
+                    "| {size}x{size} | {batch} | {f:.1} | {mac_ratio:.2} | {dense_ms:.2} | {sparse_ms:.2} | {speedup:.2} | {:.2} | {burn_dense_ms:.2} | {:.2} |",
+                    row.efficiency,
+                    dense_ms / burn_dense_ms
+                );
+                rows.push(row);
+            }
+        }
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let report = Report { threads, architecture: arch, runs: plan.runs, warmup: plan.warmup, rows };
+    let path = out.join("bench.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!("\nwrote {}", path.display());
+    Ok(())
+}
