@@ -1,6 +1,7 @@
 //! The dynamic SimVP-style CNN (see the trainer's `backbones/cnn.rs`) on plain kernels:
 //! dense encoder and decoder, translator blocks computed only at kept positions with kept units.
 
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::kernels::{gelu, run_jobs, Conv, Job, Positions};
@@ -138,16 +139,27 @@ impl CnnExec {
         let mut masks: Vec<SampleMasks> = match plan {
             MaskPlan::Dense => Vec::new(),
             MaskPlan::Given(m) => m.to_vec(),
-            MaskPlan::Dynamic => (0..batch)
-                .map(|b| {
-                    let (sc, hp, wpp) = self.generator.importance(&x[b * per_sample..(b + 1) * per_sample], t, h, w);
-                    let n = hp * wpp;
-                    let patches = if s.data_mask { top_k(&sc, kept_count(s.data_keep, n)) } else { (0..n).collect() };
-                    importance.push(sc);
-                    macs[b] += self.generator.macs(h, w);
-                    SampleMasks { patches, units: Vec::new() }
-                })
-                .collect(),
+            MaskPlan::Dynamic => {
+                let per: Vec<(Vec<f32>, Vec<usize>)> = (0..batch)
+                    .into_par_iter()
+                    .map(|b| {
+                        let (sc, hp, wpp) =
+                            self.generator.importance(&x[b * per_sample..(b + 1) * per_sample], t, h, w);
+                        let n = hp * wpp;
+                        let patches =
+                            if s.data_mask { top_k(&sc, kept_count(s.data_keep, n)) } else { (0..n).collect() };
+                        (sc, patches)
+                    })
+                    .collect();
+                per.into_iter()
+                    .zip(macs.iter_mut())
+                    .map(|((sc, patches), m)| {
+                        importance.push(sc);
+                        *m += self.generator.macs(h, w);
+                        SampleMasks { patches, units: Vec::new() }
+                    })
+                    .collect()
+            }
         };
         let positions: Vec<Option<Vec<u32>>> = masks
             .iter()
@@ -179,17 +191,23 @@ impl CnnExec {
                 continue;
             }
             if matches!(plan, MaskPlan::Dynamic) {
-                for b in 0..batch {
-                    let units = if s.model_mask {
+                let gate = &self.gates[l];
+                let units: Vec<Vec<usize>> = (0..batch)
+                    .into_par_iter()
+                    .map(|b| {
+                        if !s.model_mask {
+                            return (0..s.units).collect();
+                        }
                         let sc = &importance[b];
-                        let scores =
-                            self.gates[l].scores(&z[b], h2 * w2, |p| sc[(p / w2 / cell) * wp + (p % w2) / cell]);
-                        macs[b] += self.gates[l].macs(h2 * w2);
+                        let scores = gate.scores(&z[b], h2 * w2, |p| sc[(p / w2 / cell) * wp + (p % w2) / cell]);
                         top_k(&scores, kept_count(s.unit_keep, s.units))
-                    } else {
-                        (0..s.units).collect()
-                    };
-                    masks[b].units.push(units);
+                    })
+                    .collect();
+                for ((m, u), mc) in masks.iter_mut().zip(units).zip(macs.iter_mut()) {
+                    if s.model_mask {
+                        *mc += gate.macs(h2 * w2);
+                    }
+                    m.units.push(u);
                 }
             }
             self.sparse_block(l, conv1, conv2, &mut z, &masks, &positions, (h2, w2), &mut macs);
