@@ -4,7 +4,7 @@
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::kernels::{gelu, run_jobs, Conv, Job, Positions};
+use crate::kernels::{run_jobs, Activation, Conv, Job, Positions};
 use crate::masks::{kept_count, top_k, MaskGenerator, UnitGate};
 use crate::ExecError;
 
@@ -73,15 +73,12 @@ pub struct CnnExec {
 }
 
 /// Runs one conv over every position of each sample's map.
-fn dense_layer(conv: &Conv, inputs: &[Vec<f32>], h: usize, w: usize, act: bool) -> Vec<Vec<f32>> {
+fn dense_layer(conv: &Conv, inputs: &[Vec<f32>], h: usize, w: usize, act: Activation) -> Vec<Vec<f32>> {
     let (ho, wo) = conv.out_size(h, w);
     let jobs: Vec<Job<'_>> =
-        inputs.iter().map(|input| Job { conv, input, h, w, positions: Positions::all(ho, wo) }).collect();
+        inputs.iter().map(|input| Job { conv, input, h, w, positions: Positions::all(ho, wo), act }).collect();
     let mut outs = vec![vec![0.0; ho * wo * conv.cout]; inputs.len()];
     run_jobs(&jobs, &mut outs);
-    if act {
-        outs.iter_mut().for_each(|o| gelu(o));
-    }
     outs
 }
 
@@ -127,9 +124,9 @@ impl CnnExec {
                 v
             })
             .collect();
-        let skip = dense_layer(&self.enc_in, &inputs, h, w, true);
+        let skip = dense_layer(&self.enc_in, &inputs, h, w, Activation::Gelu);
         let (h2, w2) = self.low(h, w);
-        let mut z = dense_layer(&self.enc_down, &skip, h, w, true);
+        let mut z = dense_layer(&self.enc_down, &skip, h, w, Activation::Gelu);
         let mut macs = vec![self.fixed_macs(h, w); batch];
 
         // The DataMask and the importance map S per sample.
@@ -180,8 +177,8 @@ impl CnnExec {
 
         for (l, (conv1, conv2)) in self.blocks.iter().enumerate() {
             if masks.is_empty() {
-                let hidden = dense_layer(conv1, &z, h2, w2, true);
-                let update = dense_layer(conv2, &hidden, h2, w2, false);
+                let hidden = dense_layer(conv1, &z, h2, w2, Activation::Gelu);
+                let update = dense_layer(conv2, &hidden, h2, w2, Activation::None);
                 for (zb, ub) in z.iter_mut().zip(&update) {
                     zb.iter_mut().zip(ub).for_each(|(a, b)| *a += b);
                 }
@@ -215,7 +212,7 @@ impl CnnExec {
 
         let mut d = match &self.dec_up {
             Some(up) => {
-                let rows = dense_layer(up, &z, h2, w2, false);
+                let rows = dense_layer(up, &z, h2, w2, Activation::Gelu);
                 let st = s.stride;
                 let mut out = vec![vec![0.0; h * w * s.hidden]; batch];
                 for (o, r) in out.iter_mut().zip(&rows) {
@@ -232,7 +229,6 @@ impl CnnExec {
                             }
                         }
                     }
-                    gelu(o);
                 }
                 out
             }
@@ -241,7 +237,7 @@ impl CnnExec {
         for (db, sb) in d.iter_mut().zip(&skip) {
             db.iter_mut().zip(sb).for_each(|(a, b)| *a += b);
         }
-        let delta = dense_layer(&self.dec_out, &d, h, w, false);
+        let delta = dense_layer(&self.dec_out, &d, h, w, Activation::None);
         let out_c = s.t_out * c;
         let mut prediction = vec![0.0; batch * out_c * h * w];
         for b in 0..batch {
@@ -289,7 +285,14 @@ impl CnnExec {
             None => Positions::all(h2, w2),
         };
         let jobs: Vec<Job<'_>> = (0..z.len())
-            .map(|b| Job { conv: &selected[b].0, input: &z[b], h: h2, w: w2, positions: pos_of(b) })
+            .map(|b| Job {
+                conv: &selected[b].0,
+                input: &z[b],
+                h: h2,
+                w: w2,
+                positions: pos_of(b),
+                act: Activation::Gelu,
+            })
             .collect();
         let mut hidden: Vec<Vec<f32>> = jobs.iter().map(|j| vec![0.0; j.positions.len() * j.conv.cout]).collect();
         run_jobs(&jobs, &mut hidden);
@@ -297,23 +300,27 @@ impl CnnExec {
         let maps: Vec<Vec<f32>> = hidden
             .into_iter()
             .enumerate()
-            .map(|(b, mut rows)| {
-                gelu(&mut rows);
-                match &positions[b] {
-                    None => rows,
-                    Some(list) => {
-                        let k = selected[b].0.cout;
-                        let mut map = vec![0.0; h2 * w2 * k];
-                        for (i, &p) in list.iter().enumerate() {
-                            map[p as usize * k..(p as usize + 1) * k].copy_from_slice(&rows[i * k..(i + 1) * k]);
-                        }
-                        map
+            .map(|(b, rows)| match &positions[b] {
+                None => rows,
+                Some(list) => {
+                    let k = selected[b].0.cout;
+                    let mut map = vec![0.0; h2 * w2 * k];
+                    for (i, &p) in list.iter().enumerate() {
+                        map[p as usize * k..(p as usize + 1) * k].copy_from_slice(&rows[i * k..(i + 1) * k]);
                     }
+                    map
                 }
             })
             .collect();
         let jobs: Vec<Job<'_>> = (0..z.len())
-            .map(|b| Job { conv: &selected[b].1, input: &maps[b], h: h2, w: w2, positions: pos_of(b) })
+            .map(|b| Job {
+                conv: &selected[b].1,
+                input: &maps[b],
+                h: h2,
+                w: w2,
+                positions: pos_of(b),
+                act: Activation::None,
+            })
             .collect();
         let mut update: Vec<Vec<f32>> = jobs.iter().map(|j| vec![0.0; j.positions.len() * j.conv.cout]).collect();
         run_jobs(&jobs, &mut update);

@@ -119,32 +119,52 @@ impl Conv {
     }
 
     /// Output rows `[positions.len(), cout]` for one sample's input `[h, w, cin]`, one tile:
-    /// im2col of the tile, then one GEMM.
-    fn tile(&self, input: &[f32], h: usize, w: usize, positions: Positions<'_>, out: &mut [f32]) {
+    /// im2col of the tile into a per-thread scratch buffer, then one GEMM, then the activation
+    /// while the rows are in cache.
+    fn tile(&self, input: &[f32], h: usize, w: usize, positions: Positions<'_>, act: Activation, out: &mut [f32]) {
         let (_, wo) = self.out_size(h, w);
         let n = positions.len();
         let row = self.k * self.k * self.cin;
-        let mut cols = vec![0.0f32; n * row];
-        for (p, dst) in cols.chunks_exact_mut(row).enumerate() {
-            let pos = positions.get(p);
-            let (oy, ox) = (pos / wo, pos % wo);
-            for ky in 0..self.k {
-                let iy = (oy * self.stride + ky) as isize - self.pad as isize;
-                for kx in 0..self.k {
-                    let ix = (ox * self.stride + kx) as isize - self.pad as isize;
-                    let d = &mut dst[(ky * self.k + kx) * self.cin..(ky * self.k + kx + 1) * self.cin];
-                    if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w {
-                        let src = (iy as usize * w + ix as usize) * self.cin;
-                        d.copy_from_slice(&input[src..src + self.cin]);
+        SCRATCH.with_borrow_mut(|cols| {
+            cols.resize(n * row, 0.0);
+            for (p, dst) in cols.chunks_exact_mut(row).enumerate() {
+                let pos = positions.get(p);
+                let (oy, ox) = (pos / wo, pos % wo);
+                for ky in 0..self.k {
+                    let iy = (oy * self.stride + ky) as isize - self.pad as isize;
+                    for kx in 0..self.k {
+                        let ix = (ox * self.stride + kx) as isize - self.pad as isize;
+                        let d = &mut dst[(ky * self.k + kx) * self.cin..(ky * self.k + kx + 1) * self.cin];
+                        if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w {
+                            let src = (iy as usize * w + ix as usize) * self.cin;
+                            d.copy_from_slice(&input[src..src + self.cin]);
+                        } else {
+                            d.fill(0.0);
+                        }
                     }
                 }
             }
+            for r in out.chunks_exact_mut(self.cout) {
+                r.copy_from_slice(&self.bias);
+            }
+            matmul(out, &cols[..n * row], &self.weight, n, row, self.cout, true);
+        });
+        if act == Activation::Gelu {
+            out.iter_mut().for_each(gelu_in_place);
         }
-        for r in out.chunks_exact_mut(self.cout) {
-            r.copy_from_slice(&self.bias);
-        }
-        matmul(out, &cols, &self.weight, n, row, self.cout, true);
     }
+}
+
+thread_local! {
+    /// im2col scratch of the current thread, reused across tiles and calls.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// What follows a convolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    None,
+    Gelu,
 }
 
 /// Output positions of a convolution: a range of flat `y * wo + x` indices, or a list of them.
@@ -186,13 +206,15 @@ impl Positions<'_> {
     }
 }
 
-/// One sample's convolution: its input `[h, w, cin]` and the output positions to compute.
+/// One sample's convolution: its input `[h, w, cin]`, the output positions to compute and the
+/// activation applied to the results.
 pub struct Job<'a> {
     pub conv: &'a Conv,
     pub input: &'a [f32],
     pub h: usize,
     pub w: usize,
     pub positions: Positions<'a>,
+    pub act: Activation,
 }
 
 /// Runs every job tile by tile, all tiles of all jobs in parallel; `outputs[j]` (sized
@@ -208,7 +230,7 @@ pub fn run_jobs(jobs: &[Job<'_>], outputs: &mut [Vec<f32>]) {
     tasks.into_par_iter().for_each(|(job, t, chunk)| {
         let start = t * TILE;
         let end = start + chunk.len() / job.conv.cout;
-        job.conv.tile(job.input, job.h, job.w, job.positions.slice(start, end), chunk);
+        job.conv.tile(job.input, job.h, job.w, job.positions.slice(start, end), job.act, chunk);
     });
 }
 
@@ -216,6 +238,7 @@ pub fn run_jobs(jobs: &[Job<'_>], outputs: &mut [Vec<f32>]) {
 /// TensorFlow use for f32): within 5e-7 of `libm::erff` and about 15x faster, which matters
 /// because GELU runs on every feature-map element.
 #[inline(always)]
+#[allow(clippy::excessive_precision)] // the published coefficients, rounded by the compiler
 pub fn erf(x: f32) -> f32 {
     let x = x.clamp(-4.0, 4.0);
     let x2 = x * x;
@@ -233,12 +256,14 @@ pub fn erf(x: f32) -> f32 {
 }
 
 /// `0.5 x (1 + erf(x / sqrt 2))`, the exact GELU the training framework uses.
+#[inline(always)]
+pub fn gelu_in_place(v: &mut f32) {
+    *v = 0.5 * *v * (1.0 + erf(*v * std::f32::consts::FRAC_1_SQRT_2));
+}
+
+/// GELU over a whole map, in parallel.
 pub fn gelu(values: &mut [f32]) {
-    values.par_chunks_mut(16_384).for_each(|c| {
-        for v in c {
-            *v = 0.5 * *v * (1.0 + erf(*v * std::f32::consts::FRAC_1_SQRT_2));
-        }
-    });
+    values.par_chunks_mut(16_384).for_each(|c| c.iter_mut().for_each(gelu_in_place));
 }
 
 pub fn sigmoid(x: f32) -> f32 {
@@ -297,7 +322,8 @@ mod tests {
             let input = pseudo(h * w * cin, 7);
             let (ho, wo) = conv.out_size(h, w);
             let mut out = vec![vec![0.0; ho * wo * cout]];
-            let job = Job { conv: &conv, input: &input, h, w, positions: Positions::all(ho, wo) };
+            let job =
+                Job { conv: &conv, input: &input, h, w, positions: Positions::all(ho, wo), act: Activation::None };
             run_jobs(&[job], &mut out);
             let reference = direct(&conv, &input, h, w);
             for (a, b) in out[0].iter().zip(&reference) {
@@ -306,7 +332,10 @@ mod tests {
             // A list of positions gives the same rows.
             let list: Vec<u32> = (0..(ho * wo) as u32).rev().step_by(3).collect();
             let mut rows = vec![vec![0.0; list.len() * cout]];
-            run_jobs(&[Job { conv: &conv, input: &input, h, w, positions: Positions::List(&list) }], &mut rows);
+            run_jobs(
+                &[Job { conv: &conv, input: &input, h, w, positions: Positions::List(&list), act: Activation::None }],
+                &mut rows,
+            );
             for (i, &p) in list.iter().enumerate() {
                 let p = p as usize;
                 assert_eq!(&rows[0][i * cout..(i + 1) * cout], &out[0][p * cout..(p + 1) * cout]);

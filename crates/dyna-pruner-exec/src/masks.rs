@@ -1,7 +1,7 @@
 //! The method at inference on plain slices: mask generator (importance S), DataMask (top-k
 //! patches) and unit gates (top-k units), mirroring the trainer's `method` module.
 
-use crate::kernels::{gelu, run_jobs, sigmoid, Conv, Job, Positions};
+use crate::kernels::{run_jobs, sigmoid, Activation, Conv, Job, Positions};
 
 /// Number kept out of `total` at ratio `ratio`: `ceil(ratio * total)`, at least 1 (as the trainer).
 pub fn kept_count(ratio: f32, total: usize) -> usize {
@@ -56,17 +56,13 @@ impl MaskGenerator {
                 }
             }
         }
-        let conv = |conv: &Conv, input: &[f32], act: bool| {
+        let conv = |conv: &Conv, input: &[f32], act: Activation| {
             let mut out = vec![vec![0.0; hp * wp * conv.cout]];
-            run_jobs(&[Job { conv, input, h: hp, w: wp, positions: Positions::all(hp, wp) }], &mut out);
-            let mut out = out.pop().expect("one job");
-            if act {
-                gelu(&mut out);
-            }
-            out
+            run_jobs(&[Job { conv, input, h: hp, w: wp, positions: Positions::all(hp, wp), act }], &mut out);
+            out.pop().expect("one job")
         };
-        let hidden = conv(&self.conv2, &conv(&self.conv1, &stats, true), true);
-        let logits = conv(&self.head, &hidden, false);
+        let hidden = conv(&self.conv2, &conv(&self.conv1, &stats, Activation::Gelu), Activation::Gelu);
+        let logits = conv(&self.head, &hidden, Activation::None);
         (logits.into_iter().map(sigmoid).collect(), hp, wp)
     }
 
