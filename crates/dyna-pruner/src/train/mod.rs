@@ -249,7 +249,7 @@ pub fn train<B: AutodiffBackend>(
         if best {
             state.best_epoch = epoch;
             state.best_val_mse = val_mse;
-            let meta = meta_for(plan, architecture.clone(), scaler, &state, splits.train.len(), &commit);
+            let meta = meta_for::<B>(plan, architecture.clone(), scaler, &state, splits.train.len(), &commit);
             checkpoint::save(out, &model, &meta, &plan.config)?;
         }
         save_resume(out, &model, &optim, &state)?;
@@ -259,7 +259,7 @@ pub fn train<B: AutodiffBackend>(
     Ok(Some(Trained { checkpoint: out.clone(), meta, splits, history: state.history }))
 }
 
-fn meta_for(
+fn meta_for<B: Backend>(
     plan: &Plan,
     architecture: crate::model::Architecture,
     scaler: MinMaxScaler,
@@ -279,7 +279,7 @@ fn meta_for(
         provenance: Provenance {
             seed: cfg.train.seed,
             commit: commit.to_string(),
-            backend: backend_name(),
+            backend: backend_name::<B>(),
             threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             wall_time_s: state.elapsed_s,
             epochs: cfg.train.epochs,
@@ -292,8 +292,10 @@ fn meta_for(
     }
 }
 
-fn backend_name() -> String {
-    std::any::type_name::<crate::CpuBackend>().rsplit("::").next().unwrap_or("flex").to_lowercase()
+/// `flex` or `cuda`: the backend that ran the training.
+fn backend_name<B: Backend>() -> String {
+    let name = std::any::type_name::<B>().to_lowercase();
+    ["cuda", "flex"].into_iter().find(|b| name.contains(b)).unwrap_or("unknown").to_string()
 }
 
 fn save_resume<B: AutodiffBackend, O: Optimizer<crate::model::DynamicModel<B>, B>>(
