@@ -4,7 +4,7 @@
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::kernels::{run_jobs, Activation, Conv, Job, Positions};
+use crate::kernels::{run_per_sample, Activation, Conv, Positions};
 use crate::masks::{kept_count, top_k, MaskGenerator, UnitGate};
 use crate::ExecError;
 
@@ -75,11 +75,7 @@ pub struct CnnExec {
 /// Runs one conv over every position of each sample's map.
 fn dense_layer(conv: &Conv, inputs: &[Vec<f32>], h: usize, w: usize, act: Activation) -> Vec<Vec<f32>> {
     let (ho, wo) = conv.out_size(h, w);
-    let jobs: Vec<Job<'_>> =
-        inputs.iter().map(|input| Job { conv, input, h, w, positions: Positions::all(ho, wo), act }).collect();
-    let mut outs = vec![vec![0.0; ho * wo * conv.cout]; inputs.len()];
-    run_jobs(&jobs, &mut outs);
-    outs
+    run_per_sample(inputs, (h, w), |_| conv, |_| Positions::all(ho, wo), act)
 }
 
 impl CnnExec {
@@ -284,18 +280,7 @@ impl CnnExec {
             Some(list) => Positions::List(list),
             None => Positions::all(h2, w2),
         };
-        let jobs: Vec<Job<'_>> = (0..z.len())
-            .map(|b| Job {
-                conv: &selected[b].0,
-                input: &z[b],
-                h: h2,
-                w: w2,
-                positions: pos_of(b),
-                act: Activation::Gelu,
-            })
-            .collect();
-        let mut hidden: Vec<Vec<f32>> = jobs.iter().map(|j| vec![0.0; j.positions.len() * j.conv.cout]).collect();
-        run_jobs(&jobs, &mut hidden);
+        let hidden = run_per_sample(z, (h2, w2), |b| &selected[b].0, pos_of, Activation::Gelu);
         // Hidden maps: zero at pruned positions, so conv2 reads no pruned work.
         let maps: Vec<Vec<f32>> = hidden
             .into_iter()
@@ -312,21 +297,10 @@ impl CnnExec {
                 }
             })
             .collect();
-        let jobs: Vec<Job<'_>> = (0..z.len())
-            .map(|b| Job {
-                conv: &selected[b].1,
-                input: &maps[b],
-                h: h2,
-                w: w2,
-                positions: pos_of(b),
-                act: Activation::None,
-            })
-            .collect();
-        let mut update: Vec<Vec<f32>> = jobs.iter().map(|j| vec![0.0; j.positions.len() * j.conv.cout]).collect();
-        run_jobs(&jobs, &mut update);
+        let update = run_per_sample(&maps, (h2, w2), |b| &selected[b].1, pos_of, Activation::None);
         let hid = self.spec.hidden;
         for b in 0..z.len() {
-            let n = jobs[b].positions.len() as u64;
+            let n = pos_of(b).len() as u64;
             macs[b] += n * (selected[b].0.macs_per_position() + selected[b].1.macs_per_position());
             match &positions[b] {
                 None => z[b].iter_mut().zip(&update[b]).for_each(|(a, u)| *a += u),

@@ -234,6 +234,25 @@ pub fn run_jobs(jobs: &[Job<'_>], outputs: &mut [Vec<f32>]) {
     });
 }
 
+/// Runs one convolution per sample (`conv(b)` at `positions(b)` of `inputs[b]`, each `[h, w, cin]`)
+/// and returns each sample's rows `[positions, cout]`.
+pub fn run_per_sample<'c, 'p>(
+    inputs: &[Vec<f32>],
+    (h, w): (usize, usize),
+    conv: impl Fn(usize) -> &'c Conv,
+    positions: impl Fn(usize) -> Positions<'p>,
+    act: Activation,
+) -> Vec<Vec<f32>> {
+    let jobs: Vec<Job<'_>> = inputs
+        .iter()
+        .enumerate()
+        .map(|(b, input)| Job { conv: conv(b), input, h, w, positions: positions(b), act })
+        .collect();
+    let mut outputs: Vec<Vec<f32>> = jobs.iter().map(|j| vec![0.0; j.positions.len() * j.conv.cout]).collect();
+    run_jobs(&jobs, &mut outputs);
+    outputs
+}
+
 /// `erf(x)` in f32 as a branch-free rational function of x (the approximation Eigen and
 /// TensorFlow use for f32): within 5e-7 of `libm::erff` and about 15x faster, which matters
 /// because GELU runs on every feature-map element.
