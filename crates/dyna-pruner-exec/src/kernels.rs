@@ -127,19 +127,30 @@ impl Conv {
         let row = self.k * self.k * self.cin;
         SCRATCH.with_borrow_mut(|cols| {
             cols.resize(n * row, 0.0);
+            let (k, cin, pad) = (self.k, self.cin, self.pad as isize);
             for (p, dst) in cols.chunks_exact_mut(row).enumerate() {
                 let pos = positions.get(p);
                 let (oy, ox) = (pos / wo, pos % wo);
-                for ky in 0..self.k {
-                    let iy = (oy * self.stride + ky) as isize - self.pad as isize;
-                    for kx in 0..self.k {
-                        let ix = (ox * self.stride + kx) as isize - self.pad as isize;
-                        let d = &mut dst[(ky * self.k + kx) * self.cin..(ky * self.k + kx + 1) * self.cin];
-                        if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w {
-                            let src = (iy as usize * w + ix as usize) * self.cin;
-                            d.copy_from_slice(&input[src..src + self.cin]);
-                        } else {
-                            d.fill(0.0);
+                let x0 = (ox * self.stride) as isize - pad;
+                for ky in 0..k {
+                    let iy = (oy * self.stride + ky) as isize - pad;
+                    let d = &mut dst[ky * k * cin..(ky + 1) * k * cin];
+                    if iy < 0 || iy as usize >= h {
+                        d.fill(0.0);
+                    } else if x0 >= 0 && x0 as usize + k <= w {
+                        // The k taps of a kernel row are k neighbouring pixels: one copy.
+                        let src = (iy as usize * w + x0 as usize) * cin;
+                        d.copy_from_slice(&input[src..src + k * cin]);
+                    } else {
+                        for kx in 0..k {
+                            let ix = x0 + kx as isize;
+                            let tap = &mut d[kx * cin..(kx + 1) * cin];
+                            if ix >= 0 && (ix as usize) < w {
+                                let src = (iy as usize * w + ix as usize) * cin;
+                                tap.copy_from_slice(&input[src..src + cin]);
+                            } else {
+                                tap.fill(0.0);
+                            }
                         }
                     }
                 }
