@@ -112,25 +112,7 @@ pub fn load_weights<B: Backend>(
         .map_err(|e| ck_err(dir, format!("cannot load weights model.mpk: {e}")))
 }
 
-/// The git commit of the working directory, with `-dirty` when it has uncommitted changes.
+/// The git commit the running code was built from (`-dirty` when its sources differed from it).
 pub fn current_commit() -> String {
-    let run = |args: &[&str]| {
-        std::process::Command::new("git")
-            .args(args)
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-    };
-    match run(&["rev-parse", "HEAD"]) {
-        Some(head) => {
-            let dirty = run(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
-            if dirty {
-                format!("{head}-dirty")
-            } else {
-                head
-            }
-        }
-        None => "unknown".into(),
-    }
+    env!("DYNA_PRUNER_COMMIT").to_string()
 }

@@ -107,7 +107,6 @@ pub fn train<B: AutodiffBackend>(
     progress: &mut dyn Progress,
 ) -> Result<Option<Trained>> {
     let cfg = &plan.config;
-    // The commit of the code that runs, taken before anything can change the work tree.
     let commit = checkpoint::current_commit();
     let (splits, fitted) = prepare_data(plan)?;
     progress.message(&format!(
