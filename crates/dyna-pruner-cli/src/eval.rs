@@ -1,6 +1,6 @@
 //! `dyna-pruner eval`: a checkpoint on any supported data file, against persistence.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use burn::prelude::Backend;
@@ -8,6 +8,7 @@ use serde_json::json;
 
 use dyna_pruner::data::{self, SlotFormat, WindowSet};
 use dyna_pruner::eval::{evaluate, evaluate_persistence, Evaluation};
+use dyna_pruner::model::Architecture;
 use dyna_pruner::train::checkpoint::{self, Checkpoint};
 
 use crate::device::DeviceArg;
@@ -29,6 +30,20 @@ pub fn evaluate_checkpoint<B: Backend>(
         });
     bar.finish_and_clear();
     result
+}
+
+/// All windows of `files` for a checkpoint of architecture `arch`, checking the channel count.
+pub fn windows_for(arch: &Architecture, files: &[PathBuf]) -> anyhow::Result<WindowSet> {
+    let windows = data::load(files, SlotFormat::Auto)?.all_windows(arch.t_in, arch.t_out, files)?;
+    if windows.channels != arch.channels {
+        anyhow::bail!(
+            "{} holds frames with {} channels; the checkpoint expects {}",
+            files[0].display(),
+            windows.channels,
+            arch.channels
+        );
+    }
+    Ok(windows)
 }
 
 /// One line of a results table.
@@ -53,7 +68,7 @@ pub const TABLE_HEADER: &str = "| model        |       mse |      mae |     rmse
 
 pub fn run(
     checkpoint_dir: &Path,
-    files: &[std::path::PathBuf],
+    files: &[PathBuf],
     out: Option<&Path>,
     batch_size: usize,
     device: DeviceArg,
@@ -61,16 +76,7 @@ pub fn run(
     with_backend!(device, |B, T, dev| {
         let ck = checkpoint::load::<B>(checkpoint_dir, &dev)?;
         let arch = &ck.meta.architecture;
-        let source = data::load(files, SlotFormat::Auto)?;
-        let windows = source.all_windows(arch.t_in, arch.t_out, files)?;
-        if (windows.channels, windows.t_in) != (arch.channels, arch.t_in) {
-            anyhow::bail!(
-                "{} holds frames with {} channels; the checkpoint expects {}",
-                files[0].display(),
-                windows.channels,
-                arch.channels
-            );
-        }
+        let windows = windows_for(arch, files)?;
         let e = evaluate_checkpoint(&ck, &windows, batch_size, &dev, "eval");
         let p = evaluate_persistence(&windows, &ck.meta.scaler);
         println!(

@@ -8,7 +8,6 @@ use anyhow::Context;
 use serde_json::json;
 
 use dyna_pruner::data::npz::npy_bytes;
-use dyna_pruner::data::{self, SlotFormat};
 use dyna_pruner::export;
 use dyna_pruner::train::checkpoint;
 use dyna_pruner::CpuBackend;
@@ -20,15 +19,7 @@ pub fn run(checkpoint_dir: &Path, files: &[PathBuf], out: &Path, batch_size: usi
     let ck = checkpoint::load::<CpuBackend>(checkpoint_dir, &Default::default())?;
     let (arch, scaler) = (&ck.meta.architecture, ck.meta.scaler);
     let exec = export::executor(&ck.model, arch, ck.meta.masking.into());
-    let windows = data::load(files, SlotFormat::Auto)?.all_windows(arch.t_in, arch.t_out, files)?;
-    if windows.channels != arch.channels {
-        anyhow::bail!(
-            "{} holds {} channels per frame; the checkpoint expects {}",
-            files[0].display(),
-            windows.channels,
-            arch.channels
-        );
-    }
+    let windows = crate::eval::windows_for(arch, files)?;
     let plan =
         if ck.meta.masking.mode == dyna_pruner::method::MaskMode::Dense { MaskPlan::Dense } else { MaskPlan::Dynamic };
     let (h, w) = (windows.height, windows.width);
