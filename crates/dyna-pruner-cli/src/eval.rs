@@ -24,10 +24,9 @@ pub fn evaluate_checkpoint<B: Backend>(
     label: &str,
 ) -> Evaluation {
     let bar = eval_bar(label, windows.len());
-    let result =
-        evaluate(&ck.model, windows, &ck.meta.scaler, ck.meta.masking.into(), batch_size, device, &mut |d, _| {
-            bar.set_position(d as u64)
-        });
+    let result = evaluate(&ck.model, windows, &ck.meta.scaler, ck.meta.masking, batch_size, device, &mut |d, _| {
+        bar.set_position(d as u64)
+    });
     bar.finish_and_clear();
     result
 }

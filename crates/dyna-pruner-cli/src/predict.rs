@@ -18,7 +18,7 @@ use crate::progress::eval_bar;
 pub fn run(checkpoint_dir: &Path, files: &[PathBuf], out: &Path, batch_size: usize) -> anyhow::Result<()> {
     let ck = checkpoint::load::<CpuBackend>(checkpoint_dir, &Default::default())?;
     let (arch, scaler) = (&ck.meta.architecture, ck.meta.scaler);
-    let exec = export::executor(&ck.model, arch, ck.meta.masking.into());
+    let exec = export::executor(&ck.model, arch, ck.meta.masking);
     let windows = crate::eval::windows_for(arch, files)?;
     let plan =
         if ck.meta.masking.mode == dyna_pruner::method::MaskMode::Dense { MaskPlan::Dense } else { MaskPlan::Dynamic };
@@ -63,7 +63,7 @@ pub fn run(checkpoint_dir: &Path, files: &[PathBuf], out: &Path, batch_size: usi
         "samples": samples,
     });
     std::fs::write(out.join("samples.json"), serde_json::to_string_pretty(&report)?).context("writing samples.json")?;
-    export::write(&out.join("model.safetensors"), &ck.model, arch, ck.meta.masking.into())?;
+    export::write(&out.join("model.safetensors"), &ck.model, arch, ck.meta.masking)?;
     let mean_macs =
         samples.iter().map(|s| s["macs"].as_f64().unwrap_or(0.0)).sum::<f64>() / samples.len().max(1) as f64;
     println!(

@@ -36,8 +36,9 @@ impl MaskMode {
     }
 }
 
-/// The masks of the current forward: mode and keep ratios (annealed while training).
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// The masks of the current forward: mode and keep ratios (annealed while training); stored in
+/// a checkpoint as its inference masking.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Masking {
     pub mode: MaskMode,
     /// Fraction of patches kept by the DataMask.

@@ -10,25 +10,11 @@ use serde::{Deserialize, Serialize};
 use crate::config::RunConfig;
 use crate::data::MinMaxScaler;
 use crate::error::{Error, Result};
-use crate::method::{MaskMode, Masking};
+use crate::method::Masking;
 use crate::model::{Architecture, DynamicModel};
 
 /// The recorder of all weight files.
 pub type Recorder = NamedMpkFileRecorder<FullPrecisionSettings>;
-
-/// How the checkpoint's masks are set at inference.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct MaskingSpec {
-    pub mode: MaskMode,
-    pub data_keep: f32,
-    pub unit_keep: f32,
-}
-
-impl From<MaskingSpec> for Masking {
-    fn from(m: MaskingSpec) -> Self {
-        Masking { mode: m.mode, data_keep: m.data_keep, unit_keep: m.unit_keep }
-    }
-}
 
 /// Where and how a checkpoint was made.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -52,7 +38,8 @@ pub struct Provenance {
 pub struct CheckpointMeta {
     pub architecture: Architecture,
     pub scaler: MinMaxScaler,
-    pub masking: MaskingSpec,
+    /// How the masks are set at inference.
+    pub masking: Masking,
     pub provenance: Provenance,
 }
 

@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 use crate::eval::evaluate;
 use crate::method::budget::{annealed, budget_loss};
 use crate::method::{MaskMode, Masking};
-use checkpoint::{CheckpointMeta, MaskingSpec, Provenance, Recorder};
+use checkpoint::{CheckpointMeta, Provenance, Recorder};
 
 /// Receives progress of a training run.
 pub trait Progress {
@@ -107,7 +107,6 @@ pub fn train<B: AutodiffBackend>(
     progress: &mut dyn Progress,
 ) -> Result<Option<Trained>> {
     let cfg = &plan.config;
-    let commit = checkpoint::current_commit();
     let (splits, fitted) = prepare_data(plan)?;
     progress.message(&format!(
         "windows: {} train, {} validation, {} test ({}x{} grid, {} channels)",
@@ -135,7 +134,7 @@ pub fn train<B: AutodiffBackend>(
                 });
             }
             let teacher = init.model.valid();
-            (init.model, init.meta.scaler, Some((teacher, Masking::from(init.meta.masking))))
+            (init.model, init.meta.scaler, Some((teacher, init.meta.masking)))
         }
         None => (architecture.init::<B>(device), fitted, None),
     };
@@ -248,7 +247,7 @@ pub fn train<B: AutodiffBackend>(
         if best {
             state.best_epoch = epoch;
             state.best_val_mse = val_mse;
-            let meta = meta_for::<B>(plan, architecture.clone(), scaler, &state, splits.train.len(), &commit);
+            let meta = meta_for::<B>(plan, architecture.clone(), scaler, &state, splits.train.len());
             checkpoint::save(out, &model, &meta, &plan.config)?;
         }
         save_resume(out, &model, &optim, &state)?;
@@ -264,20 +263,15 @@ fn meta_for<B: Backend>(
     scaler: MinMaxScaler,
     state: &ResumeState,
     train_windows: usize,
-    commit: &str,
 ) -> CheckpointMeta {
     let cfg = &plan.config;
     CheckpointMeta {
         architecture,
         scaler,
-        masking: MaskingSpec {
-            mode: cfg.method.mode,
-            data_keep: cfg.method.data_keep,
-            unit_keep: cfg.method.unit_keep,
-        },
+        masking: Masking { mode: cfg.method.mode, data_keep: cfg.method.data_keep, unit_keep: cfg.method.unit_keep },
         provenance: Provenance {
             seed: cfg.train.seed,
-            commit: commit.to_string(),
+            commit: checkpoint::current_commit(),
             backend: backend_name::<B>(),
             threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             wall_time_s: state.elapsed_s,
