@@ -1,6 +1,8 @@
 //! The dynamic SimVP-style CNN (see the trainer's `backbones/cnn.rs`) on plain kernels:
 //! dense encoder and decoder, translator blocks computed only at kept positions with kept units.
 
+use std::borrow::Cow;
+
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -265,14 +267,15 @@ impl CnnExec {
         macs: &mut [u64],
     ) {
         let all_units = self.spec.units;
-        let selected: Vec<(Conv, Conv)> = masks
+        // Weights restricted to each sample's kept units (borrowed when it keeps them all).
+        let selected: Vec<(Cow<'_, Conv>, Cow<'_, Conv>)> = masks
             .iter()
             .map(|m| {
                 let u = &m.units[l];
                 if u.len() == all_units {
-                    (conv1.clone(), conv2.clone())
+                    (Cow::Borrowed(conv1), Cow::Borrowed(conv2))
                 } else {
-                    (conv1.select_outputs(u), conv2.select_inputs(u))
+                    (Cow::Owned(conv1.select_outputs(u)), Cow::Owned(conv2.select_inputs(u)))
                 }
             })
             .collect();
