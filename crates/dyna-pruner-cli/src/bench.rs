@@ -1,6 +1,6 @@
 //! `dyna-pruner bench`: wall-clock of the sparse executor against its own dense path (the fair
-//! baseline: same kernels) and against Burn's dense forward, on random CNNs at several frame
-//! sizes, batches and kept fractions.
+//! baseline: same kernels) and against Burn's dense forward, on random CNNs and ViTs at several
+//! frame sizes, batches and kept fractions.
 
 use std::path::Path;
 use std::time::Instant;
@@ -20,7 +20,11 @@ use dyna_pruner_exec::MaskPlan;
 
 /// What to measure.
 pub struct BenchPlan {
+    pub backbones: Vec<BackboneKind>,
+    /// Square frame sizes of the CNN rows.
     pub sizes: Vec<usize>,
+    /// `(height, width)` of the ViT rows.
+    pub vit_sizes: Vec<(usize, usize)>,
     pub batches: Vec<usize>,
     pub fractions: Vec<f32>,
     pub runs: usize,
@@ -45,25 +49,42 @@ struct Row {
 #[derive(Serialize)]
 struct Report {
     threads: usize,
-    architecture: Architecture,
+    architectures: Vec<Architecture>,
     runs: usize,
     warmup: usize,
     rows: Vec<Row>,
 }
 
-/// The crowd CNN's architecture (4 -> 4 frames, 2 channels), with patches of 8 pixels.
-fn architecture() -> Architecture {
-    Architecture {
-        backbone: BackboneKind::Cnn,
-        t_in: 4,
-        t_out: 4,
-        channels: 2,
-        hidden: 32,
-        units: 64,
-        blocks: 8,
-        stride: 2,
-        patch: 8,
-        generator_width: 16,
+/// The benchmarked architectures: the crowd CNN's (4 -> 4 frames, 2 channels) with patches of
+/// 8 pixels; a weather ViT (12 -> 12 frames, 1 channel, 4x4-pixel tokens).
+fn architecture(kind: BackboneKind) -> Architecture {
+    match kind {
+        BackboneKind::Cnn => Architecture {
+            backbone: kind,
+            t_in: 4,
+            t_out: 4,
+            channels: 2,
+            hidden: 32,
+            units: 64,
+            blocks: 8,
+            heads: 1,
+            stride: 2,
+            patch: 8,
+            generator_width: 16,
+        },
+        BackboneKind::Vit => Architecture {
+            backbone: kind,
+            t_in: 12,
+            t_out: 12,
+            channels: 1,
+            hidden: 128,
+            units: 256,
+            blocks: 6,
+            heads: 8,
+            stride: 4,
+            patch: 4,
+            generator_width: 16,
+        },
     }
 }
 
@@ -84,21 +105,45 @@ fn median_ms(runs: usize, warmup: usize, mut f: impl FnMut()) -> f64 {
 }
 
 pub fn run(out: &Path, plan: &BenchPlan) -> anyhow::Result<()> {
-    let arch = architecture();
+    let threads = rayon::current_num_threads();
+    println!("{threads} threads, median of {} runs after {} warm-up runs", plan.runs, plan.warmup);
+    let mut rows = Vec::new();
+    let mut architectures = Vec::new();
+    for &kind in &plan.backbones {
+        let arch = architecture(kind);
+        let sizes: Vec<(usize, usize)> = match kind {
+            BackboneKind::Cnn => plan.sizes.iter().map(|&s| (s, s)).collect(),
+            BackboneKind::Vit => plan.vit_sizes.clone(),
+        };
+        rows.extend(bench_backbone(&arch, &sizes, plan)?);
+        architectures.push(arch);
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let report = Report { threads, architectures, runs: plan.runs, warmup: plan.warmup, rows };
+    let path = out.join("bench.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!("\nwrote {}", path.display());
+    Ok(())
+}
+
+fn bench_backbone(arch: &Architecture, sizes: &[(usize, usize)], plan: &BenchPlan) -> anyhow::Result<Vec<Row>> {
     let device = Default::default();
     let model = arch.init::<CpuBackend>(&device);
-    let threads = rayon::current_num_threads();
-    let dense_exec = export::executor(&model, &arch, Masking::DENSE);
+    let dense_exec = export::executor(&model, arch, Masking::DENSE);
+    let name = match arch.backbone {
+        BackboneKind::Cnn => "cnn",
+        BackboneKind::Vit => "vit",
+    };
     let mut rows = Vec::new();
-    println!("CNN {arch:?}\n{threads} threads, median of {} runs after {} warm-up runs\n", plan.runs, plan.warmup);
+    println!("\n{arch:?}\n");
     println!(
-        "| size | batch | kept | MAC ratio | dense ms | sparse ms | speedup | efficiency | burn dense ms | ours/burn |"
+        "| backbone | size | batch | kept | MAC ratio | dense ms | sparse ms | speedup | efficiency | burn dense ms | ours/burn |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let mut rng = StdRng::seed_from_u64(1);
-    for &size in &plan.sizes {
+    for &(h, w) in sizes {
         for &batch in &plan.batches {
-            let (h, w) = (size, size);
             let n = batch * arch.t_in * arch.channels * h * w;
             let x: Vec<f32> = (0..n).map(|_| rng.random_range(0.0..1.0)).collect();
             let dense_macs = dense_exec.forward(&x, batch, h, w, MaskPlan::Dense)?.macs[0] as f64;
@@ -112,7 +157,7 @@ pub fn run(out: &Path, plan: &BenchPlan) -> anyhow::Result<()> {
             });
             for &f in &plan.fractions {
                 let masking = Masking { mode: MaskMode::Both, data_keep: f, unit_keep: f };
-                let exec = export::executor(&model, &arch, masking);
+                let exec = export::executor(&model, arch, masking);
                 let out = exec.forward(&x, batch, h, w, MaskPlan::Dynamic)?;
                 let sparse_macs = out.macs.iter().sum::<u64>() as f64 / batch as f64;
                 let sparse_ms = median_ms(plan.runs, plan.warmup, || {
@@ -121,7 +166,7 @@ pub fn run(out: &Path, plan: &BenchPlan) -> anyhow::Result<()> {
                 let mac_ratio = dense_macs / sparse_macs;
                 let speedup = dense_ms / sparse_ms;
                 let row = Row {
-                    backbone: "cnn",
+                    backbone: name,
                     height: h,
                     width: w,
                     batch,
@@ -134,7 +179,7 @@ pub fn run(out: &Path, plan: &BenchPlan) -> anyhow::Result<()> {
                     burn_dense_ms,
                 };
                 println!(
-                    "| {size}x{size} | {batch} | {f:.1} | {mac_ratio:.2} | {dense_ms:.2} | {sparse_ms:.2} | {speedup:.2} | {:.2} | {burn_dense_ms:.2} | {:.2} |",
+                    "| {name} | {h}x{w} | {batch} | {f:.1} | {mac_ratio:.2} | {dense_ms:.2} | {sparse_ms:.2} | {speedup:.2} | {:.2} | {burn_dense_ms:.2} | {:.2} |",
                     row.efficiency,
                     dense_ms / burn_dense_ms
                 );
@@ -142,11 +187,5 @@ pub fn run(out: &Path, plan: &BenchPlan) -> anyhow::Result<()> {
             }
         }
     }
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let report = Report { threads, architecture: arch, runs: plan.runs, warmup: plan.warmup, rows };
-    let path = out.join("bench.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&report)?)
-        .with_context(|| format!("writing {}", path.display()))?;
-    println!("\nwrote {}", path.display());
-    Ok(())
+    Ok(rows)
 }

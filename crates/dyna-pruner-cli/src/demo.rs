@@ -1,5 +1,6 @@
-//! `dyna-pruner demo`: the shipped dense and dynamic CNNs (or freshly retrained ones) and
-//! persistence on the TaxiNYC test range; prints a table and writes DIR/report.json.
+//! `dyna-pruner demo --task crowd|weather`: the shipped dense and dynamic models (or freshly
+//! retrained ones) and persistence on the task's held-out test range; prints a table and writes
+//! DIR/report.json.
 
 use std::path::{Path, PathBuf};
 
@@ -11,14 +12,61 @@ use dyna_pruner::eval::evaluate_persistence;
 use dyna_pruner::train::{checkpoint, prepare_data, RunControl};
 
 use crate::device::DeviceArg;
-use crate::eval::{evaluate_checkpoint, table_row, TABLE_HEADER};
+use crate::eval::{evaluate_checkpoint, table_header, table_metrics, table_row};
 use crate::train::train_plan;
 use crate::with_backend;
 
-const DENSE_CONFIG: &str = "configs/crowd/cnn_dense.toml";
-const DYNAMIC_CONFIG: &str = "configs/crowd/cnn_dynamic.toml";
-const DENSE_MODEL: &str = "models/crowd/cnn_dense";
-const DYNAMIC_MODEL: &str = "models/crowd/cnn_dynamic";
+/// The demonstrations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Task {
+    /// TaxiNYC crowd flow, 4 -> 4 hours, CNN.
+    Crowd,
+    /// ERA5 2 m temperature over the UK, 12 -> 12 hours, ViT.
+    Weather,
+}
+
+/// What a demonstration runs: committed configs and checkpoints, and how it reports.
+struct Demo {
+    task: &'static str,
+    dataset: &'static str,
+    backbone: &'static str,
+    label: &'static str,
+    dense_config: &'static str,
+    dynamic_config: &'static str,
+    dense_model: &'static str,
+    dynamic_model: &'static str,
+    /// Lower is better.
+    main_metric: &'static str,
+}
+
+impl Task {
+    fn demo(self) -> Demo {
+        match self {
+            Task::Crowd => Demo {
+                task: "crowd_flow",
+                dataset: "TaxiNYC",
+                backbone: "cnn",
+                label: "CNN",
+                dense_config: "configs/crowd/cnn_dense.toml",
+                dynamic_config: "configs/crowd/cnn_dynamic.toml",
+                dense_model: "models/crowd/cnn_dense",
+                dynamic_model: "models/crowd/cnn_dynamic",
+                main_metric: "mse",
+            },
+            Task::Weather => Demo {
+                task: "weather",
+                dataset: "ERA5 t2m, UK/Ireland 0.25 deg, March 2019",
+                backbone: "vit",
+                label: "ViT",
+                dense_config: "configs/weather/vit_dense.toml",
+                dynamic_config: "configs/weather/vit_dynamic.toml",
+                dense_model: "models/weather/vit_dense",
+                dynamic_model: "models/weather/vit_dynamic",
+                main_metric: "rmse",
+            },
+        }
+    }
+}
 
 /// Loads a committed config with its data paths taken relative to `root`.
 fn load_plan(root: &Path, config: &str) -> anyhow::Result<Plan> {
@@ -43,22 +91,23 @@ fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn run(out: &Path, retrain: bool, root: &Path, device: DeviceArg) -> anyhow::Result<()> {
-    let dense_plan = load_plan(root, DENSE_CONFIG)?;
+pub fn run(task: Task, out: &Path, retrain: bool, root: &Path, device: DeviceArg) -> anyhow::Result<()> {
+    let demo = task.demo();
+    let dense_plan = load_plan(root, demo.dense_config)?;
     let (dense_dir, dynamic_dir) = (out.join("dense"), out.join("dynamic"));
     if retrain {
         let mut dense = dense_plan.clone();
         dense.config.train.out = dense_dir.clone();
-        eprintln!("retraining the dense CNN ({DENSE_CONFIG})");
+        eprintln!("retraining the dense {} ({})", demo.label, demo.dense_config);
         train_plan(&dense, RunControl::default(), device)?;
-        let mut dynamic = load_plan(root, DYNAMIC_CONFIG)?;
+        let mut dynamic = load_plan(root, demo.dynamic_config)?;
         dynamic.config.train.out = dynamic_dir.clone();
         dynamic.config.train.init_from = Some(dense_dir.clone());
-        eprintln!("fine-tuning the dynamic CNN from it ({DYNAMIC_CONFIG})");
+        eprintln!("fine-tuning the dynamic {} from it ({})", demo.label, demo.dynamic_config);
         train_plan(&dynamic, RunControl::default(), device)?;
     } else {
-        copy_dir(&root.join(DENSE_MODEL), &dense_dir)?;
-        copy_dir(&root.join(DYNAMIC_MODEL), &dynamic_dir)?;
+        copy_dir(&root.join(demo.dense_model), &dense_dir)?;
+        copy_dir(&root.join(demo.dynamic_model), &dynamic_dir)?;
     }
     let (splits, _) = prepare_data(&dense_plan)?;
     let test = &splits.test;
@@ -70,33 +119,42 @@ pub fn run(out: &Path, retrain: bool, root: &Path, device: DeviceArg) -> anyhow:
         }
         let d = evaluate_checkpoint(&dense, test, 256, &dev, "dense");
         let y = evaluate_checkpoint(&dynamic, test, 256, &dev, "dynamic");
-        let p = evaluate_persistence(test, &dense.meta.scaler);
+        let p = evaluate_persistence(test, dense.meta.scoring());
         let dense_macs = d.macs_per_sample.unwrap_or(f64::NAN);
         let dynamic_macs = y.macs_per_sample.unwrap_or(f64::NAN);
         let mac_reduction = 1.0 - dynamic_macs / dense_macs;
-        let relative_error_change = (y.metrics["mse"] - d.metrics["mse"]) / d.metrics["mse"];
+        let main = demo.main_metric;
+        let relative_error_change = (y.metrics[main] - d.metrics[main]) / d.metrics[main];
+        let dc = &dense_plan.config.data;
         println!(
-            "TaxiNYC test range {} .. {}: {} windows (4 -> 4 hours, 16x8 grid)",
-            dense_plan.config.data.test[0],
-            dense_plan.config.data.test[1],
-            test.len()
+            "{} test range {} .. {}: {} windows ({} -> {} frames, lead {}, {}x{} grid)",
+            demo.dataset,
+            dc.test[0],
+            dc.test[1],
+            test.len(),
+            dc.t_in,
+            dc.t_out,
+            dc.lead,
+            test.height,
+            test.width
         );
-        println!("{TABLE_HEADER}");
-        println!("{}", table_row("dense CNN", &d, Some(dense_macs)));
-        println!("{}", table_row("dynamic CNN", &y, Some(dense_macs)));
-        println!("{}", table_row("persistence", &p, None));
+        let cols = table_metrics(test);
+        println!("{}", table_header(cols));
+        println!("{}", table_row(&format!("dense {}", demo.label), &d, Some(dense_macs), cols));
+        println!("{}", table_row(&format!("dynamic {}", demo.label), &y, Some(dense_macs), cols));
+        println!("{}", table_row("persistence", &p, None, cols));
         println!(
-            "MAC reduction {:.1}% | relative MSE change {:+.2}% | dense MSE {:.1}% below persistence",
+            "MAC reduction {:.1}% | relative {main} change {:+.2}% | dense {main} {:.1}% below persistence",
             100.0 * mac_reduction,
             100.0 * relative_error_change,
-            100.0 * (1.0 - d.metrics["mse"] / p.metrics["mse"])
+            100.0 * (1.0 - d.metrics[main] / p.metrics[main])
         );
         json!({
-            "task": "crowd_flow",
-            "dataset": "TaxiNYC",
-            "backbone": "cnn",
+            "task": demo.task,
+            "dataset": demo.dataset,
+            "backbone": demo.backbone,
             "test_samples": test.len(),
-            "main_metric": "mse",
+            "main_metric": main,
             "dense": { "metrics": d.metrics, "macs_per_sample": dense_macs },
             "dynamic": {
                 "metrics": y.metrics,

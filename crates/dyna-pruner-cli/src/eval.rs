@@ -6,7 +6,8 @@ use anyhow::Context;
 use burn::prelude::Backend;
 use serde_json::json;
 
-use dyna_pruner::data::{self, SlotFormat, WindowSet};
+use dyna_pruner::config::DataFormat;
+use dyna_pruner::data::{self, Horizon, WindowSet};
 use dyna_pruner::eval::{evaluate, evaluate_persistence, Evaluation};
 use dyna_pruner::model::Architecture;
 use dyna_pruner::train::checkpoint::{self, Checkpoint};
@@ -24,16 +25,25 @@ pub fn evaluate_checkpoint<B: Backend>(
     label: &str,
 ) -> Evaluation {
     let bar = eval_bar(label, windows.len());
-    let result = evaluate(&ck.model, windows, &ck.meta.scaler, ck.meta.masking, batch_size, device, &mut |d, _| {
+    let result = evaluate(&ck.model, windows, ck.meta.scoring(), ck.meta.masking, batch_size, device, &mut |d, _| {
         bar.set_position(d as u64)
     });
     bar.finish_and_clear();
     result
 }
 
-/// All windows of `files` for a checkpoint of architecture `arch`, checking the channel count.
-pub fn windows_for(arch: &Architecture, files: &[PathBuf]) -> anyhow::Result<WindowSet> {
-    let windows = data::load(files, SlotFormat::Auto)?.all_windows(arch.t_in, arch.t_out, files)?;
+/// All windows of `files` for the checkpoint in `dir` (of architecture `arch`), read as its
+/// training config reads data (format, slot format, netCDF channels, lead), checking the channels.
+pub fn windows_for(dir: &Path, arch: &Architecture, files: &[PathBuf]) -> anyhow::Result<WindowSet> {
+    let mut d = checkpoint::read_config(dir)?.data;
+    d.files = files.to_vec();
+    if d.format == DataFormat::Netcdf {
+        // Every channel from the given files, not from the training layout.
+        d.root = None;
+        d.years.clear();
+        d.channels.iter_mut().for_each(|c| c.dir = None);
+    }
+    let windows = data::load(&d)?.all_windows(Horizon::of(&d), files)?;
     if windows.channels != arch.channels {
         anyhow::bail!(
             "{} holds frames with {} channels; the checkpoint expects {}",
@@ -45,25 +55,40 @@ pub fn windows_for(arch: &Architecture, files: &[PathBuf]) -> anyhow::Result<Win
     Ok(windows)
 }
 
+/// The metrics a results table shows for `windows`: weather (lat/lon grid) or crowd flow.
+pub fn table_metrics(windows: &WindowSet) -> &'static [&'static str] {
+    if windows.grid().is_some() {
+        &["rmse", "mae", "acc"]
+    } else {
+        &["mse", "mae", "rmse"]
+    }
+}
+
+/// The header of a results table with `metrics` columns.
+pub fn table_header(metrics: &[&str]) -> String {
+    let cols: String = metrics.iter().map(|m| format!(" {m:>9} |")).collect();
+    let rule: String = metrics.iter().map(|_| "-----------|").collect();
+    format!(
+        "| model        |{cols}      MACs |  ratio | patch | units |\n|--------------|{rule}-----------|--------|-------|-------|"
+    )
+}
+
 /// One line of a results table.
-pub fn table_row(name: &str, e: &Evaluation, dense_macs: Option<f64>) -> String {
+pub fn table_row(name: &str, e: &Evaluation, dense_macs: Option<f64>, metrics: &[&str]) -> String {
     let macs = e.macs_per_sample.map(|m| format!("{:.2}M", m / 1e6)).unwrap_or_else(|| "-".into());
     let ratio = match (e.macs_per_sample, dense_macs) {
         (Some(m), Some(d)) => format!("{:.3}", m / d),
         _ => "-".into(),
     };
     let kept = |v: Option<f64>| v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());
+    let cols: String =
+        metrics.iter().map(|m| format!(" {:>9.4} |", e.metrics.get(*m).copied().unwrap_or(f64::NAN))).collect();
     format!(
-        "| {name:<12} | {:>9.4} | {:>8.4} | {:>8.2} | {macs:>9} | {ratio:>6} | {:>5} | {:>5} |",
-        e.metrics["mse"],
-        e.metrics["mae"],
-        e.metrics["rmse"],
+        "| {name:<12} |{cols} {macs:>9} | {ratio:>6} | {:>5} | {:>5} |",
         kept(e.kept_patch_fraction),
         kept(e.kept_unit_fraction)
     )
 }
-
-pub const TABLE_HEADER: &str = "| model        |       mse |      mae |     rmse |      MACs |  ratio | patch | units |\n|--------------|-----------|----------|----------|-----------|--------|-------|-------|";
 
 pub fn run(
     checkpoint_dir: &Path,
@@ -75,18 +100,20 @@ pub fn run(
     with_backend!(device, |B, T, dev| {
         let ck = checkpoint::load::<B>(checkpoint_dir, &dev)?;
         let arch = &ck.meta.architecture;
-        let windows = windows_for(arch, files)?;
+        let windows = windows_for(checkpoint_dir, arch, files)?;
         let e = evaluate_checkpoint(&ck, &windows, batch_size, &dev, "eval");
-        let p = evaluate_persistence(&windows, &ck.meta.scaler);
+        let p = evaluate_persistence(&windows, ck.meta.scoring());
+        let cols = table_metrics(&windows);
         println!(
-            "{} windows of {}x{} from {} file(s)\n{TABLE_HEADER}",
+            "{} windows of {}x{} from {} file(s)\n{}",
             windows.len(),
             windows.height,
             windows.width,
-            files.len()
+            files.len(),
+            table_header(cols)
         );
-        println!("{}", table_row("model", &e, e.macs_per_sample));
-        println!("{}", table_row("persistence", &p, None));
+        println!("{}", table_row("model", &e, e.macs_per_sample, cols));
+        println!("{}", table_row("persistence", &p, None, cols));
         if let Some(out) = out {
             let mut report = serde_json::to_value(&e)?;
             report["persistence"] = json!({ "metrics": p.metrics });

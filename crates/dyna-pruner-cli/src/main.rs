@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 use device::DeviceArg;
+use dyna_pruner::backbones::BackboneKind;
 
 #[derive(Parser)]
 #[command(
@@ -71,9 +72,15 @@ enum Command {
     Bench {
         #[arg(long, default_value = "bench-out")]
         out: PathBuf,
-        /// Square frame sizes.
+        /// Backbones to time: cnn, vit.
+        #[arg(long, value_delimiter = ',', default_values = ["cnn", "vit"], value_parser = parse_backbone)]
+        backbones: Vec<BackboneKind>,
+        /// Square frame sizes of the CNN rows.
         #[arg(long, value_delimiter = ',', default_values_t = [32, 128, 384])]
         sizes: Vec<usize>,
+        /// Frame sizes HxW of the ViT rows (WeatherBench's 5.625 deg grid is 32x64).
+        #[arg(long, value_delimiter = ',', default_values = ["32x64", "128x128"], value_parser = parse_size)]
+        vit_sizes: Vec<(usize, usize)>,
         #[arg(long, value_delimiter = ',', default_values_t = [1, 16])]
         batches: Vec<usize>,
         /// Kept patch fractions (the unit fraction is the same).
@@ -85,8 +92,11 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         warmup: usize,
     },
-    /// Evaluate the shipped dense and dynamic CNNs and persistence on the TaxiNYC test range.
+    /// Evaluate the shipped dense and dynamic models and persistence on a task's test range:
+    /// crowd (TaxiNYC, CNN) or weather (ERA5 t2m, ViT).
     Demo {
+        #[arg(long, value_enum, default_value_t = demo::Task::Crowd)]
+        task: demo::Task,
         #[arg(long, default_value = "demo-out")]
         out: PathBuf,
         /// Train both models from scratch with the committed configs first.
@@ -100,6 +110,23 @@ enum Command {
     },
 }
 
+fn parse_backbone(s: &str) -> Result<BackboneKind, String> {
+    match s {
+        "cnn" => Ok(BackboneKind::Cnn),
+        "vit" => Ok(BackboneKind::Vit),
+        _ => Err(format!("`{s}` is not a backbone (cnn, vit)")),
+    }
+}
+
+fn parse_size(s: &str) -> Result<(usize, usize), String> {
+    let bad = || format!("`{s}` is not a frame size HxW with both sides >= 1 (e.g. 32x64)");
+    let (h, w) = s.split_once('x').ok_or_else(bad)?;
+    match (h.trim().parse(), w.trim().parse()) {
+        (Ok(h), Ok(w)) if h > 0 && w > 0 => Ok((h, w)),
+        _ => Err(bad()),
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Train { config, resume, stop_after, device } => {
@@ -108,9 +135,9 @@ fn main() -> anyhow::Result<()> {
         Command::Eval { checkpoint, data, out, batch_size, device } => {
             eval::run(&checkpoint, &data, out.as_deref(), batch_size, device)
         }
-        Command::Demo { out, retrain, root, device } => demo::run(&out, retrain, &root, device),
+        Command::Demo { task, out, retrain, root, device } => demo::run(task, &out, retrain, &root, device),
         Command::Predict { checkpoint, data, out, batch_size } => predict::run(&checkpoint, &data, &out, batch_size),
-        Command::Bench { out, sizes, batches, fractions, runs, warmup } => {
+        Command::Bench { out, backbones, sizes, vit_sizes, batches, fractions, runs, warmup } => {
             if runs == 0
                 || fractions.iter().any(|f| !(*f > 0.0 && *f <= 1.0))
                 || sizes.contains(&0)
@@ -118,7 +145,7 @@ fn main() -> anyhow::Result<()> {
             {
                 anyhow::bail!("bench: --runs >= 1, sizes and batches >= 1, fractions in (0, 1]");
             }
-            bench::run(&out, &bench::BenchPlan { sizes, batches, fractions, runs, warmup })
+            bench::run(&out, &bench::BenchPlan { backbones, sizes, vit_sizes, batches, fractions, runs, warmup })
         }
     }
 }

@@ -17,9 +17,10 @@ use crate::progress::eval_bar;
 
 pub fn run(checkpoint_dir: &Path, files: &[PathBuf], out: &Path, batch_size: usize) -> anyhow::Result<()> {
     let ck = checkpoint::load::<CpuBackend>(checkpoint_dir, &Default::default())?;
-    let (arch, scaler) = (&ck.meta.architecture, ck.meta.scaler);
+    let (arch, scaler) = (&ck.meta.architecture, &ck.meta.scaler);
     let exec = export::executor(&ck.model, arch, ck.meta.masking);
-    let windows = crate::eval::windows_for(arch, files)?;
+    let windows = crate::eval::windows_for(checkpoint_dir, arch, files)?;
+    let layer_units = exec.layer_units();
     let plan =
         if ck.meta.masking.mode == dyna_pruner::method::MaskMode::Dense { MaskPlan::Dense } else { MaskPlan::Dynamic };
     let (h, w) = (windows.height, windows.width);
@@ -33,12 +34,14 @@ pub fn run(checkpoint_dir: &Path, files: &[PathBuf], out: &Path, batch_size: usi
             scaler.scale_into(windows.input(i), &mut x);
         }
         let result = exec.forward(&x, chunk.len(), h, w, plan)?;
-        predictions.extend(result.prediction.iter().map(|&v| scaler.unscale(v)));
-        let (patches, units) = (h.div_ceil(arch.patch) * w.div_ceil(arch.patch), arch.units);
+        predictions.extend(result.prediction.iter().enumerate().map(|(i, &v)| scaler.unscale(i, v)));
+        let patches = h.div_ceil(arch.patch) * w.div_ceil(arch.patch);
         for (j, &i) in chunk.iter().enumerate() {
             let m = result.masks.get(j);
-            let kept_units =
-                m.map_or(1.0, |m| m.units.iter().map(|u| u.len()).sum::<usize>() as f64 / (units * arch.blocks) as f64);
+            let kept_units = m.map_or(1.0, |m| {
+                m.units.iter().zip(&layer_units).map(|(u, all)| u.len() as f64 / *all as f64).sum::<f64>()
+                    / layer_units.len() as f64
+            });
             samples.push(json!({
                 "window": i,
                 "target_date": windows.target_date(i),
@@ -58,7 +61,7 @@ pub fn run(checkpoint_dir: &Path, files: &[PathBuf], out: &Path, batch_size: usi
         "checkpoint": checkpoint_dir,
         "data": files,
         "shape": shape,
-        "units": "physical (inverse of the checkpoint's min-max scaling)",
+        "units": "physical (inverse of the checkpoint's scaling)",
         "seconds": seconds,
         "samples": samples,
     });

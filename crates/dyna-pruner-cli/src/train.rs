@@ -7,7 +7,7 @@ use dyna_pruner::eval::{evaluate_persistence, Evaluation};
 use dyna_pruner::train::{checkpoint, train, RunControl};
 
 use crate::device::DeviceArg;
-use crate::eval::{evaluate_checkpoint, table_row, TABLE_HEADER};
+use crate::eval::{evaluate_checkpoint, table_header, table_metrics, table_row};
 use crate::progress::Bars;
 use crate::with_backend;
 
@@ -19,16 +19,18 @@ pub fn train_plan(plan: &Plan, control: RunControl, device: DeviceArg) -> anyhow
         };
         let ck = checkpoint::load::<B>(&trained.checkpoint, &dev)?;
         let test = evaluate_checkpoint(&ck, &trained.splits.test, 256, &dev, "test");
-        let persistence = evaluate_persistence(&trained.splits.test, &ck.meta.scaler);
+        let persistence = evaluate_persistence(&trained.splits.test, ck.meta.scoring());
+        let cols = table_metrics(&trained.splits.test);
         println!(
-            "checkpoint {} (best epoch {}, {:.0}s)\ntest range: {} windows\n{TABLE_HEADER}",
+            "checkpoint {} (best epoch {}, {:.0}s)\ntest range: {} windows\n{}",
             trained.checkpoint.display(),
             trained.meta.provenance.best_epoch,
             trained.meta.provenance.wall_time_s,
-            trained.splits.test.len()
+            trained.splits.test.len(),
+            table_header(cols)
         );
-        println!("{}", table_row("model", &test, test.macs_per_sample));
-        println!("{}", table_row("persistence", &persistence, None));
+        println!("{}", table_row("model", &test, test.macs_per_sample, cols));
+        println!("{}", table_row("persistence", &persistence, None, cols));
         Ok(Some(test))
     })
 }

@@ -1,6 +1,6 @@
 //! The exported model file: safetensors with the weights in the training framework's layouts
 //! (conv `[out, in, k, k]`, transposed conv `[in, out, k, k]`, linear `[in, out]`) and the
-//! [`CnnSpec`] as JSON in the metadata key `spec`.
+//! [`Spec`] as JSON in the metadata key `spec`.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -11,13 +11,14 @@ use safetensors::SafeTensors;
 use crate::cnn::{CnnExec, CnnSpec};
 use crate::kernels::Conv;
 use crate::masks::{MaskGenerator, UnitGate};
-use crate::ExecError;
+use crate::vit::{Layer, Linear, Norm, VitExec, VitSpec};
+use crate::{Exec, ExecError, Spec};
 
 /// Named tensors: shape and row-major values.
 pub type Tensors = HashMap<String, (Vec<usize>, Vec<f32>)>;
 
 /// Writes `spec` and `tensors` to `path`.
-pub fn save(path: &Path, spec: &CnnSpec, tensors: &Tensors) -> Result<(), ExecError> {
+pub fn save(path: &Path, spec: &Spec, tensors: &Tensors) -> Result<(), ExecError> {
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .iter()
         .map(|(n, (shape, v))| (n.clone(), shape.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect()))
@@ -37,13 +38,13 @@ pub fn save(path: &Path, spec: &CnnSpec, tensors: &Tensors) -> Result<(), ExecEr
 }
 
 /// Reads an exported model.
-pub fn load(path: &Path) -> Result<CnnExec, ExecError> {
+pub fn load(path: &Path) -> Result<Exec, ExecError> {
     let bytes = std::fs::read(path).map_err(|source| ExecError::Io { path: path.to_path_buf(), source })?;
     let fmt = |detail: String| ExecError::Format { path: path.to_path_buf(), detail };
     let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| fmt(e.to_string()))?;
     let spec_text =
         meta.metadata().as_ref().and_then(|m| m.get("spec")).ok_or_else(|| fmt("no `spec` in the metadata".into()))?;
-    let spec: CnnSpec = serde_json::from_str(spec_text).map_err(|e| fmt(format!("bad spec: {e}")))?;
+    let spec: Spec = serde_json::from_str(spec_text).map_err(|e| fmt(format!("bad spec: {e}")))?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| fmt(e.to_string()))?;
     let mut tensors = Tensors::new();
     for (name, view) in st.tensors() {
@@ -72,7 +73,84 @@ fn conv(t: &Tensors, name: &str, cout: usize, cin: usize, k: usize, stride: usiz
 }
 
 /// Builds an executor from a spec and framework-layout tensors.
-pub fn from_tensors(spec: CnnSpec, t: &Tensors) -> Result<CnnExec, ExecError> {
+pub fn from_tensors(spec: Spec, t: &Tensors) -> Result<Exec, ExecError> {
+    match spec {
+        Spec::Cnn(s) => cnn_from_tensors(s, t).map(Exec::Cnn),
+        Spec::Vit(s) => vit_from_tensors(s, t).map(Exec::Vit),
+    }
+}
+
+fn generator(t: &Tensors, width: usize, channels: usize, patch: usize) -> Result<MaskGenerator, ExecError> {
+    Ok(MaskGenerator {
+        conv1: conv(t, "generator.conv1", width, 3 * channels, 3, 1)?,
+        conv2: conv(t, "generator.conv2", width, width, 3, 1)?,
+        head: conv(t, "generator.head", 1, width, 1, 1)?,
+        patch,
+        channels,
+    })
+}
+
+fn gate(t: &Tensors, l: usize, cin: usize, units: usize) -> Result<UnitGate, ExecError> {
+    Ok(UnitGate {
+        weight: take(t, &format!("gates.{l}.weight"), &[cin + 1, units])?.to_vec(),
+        bias: take(t, &format!("gates.{l}.bias"), &[units])?.to_vec(),
+        cin,
+        units,
+    })
+}
+
+fn linear(t: &Tensors, name: &str, inputs: usize, outputs: usize) -> Result<Linear, ExecError> {
+    Ok(Linear {
+        weight: take(t, &format!("{name}.weight"), &[inputs, outputs])?.to_vec(),
+        bias: take(t, &format!("{name}.bias"), &[outputs])?.to_vec(),
+        inputs,
+        outputs,
+    })
+}
+
+fn norm(t: &Tensors, name: &str, dim: usize) -> Result<Norm, ExecError> {
+    Ok(Norm {
+        gamma: take(t, &format!("{name}.gamma"), &[dim])?.to_vec(),
+        beta: take(t, &format!("{name}.beta"), &[dim])?.to_vec(),
+    })
+}
+
+fn vit_from_tensors(spec: VitSpec, t: &Tensors) -> Result<VitExec, ExecError> {
+    let (d, cell) = (spec.dim, spec.patch * spec.patch);
+    if spec.heads == 0 || d % spec.heads != 0 {
+        return Err(ExecError::Tensor {
+            name: "spec".into(),
+            detail: format!("{} heads do not divide dim {d}", spec.heads),
+        });
+    }
+    let layers = (0..spec.layers)
+        .map(|l| {
+            let name = |part: &str| format!("layers.{l}.{part}");
+            Ok(Layer {
+                norm1: norm(t, &name("norm1"), d)?,
+                qkv: linear(t, &name("qkv"), d, 3 * d)?,
+                proj: linear(t, &name("proj"), d, d)?,
+                norm2: norm(t, &name("norm2"), d)?,
+                fc1: linear(t, &name("fc1"), d, spec.mlp)?,
+                fc2: linear(t, &name("fc2"), spec.mlp, d)?,
+            })
+        })
+        .collect::<Result<Vec<_>, ExecError>>()?;
+    let gates = (0..2 * spec.layers)
+        .map(|l| gate(t, l, d, if l % 2 == 0 { spec.heads } else { spec.mlp }))
+        .collect::<Result<Vec<_>, ExecError>>()?;
+    Ok(VitExec {
+        embed: linear(t, "embed", spec.t_in * spec.channels * cell, d)?,
+        layers,
+        norm: norm(t, "norm", d)?,
+        head: linear(t, "head", d, spec.t_out * spec.channels * cell)?,
+        generator: generator(t, spec.generator_width, spec.channels, spec.patch)?,
+        gates,
+        spec,
+    })
+}
+
+fn cnn_from_tensors(spec: CnnSpec, t: &Tensors) -> Result<CnnExec, ExecError> {
     let (hid, units, c) = (spec.hidden, spec.units, spec.channels);
     let blocks = (0..spec.blocks)
         .map(|l| {
@@ -102,30 +180,14 @@ pub fn from_tensors(spec: CnnSpec, t: &Tensors) -> Result<CnnExec, ExecError> {
     } else {
         None
     };
-    let g = spec.generator_width;
-    let gates = (0..spec.blocks)
-        .map(|l| {
-            Ok(UnitGate {
-                weight: take(t, &format!("gates.{l}.weight"), &[hid + 1, units])?.to_vec(),
-                bias: take(t, &format!("gates.{l}.bias"), &[units])?.to_vec(),
-                cin: hid,
-                units,
-            })
-        })
-        .collect::<Result<Vec<_>, ExecError>>()?;
+    let gates = (0..spec.blocks).map(|l| gate(t, l, hid, units)).collect::<Result<Vec<_>, ExecError>>()?;
     Ok(CnnExec {
         enc_in: conv(t, "enc_in", hid, spec.t_in * c, 3, 1)?,
         enc_down: conv(t, "enc_down", hid, hid, 3, st)?,
         blocks,
         dec_up,
         dec_out: conv(t, "dec_out", spec.t_out * c, hid, 3, 1)?,
-        generator: MaskGenerator {
-            conv1: conv(t, "generator.conv1", g, 3 * c, 3, 1)?,
-            conv2: conv(t, "generator.conv2", g, g, 3, 1)?,
-            head: conv(t, "generator.head", 1, g, 1, 1)?,
-            patch: spec.patch,
-            channels: c,
-        },
+        generator: generator(t, spec.generator_width, c, spec.patch)?,
         gates,
         spec,
     })

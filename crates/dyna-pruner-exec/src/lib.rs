@@ -11,8 +11,50 @@ pub mod cnn;
 pub mod format;
 pub mod kernels;
 pub mod masks;
+pub mod vit;
 
 pub use cnn::{CnnExec, CnnSpec, MaskPlan, Output, SampleMasks};
+pub use vit::{VitExec, VitSpec};
+
+/// The spec of an exported model of any backbone.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+pub enum Spec {
+    Cnn(CnnSpec),
+    Vit(VitSpec),
+}
+
+/// An exported model of any backbone, ready to run.
+#[derive(Debug, Clone)]
+pub enum Exec {
+    Cnn(CnnExec),
+    Vit(VitExec),
+}
+
+impl Exec {
+    /// Runs a batch `x` (`[batch, t_in, channels, h, w]`, scaled) under `plan`.
+    pub fn forward(
+        &self,
+        x: &[f32],
+        batch: usize,
+        h: usize,
+        w: usize,
+        plan: MaskPlan<'_>,
+    ) -> Result<Output, ExecError> {
+        match self {
+            Exec::Cnn(m) => m.forward(x, batch, h, w, plan),
+            Exec::Vit(m) => m.forward(x, batch, h, w, plan),
+        }
+    }
+
+    /// Units of each prunable layer, in mask order.
+    pub fn layer_units(&self) -> Vec<usize> {
+        match self {
+            Exec::Cnn(m) => vec![m.spec.units; m.spec.blocks],
+            Exec::Vit(m) => (0..m.spec.layers).flat_map(|_| [m.spec.heads, m.spec.mlp]).collect(),
+        }
+    }
+}
 
 /// Errors of the executor.
 #[derive(Debug, thiserror::Error)]

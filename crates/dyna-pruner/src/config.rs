@@ -12,15 +12,54 @@ use crate::error::{Error, Result};
 use crate::method::MaskMode;
 use crate::model::Architecture;
 
+/// What kind of files `data.files` are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataFormat {
+    /// Crowd flow: ST-ResNet HDF5 files (`data` + `date`) or one OpenSTL `dataset.npz`.
+    #[default]
+    Crowd,
+    /// Gridded netCDF-3/4 variables on a lat/lon grid (ERA5, WeatherBench), one channel each.
+    Netcdf,
+}
+
+/// One channel of netCDF data: a variable, at one value of each dimension other than time,
+/// latitude and longitude (e.g. `level = 850`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelSpec {
+    /// Variable name inside the files (`t2m`, `z`, `t`).
+    pub var: String,
+    /// WeatherBench directory of the variable under `data.root` (`2m_temperature`,
+    /// `temperature_850`); without it the variable is read from `data.files`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<String>,
+    /// Coordinate value to take on each extra dimension, e.g. `{ level = 850 }`.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub select: std::collections::BTreeMap<String, f64>,
+}
+
 /// Where the data comes from and how it is cut.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DataConfig {
-    /// HDF5 crowd-flow files (merged) or one OpenSTL `dataset.npz`; relative to the working directory.
+    pub format: DataFormat,
+    /// Crowd: HDF5 files (merged) or one OpenSTL `dataset.npz`. netCDF: files holding every
+    /// channel without a `dir`, concatenated in time. Relative to the working directory.
     pub files: Vec<PathBuf>,
     pub slot_format: SlotFormat,
+    /// netCDF: the channels, stacked in this order.
+    pub channels: Vec<ChannelSpec>,
+    /// netCDF, WeatherBench layout: the directory holding one directory per variable, each with
+    /// yearly files `*_{year}_*.nc`.
+    pub root: Option<PathBuf>,
+    /// netCDF, WeatherBench layout: the years to read.
+    pub years: Vec<i32>,
     pub t_in: usize,
     pub t_out: usize,
+    /// Time steps from the last input frame to the first target (1: the next frame; 72 with
+    /// hourly data and `t_out = 1`: WeatherBench's 3-day forecast).
+    pub lead: usize,
     /// `[from, to)` as `YYYY-MM-DD`.
     pub train: [String; 2],
     pub val: [String; 2],
@@ -33,10 +72,15 @@ impl Default for DataConfig {
     fn default() -> Self {
         let taxi = |y: u32| PathBuf::from(format!("data/taxinyc/NYC{y}_Taxi_M16x8_T60_InOut.h5"));
         DataConfig {
+            format: DataFormat::Crowd,
             files: vec![taxi(10), taxi(11), taxi(12), taxi(13)],
             slot_format: SlotFormat::Auto,
+            channels: Vec::new(),
+            root: None,
+            years: Vec::new(),
             t_in: 4,
             t_out: 4,
+            lead: 1,
             train: ["2010-01-01".into(), "2013-01-01".into()],
             val: ["2013-01-01".into(), "2013-07-01".into()],
             test: ["2013-07-01".into(), "2014-01-01".into()],
@@ -50,9 +94,15 @@ impl Default for DataConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct ModelConfig {
     pub backbone: BackboneKind,
+    /// CNN: feature-map width; ViT: token width.
     pub hidden: usize,
+    /// CNN: hidden filters per block; ViT: MLP hidden units per layer.
     pub units: usize,
+    /// CNN: translator blocks; ViT: encoder layers.
     pub blocks: usize,
+    /// ViT: attention heads per layer (a divisor of `hidden`).
+    pub heads: usize,
+    /// CNN: encoder stride (the ViT's tokens sit at `patch`).
     pub stride: usize,
     pub patch: usize,
     pub generator_width: usize,
@@ -65,6 +115,7 @@ impl Default for ModelConfig {
             hidden: 64,
             units: 128,
             blocks: 6,
+            heads: 4,
             stride: 2,
             patch: 2,
             generator_width: 16,
@@ -161,7 +212,9 @@ impl Plan {
             hidden: m.hidden,
             units: m.units,
             blocks: m.blocks,
-            stride: m.stride,
+            heads: m.heads,
+            // The ViT's prunable layers sit on the token grid.
+            stride: if m.backbone == BackboneKind::Vit { m.patch } else { m.stride },
             patch: m.patch,
             generator_width: m.generator_width,
         }
@@ -219,11 +272,31 @@ impl RunConfig {
             }
         };
         let (d, m, me, t) = (&self.data, &self.model, &self.method, &self.train);
-        if d.files.is_empty() {
-            return Err(bad("data.files", "[]".into(), "at least one HDF5 or npz file"));
+        match d.format {
+            DataFormat::Crowd if d.files.is_empty() => {
+                return Err(bad("data.files", "[]".into(), "at least one HDF5 or npz file"));
+            }
+            DataFormat::Netcdf => {
+                if d.channels.is_empty() {
+                    return Err(bad("data.channels", "[]".into(), "at least one { var = \"...\" }"));
+                }
+                let in_dirs = d.channels.iter().filter(|c| c.dir.is_some()).count();
+                if in_dirs > 0 && (d.root.is_none() || d.years.is_empty()) {
+                    return Err(bad(
+                        "data.root/data.years",
+                        format!("root {:?}, years {:?}", d.root, d.years),
+                        "a root directory and at least one year when a channel names a `dir`",
+                    ));
+                }
+                if in_dirs < d.channels.len() && d.files.is_empty() {
+                    return Err(bad("data.files", "[]".into(), "netCDF files holding the channels without a `dir`"));
+                }
+            }
+            DataFormat::Crowd => {}
         }
         in_range("data.t_in", d.t_in, 2, 64)?;
         in_range("data.t_out", d.t_out, 1, 64)?;
+        in_range("data.lead", d.lead, 1, 10_000)?;
         fraction("data.val_fraction", d.val_fraction)?;
         let range = |field: &str, [from, to]: &[String; 2]| -> Result<DateRange> {
             let date = |s: &str| {
@@ -242,10 +315,16 @@ impl RunConfig {
         in_range("model.hidden", m.hidden, 1, 1024)?;
         in_range("model.units", m.units, 1, 4096)?;
         in_range("model.blocks", m.blocks, 1, 64)?;
-        in_range("model.stride", m.stride, 1, 2)?;
+        in_range("model.heads", m.heads, 1, 64)?;
+        if m.backbone == BackboneKind::Vit && m.hidden % m.heads != 0 {
+            return Err(bad("model.heads", m.heads.to_string(), &format!("a divisor of model.hidden = {}", m.hidden)));
+        }
+        if m.backbone == BackboneKind::Cnn {
+            in_range("model.stride", m.stride, 1, 2)?;
+        }
         in_range("model.patch", m.patch, 1, 256)?;
         in_range("model.generator_width", m.generator_width, 1, 256)?;
-        if m.patch % m.stride != 0 {
+        if m.backbone == BackboneKind::Cnn && m.patch % m.stride != 0 {
             return Err(bad("model.patch", m.patch.to_string(), &format!("a multiple of model.stride = {}", m.stride)));
         }
         fraction("method.data_keep", me.data_keep)?;

@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::data::{MinMaxScaler, WindowSet};
+use crate::data::{Scaler, WindowSet};
 use crate::method::{MaskMode, Masking};
-use crate::metrics::CrowdMetrics;
+use crate::metrics::Metrics;
 use crate::model::DynamicModel;
 
 /// What an evaluation measured.
@@ -35,22 +35,29 @@ pub struct SampleCost {
     pub kept_unit_fraction: f32,
 }
 
+/// How predictions are scored: the model's scaler and, for weather, the climatology `[C, H, W]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Scoring<'a> {
+    pub scaler: &'a Scaler,
+    pub climatology: Option<&'a [f32]>,
+}
+
 /// Runs `model` over `windows` in batches; `on_batch(done, total)` reports progress.
 pub fn evaluate<B: Backend>(
     model: &DynamicModel<B>,
     windows: &WindowSet,
-    scaler: &MinMaxScaler,
+    scoring: Scoring<'_>,
     masking: Masking,
     batch_size: usize,
     device: &B::Device,
     on_batch: &mut dyn FnMut(usize, usize),
 ) -> Evaluation {
-    let mut metrics = CrowdMetrics::new(windows.frame_len());
+    let mut metrics = Metrics::for_windows(windows, scoring.scaler, scoring.climatology);
     let mac_model = model.mac_model(windows.height, windows.width);
     let mut costs = Vec::with_capacity(windows.len());
     let indices: Vec<usize> = (0..windows.len()).collect();
     for chunk in indices.chunks(batch_size.max(1)) {
-        let (x, y) = windows.batch::<B>(chunk, scaler, device);
+        let (x, y) = windows.batch::<B>(chunk, scoring.scaler, device);
         let out = model.forward(x, masking);
         let pred: Vec<f32> = out.prediction.into_data().to_vec().expect("f32 prediction");
         let target: Vec<f32> = y.into_data().to_vec().expect("f32 target");
@@ -61,7 +68,7 @@ pub fn evaluate<B: Backend>(
     let n = costs.len().max(1) as f64;
     let dynamic = masking.mode != MaskMode::Dense;
     Evaluation {
-        metrics: metrics.finish(scaler),
+        metrics: metrics.finish(),
         macs_per_sample: Some(costs.iter().map(|c| c.macs).sum::<f64>() / n),
         samples: windows.len(),
         kept_patch_fraction: dynamic.then(|| costs.iter().map(|c| c.kept_patch_fraction as f64).sum::<f64>() / n),
@@ -101,8 +108,9 @@ pub fn sample_costs<B: Backend>(
 }
 
 /// Persistence (the last input frame repeated) on `windows`.
-pub fn evaluate_persistence(windows: &WindowSet, scaler: &MinMaxScaler) -> Evaluation {
-    let mut metrics = CrowdMetrics::new(windows.frame_len());
+pub fn evaluate_persistence(windows: &WindowSet, scoring: Scoring<'_>) -> Evaluation {
+    let scaler = scoring.scaler;
+    let mut metrics = Metrics::for_windows(windows, scaler, scoring.climatology);
     let (mut pred, mut target) = (Vec::new(), Vec::new());
     for i in 0..windows.len() {
         pred.clear();
@@ -112,7 +120,7 @@ pub fn evaluate_persistence(windows: &WindowSet, scaler: &MinMaxScaler) -> Evalu
         metrics.update(&pred, &target);
     }
     Evaluation {
-        metrics: metrics.finish(scaler),
+        metrics: metrics.finish(),
         macs_per_sample: None,
         samples: windows.len(),
         kept_patch_fraction: None,

@@ -6,7 +6,7 @@ use std::path::Path;
 use burn::module::Param;
 use burn::prelude::*;
 use dyna_pruner_exec::format::Tensors;
-use dyna_pruner_exec::{CnnExec, CnnSpec};
+use dyna_pruner_exec::{CnnSpec, Exec, Spec, VitSpec};
 
 use crate::backbones::Backbone;
 use crate::error::{Error, Result};
@@ -24,10 +24,60 @@ fn conv<B: Backend>(t: &mut Tensors, name: &str, c: &burn::nn::conv::Conv2d<B>) 
     put(t, &format!("{name}.bias"), c.bias.as_ref().expect("convs have a bias"));
 }
 
+fn linear<B: Backend>(t: &mut Tensors, name: &str, l: &burn::nn::Linear<B>) {
+    put(t, &format!("{name}.weight"), &l.weight);
+    put(t, &format!("{name}.bias"), l.bias.as_ref().expect("linear layers have a bias"));
+}
+
+fn norm<B: Backend>(t: &mut Tensors, name: &str, n: &burn::nn::LayerNorm<B>) {
+    put(t, &format!("{name}.gamma"), &n.gamma);
+    put(t, &format!("{name}.beta"), n.beta.as_ref().expect("layer norms have a beta"));
+}
+
 /// The executor's spec and tensors of `model` with `masking` as its inference masks.
-pub fn export<B: Backend>(model: &DynamicModel<B>, arch: &Architecture, masking: Masking) -> (CnnSpec, Tensors) {
+pub fn export<B: Backend>(model: &DynamicModel<B>, arch: &Architecture, masking: Masking) -> (Spec, Tensors) {
     let mut t = Tensors::new();
-    let Backbone::Cnn(cnn) = &model.backbone;
+    let g = &model.mask_generator;
+    conv(&mut t, "generator.conv1", &g.conv1);
+    conv(&mut t, "generator.conv2", &g.conv2);
+    conv(&mut t, "generator.head", &g.head);
+    for (l, gate) in model.unit_gates.iter().enumerate() {
+        linear(&mut t, &format!("gates.{l}"), &gate.linear);
+    }
+    let (data_mask, model_mask) = (masking.mode.data(), masking.mode.model());
+    let (data_keep, unit_keep) = (masking.data_keep, masking.unit_keep);
+    let cnn = match &model.backbone {
+        Backbone::Cnn(cnn) => cnn,
+        Backbone::Vit(vit) => {
+            linear(&mut t, "embed", &vit.embed);
+            for (l, layer) in vit.layers.iter().enumerate() {
+                norm(&mut t, &format!("layers.{l}.norm1"), &layer.norm1);
+                linear(&mut t, &format!("layers.{l}.qkv"), &layer.qkv);
+                linear(&mut t, &format!("layers.{l}.proj"), &layer.proj);
+                norm(&mut t, &format!("layers.{l}.norm2"), &layer.norm2);
+                linear(&mut t, &format!("layers.{l}.fc1"), &layer.fc1);
+                linear(&mut t, &format!("layers.{l}.fc2"), &layer.fc2);
+            }
+            norm(&mut t, "norm", &vit.norm);
+            linear(&mut t, "head", &vit.head);
+            let spec = VitSpec {
+                t_in: arch.t_in,
+                t_out: arch.t_out,
+                channels: arch.channels,
+                patch: arch.patch,
+                dim: arch.hidden,
+                heads: arch.heads,
+                mlp: arch.units,
+                layers: arch.blocks,
+                generator_width: arch.generator_width,
+                data_mask,
+                model_mask,
+                data_keep,
+                unit_keep,
+            };
+            return (Spec::Vit(spec), t);
+        }
+    };
     conv(&mut t, "enc_in", &cnn.enc_in);
     conv(&mut t, "enc_down", &cnn.enc_down);
     for (l, block) in cnn.blocks.iter().enumerate() {
@@ -39,14 +89,6 @@ pub fn export<B: Backend>(model: &DynamicModel<B>, arch: &Architecture, masking:
         put(&mut t, "dec_up.bias", up.bias.as_ref().expect("bias"));
     }
     conv(&mut t, "dec_out", &cnn.dec_out);
-    let g = &model.mask_generator;
-    conv(&mut t, "generator.conv1", &g.conv1);
-    conv(&mut t, "generator.conv2", &g.conv2);
-    conv(&mut t, "generator.head", &g.head);
-    for (l, gate) in model.unit_gates.iter().enumerate() {
-        put(&mut t, &format!("gates.{l}.weight"), &gate.linear.weight);
-        put(&mut t, &format!("gates.{l}.bias"), gate.linear.bias.as_ref().expect("bias"));
-    }
     let spec = CnnSpec {
         t_in: arch.t_in,
         t_out: arch.t_out,
@@ -57,16 +99,16 @@ pub fn export<B: Backend>(model: &DynamicModel<B>, arch: &Architecture, masking:
         stride: arch.stride,
         patch: arch.patch,
         generator_width: arch.generator_width,
-        data_mask: masking.mode.data(),
-        model_mask: masking.mode.model(),
-        data_keep: masking.data_keep,
-        unit_keep: masking.unit_keep,
+        data_mask,
+        model_mask,
+        data_keep,
+        unit_keep,
     };
-    (spec, t)
+    (Spec::Cnn(spec), t)
 }
 
 /// The executor for `model` (in memory).
-pub fn executor<B: Backend>(model: &DynamicModel<B>, arch: &Architecture, masking: Masking) -> CnnExec {
+pub fn executor<B: Backend>(model: &DynamicModel<B>, arch: &Architecture, masking: Masking) -> Exec {
     let (spec, tensors) = export(model, arch, masking);
     dyna_pruner_exec::format::from_tensors(spec, &tensors).expect("exported tensors match their spec")
 }
@@ -82,7 +124,7 @@ pub fn write<B: Backend>(path: &Path, model: &DynamicModel<B>, arch: &Architectu
 mod tests {
     //! The sparse executor against the masked-dense reference forward (the trainer's model).
     use super::*;
-    use crate::backbones::BackboneKind;
+    use crate::backbones::{BackboneKind, SpatioTemporal};
     use crate::method::{FixedMasks, MaskMode};
     use crate::CpuBackend;
     use dyna_pruner_exec::{MaskPlan, SampleMasks};
@@ -102,10 +144,51 @@ mod tests {
             hidden: rng.random_range(3..=8),
             units: rng.random_range(2..=9),
             blocks: rng.random_range(1..=3),
+            heads: 1,
             stride,
             patch: stride * rng.random_range(1..=3),
             generator_width: 4,
         }
+    }
+
+    fn random_vit(rng: &mut StdRng) -> Architecture {
+        let heads = rng.random_range(1..=3);
+        let patch = rng.random_range(1..=3);
+        Architecture {
+            backbone: BackboneKind::Vit,
+            t_in: rng.random_range(2..=4),
+            t_out: rng.random_range(1..=3),
+            channels: rng.random_range(1..=2),
+            hidden: heads * rng.random_range(2..=4),
+            units: rng.random_range(2..=9),
+            blocks: rng.random_range(1..=3),
+            heads,
+            stride: patch,
+            patch,
+            generator_width: 4,
+        }
+    }
+
+    /// Random masks: per sample some patches, per prunable layer some units.
+    fn random_masks(rng: &mut StdRng, model: &DynamicModel<B>, batch: usize, patches: usize) -> Vec<SampleMasks> {
+        let layers = model.backbone.prunable_layers();
+        (0..batch)
+            .map(|_| {
+                let kept = rng.random_range(1..=patches);
+                let mut p = sample(rng, patches, kept).into_vec();
+                p.sort_unstable();
+                let units = layers
+                    .iter()
+                    .map(|l| {
+                        let kept = rng.random_range(1..=l.units);
+                        let mut u = sample(rng, l.units, kept).into_vec();
+                        u.sort_unstable();
+                        u
+                    })
+                    .collect();
+                SampleMasks { patches: p, units }
+            })
+            .collect()
     }
 
     fn input(rng: &mut StdRng, arch: &Architecture, batch: usize, h: usize, w: usize) -> (Vec<f32>, Tensor<B, 5>) {
@@ -131,7 +214,8 @@ mod tests {
         w: usize,
     ) -> Vec<f32> {
         let grid = (h.div_ceil(arch.patch), w.div_ceil(arch.patch));
-        let mut fixed = FixedMasks::new(masks, grid, arch.units, arch.patch, &Default::default());
+        let units: Vec<usize> = model.backbone.prunable_layers().iter().map(|l| l.units).collect();
+        let mut fixed = FixedMasks::new(masks, grid, &units, arch.patch, &Default::default());
         model.forward_masked(x, &mut fixed).into_data().to_vec().unwrap()
     }
 
@@ -145,25 +229,47 @@ mod tests {
             let (batch, h, w) = (rng.random_range(1..=3), rng.random_range(5..=17), rng.random_range(5..=17));
             let (x, xt) = input(&mut rng, &arch, batch, h, w);
             let n = h.div_ceil(arch.patch) * w.div_ceil(arch.patch);
-            let masks: Vec<SampleMasks> = (0..batch)
-                .map(|_| {
-                    let kept = rng.random_range(1..=n);
-                    let mut patches = sample(&mut rng, n, kept).into_vec();
-                    patches.sort_unstable();
-                    let units = (0..arch.blocks)
-                        .map(|_| {
-                            let kept = rng.random_range(1..=arch.units);
-                            let mut u = sample(&mut rng, arch.units, kept).into_vec();
-                            u.sort_unstable();
-                            u
-                        })
-                        .collect();
-                    SampleMasks { patches, units }
-                })
-                .collect();
+            let masks = random_masks(&mut rng, &model, batch, n);
             let out = exec.forward(&x, batch, h, w, MaskPlan::Given(&masks)).unwrap();
             let want = reference(&model, &arch, xt, &masks, h, w);
             assert_close(&out.prediction, &want, &format!("case {case}: {arch:?} batch {batch} {h}x{w}"));
+        }
+    }
+
+    #[test]
+    fn vit_executor_matches_the_masked_dense_reference_on_random_models_and_masks() {
+        let mut rng = StdRng::seed_from_u64(2027);
+        for case in 0..10 {
+            let arch = random_vit(&mut rng);
+            let model = arch.init::<B>(&Default::default());
+            let exec = executor(&model, &arch, Masking::DENSE);
+            let (batch, h, w) = (rng.random_range(1..=3), rng.random_range(3..=13), rng.random_range(3..=13));
+            let (x, xt) = input(&mut rng, &arch, batch, h, w);
+            let n = h.div_ceil(arch.patch) * w.div_ceil(arch.patch);
+            let masks = random_masks(&mut rng, &model, batch, n);
+            let out = exec.forward(&x, batch, h, w, MaskPlan::Given(&masks)).unwrap();
+            let want = reference(&model, &arch, xt.clone(), &masks, h, w);
+            assert_close(&out.prediction, &want, &format!("case {case}: {arch:?} batch {batch} {h}x{w}"));
+            let dense = exec.forward(&x, batch, h, w, MaskPlan::Dense).unwrap();
+            let burn_dense: Vec<f32> = model.forward(xt, Masking::DENSE).prediction.into_data().to_vec().unwrap();
+            assert_close(&dense.prediction, &burn_dense, &format!("case {case}: dense"));
+            let layer_units: Vec<usize> = model.backbone.prunable_layers().iter().map(|l| l.units).collect();
+            let all = vec![
+                SampleMasks {
+                    patches: (0..n).collect(),
+                    units: layer_units.iter().map(|&u| (0..u).collect()).collect()
+                };
+                batch
+            ];
+            let ones = exec.forward(&x, batch, h, w, MaskPlan::Given(&all)).unwrap();
+            assert_eq!(ones.prediction, dense.prediction, "case {case}: all-ones masks must equal the dense path");
+            let one = vec![SampleMasks { patches: vec![n - 1], units: vec![vec![0]; layer_units.len()] }; batch];
+            let out = exec.forward(&x, batch, h, w, MaskPlan::Given(&one)).unwrap();
+            let xt = Tensor::from_data(
+                TensorData::new(x.clone(), [batch, arch.t_in, arch.channels, h, w]),
+                &Default::default(),
+            );
+            assert_close(&out.prediction, &reference(&model, &arch, xt, &one, h, w), &format!("case {case}: one"));
         }
     }
 
@@ -193,8 +299,8 @@ mod tests {
     #[test]
     fn executor_masks_and_macs_match_the_trainer() {
         let mut rng = StdRng::seed_from_u64(11);
-        for case in 0..4 {
-            let arch = random_arch(&mut rng);
+        for case in 0..8 {
+            let arch = if case % 2 == 0 { random_arch(&mut rng) } else { random_vit(&mut rng) };
             let model = arch.init::<B>(&Default::default());
             let masking = Masking { mode: MaskMode::Both, data_keep: 0.5, unit_keep: 0.4 };
             let exec = executor(&model, &arch, masking);
@@ -210,7 +316,8 @@ mod tests {
                 assert_eq!(m.patches, patches, "case {case}: sample {b} patches");
                 for (l, f) in fwd.fractions.iter().enumerate() {
                     let u: Vec<f32> = f.unit_mask.clone().unwrap().into_data().to_vec().unwrap();
-                    let units: Vec<usize> = (0..arch.units).filter(|&i| u[b * arch.units + i] == 1.0).collect();
+                    let all = u.len() / batch;
+                    let units: Vec<usize> = (0..all).filter(|&i| u[b * all + i] == 1.0).collect();
                     assert_eq!(m.units[l], units, "case {case}: sample {b} layer {l} units");
                 }
             }

@@ -9,8 +9,11 @@ use crate::method::masks::kept_count;
 pub struct MacModel {
     /// Backbone layers no mask touches (encoder, decoder).
     pub backbone_fixed: u64,
-    /// Dense MACs of each prunable layer.
+    /// Dense MACs of each prunable layer that scale with kept positions x kept units.
     pub layers: Vec<u64>,
+    /// Dense MACs of each prunable layer that scale with kept positions^2 x kept units
+    /// (attention logits and weighted sums; zero for convolutions).
+    pub pairwise: Vec<u64>,
     /// The method's own cost: mask generator and unit gates (only paid by the dynamic model).
     pub method: u64,
 }
@@ -18,18 +21,19 @@ pub struct MacModel {
 impl MacModel {
     /// The dense backbone, masks off (no mask generator runs).
     pub fn dense(&self) -> u64 {
-        self.backbone_fixed + self.layers.iter().sum::<u64>()
+        self.backbone_fixed + self.layers.iter().sum::<u64>() + self.pairwise.iter().sum::<u64>()
+    }
+
+    /// MACs of prunable layer `l` at kept fractions `(space, units)`.
+    pub fn layer(&self, l: usize, space: f64, units: f64) -> f64 {
+        (self.layers[l] as f64 + self.pairwise[l] as f64 * space) * space * units
     }
 
     /// The dynamic model for one sample, given each layer's hard kept fractions
     /// `(kept pixels / pixels, kept units / units)`.
     pub fn dynamic(&self, fractions: &[(f32, f32)]) -> f64 {
-        let pruned: f64 = self
-            .layers
-            .iter()
-            .zip(fractions)
-            .map(|(&macs, &(space, units))| macs as f64 * space as f64 * units as f64)
-            .sum();
+        let pruned: f64 =
+            fractions.iter().enumerate().map(|(l, &(space, units))| self.layer(l, space as f64, units as f64)).sum();
         (self.backbone_fixed + self.method) as f64 + pruned
     }
 
@@ -37,8 +41,9 @@ impl MacModel {
     /// layer keeps `space x units` (the budget loss's target, on the same scale as its estimate).
     pub fn budget_fraction(&self, space: f32, units: f32) -> f32 {
         let always = (self.backbone_fixed + self.method) as f64;
-        let layers: f64 = self.layers.iter().map(|&m| m as f64).sum();
-        ((always + layers * space as f64 * units as f64) / (always + layers)) as f32
+        let kept: f64 = (0..self.layers.len()).map(|l| self.layer(l, space as f64, units as f64)).sum();
+        let all: f64 = (0..self.layers.len()).map(|l| self.layer(l, 1.0, 1.0)).sum();
+        ((always + kept) / (always + all)) as f32
     }
 
     /// The dynamic model's MACs at nominal keep ratios (patch counts rounded up), for planning.
@@ -55,10 +60,17 @@ mod tests {
 
     #[test]
     fn dynamic_scales_prunable_layers_only() {
-        let m = MacModel { backbone_fixed: 100, layers: vec![400, 400], method: 10 };
+        let m = MacModel { backbone_fixed: 100, layers: vec![400, 400], pairwise: vec![0, 0], method: 10 };
         assert_eq!(m.dense(), 900);
         assert_eq!(m.dynamic(&[(1.0, 1.0), (1.0, 1.0)]), 910.0);
         assert_eq!(m.dynamic(&[(0.5, 0.5), (1.0, 0.25)]), 310.0);
         assert!((m.budget_fraction(0.5, 0.5) - (110.0 + 200.0) / 910.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn pairwise_cost_scales_with_the_square_of_kept_positions() {
+        let m = MacModel { backbone_fixed: 0, layers: vec![100], pairwise: vec![80], method: 0 };
+        assert_eq!(m.dense(), 180);
+        assert_eq!(m.dynamic(&[(0.5, 0.5)]), 100.0 * 0.25 + 80.0 * 0.125);
     }
 }

@@ -3,6 +3,7 @@
 use burn::prelude::*;
 
 use crate::backbones::cnn::CnnConfig;
+use crate::backbones::vit::VitConfig;
 use crate::backbones::{Backbone, BackboneKind, SpatioTemporal};
 use crate::macs::MacModel;
 use crate::method::mask_generator::{MaskGenerator, MaskGeneratorConfig, UnitGate, UnitGateConfig};
@@ -18,11 +19,18 @@ pub struct Architecture {
     pub hidden: usize,
     pub units: usize,
     pub blocks: usize,
+    /// ViT: attention heads per layer.
+    #[serde(default = "default_heads")]
+    pub heads: usize,
     pub stride: usize,
     /// Patch side in input pixels (a multiple of `stride`).
     pub patch: usize,
     /// Hidden width of the mask generator.
     pub generator_width: usize,
+}
+
+fn default_heads() -> usize {
+    4
 }
 
 /// The output of one forward pass.
@@ -55,6 +63,15 @@ impl Architecture {
                     .with_units(self.units)
                     .with_blocks(self.blocks)
                     .with_stride(self.stride)
+                    .init(device),
+            ),
+            BackboneKind::Vit => Backbone::Vit(
+                VitConfig::new(self.t_in, self.t_out, self.channels)
+                    .with_patch(self.patch)
+                    .with_dim(self.hidden)
+                    .with_heads(self.heads)
+                    .with_mlp(self.units)
+                    .with_layers(self.blocks)
                     .init(device),
             ),
         };
@@ -116,6 +133,7 @@ impl<B: Backend> DynamicModel<B> {
         MacModel {
             backbone_fixed: macs.fixed,
             layers: macs.layers,
+            pairwise: macs.pairwise,
             method: self.mask_generator.macs(height, width) + gates,
         }
     }
@@ -137,6 +155,7 @@ mod tests {
             hidden: 8,
             units: 12,
             blocks: 2,
+            heads: 2,
             stride,
             patch,
             generator_width: 4,

@@ -158,6 +158,7 @@ impl<B: Backend> SpatioTemporal<B> for Cnn<B> {
         BackboneMacs {
             fixed: full * 9 * t_in_c * hid + low * 9 * hid * hid + up + full * 9 * hid * out_c,
             layers: vec![low * 9 * 2 * hid * units; self.blocks.len()],
+            pairwise: vec![0; self.blocks.len()],
         }
     }
 }

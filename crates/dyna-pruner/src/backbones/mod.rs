@@ -6,6 +6,7 @@
 //! nothing in a sparse executor, and count dense MACs analytically.
 
 pub mod cnn;
+pub mod vit;
 
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -18,6 +19,8 @@ use crate::method::MaskSource;
 pub enum BackboneKind {
     /// SimVP-style CNN: strided conv encoder -> masked residual translator -> decoder.
     Cnn,
+    /// ViT over patches: token dropping, attention heads and MLP units as units.
+    Vit,
 }
 
 /// One layer whose positions (DataMask) and units (ModelMask) can be pruned.
@@ -31,11 +34,15 @@ pub struct PrunableLayer {
     pub stride: usize,
 }
 
-/// Dense MACs per sample: the part no mask touches, and each prunable layer's.
+/// Dense MACs per sample: the part no mask touches, and each prunable layer's, split into the
+/// part linear in the kept positions and the part over pairs of kept positions (attention).
 #[derive(Debug, Clone, PartialEq)]
 pub struct BackboneMacs {
     pub fixed: u64,
+    /// Scales with kept positions x kept units.
     pub layers: Vec<u64>,
+    /// Scales with kept positions^2 x kept units.
+    pub pairwise: Vec<u64>,
 }
 
 /// What every backbone implements.
@@ -55,27 +62,33 @@ pub trait SpatioTemporal<B: Backend> {
 }
 
 /// One backbone of any kind.
+// A model holds exactly one backbone, never a collection of them: the size difference is moot.
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum Backbone<B: Backend> {
     Cnn(cnn::Cnn<B>),
+    Vit(vit::Vit<B>),
 }
 
 impl<B: Backend> SpatioTemporal<B> for Backbone<B> {
     fn forward(&self, x: Tensor<B, 5>, masks: &mut dyn MaskSource<B>) -> Tensor<B, 5> {
         match self {
             Backbone::Cnn(m) => m.forward(x, masks),
+            Backbone::Vit(m) => m.forward(x, masks),
         }
     }
 
     fn prunable_layers(&self) -> Vec<PrunableLayer> {
         match self {
             Backbone::Cnn(m) => m.prunable_layers(),
+            Backbone::Vit(m) => m.prunable_layers(),
         }
     }
 
     fn macs(&self, height: usize, width: usize) -> BackboneMacs {
         match self {
             Backbone::Cnn(m) => m.macs(height, width),
+            Backbone::Vit(m) => m.macs(height, width),
         }
     }
 }

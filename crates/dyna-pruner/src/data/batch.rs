@@ -2,7 +2,7 @@
 
 use burn::prelude::*;
 
-use super::{MinMaxScaler, WindowSet};
+use super::{Scaler, WindowSet};
 
 impl WindowSet {
     /// Inputs and targets of the windows at `indices`, scaled.
@@ -13,7 +13,7 @@ impl WindowSet {
     pub fn batch<B: Backend>(
         &self,
         indices: &[usize],
-        scaler: &MinMaxScaler,
+        scaler: &Scaler,
         device: &B::Device,
     ) -> (Tensor<B, 5>, Tensor<B, 5>) {
         let (mut x, mut y) = (Vec::new(), Vec::new());
@@ -30,7 +30,7 @@ impl WindowSet {
     }
 
     /// The scaled persistence forecast of window `i`: its last input frame, `t_out` times.
-    pub fn persistence(&self, i: usize, scaler: &MinMaxScaler, out: &mut Vec<f32>) {
+    pub fn persistence(&self, i: usize, scaler: &Scaler, out: &mut Vec<f32>) {
         let f = self.frame_len();
         let last = &self.input(i)[(self.t_in - 1) * f..];
         for _ in 0..self.t_out {

@@ -167,8 +167,9 @@ mod tests {
         let s = crowd_series(4, 3, 3, 6, 3);
         let path = temp("gaps.h5");
         write(&path, &s).unwrap();
-        let source = crate::data::load(std::slice::from_ref(&path), SlotFormat::Auto).unwrap();
-        let err = source.all_windows(4, 4, std::slice::from_ref(&path)).unwrap_err();
+        let source = crate::data::load_crowd(std::slice::from_ref(&path), SlotFormat::Auto).unwrap();
+        let horizon = crate::data::Horizon { t_in: 4, lead: 1, t_out: 4 };
+        let err = source.all_windows(horizon, std::slice::from_ref(&path)).unwrap_err();
         let msg = err.to_string();
         assert!(
             matches!(err, Error::NoWindows { .. }) && msg.contains("longest run of consecutive slots is 5"),

@@ -7,6 +7,7 @@
 pub mod batch;
 pub mod crowd_h5;
 pub mod hdf5;
+pub mod netcdf;
 pub mod npz;
 pub mod scaling;
 pub mod series;
@@ -17,10 +18,11 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub use scaling::MinMaxScaler;
-pub use series::{DateRange, FrameSeries, WindowSet};
+pub use scaling::{MinMaxScaler, Scaler, ZScoreScaler};
+pub use series::{window_len, DateRange, FrameSeries, LatLonGrid, WindowSet};
 pub use timeslots::SlotFormat;
 
+use crate::config::{DataConfig, DataFormat};
 use crate::error::{Error, Result};
 
 /// What a set of data files holds: a time series (HDF5) or pre-cut windows (npz).
@@ -43,9 +45,17 @@ fn is_zip(path: &Path) -> Result<bool> {
     Ok(n == 4 && &magic == b"PK\x03\x04")
 }
 
+/// Reads the data of a config: crowd-flow files or netCDF weather variables.
+pub fn load(d: &DataConfig) -> Result<Source> {
+    match d.format {
+        DataFormat::Crowd => load_crowd(&d.files, d.slot_format),
+        DataFormat::Netcdf => Ok(Source::Series(Arc::new(netcdf::read(d)?))),
+    }
+}
+
 /// Reads crowd-flow files: several HDF5 files (e.g. one per year) are merged into one series;
 /// an OpenSTL `dataset.npz` must come alone.
-pub fn load(paths: &[PathBuf], format: SlotFormat) -> Result<Source> {
+pub fn load_crowd(paths: &[PathBuf], format: SlotFormat) -> Result<Source> {
     let Some(first) = paths.first() else {
         return Err(Error::Config {
             file: None,
@@ -96,40 +106,33 @@ fn describe(paths: &[PathBuf]) -> String {
 
 impl Source {
     /// All windows of the source: every consecutive window of a series, or the test part of an npz.
-    pub fn all_windows(&self, t_in: usize, t_out: usize, paths: &[PathBuf]) -> Result<WindowSet> {
+    pub fn all_windows(&self, t: Horizon, paths: &[PathBuf]) -> Result<WindowSet> {
         match self {
-            Source::Series(s) => windows_in(s, t_in, t_out, None, "all dates", paths),
-            Source::Npz(n) => check_lengths(&n.test, t_in, t_out, paths),
+            Source::Series(s) => windows_in(s, t, None, "all dates", paths),
+            Source::Npz(n) => check_lengths(&n.test, t, paths),
         }
     }
 
     /// Splits by date (series) or takes the last `val_fraction` of the npz training windows as
     /// validation (npz windows carry no dates).
-    pub fn split(
-        &self,
-        t_in: usize,
-        t_out: usize,
-        ranges: [DateRange; 3],
-        val_fraction: f32,
-        paths: &[PathBuf],
-    ) -> Result<Splits> {
+    pub fn split(&self, t: Horizon, ranges: [DateRange; 3], val_fraction: f32, paths: &[PathBuf]) -> Result<Splits> {
         match self {
             Source::Series(s) => {
                 let [train, val, test] = ranges;
                 Ok(Splits {
-                    train: windows_in(s, t_in, t_out, Some(train), "the train range", paths)?,
-                    val: windows_in(s, t_in, t_out, Some(val), "the validation range", paths)?,
-                    test: windows_in(s, t_in, t_out, Some(test), "the test range", paths)?,
+                    train: windows_in(s, t, Some(train), "the train range", paths)?,
+                    val: windows_in(s, t, Some(val), "the validation range", paths)?,
+                    test: windows_in(s, t, Some(test), "the test range", paths)?,
                 })
             }
             Source::Npz(n) => {
-                let train = check_lengths(&n.train, t_in, t_out, paths)?;
+                let train = check_lengths(&n.train, t, paths)?;
                 let n_val = ((train.len() as f32 * val_fraction).ceil() as usize).clamp(1, train.len().max(1));
                 let cut = train.len().saturating_sub(n_val);
                 if cut == 0 {
                     return Err(Error::NoWindows {
                         what: describe(paths),
-                        window: t_in + t_out,
+                        window: t.t_in + t.t_out,
                         detail: format!("X_train has {} windows, too few to keep some for validation", train.len()),
                     });
                 }
@@ -137,27 +140,41 @@ impl Source {
                 Ok(Splits {
                     val: train.subset(&idx[cut..]),
                     train: train.subset(&idx[..cut]),
-                    test: check_lengths(&n.test, t_in, t_out, paths)?,
+                    test: check_lengths(&n.test, t, paths)?,
                 })
             }
         }
     }
 }
 
+/// Input frames, lead (slots from the last input to the first target) and target frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Horizon {
+    pub t_in: usize,
+    pub lead: usize,
+    pub t_out: usize,
+}
+
+impl Horizon {
+    pub fn of(d: &DataConfig) -> Self {
+        Horizon { t_in: d.t_in, lead: d.lead, t_out: d.t_out }
+    }
+}
+
 fn windows_in(
     s: &Arc<FrameSeries>,
-    t_in: usize,
-    t_out: usize,
+    t: Horizon,
     range: Option<DateRange>,
     range_name: &str,
     paths: &[PathBuf],
 ) -> Result<WindowSet> {
-    let starts = s.window_starts(t_in + t_out, range);
+    let len = window_len(t.t_in, t.lead, t.t_out);
+    let starts = s.window_starts(len, range);
     if starts.is_empty() {
         let inside = s.stamps.iter().filter(|st| range.is_none_or(|r| r.contains(st.date))).count();
         return Err(Error::NoWindows {
             what: format!("{range_name} of {}", describe(paths)),
-            window: t_in + t_out,
+            window: len,
             detail: match range {
                 Some(r) => format!(
                     "{inside} frames fall in {}..{}; the longest run of consecutive slots in the files is {}",
@@ -169,10 +186,19 @@ fn windows_in(
             },
         });
     }
-    Ok(WindowSet::from_series(s.clone(), starts, t_in, t_out))
+    Ok(WindowSet::from_series(s.clone(), starts, t.t_in, t.lead, t.t_out))
 }
 
-fn check_lengths(w: &WindowSet, t_in: usize, t_out: usize, paths: &[PathBuf]) -> Result<WindowSet> {
+fn check_lengths(w: &WindowSet, t: Horizon, paths: &[PathBuf]) -> Result<WindowSet> {
+    let (t_in, t_out) = (t.t_in, t.t_out);
+    if t.lead != 1 {
+        return Err(Error::Config {
+            file: None,
+            field: "data.lead".into(),
+            value: t.lead.to_string(),
+            expected: "1 for pre-cut npz windows (their targets follow the inputs)".into(),
+        });
+    }
     if (w.t_in, w.t_out) != (t_in, t_out) {
         return Err(Error::BadField {
             path: paths[0].clone(),

@@ -16,6 +16,19 @@ pub struct FrameSeries {
     pub stamps: Vec<Stamp>,
     /// Rows dropped because their time stamp appeared earlier (kept: first occurrence).
     pub duplicates_dropped: usize,
+    /// What the grid is, when known (latitudes and channel names of a lat/lon grid).
+    pub grid: Option<Arc<LatLonGrid>>,
+}
+
+/// A regular latitude/longitude grid: rows are latitudes (north first), columns longitudes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LatLonGrid {
+    /// Latitude of each row, degrees north.
+    pub latitudes: Vec<f32>,
+    /// Longitude of each column, degrees east.
+    pub longitudes: Vec<f32>,
+    /// Name of each channel (e.g. `t2m`, `t@850`) and its units.
+    pub channels: Vec<(String, String)>,
 }
 
 /// A half-open date range `[from, to)` of `YYYYMMDD` dates.
@@ -52,6 +65,7 @@ impl FrameSeries {
             values: sorted,
             stamps: order.iter().map(|&i| stamps[i]).collect(),
             duplicates_dropped,
+            grid: None,
         }
     }
 
@@ -64,6 +78,7 @@ impl FrameSeries {
             return None;
         }
         let dropped: usize = parts.iter().map(|p| p.duplicates_dropped).sum();
+        let grid = first.grid.clone();
         let mut values = Vec::new();
         let mut stamps = Vec::new();
         for p in parts {
@@ -72,6 +87,7 @@ impl FrameSeries {
         }
         let mut merged = FrameSeries::from_rows(c, h, w, values, stamps);
         merged.duplicates_dropped += dropped;
+        merged.grid = grid;
         Some(merged)
     }
 
@@ -124,6 +140,11 @@ impl FrameSeries {
     }
 }
 
+/// Frames a window spans: `t_in` inputs, the gap up to the lead, `t_out` targets.
+pub fn window_len(t_in: usize, lead: usize, t_out: usize) -> usize {
+    t_in - 1 + lead + t_out
+}
+
 /// Where the frames of a window set come from.
 #[derive(Debug, Clone)]
 enum WindowSource {
@@ -138,6 +159,8 @@ enum WindowSource {
 pub struct WindowSet {
     pub t_in: usize,
     pub t_out: usize,
+    /// Slots from the last input frame to the first target frame (1: the next frame).
+    pub lead: usize,
     pub channels: usize,
     pub height: usize,
     pub width: usize,
@@ -145,10 +168,13 @@ pub struct WindowSet {
 }
 
 impl WindowSet {
-    pub fn from_series(series: Arc<FrameSeries>, starts: Vec<usize>, t_in: usize, t_out: usize) -> Self {
+    /// Windows of `t_in` inputs and `t_out` targets, the first target `lead` slots after the last
+    /// input; `starts` must leave room for `window_len(t_in, lead, t_out)` frames.
+    pub fn from_series(series: Arc<FrameSeries>, starts: Vec<usize>, t_in: usize, lead: usize, t_out: usize) -> Self {
         WindowSet {
             t_in,
             t_out,
+            lead,
             channels: series.channels,
             height: series.height,
             width: series.width,
@@ -161,7 +187,7 @@ impl WindowSet {
         let [channels, height, width] = chw;
         debug_assert_eq!(x.len(), n * t_in * channels * height * width);
         debug_assert_eq!(y.len(), n * t_out * channels * height * width);
-        WindowSet { t_in, t_out, channels, height, width, source: WindowSource::Pairs { x, y, n } }
+        WindowSet { t_in, t_out, lead: 1, channels, height, width, source: WindowSource::Pairs { x, y, n } }
     }
 
     pub fn len(&self) -> usize {
@@ -177,6 +203,14 @@ impl WindowSet {
 
     pub fn frame_len(&self) -> usize {
         self.channels * self.height * self.width
+    }
+
+    /// The lat/lon grid of the frames, when known.
+    pub fn grid(&self) -> Option<&LatLonGrid> {
+        match &self.source {
+            WindowSource::Series { series, .. } => series.grid.as_deref(),
+            WindowSource::Pairs { .. } => None,
+        }
     }
 
     /// Keeps only the windows at `keep` (indices into this set), in that order.
@@ -198,6 +232,7 @@ impl WindowSet {
         WindowSet {
             t_in: self.t_in,
             t_out: self.t_out,
+            lead: self.lead,
             channels: self.channels,
             height: self.height,
             width: self.width,
@@ -219,7 +254,7 @@ impl WindowSet {
         let f = self.frame_len();
         match &self.source {
             WindowSource::Series { series, starts } => {
-                let s = starts[i] + self.t_in;
+                let s = starts[i] + self.t_in - 1 + self.lead;
                 &series.values[s * f..(s + self.t_out) * f]
             }
             WindowSource::Pairs { y, .. } => &y[i * self.t_out * f..(i + 1) * self.t_out * f],
@@ -229,7 +264,7 @@ impl WindowSet {
     /// The date of the first target frame of window `i`, when known.
     pub fn target_date(&self, i: usize) -> Option<Ymd> {
         match &self.source {
-            WindowSource::Series { series, starts } => Some(series.stamps[starts[i] + self.t_in].date),
+            WindowSource::Series { series, starts } => Some(series.stamps[starts[i] + self.t_in - 1 + self.lead].date),
             WindowSource::Pairs { .. } => None,
         }
     }

@@ -170,11 +170,12 @@ pub struct FixedMasks<B: Backend> {
 }
 
 impl<B: Backend> FixedMasks<B> {
-    /// `masks[b]`: kept patches of the `hp x wp` grid and kept units of each layer (of `units`).
+    /// `masks[b]`: kept patches of the `hp x wp` grid and kept units of each layer (of
+    /// `layer_units[l]`).
     pub fn new(
         masks: &[dyna_pruner_exec::SampleMasks],
         (hp, wp): (usize, usize),
-        units: usize,
+        layer_units: &[usize],
         patch: usize,
         device: &B::Device,
     ) -> Self {
@@ -183,9 +184,10 @@ impl<B: Backend> FixedMasks<B> {
         for (i, m) in masks.iter().enumerate() {
             m.patches.iter().for_each(|&p| data[i * hp * wp + p] = 1.0);
         }
-        let layers = masks.first().map_or(0, |m| m.units.len());
-        let units = (0..layers)
-            .map(|l| {
+        let units = layer_units
+            .iter()
+            .enumerate()
+            .map(|(l, &units)| {
                 let mut u = vec![0.0f32; b * units];
                 for (i, m) in masks.iter().enumerate() {
                     m.units[l].iter().for_each(|&k| u[i * units + k] = 1.0);

@@ -8,7 +8,7 @@ use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder};
 use serde::{Deserialize, Serialize};
 
 use crate::config::RunConfig;
-use crate::data::MinMaxScaler;
+use crate::data::Scaler;
 use crate::error::{Error, Result};
 use crate::method::Masking;
 use crate::model::{Architecture, DynamicModel};
@@ -37,7 +37,10 @@ pub struct Provenance {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CheckpointMeta {
     pub architecture: Architecture,
-    pub scaler: MinMaxScaler,
+    pub scaler: Scaler,
+    /// Weather: the training period's mean frame `[C, H, W]` in physical units (for the ACC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub climatology: Option<Vec<f32>>,
     /// How the masks are set at inference.
     pub masking: Masking,
     pub provenance: Provenance,
@@ -78,6 +81,20 @@ pub fn read_meta(dir: &Path) -> Result<CheckpointMeta> {
     }
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
     serde_json::from_str(&text).map_err(|e| ck_err(&path, format!("malformed metadata: {e}")))
+}
+
+impl CheckpointMeta {
+    /// How this checkpoint's predictions are scored.
+    pub fn scoring(&self) -> crate::eval::Scoring<'_> {
+        crate::eval::Scoring { scaler: &self.scaler, climatology: self.climatology.as_deref() }
+    }
+}
+
+/// Reads the run config a checkpoint was trained with (`config.toml`).
+pub fn read_config(dir: &Path) -> Result<RunConfig> {
+    let path = dir.join(CONFIG);
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    toml::from_str(&text).map_err(|e| ck_err(&path, format!("malformed run config: {e}")))
 }
 
 /// Loads a checkpoint onto `device`.

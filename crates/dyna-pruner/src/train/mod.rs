@@ -17,10 +17,11 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
+use crate::config::DataFormat;
 use crate::config::Plan;
-use crate::data::{self, MinMaxScaler, Splits};
+use crate::data::{self, Horizon, MinMaxScaler, Scaler, Splits, ZScoreScaler};
 use crate::error::{Error, Result};
-use crate::eval::evaluate;
+use crate::eval::{evaluate, Scoring};
 use crate::method::budget::{annealed, budget_loss};
 use crate::method::{MaskMode, Masking};
 use checkpoint::{CheckpointMeta, Provenance, Recorder};
@@ -74,18 +75,25 @@ fn resume_dir(out: &Path) -> PathBuf {
     out.join("resume")
 }
 
-/// Loads the data of a plan and fits the scaler on its training windows.
-pub fn prepare_data(plan: &Plan) -> Result<(Splits, MinMaxScaler)> {
+/// Loads the data of a plan and fits the scaler on its training windows: min-max for crowd
+/// flow, z-scores per channel for netCDF weather data.
+pub fn prepare_data(plan: &Plan) -> Result<(Splits, Scaler)> {
     let d = &plan.config.data;
-    let source = data::load(&d.files, d.slot_format)?;
-    let splits = source.split(d.t_in, d.t_out, plan.ranges, d.val_fraction, &d.files)?;
+    let source = data::load(d)?;
+    let splits = source.split(Horizon::of(d), plan.ranges, d.val_fraction, &d.files)?;
     let t = &splits.train;
-    let scaler =
-        MinMaxScaler::fit((0..t.len()).flat_map(|i| [t.input(i), t.target(i)])).ok_or_else(|| Error::BadValues {
-            path: d.files[0].clone(),
-            field: "data".into(),
-            detail: "the training range is constant; min-max scaling needs max > min".into(),
-        })?;
+    let frames = || (0..t.len()).flat_map(|i| [t.input(i), t.target(i)]);
+    let constant = |what: &str| Error::BadValues {
+        path: d.files.first().or(d.root.as_ref()).cloned().unwrap_or_default(),
+        field: "data".into(),
+        detail: format!("the training range is constant{what}; scaling needs spread"),
+    };
+    let scaler = match d.format {
+        DataFormat::Crowd => Scaler::MinMax(MinMaxScaler::fit(frames()).ok_or_else(|| constant(""))?),
+        DataFormat::Netcdf => Scaler::ZScore(
+            ZScoreScaler::fit(frames(), t.channels, t.height * t.width).ok_or_else(|| constant(" in a channel"))?,
+        ),
+    };
     Ok((splits, scaler))
 }
 
@@ -134,7 +142,7 @@ pub fn train<B: AutodiffBackend>(
                 });
             }
             let teacher = init.model.valid();
-            (init.model, init.meta.scaler, Some((teacher, init.meta.masking)))
+            (init.model, init.meta.scaler.clone(), Some((teacher, init.meta.masking)))
         }
         None => (architecture.init::<B>(device), fitted, None),
     };
@@ -155,8 +163,6 @@ pub fn train<B: AutodiffBackend>(
         }
     };
     let mac_model = model.mac_model(splits.train.height, splits.train.width);
-    let always = (mac_model.backbone_fixed + mac_model.method) as f64;
-    let layer_macs: Vec<f64> = mac_model.layers.iter().map(|&m| m as f64).collect();
 
     let out = &cfg.train.out;
     let mut state =
@@ -207,7 +213,7 @@ pub fn train<B: AutodiffBackend>(
                     if mode.data() { masking.data_keep } else { 1.0 },
                     if mode.model() { masking.unit_keep } else { 1.0 },
                 );
-                loss = loss + budget_loss(always, &layer_macs, &soft, target) * cfg.method.budget_weight;
+                loss = loss + budget_loss(&mac_model, &soft, target) * cfg.method.budget_weight;
             }
             let value = loss.clone().into_scalar().elem::<f64>();
             if !value.is_finite() {
@@ -224,7 +230,8 @@ pub fn train<B: AutodiffBackend>(
             progress.step(s + 1, value);
         }
         let end_masking = masking_at(epoch * steps_per_epoch);
-        let val = evaluate(&model.valid(), &splits.val, &scaler, end_masking, 256, device, &mut |d, t| {
+        let scoring = Scoring { scaler: &scaler, climatology: None };
+        let val = evaluate(&model.valid(), &splits.val, scoring, end_masking, 256, device, &mut |d, t| {
             progress.validating(d, t)
         });
         let val_mse = val.metrics["mse"];
@@ -247,7 +254,7 @@ pub fn train<B: AutodiffBackend>(
         if best {
             state.best_epoch = epoch;
             state.best_val_mse = val_mse;
-            let meta = meta_for::<B>(plan, architecture.clone(), scaler, &state, splits.train.len());
+            let meta = meta_for::<B>(plan, architecture.clone(), scaler.clone(), &splits, &state);
             checkpoint::save(out, &model, &meta, &plan.config)?;
         }
         save_resume(out, &model, &optim, &state)?;
@@ -260,14 +267,16 @@ pub fn train<B: AutodiffBackend>(
 fn meta_for<B: Backend>(
     plan: &Plan,
     architecture: crate::model::Architecture,
-    scaler: MinMaxScaler,
+    scaler: Scaler,
+    splits: &Splits,
     state: &ResumeState,
-    train_windows: usize,
 ) -> CheckpointMeta {
     let cfg = &plan.config;
+    let train_windows = splits.train.len();
     CheckpointMeta {
         architecture,
         scaler,
+        climatology: splits.train.grid().map(|_| crate::metrics::climatology(&splits.train)),
         masking: Masking { mode: cfg.method.mode, data_keep: cfg.method.data_keep, unit_keep: cfg.method.unit_keep },
         provenance: Provenance {
             seed: cfg.train.seed,
