@@ -200,3 +200,63 @@ fn npz_archives_are_read_as_openstl_windows() {
     assert!(out.status.success());
     assert_eq!(json(&report)["samples"], 5);
 }
+
+#[test]
+fn weather_vit_trains_evaluates_and_predicts_on_the_shipped_era5_file() {
+    let dir = temp_dir("weather");
+    let era5 = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/era5-uk-t2m/era5_t2m_2019-03_uk_0.25deg.nc");
+    let config = dir.join("vit.toml");
+    let text = format!(
+        r#"[data]
+format = "netcdf"
+files = ["{}"]
+channels = [{{ var = "t2m" }}]
+t_in = 6
+t_out = 6
+train = ["2019-03-01", "2019-03-19"]
+val = ["2019-03-19", "2019-03-22"]
+test = ["2019-03-22", "2019-04-01"]
+[model]
+backbone = "vit"
+hidden = 8
+units = 8
+blocks = 1
+heads = 2
+patch = 8
+generator_width = 4
+[method]
+mode = "both"
+data_keep = 0.5
+unit_keep = 0.5
+[train]
+epochs = 1
+batch_size = 16
+window_stride = 8
+out = "{}"
+"#,
+        era5.display(),
+        dir.join("vit").display()
+    );
+    std::fs::write(&config, text).unwrap();
+    let out = run(bin().args(["train", "--config"]).arg(&config));
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("acc") && stdout.contains("persistence"), "weather metrics in the table");
+    let ck = dir.join("vit");
+    let meta = json(&ck.join("checkpoint.json"));
+    assert_eq!(meta["scaler"]["mean"].as_array().unwrap().len(), 1, "z-scores per channel");
+    assert_eq!(meta["climatology"].as_array().unwrap().len(), 33 * 49);
+    let report = dir.join("eval.json");
+    let out = run(bin().args(["eval", "--checkpoint"]).arg(&ck).arg("--data").arg(&era5).arg("--out").arg(&report));
+    assert!(out.status.success());
+    let r = json(&report);
+    let rmse = r["metrics"]["rmse"].as_f64().unwrap();
+    assert!(rmse > 0.1 && rmse < 20.0, "rmse in K: {rmse}");
+    assert!(r["metrics"]["acc"].as_f64().is_some() && r["metrics"]["rmse/t2m"].as_f64() == Some(rmse));
+    assert!(r["kept_patch_fraction"].as_f64().unwrap() < 0.6);
+    let pred = dir.join("pred");
+    let out = run(bin().args(["predict", "--checkpoint"]).arg(&ck).arg("--data").arg(&era5).arg("--out").arg(&pred));
+    assert!(out.status.success());
+    let samples = json(&pred.join("samples.json"));
+    assert_eq!(samples["shape"], serde_json::json!([744 - 11, 6, 1, 33, 49]));
+}
