@@ -57,7 +57,7 @@ struct Report {
 
 /// The benchmarked architectures: the crowd CNN's (4 -> 4 frames, 2 channels) with patches of
 /// 8 pixels; a weather ViT (12 -> 12 frames, 1 channel, 4x4-pixel tokens).
-fn architecture(kind: BackboneKind) -> Architecture {
+pub fn architecture(kind: BackboneKind) -> Architecture {
     match kind {
         BackboneKind::Cnn => Architecture {
             backbone: kind,

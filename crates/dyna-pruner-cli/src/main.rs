@@ -1,6 +1,7 @@
 //! `dyna-pruner`: train, evaluate and demonstrate dynamic co-pruned spatio-temporal models.
 
 mod bench;
+mod bench_device;
 mod demo;
 mod device;
 mod eval;
@@ -91,6 +92,13 @@ enum Command {
         runs: usize,
         #[arg(long, default_value_t = 3)]
         warmup: usize,
+        /// `cpu`: the sparse executor (CNN and ViT rows). `cuda`: the CNN's framework-ops sparse
+        /// path against Burn's dense forward on the GPU (needs the `cuda` feature).
+        #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+        device: DeviceArg,
+        /// With `--device cuda`: also time this PyTorch twin of the dense CNN (scripts/torch_twin.py).
+        #[arg(long)]
+        torch_twin: Option<PathBuf>,
     },
     /// Evaluate the shipped dense and dynamic models and persistence on a task's test range:
     /// crowd (TaxiNYC, CNN) or weather (ERA5 t2m, ViT).
@@ -108,6 +116,18 @@ enum Command {
         #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
         device: DeviceArg,
     },
+}
+
+/// The GPU's name from `nvidia-smi`, or "cuda device 0".
+fn gpu_name() -> String {
+    std::process::Command::new("nvidia-smi")
+        .args(["--query-gpu=name", "--format=csv,noheader", "--id=0"])
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "cuda device 0".into())
 }
 
 fn parse_backbone(s: &str) -> Result<BackboneKind, String> {
@@ -137,7 +157,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Demo { task, out, retrain, root, device } => demo::run(task, &out, retrain, &root, device),
         Command::Predict { checkpoint, data, out, batch_size } => predict::run(&checkpoint, &data, &out, batch_size),
-        Command::Bench { out, backbones, sizes, vit_sizes, batches, fractions, runs, warmup } => {
+        Command::Bench { out, backbones, sizes, vit_sizes, batches, fractions, runs, warmup, device, torch_twin } => {
             if runs == 0
                 || fractions.iter().any(|f| !(*f > 0.0 && *f <= 1.0))
                 || sizes.contains(&0)
@@ -145,7 +165,17 @@ fn main() -> anyhow::Result<()> {
             {
                 anyhow::bail!("bench: --runs >= 1, sizes and batches >= 1, fractions in (0, 1]");
             }
-            bench::run(&out, &bench::BenchPlan { backbones, sizes, vit_sizes, batches, fractions, runs, warmup })
+            let plan = bench::BenchPlan { backbones, sizes, vit_sizes, batches, fractions, runs, warmup };
+            match device {
+                DeviceArg::Cpu => bench::run(&out, &plan),
+                DeviceArg::Cuda => with_backend!(device, |B, T, dev| bench_device::run::<B>(
+                    &dev,
+                    &gpu_name(),
+                    &out,
+                    &plan,
+                    torch_twin.as_deref()
+                )),
+            }
         }
     }
 }

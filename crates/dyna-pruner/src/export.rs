@@ -159,7 +159,7 @@ mod tests {
             t_in: rng.random_range(2..=4),
             t_out: rng.random_range(1..=3),
             channels: rng.random_range(1..=2),
-            hidden: heads * rng.random_range(2..=4),
+            hidden: heads * rng.random_range(4..=6),
             units: rng.random_range(2..=9),
             blocks: rng.random_range(1..=3),
             heads,

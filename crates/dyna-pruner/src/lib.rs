@@ -11,6 +11,7 @@ pub mod data;
 pub mod error;
 pub mod eval;
 pub mod export;
+pub mod gathered;
 pub mod macs;
 pub mod method;
 pub mod metrics;

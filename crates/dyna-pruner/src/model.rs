@@ -51,7 +51,7 @@ pub struct DynamicModel<B: Backend> {
     pub mask_generator: MaskGenerator<B>,
     pub unit_gates: Vec<UnitGate<B>>,
     pub backbone: Backbone<B>,
-    patch: usize,
+    pub(crate) patch: usize,
 }
 
 impl Architecture {

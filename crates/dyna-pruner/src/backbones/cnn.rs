@@ -120,16 +120,26 @@ pub struct Cnn<B: Backend> {
     stride: usize,
 }
 
-impl<B: Backend> SpatioTemporal<B> for Cnn<B> {
-    fn forward(&self, x: Tensor<B, 5>, masks: &mut dyn MaskSource<B>) -> Tensor<B, 5> {
+impl<B: Backend> Cnn<B> {
+    /// The encoder: the skip map at full resolution and the translator's input.
+    ///
+    /// # Shapes
+    /// - x: `[batch, t_in, channels, h, w]`
+    /// - output: skip `[batch, hidden, h, w]`, z `[batch, hidden, ceil(h / stride), ceil(w / stride)]`
+    pub(crate) fn encode(&self, x: Tensor<B, 5>) -> (Tensor<B, 4>, Tensor<B, 4>) {
         let [b, t, c, h, w] = x.dims();
-        let last = x.clone().narrow(1, t - 1, 1).reshape([b, c, h, w]);
         let skip = gelu(self.enc_in.forward(x.reshape([b, t * c, h, w])));
-        let mut z = gelu(self.enc_down.forward(skip.clone()));
-        for (l, block) in self.blocks.iter().enumerate() {
-            let m = masks.layer_masks(l, &z, self.stride);
-            z = block.forward(z, m.space, m.units);
-        }
+        let z = gelu(self.enc_down.forward(skip.clone()));
+        (skip, z)
+    }
+
+    /// The decoder: the change from the last input frame, added to it.
+    ///
+    /// # Shapes
+    /// - z: `[batch, hidden, h2, w2]`; skip: `[batch, hidden, h, w]`; x: the input `[batch, t_in, c, h, w]`
+    /// - output: `[batch, t_out, channels, h, w]`
+    pub(crate) fn decode(&self, mut z: Tensor<B, 4>, skip: Tensor<B, 4>, x: Tensor<B, 5>) -> Tensor<B, 5> {
+        let [b, t, c, h, w] = x.dims();
         if let Some(up) = &self.dec_up {
             z = gelu(up.forward(z));
             let [_, _, zh, zw] = z.dims();
@@ -138,8 +148,27 @@ impl<B: Backend> SpatioTemporal<B> for Cnn<B> {
             }
         }
         let delta = self.dec_out.forward(z + skip).reshape([b, self.t_out, self.channels, h, w]);
-        let base = last.reshape([b, 1, self.channels, h, w]).expand([b, self.t_out, self.channels, h, w]);
-        base + delta
+        let last = x.narrow(1, t - 1, 1).reshape([b, 1, c, h, w]);
+        last.expand([b, self.t_out, self.channels, h, w]) + delta
+    }
+
+    pub(crate) fn hidden(&self) -> usize {
+        self.hidden
+    }
+
+    pub(crate) fn stride(&self) -> usize {
+        self.stride
+    }
+}
+
+impl<B: Backend> SpatioTemporal<B> for Cnn<B> {
+    fn forward(&self, x: Tensor<B, 5>, masks: &mut dyn MaskSource<B>) -> Tensor<B, 5> {
+        let (skip, mut z) = self.encode(x.clone());
+        for (l, block) in self.blocks.iter().enumerate() {
+            let m = masks.layer_masks(l, &z, self.stride);
+            z = block.forward(z, m.space, m.units);
+        }
+        self.decode(z, skip, x)
     }
 
     fn prunable_layers(&self) -> Vec<PrunableLayer> {

@@ -288,6 +288,19 @@ mod tests {
     }
 
     #[test]
+    fn lead_time_windows_target_the_frame_lead_slots_after_the_last_input() {
+        let s = Arc::new(series(&(0..10).collect::<Vec<_>>()));
+        // 2 inputs, target 3 slots after the last input: frames t, t+1 -> t+4.
+        let len = window_len(2, 3, 1);
+        assert_eq!(len, 5);
+        let starts = s.window_starts(len, None);
+        assert_eq!(starts, vec![0, 1, 2, 3, 4, 5]);
+        let w = WindowSet::from_series(s, starts, 2, 3, 1);
+        assert_eq!(w.input(1), &[1.0, 2.0]);
+        assert_eq!(w.target(1), &[5.0]);
+    }
+
+    #[test]
     fn windows_only_over_consecutive_slots() {
         let s = series(&[0, 1, 2, 3, 5, 6, 7, 8, 9]);
         assert_eq!(s.window_starts(4, None), vec![0, 4, 5]);

@@ -1,0 +1,170 @@
+//! `dyna-pruner bench --device cuda`: on a GPU the sparse path is the framework-ops one
+//! (`DynamicModel::forward_gathered`: gathered tiles, batched matmuls with each sample's kept
+//! units, one scatter per block), timed against Burn's dense forward of the same model in the
+//! same run, optionally next to a PyTorch twin of the dense CNN (`scripts/torch_twin.py`) timed
+//! on the same device. Clocks are read after a device sync; JIT and autotune run in the warm-up.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::Context;
+use burn::prelude::*;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use dyna_pruner::backbones::BackboneKind;
+use dyna_pruner::gathered::GatheredMasks;
+use dyna_pruner::method::{MaskMode, Masking};
+use dyna_pruner::model::Architecture;
+
+use crate::bench::{architecture, BenchPlan};
+
+#[derive(Serialize)]
+struct Row {
+    backbone: &'static str,
+    height: usize,
+    width: usize,
+    batch: usize,
+    kept_fraction: f32,
+    mac_ratio: f64,
+    dense_ms: f64,
+    sparse_ms: f64,
+    speedup: f64,
+    efficiency: f64,
+    /// The PyTorch twin's dense forward on the same device (when run).
+    torch_dense_ms: Option<f64>,
+}
+
+#[derive(Serialize)]
+struct Report {
+    device: String,
+    backend: &'static str,
+    architecture: Architecture,
+    runs: usize,
+    warmup: usize,
+    torch: Option<serde_json::Value>,
+    rows: Vec<Row>,
+}
+
+/// Median wall time in ms of `f` (followed by a device sync) over `runs` runs after `warmup`.
+fn median_ms<B: Backend>(device: &B::Device, runs: usize, warmup: usize, mut f: impl FnMut()) -> f64 {
+    let mut time = || {
+        let t = Instant::now();
+        f();
+        B::sync(device).expect("device sync");
+        t.elapsed().as_secs_f64() * 1e3
+    };
+    for _ in 0..warmup {
+        time();
+    }
+    let mut times: Vec<f64> = (0..runs).map(|_| time()).collect();
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+/// Runs the PyTorch twin for the given sizes and batches; returns its JSON report.
+fn run_torch_twin(script: &Path, arch: &Architecture, plan: &BenchPlan) -> anyhow::Result<serde_json::Value> {
+    let list = |v: Vec<String>| v.join(",");
+    let out = Command::new("python3")
+        .arg(script)
+        .args(["--sizes", &list(plan.sizes.iter().map(|s| s.to_string()).collect())])
+        .args(["--batches", &list(plan.batches.iter().map(|s| s.to_string()).collect())])
+        .args(["--runs", &plan.runs.to_string(), "--warmup", &plan.warmup.max(3).to_string()])
+        .args(["--hidden", &arch.hidden.to_string(), "--units", &arch.units.to_string()])
+        .args(["--blocks", &arch.blocks.to_string(), "--stride", &arch.stride.to_string()])
+        .args(["--t-in", &arch.t_in.to_string(), "--t-out", &arch.t_out.to_string()])
+        .args(["--channels", &arch.channels.to_string()])
+        .output()
+        .with_context(|| format!("running python3 {}", script.display()))?;
+    if !out.status.success() {
+        anyhow::bail!("{} failed: {}", script.display(), String::from_utf8_lossy(&out.stderr));
+    }
+    serde_json::from_slice(&out.stdout).with_context(|| format!("reading the JSON printed by {}", script.display()))
+}
+
+/// The CNN rows on backend `B` (the GPU in practice; any backend works).
+pub fn run<B: Backend>(
+    device: &B::Device,
+    device_name: &str,
+    out: &Path,
+    plan: &BenchPlan,
+    torch_twin: Option<&Path>,
+) -> anyhow::Result<()> {
+    let arch = architecture(BackboneKind::Cnn);
+    B::seed(device, 1);
+    let model = arch.init::<B>(device);
+    let torch = torch_twin.map(|s| run_torch_twin(s, &arch, plan)).transpose()?;
+    let torch_ms = |size: usize, batch: usize| -> Option<f64> {
+        torch.as_ref()?["rows"].as_array()?.iter().find_map(|r| {
+            (r["size"].as_u64()? == size as u64 && r["batch"].as_u64()? == batch as u64)
+                .then(|| r["dense_ms"].as_f64())?
+        })
+    };
+    println!("{device_name}: {arch:?}\nmedian of {} runs after {} warm-up runs\n", plan.runs, plan.warmup);
+    println!("| size | batch | kept | MAC ratio | dense ms | sparse ms | speedup | efficiency | torch dense ms | ours/torch |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let mut rows = Vec::new();
+    let mut rng = StdRng::seed_from_u64(1);
+    for &size in &plan.sizes {
+        for &batch in &plan.batches {
+            let (h, w) = (size, size);
+            let shape = [batch, arch.t_in, arch.channels, h, w];
+            let values: Vec<f32> = (0..shape.iter().product()).map(|_| rng.random_range(0.0..1.0)).collect();
+            let x = Tensor::<B, 5>::from_data(TensorData::new(values, shape), device);
+            let macs = model.mac_model(h, w);
+            let dense_ms = median_ms::<B>(device, plan.runs, plan.warmup, || {
+                let _ = model.forward(x.clone(), Masking::DENSE).prediction;
+            });
+            let torch_dense_ms = torch_ms(size, batch);
+            for &f in &plan.fractions {
+                let masking = Masking { mode: MaskMode::Both, data_keep: f, unit_keep: f };
+                let sparse_ms = median_ms::<B>(device, plan.runs, plan.warmup, || {
+                    let _ = model.forward_gathered(x.clone(), GatheredMasks::Method(masking));
+                });
+                let patches = h.div_ceil(arch.patch) * w.div_ceil(arch.patch);
+                let mac_ratio = macs.dense() as f64 / macs.nominal_dynamic(patches, f, arch.units, f);
+                let speedup = dense_ms / sparse_ms;
+                let row = Row {
+                    backbone: "cnn",
+                    height: h,
+                    width: w,
+                    batch,
+                    kept_fraction: f,
+                    mac_ratio,
+                    dense_ms,
+                    sparse_ms,
+                    speedup,
+                    efficiency: speedup / mac_ratio,
+                    torch_dense_ms,
+                };
+                let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
+                println!(
+                    "| {size}x{size} | {batch} | {f:.1} | {mac_ratio:.2} | {dense_ms:.2} | {sparse_ms:.2} | {speedup:.2} | {:.2} | {} | {} |",
+                    row.efficiency,
+                    fmt(torch_dense_ms),
+                    fmt(torch_dense_ms.map(|t| dense_ms / t))
+                );
+                rows.push(row);
+            }
+        }
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let backend = std::any::type_name::<B>();
+    let backend = if backend.to_lowercase().contains("cuda") { "cuda" } else { "flex" };
+    let report = Report {
+        device: device_name.to_string(),
+        backend,
+        architecture: arch,
+        runs: plan.runs,
+        warmup: plan.warmup,
+        torch,
+        rows,
+    };
+    let path = out.join("bench.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!("\nwrote {}", path.display());
+    Ok(())
+}
