@@ -1,8 +1,10 @@
 //! `dyna-pruner bench --device cuda`: on a GPU the sparse path is the framework-ops one
 //! (`DynamicModel::forward_gathered`: gathered tiles, batched matmuls with each sample's kept
-//! units, one scatter per block), timed against Burn's dense forward of the same model in the
-//! same run, optionally next to a PyTorch twin of the dense CNN (`scripts/torch_twin.py`) timed
-//! on the same device. Clocks are read after a device sync; JIT and autotune run in the warm-up.
+//! units, one scatter per block), timed against the dense forward through the same ops
+//! (`forward_dense_im2col`: our dense GPU path) and Burn's own `conv2d` forward of the same model,
+//! in the same run, optionally next to a PyTorch twin of the dense CNN (`scripts/torch_twin.py`)
+//! timed on the same device. Clocks are read after a device sync; JIT and autotune run in the
+//! warm-up.
 
 use std::path::Path;
 use std::process::Command;
@@ -33,6 +35,8 @@ struct Row {
     sparse_ms: f64,
     speedup: f64,
     efficiency: f64,
+    /// Burn's dense forward with its own `conv2d`.
+    burn_conv_dense_ms: f64,
     /// The PyTorch twin's dense forward on the same device (when run).
     torch_dense_ms: Option<f64>,
 }
@@ -103,8 +107,10 @@ pub fn run<B: Backend>(
         })
     };
     println!("{device_name}: {arch:?}\nmedian of {} runs after {} warm-up runs\n", plan.runs, plan.warmup);
-    println!("| size | batch | kept | MAC ratio | dense ms | sparse ms | speedup | efficiency | torch dense ms | ours/torch |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "| size | batch | kept | MAC ratio | dense ms | sparse ms | speedup | efficiency | burn conv2d dense ms | torch dense ms | ours/torch |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let mut rows = Vec::new();
     let mut rng = StdRng::seed_from_u64(1);
     for &size in &plan.sizes {
@@ -115,6 +121,9 @@ pub fn run<B: Backend>(
             let x = Tensor::<B, 5>::from_data(TensorData::new(values, shape), device);
             let macs = model.mac_model(h, w);
             let dense_ms = median_ms::<B>(device, plan.runs, plan.warmup, || {
+                let _ = model.forward_dense_im2col(x.clone());
+            });
+            let burn_conv_dense_ms = median_ms::<B>(device, plan.runs, plan.warmup, || {
                 let _ = model.forward(x.clone(), Masking::DENSE).prediction;
             });
             let torch_dense_ms = torch_ms(size, batch);
@@ -137,11 +146,12 @@ pub fn run<B: Backend>(
                     sparse_ms,
                     speedup,
                     efficiency: speedup / mac_ratio,
+                    burn_conv_dense_ms,
                     torch_dense_ms,
                 };
                 let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
                 println!(
-                    "| {size}x{size} | {batch} | {f:.1} | {mac_ratio:.2} | {dense_ms:.2} | {sparse_ms:.2} | {speedup:.2} | {:.2} | {} | {} |",
+                    "| {size}x{size} | {batch} | {f:.1} | {mac_ratio:.2} | {dense_ms:.2} | {sparse_ms:.2} | {speedup:.2} | {:.2} | {burn_conv_dense_ms:.2} | {} | {} |",
                     row.efficiency,
                     fmt(torch_dense_ms),
                     fmt(torch_dense_ms.map(|t| dense_ms / t))

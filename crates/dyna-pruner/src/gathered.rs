@@ -12,8 +12,11 @@
 //! 3. conv2 likewise, with the kept units' columns; the `cell x cell` cores are added back into
 //!    the map with one scatter. Pruned patches keep the identity path.
 //!
-//! The same code runs on every backend; its reference is the masked-dense forward (tests here,
-//! on the CPU backend; `dyna-pruner bench --device cuda` times it on the GPU).
+//! Every convolution here, dense ones included, is an unfold plus one (batched) matmul: Burn
+//! 0.21's CUDA `conv2d` was 14x slower than PyTorch on this CNN, its matmul is fast. The dense
+//! forward through the same ops ([`DynamicModel::forward_dense_im2col`]) is the fair dense GPU
+//! baseline. The same code runs on every backend; its reference is the framework's masked-dense
+//! forward (tests here, on the CPU backend; `dyna-pruner bench --device cuda` times it on the GPU).
 
 use burn::prelude::*;
 use burn::tensor::activation::gelu;
@@ -21,10 +24,12 @@ use burn::tensor::module::unfold4d;
 use burn::tensor::ops::{PadMode, UnfoldOptions};
 use burn::tensor::IndexingUpdateOp;
 
+use crate::backbones::cnn::Cnn;
 use crate::backbones::Backbone;
 use crate::method::masks::kept_count;
 use crate::method::{patches_to_pixels, Masking};
 use crate::model::DynamicModel;
+use burn::nn::conv::{Conv2d, ConvTranspose2d};
 
 /// Pixels of halo around a patch's cell: one per stacked 3x3 conv.
 const HALO: usize = 2;
@@ -106,7 +111,63 @@ fn unfold_rows<B: Backend>(tiles: Tensor<B, 4>, batch: usize) -> Tensor<B, 3> {
     cols.reshape([batch, n / batch, c * 9, l]).swap_dims(2, 3).reshape([batch, n / batch * l, c * 9])
 }
 
+/// A `k x k` convolution (padding `k / 2`) as unfold + one matmul.
+///
+/// # Shapes
+/// - x: `[batch, in, h, w]`
+/// - output: `[batch, out, ceil(h / stride), ceil(w / stride)]` (for k = 3)
+fn conv<B: Backend>(layer: &Conv2d<B>, x: Tensor<B, 4>, stride: usize) -> Tensor<B, 4> {
+    let [b, _, h, w] = x.dims();
+    let [out, inp, k, _] = layer.weight.dims();
+    let pad = k / 2;
+    let (ho, wo) = ((h + 2 * pad - k) / stride + 1, (w + 2 * pad - k) / stride + 1);
+    let cols = unfold4d(x, [k, k], UnfoldOptions::new([stride, stride], [pad, pad], [1, 1]));
+    let weight = layer.weight.val().reshape([1, out, inp * k * k]);
+    let y = weight.matmul(cols) + layer.bias.as_ref().expect("convs have a bias").val().reshape([1, out, 1]);
+    y.reshape([b, out, ho, wo])
+}
+
+/// A transposed convolution with kernel = stride (no overlap) as one matmul and a pixel shuffle.
+///
+/// # Shapes
+/// - x: `[batch, in, h, w]`
+/// - output: `[batch, out, h * s, w * s]`
+fn conv_transpose<B: Backend>(layer: &ConvTranspose2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let [b, inp, h, w] = x.dims();
+    let [_, out, s, _] = layer.weight.dims();
+    let weight = layer.weight.val().reshape([inp, out * s * s]).swap_dims(0, 1).reshape([1, out * s * s, inp]);
+    let y = weight.matmul(x.reshape([b, inp, h * w])).reshape([b, out, s, s, h, w]);
+    let y = y.permute([0, 1, 4, 2, 5, 3]).reshape([b, out, h * s, w * s]);
+    y + layer.bias.as_ref().expect("bias").val().reshape([1, out, 1, 1])
+}
+
+fn cnn_of<B: Backend>(model: &DynamicModel<B>) -> &Cnn<B> {
+    match &model.backbone {
+        Backbone::Cnn(cnn) => cnn,
+        _ => panic!("the gathered GPU path runs the CNN backbone"),
+    }
+}
+
 impl<B: Backend> DynamicModel<B> {
+    /// The dense CNN with every convolution as unfold + matmul: the dense baseline of
+    /// [`Self::forward_gathered`] (same ops, all positions and units).
+    ///
+    /// # Shapes
+    /// - x: `[batch, t_in, channels, height, width]`
+    /// - output: `[batch, t_out, channels, height, width]`
+    ///
+    /// # Panics
+    /// If the backbone is not the CNN.
+    pub fn forward_dense_im2col(&self, x: Tensor<B, 5>) -> Tensor<B, 5> {
+        let cnn = cnn_of(self);
+        let (skip, mut z) = cnn.encode(x.clone(), &conv);
+        for block in &cnn.blocks {
+            let update = conv(&block.conv2, gelu(conv(&block.conv1, z.clone(), 1)), 1);
+            z = z + update;
+        }
+        cnn.decode(z, skip, x, (&conv, &conv_transpose))
+    }
+
     /// The CNN's prediction with its translator computed only on kept patches and units,
     /// through gathers, batched matmuls and one scatter per block.
     ///
@@ -117,12 +178,12 @@ impl<B: Backend> DynamicModel<B> {
     /// # Panics
     /// If the backbone is not the CNN.
     pub fn forward_gathered(&self, x: Tensor<B, 5>, masks: GatheredMasks<B>) -> Tensor<B, 5> {
-        let Backbone::Cnn(cnn) = &self.backbone else { panic!("forward_gathered runs the CNN backbone") };
+        let cnn = cnn_of(self);
         let [b, _, _, h, w] = x.dims();
         let device = x.device();
-        let (skip, z) = cnn.encode(x.clone());
+        let (skip, z) = cnn.encode(x.clone(), &conv);
         let [_, c, h2, w2] = z.dims();
-        let cell = self.patch / cnn.stride();
+        let cell = self.patch / cnn.stride;
         let (hp, wp) = (h.div_ceil(self.patch), w.div_ceil(self.patch));
         let (importance, masks) = match masks {
             GatheredMasks::Given(m) => (None, Some(m)),
@@ -186,8 +247,8 @@ impl<B: Backend> DynamicModel<B> {
             let update = (update + bias2) * core_mask.clone();
             zp = zp.scatter(2, core_index.clone(), update, IndexingUpdateOp::Add);
         }
-        let z = zp.reshape([b, c, rows, cols]).slice([0..b, 0..cnn.hidden(), HALO..HALO + h2, HALO..HALO + w2]);
-        cnn.decode(z, skip, x)
+        let z = zp.reshape([b, c, rows, cols]).slice([0..b, 0..cnn.hidden, HALO..HALO + h2, HALO..HALO + w2]);
+        cnn.decode(z, skip, x, (&conv, &conv_transpose))
     }
 }
 
