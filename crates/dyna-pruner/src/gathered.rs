@@ -12,16 +12,16 @@
 //! 3. conv2 likewise, with the kept units' columns; the `cell x cell` cores are added back into
 //!    the map with one scatter. Pruned patches keep the identity path.
 //!
-//! Every convolution here, dense ones included, is an unfold plus one (batched) matmul: Burn
-//! 0.21's CUDA `conv2d` was 14x slower than PyTorch on this CNN, its matmul is fast. The dense
-//! forward through the same ops ([`DynamicModel::forward_dense_im2col`]) is the fair dense GPU
-//! baseline. The same code runs on every backend; its reference is the framework's masked-dense
+//! Every convolution here, dense ones included, is an im2col built from `k x k` shifted slices
+//! plus one (batched) matmul: Burn 0.21's CUDA `conv2d` was 14x slower than PyTorch on this CNN
+//! and its `unfold4d` slower still, while slices, concatenation and matmul are fast. The dense
+//! forward through the same ops ([`DynamicModel::forward_dense_im2col`]) is the dense GPU
+//! baseline it is compared with. The same code runs on every backend; its reference is the framework's masked-dense
 //! forward (tests here, on the CPU backend; `dyna-pruner bench --device cuda` times it on the GPU).
 
 use burn::prelude::*;
 use burn::tensor::activation::gelu;
-use burn::tensor::module::unfold4d;
-use burn::tensor::ops::{PadMode, UnfoldOptions};
+use burn::tensor::ops::PadMode;
 use burn::tensor::IndexingUpdateOp;
 
 use crate::backbones::cnn::Cnn;
@@ -103,25 +103,46 @@ fn rows_per_sample<B: Backend>(table: Tensor<B, 2>, index: &Tensor<B, 2, Int>) -
         .gather(1, index.clone().reshape([b, k, 1]).expand([b, k, cols]))
 }
 
+/// im2col of a `k x k` convolution with padding `pad` and `stride`, from `k^2` shifted slices:
+/// columns `[batch, c * k * k, ho * wo]` in (c, ky, kx) order (the weight's), and `(ho, wo)`.
+fn im2col<B: Backend>(x: Tensor<B, 4>, k: usize, pad: usize, stride: usize) -> (Tensor<B, 3>, usize, usize) {
+    let [b, c, h, w] = x.dims();
+    let (ho, wo) = ((h + 2 * pad - k) / stride + 1, (w + 2 * pad - k) / stride + 1);
+    // Room for `stride * ho` rows after the last shift (reshaped away below).
+    let (hn, wn) = (k - 1 + stride * ho, k - 1 + stride * wo);
+    let xp = x.pad((pad, wn.max(w + 2 * pad) - w - pad, pad, hn.max(h + 2 * pad) - h - pad), PadMode::Constant(0.0));
+    let mut shifts = Vec::with_capacity(k * k);
+    for ky in 0..k {
+        for kx in 0..k {
+            let v = xp.clone().slice([0..b, 0..c, ky..ky + stride * ho, kx..kx + stride * wo]);
+            let v = if stride == 1 {
+                v
+            } else {
+                v.reshape([b, c, ho, stride, wo, stride]).narrow(3, 0, 1).narrow(5, 0, 1).reshape([b, c, ho, wo])
+            };
+            shifts.push(v);
+        }
+    }
+    (Tensor::stack::<5>(shifts, 2).reshape([b, c * k * k, ho * wo]), ho, wo)
+}
+
 /// im2col of 3x3 windows of `[n, c, s, s]` tiles as rows: `[n * (s-2)^2, c * 9]`, grouped per sample.
 fn unfold_rows<B: Backend>(tiles: Tensor<B, 4>, batch: usize) -> Tensor<B, 3> {
     let [n, c, s, _] = tiles.dims();
     let l = (s - 2) * (s - 2);
-    let cols = unfold4d(tiles, [3, 3], UnfoldOptions::new([1, 1], [0, 0], [1, 1]));
+    let (cols, _, _) = im2col(tiles, 3, 0, 1);
     cols.reshape([batch, n / batch, c * 9, l]).swap_dims(2, 3).reshape([batch, n / batch * l, c * 9])
 }
 
-/// A `k x k` convolution (padding `k / 2`) as unfold + one matmul.
+/// A `k x k` convolution (padding `k / 2`) as [`im2col`] + one matmul.
 ///
 /// # Shapes
 /// - x: `[batch, in, h, w]`
 /// - output: `[batch, out, ceil(h / stride), ceil(w / stride)]` (for k = 3)
 fn conv<B: Backend>(layer: &Conv2d<B>, x: Tensor<B, 4>, stride: usize) -> Tensor<B, 4> {
-    let [b, _, h, w] = x.dims();
+    let b = x.dims()[0];
     let [out, inp, k, _] = layer.weight.dims();
-    let pad = k / 2;
-    let (ho, wo) = ((h + 2 * pad - k) / stride + 1, (w + 2 * pad - k) / stride + 1);
-    let cols = unfold4d(x, [k, k], UnfoldOptions::new([stride, stride], [pad, pad], [1, 1]));
+    let (cols, ho, wo) = im2col(x, k, k / 2, stride);
     let weight = layer.weight.val().reshape([1, out, inp * k * k]);
     let y = weight.matmul(cols) + layer.bias.as_ref().expect("convs have a bias").val().reshape([1, out, 1]);
     y.reshape([b, out, ho, wo])
