@@ -31,19 +31,24 @@ pub struct BenchPlan {
     pub warmup: usize,
 }
 
+/// One measured configuration (CPU and GPU benches alike).
 #[derive(Serialize)]
-struct Row {
-    backbone: &'static str,
-    height: usize,
-    width: usize,
-    batch: usize,
-    kept_fraction: f32,
-    mac_ratio: f64,
-    dense_ms: f64,
-    sparse_ms: f64,
-    speedup: f64,
-    efficiency: f64,
-    burn_dense_ms: f64,
+pub struct Row {
+    pub backbone: &'static str,
+    pub height: usize,
+    pub width: usize,
+    pub batch: usize,
+    pub kept_fraction: f32,
+    pub mac_ratio: f64,
+    pub dense_ms: f64,
+    pub sparse_ms: f64,
+    pub speedup: f64,
+    pub efficiency: f64,
+    /// Burn's own dense forward of the same model (flex on the CPU, `conv2d` on the GPU).
+    pub burn_dense_ms: f64,
+    /// The PyTorch twin's dense forward on the same device (GPU bench with `--torch-twin`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub torch_dense_ms: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -177,6 +182,7 @@ fn bench_backbone(arch: &Architecture, sizes: &[(usize, usize)], plan: &BenchPla
                     speedup,
                     efficiency: speedup / mac_ratio,
                     burn_dense_ms,
+                    torch_dense_ms: None,
                 };
                 println!(
                     "| {name} | {h}x{w} | {batch} | {f:.1} | {mac_ratio:.2} | {dense_ms:.2} | {sparse_ms:.2} | {speedup:.2} | {:.2} | {burn_dense_ms:.2} | {:.2} |",

@@ -21,25 +21,7 @@ use dyna_pruner::gathered::GatheredMasks;
 use dyna_pruner::method::{MaskMode, Masking};
 use dyna_pruner::model::Architecture;
 
-use crate::bench::{architecture, BenchPlan};
-
-#[derive(Serialize)]
-struct Row {
-    backbone: &'static str,
-    height: usize,
-    width: usize,
-    batch: usize,
-    kept_fraction: f32,
-    mac_ratio: f64,
-    dense_ms: f64,
-    sparse_ms: f64,
-    speedup: f64,
-    efficiency: f64,
-    /// Burn's dense forward with its own `conv2d`.
-    burn_conv_dense_ms: f64,
-    /// The PyTorch twin's dense forward on the same device (when run).
-    torch_dense_ms: Option<f64>,
-}
+use crate::bench::{architecture, BenchPlan, Row};
 
 #[derive(Serialize)]
 struct Report {
@@ -146,7 +128,7 @@ pub fn run<B: Backend>(
                     sparse_ms,
                     speedup,
                     efficiency: speedup / mac_ratio,
-                    burn_conv_dense_ms,
+                    burn_dense_ms: burn_conv_dense_ms,
                     torch_dense_ms,
                 };
                 let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));

@@ -97,18 +97,7 @@ impl CnnExec {
     ) -> Result<Output, ExecError> {
         let s = &self.spec;
         let (t, c) = (s.t_in, s.channels);
-        let per_sample = t * c * h * w;
-        if x.len() != batch * per_sample || batch == 0 {
-            return Err(ExecError::Input { got: x.len(), expected: format!("[{batch}, {t}, {c}, {h}, {w}]") });
-        }
-        if let MaskPlan::Given(m) = plan {
-            if m.len() != batch || m.iter().any(|m| m.units.len() != s.blocks) {
-                return Err(ExecError::Input {
-                    got: m.len(),
-                    expected: format!("masks for {batch} samples and {} layers", s.blocks),
-                });
-            }
-        }
+        let per_sample = crate::check_input(x, batch, [t, c, h, w], plan, s.blocks)?;
         // Frames as channels, channels last.
         let inputs: Vec<Vec<f32>> = (0..batch)
             .map(|b| {

@@ -56,6 +56,30 @@ impl Exec {
     }
 }
 
+/// Checks a batch `x` of `batch` samples `[t, c, h, w]` and, for given masks, that there is one
+/// per sample with `layers` unit lists; returns the values per sample.
+pub(crate) fn check_input(
+    x: &[f32],
+    batch: usize,
+    [t, c, h, w]: [usize; 4],
+    plan: MaskPlan<'_>,
+    layers: usize,
+) -> Result<usize, ExecError> {
+    let per_sample = t * c * h * w;
+    if x.len() != batch * per_sample || batch == 0 {
+        return Err(ExecError::Input { got: x.len(), expected: format!("[{batch}, {t}, {c}, {h}, {w}]") });
+    }
+    if let MaskPlan::Given(m) = plan {
+        if m.len() != batch || m.iter().any(|m| m.units.len() != layers) {
+            return Err(ExecError::Input {
+                got: m.len(),
+                expected: format!("masks for {batch} samples and {layers} layers"),
+            });
+        }
+    }
+    Ok(per_sample)
+}
+
 /// Errors of the executor.
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {

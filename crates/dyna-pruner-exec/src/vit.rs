@@ -156,21 +156,7 @@ impl VitExec {
         plan: MaskPlan<'_>,
     ) -> Result<Output, ExecError> {
         let s = &self.spec;
-        let per_sample = s.t_in * s.channels * h * w;
-        if x.len() != batch * per_sample || batch == 0 {
-            return Err(ExecError::Input {
-                got: x.len(),
-                expected: format!("[{batch}, {}, {}, {h}, {w}]", s.t_in, s.channels),
-            });
-        }
-        if let MaskPlan::Given(m) = plan {
-            if m.len() != batch || m.iter().any(|m| m.units.len() != 2 * s.layers) {
-                return Err(ExecError::Input {
-                    got: m.len(),
-                    expected: format!("masks for {batch} samples and {} layers", 2 * s.layers),
-                });
-            }
-        }
+        let per_sample = crate::check_input(x, batch, [s.t_in, s.channels, h, w], plan, 2 * s.layers)?;
         let out_cells = s.t_out * s.channels * h * w;
         let results: Vec<(Vec<f32>, Option<SampleMasks>, u64)> = (0..batch)
             .into_par_iter()
