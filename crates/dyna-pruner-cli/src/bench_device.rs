@@ -111,6 +111,14 @@ pub fn run<B: Backend>(
             let torch_dense_ms = torch_ms(size, batch);
             for &f in &plan.fractions {
                 let masking = Masking { mode: MaskMode::Both, data_keep: f, unit_keep: f };
+                // On this device: the sparse path against the masked-dense reference (same masks).
+                let got = model.forward_gathered(x.clone(), GatheredMasks::Method(masking));
+                let want = model.forward(x.clone(), masking).prediction;
+                let scale = want.clone().abs().max().into_scalar().elem::<f64>().max(1e-3);
+                let worst = (got - want).abs().max().into_scalar().elem::<f64>();
+                if worst > 1e-3 * scale {
+                    anyhow::bail!("{size}x{size}, batch {batch}, kept {f}: the sparse path differs from the masked-dense reference by {worst} (scale {scale})");
+                }
                 let sparse_ms = median_ms::<B>(device, plan.runs, plan.warmup, || {
                     let _ = model.forward_gathered(x.clone(), GatheredMasks::Method(masking));
                 });
@@ -137,6 +145,9 @@ pub fn run<B: Backend>(
                     row.efficiency,
                     fmt(torch_dense_ms),
                     fmt(torch_dense_ms.map(|t| dense_ms / t))
+                );
+                eprintln!(
+                    "  checked against the masked-dense reference: max |diff| {worst:.2e} (max |value| {scale:.2})"
                 );
                 rows.push(row);
             }

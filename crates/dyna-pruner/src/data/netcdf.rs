@@ -586,6 +586,35 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn packed_values_are_unpacked() {
+        // int16 with scale_factor 0.01 and add_offset 273.15, as ERA5 downloads often are.
+        let dir = tmp("packed");
+        let mut b = NcFileBuilder::new();
+        let dt = b.add_dimension("time", 3).unwrap();
+        let dy = b.add_dimension("latitude", 1).unwrap();
+        let dx = b.add_dimension("longitude", 2).unwrap();
+        let tv = b.add_variable::<f64>("time", &[dt]).unwrap();
+        b.add_variable_attribute(tv, "units", NcAttrValue::Chars("days since 2019-03-01".into())).unwrap();
+        b.write_variable(tv, &[0.0, 1.0, 2.0]).unwrap();
+        let yv = b.add_variable::<f32>("latitude", &[dy]).unwrap();
+        b.write_variable(yv, &[45.0f32]).unwrap();
+        let xv = b.add_variable::<f32>("longitude", &[dx]).unwrap();
+        b.write_variable(xv, &[0.0f32, 1.0]).unwrap();
+        let v = b.add_variable::<i16>("t2m", &[dt, dy, dx]).unwrap();
+        b.add_variable_attribute(v, "scale_factor", NcAttrValue::Doubles(vec![0.01])).unwrap();
+        b.add_variable_attribute(v, "add_offset", NcAttrValue::Doubles(vec![273.15])).unwrap();
+        b.write_variable(v, &[0i16, 100, -100, 250, 5, -5]).unwrap();
+        let path = dir.join("packed.nc");
+        std::fs::write(&path, b.to_vec(NcWriteOptions::default()).unwrap().1).unwrap();
+        let s = read(&config(vec![path], vec![spec("t2m", None, &[])])).unwrap();
+        let want = [273.15f32, 274.15, 272.15, 275.65, 273.2, 273.1];
+        for (got, want) in s.values.iter().zip(want) {
+            assert!((got - want).abs() < 1e-4, "{got} vs {want}");
+        }
+        assert_eq!(s.stamps[2].slot - s.stamps[0].slot, 2, "one daily step per slot");
+    }
+
+    #[test]
     fn cf_time_units() {
         assert_eq!(parse_time_units("hours since 1970-01-01"), Some((3600, 0)));
         assert_eq!(parse_time_units("days since 1970-01-02 06:00:00"), Some((86_400, 86_400 + 6 * 3600)));
