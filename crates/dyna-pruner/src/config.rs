@@ -363,6 +363,22 @@ mod tests {
     }
 
     #[test]
+    fn every_committed_config_validates() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+        let mut n = 0;
+        for dir in std::fs::read_dir(&root).unwrap() {
+            for file in std::fs::read_dir(dir.unwrap().path()).unwrap() {
+                let path = file.unwrap().path();
+                if path.extension().is_some_and(|e| e == "toml") {
+                    RunConfig::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                    n += 1;
+                }
+            }
+        }
+        assert!(n >= 7, "found {n} configs");
+    }
+
+    #[test]
     fn unknown_fields_are_rejected() {
         assert!(toml::from_str::<RunConfig>("[train]\nepoch = 3\n").is_err());
     }
