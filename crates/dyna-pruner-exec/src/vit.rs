@@ -158,6 +158,7 @@ impl VitExec {
         let s = &self.spec;
         let per_sample = crate::check_input(x, batch, [s.t_in, s.channels, h, w], plan, 2 * s.layers)?;
         let out_cells = s.t_out * s.channels * h * w;
+        let positions = position_encoding(h.div_ceil(s.patch), w.div_ceil(s.patch), s.dim);
         let results: Vec<(Vec<f32>, Option<SampleMasks>, u64)> = (0..batch)
             .into_par_iter()
             .map(|b| {
@@ -165,7 +166,7 @@ impl VitExec {
                     MaskPlan::Given(m) => Some(&m[b]),
                     _ => None,
                 };
-                self.sample(&x[b * per_sample..(b + 1) * per_sample], h, w, plan, given)
+                self.sample(&x[b * per_sample..(b + 1) * per_sample], h, w, plan, given, &positions)
             })
             .collect();
         let mut prediction = Vec::with_capacity(batch * out_cells);
@@ -179,6 +180,7 @@ impl VitExec {
     }
 
     /// One sample: prediction `[t_out, c, h, w]`, its masks (none when dense) and MACs.
+    /// `positions`: the token grid's [`position_encoding`].
     fn sample(
         &self,
         x: &[f32],
@@ -186,6 +188,7 @@ impl VitExec {
         w: usize,
         plan: MaskPlan<'_>,
         given: Option<&SampleMasks>,
+        positions: &[f32],
     ) -> (Vec<f32>, Option<SampleMasks>, u64) {
         let s = &self.spec;
         let (p, tc, d) = (s.patch, s.t_in * s.channels, s.dim);
@@ -200,7 +203,7 @@ impl VitExec {
             cells[token * cell_in + (ch * p + y % p) * p + xx % p] = *v;
         }
         let mut z = self.embed.forward(&cells, n);
-        z.iter_mut().zip(position_encoding(hp, wp, d)).for_each(|(a, b)| *a += b);
+        z.iter_mut().zip(positions).for_each(|(a, b)| *a += b);
         let mut macs = (n * cell_in * d + n * d * self.head.outputs) as u64;
 
         let importance = matches!(plan, MaskPlan::Dynamic).then(|| {

@@ -65,6 +65,12 @@ pub fn civil_from_days(z: i64) -> (i64, i64, i64) {
     (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
+/// The `YYYYMMDD` date of a day count since 1970-01-01.
+pub fn date_of_days(days: i64) -> Ymd {
+    let (y, m, d) = civil_from_days(days);
+    (y * 10_000 + m * 100 + d) as Ymd
+}
+
 fn days_in_month(y: i64, m: i64) -> i64 {
     match m {
         2 if (y % 4 == 0 && y % 100 != 0) || y % 400 == 0 => 29,
@@ -140,6 +146,11 @@ mod tests {
         for (y, m, d) in [(1970, 1, 1), (2019, 3, 31), (2000, 2, 29), (1969, 12, 31), (2024, 12, 31)] {
             assert_eq!(civil_from_days(days_from_civil(y, m, d)), (y, m, d));
         }
+        for days in [-1000, 0, 11_017, 14_975, 15_400] {
+            let (y, m, d) = civil_from_days(days);
+            assert_eq!(days_from_civil(y, m, d), days);
+        }
+        assert_eq!(date_of_days(days_from_civil(2019, 3, 1)), 20190301);
     }
 
     fn strings(v: &[&str]) -> Vec<String> {

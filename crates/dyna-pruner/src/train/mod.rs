@@ -163,6 +163,8 @@ pub fn train<B: AutodiffBackend>(
         }
     };
     let mac_model = model.mac_model(splits.train.height, splits.train.width);
+    // Weather: the training period's mean frame, stored with every saved checkpoint for the ACC.
+    let climatology = splits.train.grid().map(|_| crate::metrics::climatology(&splits.train));
 
     let out = &cfg.train.out;
     let mut state =
@@ -254,7 +256,7 @@ pub fn train<B: AutodiffBackend>(
         if best {
             state.best_epoch = epoch;
             state.best_val_mse = val_mse;
-            let meta = meta_for::<B>(plan, architecture.clone(), scaler.clone(), &splits, &state);
+            let meta = meta_for::<B>(plan, architecture.clone(), scaler.clone(), climatology.clone(), &splits, &state);
             checkpoint::save(out, &model, &meta, &plan.config)?;
         }
         save_resume(out, &model, &optim, &state)?;
@@ -268,6 +270,7 @@ fn meta_for<B: Backend>(
     plan: &Plan,
     architecture: crate::model::Architecture,
     scaler: Scaler,
+    climatology: Option<Vec<f32>>,
     splits: &Splits,
     state: &ResumeState,
 ) -> CheckpointMeta {
@@ -276,7 +279,7 @@ fn meta_for<B: Backend>(
     CheckpointMeta {
         architecture,
         scaler,
-        climatology: splits.train.grid().map(|_| crate::metrics::climatology(&splits.train)),
+        climatology,
         masking: Masking { mode: cfg.method.mode, data_keep: cfg.method.data_keep, unit_keep: cfg.method.unit_keep },
         provenance: Provenance {
             seed: cfg.train.seed,
