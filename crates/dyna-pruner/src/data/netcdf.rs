@@ -13,7 +13,7 @@ use std::sync::Arc;
 use netcdf_reader::{NcFile, NcSliceInfo, NcSliceInfoElem};
 
 use super::series::{FrameSeries, LatLonGrid};
-use super::timeslots::{civil_from_days, Stamp};
+use super::timeslots::{civil_from_days, date_of_days, days_from_civil, parse_date, Stamp};
 use crate::config::{ChannelSpec, DataConfig};
 use crate::error::{Error, Result};
 
@@ -81,13 +81,17 @@ pub fn read(d: &DataConfig) -> Result<FrameSeries> {
     let start = channels.iter().map(|c| c.start).max().unwrap_or(0);
     let end = channels.iter().map(|c| c.start + frames(c) as i64 * c.step).min().unwrap_or(0);
     for c in &channels {
-        if c.step != step {
+        if c.step != step || (c.start - first.start).rem_euclid(step) != 0 {
             return Err(Error::BadField {
                 path: c.first_file.clone(),
                 field: "time".into(),
                 detail: format!(
-                    "steps {} s, but `{}` steps {} s; channels need one time axis",
-                    c.step, first.name, step
+                    "steps {} s from {}, but `{}` steps {} s from {}; channels need one time axis",
+                    c.step,
+                    iso(c.start),
+                    first.name,
+                    step,
+                    iso(first.start)
                 ),
             });
         }
@@ -111,8 +115,7 @@ pub fn read(d: &DataConfig) -> Result<FrameSeries> {
     let stamps = (0..n)
         .map(|t| {
             let secs = start + t as i64 * step;
-            let (y, m, day) = civil_from_days(secs.div_euclid(86_400));
-            Stamp { date: (y * 10_000 + m * 100 + day) as u32, slot: secs.div_euclid(step) }
+            Stamp { date: date_of_days(secs.div_euclid(86_400)), slot: secs.div_euclid(step) }
         })
         .collect();
     let mut series = FrameSeries::from_rows(channels.len(), h, w, values, stamps);
@@ -361,8 +364,8 @@ fn parse_time_units(units: &str) -> Option<(i64, i64)> {
     };
     let since = since.trim().trim_end_matches('Z').replace('T', " ");
     let mut it = since.split_whitespace();
-    let (y, m, d) = super::timeslots::parse_date(it.next()?)?;
-    let mut secs = crate::data::timeslots::days_from_civil(y, m, d) * 86_400;
+    let (y, m, d) = parse_date(it.next()?)?;
+    let mut secs = days_from_civil(y, m, d) * 86_400;
     if let Some(clock) = it.next() {
         let f: Vec<f64> = clock.split(':').map(|p| p.parse().ok()).collect::<Option<_>>()?;
         let part = |i: usize| f.get(i).copied().unwrap_or(0.0);
@@ -544,6 +547,19 @@ pub(crate) mod tests {
         write_fixture(&g, "t2m", &[0, 1, 3, 4], &lat, &lon, None, &f);
         let err = read(&config(vec![g], vec![spec("t2m", None, &[])])).unwrap_err().to_string();
         assert!(err.contains("gap") && err.contains("2019-03-01T01:00") && err.contains("2019-03-01T03:00"), "{err}");
+        // channels on interleaved time axes (same step, offset by half of it)
+        let even = dir.join("even.nc");
+        write_fixture(&even, "t2m", &[0, 2, 4, 6], &lat, &lon, None, &f);
+        let odd = dir.join("odd.nc");
+        write_fixture(&odd, "z", &[1, 3, 5, 7], &lat, &lon, None, &f);
+        let mut d = config(vec![even], vec![spec("t2m", None, &[])]);
+        d.channels.push(spec("z", Some("odd"), &[]));
+        std::fs::create_dir_all(dir.join("odd")).unwrap();
+        std::fs::copy(&odd, dir.join("odd/z_2017_x.nc")).unwrap();
+        d.root = Some(dir.clone());
+        d.years = vec![2017];
+        let err = read(&d).unwrap_err().to_string();
+        assert!(err.contains("one time axis") && err.contains("2019-03-01T01:00"), "{err}");
         // an extra dimension without a selection
         let l = dir.join("levels.nc");
         write_fixture(&l, "t", &hours, &lat, &lon, Some(&[500.0, 850.0]), &f);
