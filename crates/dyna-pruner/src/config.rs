@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backbones::BackboneKind;
 use crate::data::timeslots::parse_date;
-use crate::data::{DateRange, SlotFormat};
+use crate::data::{DateRange, SlotFormat, Split};
 use crate::error::{Error, Result};
 use crate::method::MaskMode;
 use crate::model::Architecture;
@@ -21,6 +21,38 @@ pub enum DataFormat {
     Crowd,
     /// Gridded netCDF-3/4 variables on a lat/lon grid (ERA5, WeatherBench), one channel each.
     Netcdf,
+    /// KNMI 5-minute radar composites, one HDF5 file per frame (`data.files`: files or directories).
+    Knmi,
+    /// SEVIR `vil` events: `data.catalog` (CATALOG.csv) and the HDF5 files it names under `data.root`.
+    Sevir,
+    /// Seeded synthetic radar (`data.synthetic`), for tests and benchmarks at any size.
+    SyntheticRadar,
+}
+
+impl DataFormat {
+    /// Radar data: 0-255 VIL scale, no-data pixels, CSI metrics.
+    pub fn is_radar(self) -> bool {
+        matches!(self, DataFormat::Knmi | DataFormat::Sevir | DataFormat::SyntheticRadar)
+    }
+}
+
+/// The synthetic radar data set (`data.format = "synthetic_radar"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SyntheticRadarConfig {
+    /// Independent runs, one per day from 2020-01-01.
+    pub sequences: usize,
+    /// Frames per run.
+    pub frames: usize,
+    /// Frame side in pixels.
+    pub size: usize,
+    pub seed: u64,
+}
+
+impl Default for SyntheticRadarConfig {
+    fn default() -> Self {
+        SyntheticRadarConfig { sequences: 200, frames: 12, size: 64, seed: 7 }
+    }
 }
 
 /// One channel of netCDF data: a variable, at one value of each dimension other than time,
@@ -55,6 +87,13 @@ pub struct DataConfig {
     pub root: Option<PathBuf>,
     /// netCDF, WeatherBench layout: the years to read.
     pub years: Vec<i32>,
+    /// SEVIR: the catalog (CATALOG.csv); the files it names are under `data.root` (default: the
+    /// catalog's directory joined with `data`).
+    pub catalog: Option<PathBuf>,
+    /// KNMI: average `pool x pool` pixel blocks (1: full 1 km resolution).
+    pub pool: usize,
+    /// Synthetic radar: the generated data set.
+    pub synthetic: SyntheticRadarConfig,
     pub t_in: usize,
     pub t_out: usize,
     /// Time steps from the last input frame to the first target (1: the next frame; 72 with
@@ -66,6 +105,10 @@ pub struct DataConfig {
     pub test: [String; 2],
     /// npz only: the last fraction of the training windows used for validation.
     pub val_fraction: f32,
+    /// When > 0: split by position in time instead of dates; the last `test_frames` frames are
+    /// the test set and the `val_frames` before them validation.
+    pub val_frames: usize,
+    pub test_frames: usize,
 }
 
 impl Default for DataConfig {
@@ -78,6 +121,9 @@ impl Default for DataConfig {
             channels: Vec::new(),
             root: None,
             years: Vec::new(),
+            catalog: None,
+            pool: 1,
+            synthetic: SyntheticRadarConfig::default(),
             t_in: 4,
             t_out: 4,
             lead: 1,
@@ -85,6 +131,8 @@ impl Default for DataConfig {
             val: ["2013-01-01".into(), "2013-07-01".into()],
             test: ["2013-07-01".into(), "2014-01-01".into()],
             val_fraction: 0.1,
+            val_frames: 0,
+            test_frames: 0,
         }
     }
 }
@@ -94,15 +142,15 @@ impl Default for DataConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct ModelConfig {
     pub backbone: BackboneKind,
-    /// CNN: feature-map width; ViT: token width.
+    /// CNN, ConvLSTM: feature-map width; ViT: token width.
     pub hidden: usize,
-    /// CNN: hidden filters per block; ViT: MLP hidden units per layer.
+    /// CNN: hidden filters per block; ViT: MLP hidden units per layer; ConvLSTM: state channels.
     pub units: usize,
-    /// CNN: translator blocks; ViT: encoder layers.
+    /// CNN: translator blocks; ViT: encoder layers; ConvLSTM: stacked cells.
     pub blocks: usize,
     /// ViT: attention heads per layer (a divisor of `hidden`).
     pub heads: usize,
-    /// CNN: encoder stride (the ViT's tokens sit at `patch`).
+    /// CNN (1 or 2), ConvLSTM: encoder stride (the ViT's tokens sit at `patch`).
     pub stride: usize,
     pub patch: usize,
     pub generator_width: usize,
@@ -167,6 +215,11 @@ pub struct TrainConfig {
     pub init_from: Option<PathBuf>,
     /// Output checkpoint directory.
     pub out: PathBuf,
+    /// When > 0: train on random `crop x crop` windows of the frames (validation and test use
+    /// whole frames).
+    pub crop: usize,
+    /// Random flips and 90-degree rotations of the training windows (square crops only).
+    pub augment: bool,
 }
 
 impl Default for TrainConfig {
@@ -179,6 +232,8 @@ impl Default for TrainConfig {
             window_stride: 1,
             init_from: None,
             out: PathBuf::from("runs/model"),
+            crop: 0,
+            augment: false,
         }
     }
 }
@@ -197,7 +252,7 @@ pub struct RunConfig {
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub config: RunConfig,
-    pub ranges: [DateRange; 3],
+    pub split: Split,
 }
 
 impl Plan {
@@ -292,7 +347,29 @@ impl RunConfig {
                     return Err(bad("data.files", "[]".into(), "netCDF files holding the channels without a `dir`"));
                 }
             }
-            DataFormat::Crowd => {}
+            DataFormat::Knmi if d.files.is_empty() => {
+                return Err(bad("data.files", "[]".into(), "KNMI HDF5 files or directories holding them"));
+            }
+            DataFormat::Sevir if d.catalog.is_none() => {
+                return Err(bad("data.catalog", "none".into(), "the path of SEVIR's CATALOG.csv"));
+            }
+            DataFormat::SyntheticRadar => {
+                let g = &d.synthetic;
+                in_range("data.synthetic.sequences", g.sequences, 3, 100_000)?;
+                in_range("data.synthetic.frames", g.frames, 2, 1000)?;
+                in_range("data.synthetic.size", g.size, 8, 384)?;
+            }
+            DataFormat::Crowd | DataFormat::Knmi | DataFormat::Sevir => {}
+        }
+        in_range("data.pool", d.pool, 1, 64)?;
+        if t.crop > 0 {
+            in_range("train.crop", t.crop, m.patch, 4096)?;
+            if t.crop % m.patch != 0 {
+                return Err(bad("train.crop", t.crop.to_string(), &format!("a multiple of model.patch = {}", m.patch)));
+            }
+        }
+        if t.augment && t.crop == 0 {
+            return Err(bad("train.augment", "true".into(), "train.crop > 0 (rotations need square crops)"));
         }
         in_range("data.t_in", d.t_in, 2, 64)?;
         in_range("data.t_out", d.t_out, 1, 64)?;
@@ -311,7 +388,14 @@ impl RunConfig {
                 Err(bad(field, format!("{from:?}..{to:?}"), "two dates YYYY-MM-DD, from before to"))
             }
         };
-        let ranges = [range("data.train", &d.train)?, range("data.val", &d.val)?, range("data.test", &d.test)?];
+        let split = if d.test_frames > 0 {
+            if d.val_frames == 0 {
+                return Err(bad("data.val_frames", "0".into(), "> 0 when data.test_frames is set"));
+            }
+            Split::LastFrames { val: d.val_frames, test: d.test_frames }
+        } else {
+            Split::Dates([range("data.train", &d.train)?, range("data.val", &d.val)?, range("data.test", &d.test)?])
+        };
         in_range("model.hidden", m.hidden, 1, 1024)?;
         in_range("model.units", m.units, 1, 4096)?;
         in_range("model.blocks", m.blocks, 1, 64)?;
@@ -319,12 +403,14 @@ impl RunConfig {
         if m.backbone == BackboneKind::Vit && m.hidden % m.heads != 0 {
             return Err(bad("model.heads", m.heads.to_string(), &format!("a divisor of model.hidden = {}", m.hidden)));
         }
-        if m.backbone == BackboneKind::Cnn {
-            in_range("model.stride", m.stride, 1, 2)?;
+        match m.backbone {
+            BackboneKind::Cnn => in_range("model.stride", m.stride, 1, 2)?,
+            BackboneKind::ConvLstm => in_range("model.stride", m.stride, 1, 16)?,
+            BackboneKind::Vit => {}
         }
         in_range("model.patch", m.patch, 1, 256)?;
         in_range("model.generator_width", m.generator_width, 1, 256)?;
-        if m.backbone == BackboneKind::Cnn && m.patch % m.stride != 0 {
+        if m.backbone != BackboneKind::Vit && m.patch % m.stride != 0 {
             return Err(bad("model.patch", m.patch.to_string(), &format!("a multiple of model.stride = {}", m.stride)));
         }
         fraction("method.data_keep", me.data_keep)?;
@@ -338,7 +424,7 @@ impl RunConfig {
         if !(t.lr.is_finite() && t.lr > 0.0 && t.lr <= 1.0) {
             return Err(bad("train.lr", t.lr.to_string(), "a learning rate in (0, 1]"));
         }
-        Ok(Plan { config: self, ranges })
+        Ok(Plan { config: self, split })
     }
 }
 

@@ -48,6 +48,7 @@ pub fn export<B: Backend>(model: &DynamicModel<B>, arch: &Architecture, masking:
     let (data_keep, unit_keep) = (masking.data_keep, masking.unit_keep);
     let cnn = match &model.backbone {
         Backbone::Cnn(cnn) => cnn,
+        Backbone::ConvLstm(_) => unimplemented!("convlstm executor"),
         Backbone::Vit(vit) => {
             linear(&mut t, "embed", &vit.embed);
             for (l, layer) in vit.layers.iter().enumerate() {

@@ -6,11 +6,15 @@
 //! - weather (WeatherBench): `rmse`, `mae` weighted by cos(latitude) in physical units, and `acc`,
 //!   the anomaly correlation against a climatology, each computed per forecast frame and channel
 //!   and averaged over frames; per-channel values as `rmse/<channel>` etc.; `mse` is the plain
-//!   per-value mean on the z-scored scale.
+//!   per-value mean on the z-scored scale;
+//! - radar (SEVIR / Earthformer): `csi`, `pod`, `sucr`, `bias` at each VIL threshold of
+//!   [`VIL_THRESHOLDS`] (0-255 scale) from hit / miss / false-alarm counts pooled over all pixels
+//!   and frames, `csi_m` their mean CSI, and `mse`, `mae` per pixel on the [0, 1] scale; target
+//!   pixels without data (NaN) are skipped, a prediction without data counts as no rain.
 
 use std::collections::BTreeMap;
 
-use crate::data::{Scaler, WindowSet};
+use crate::data::{Domain, Scaler, WindowSet};
 
 /// Running sums of a crowd-flow evaluation.
 #[derive(Debug, Clone, Default)]
@@ -158,24 +162,85 @@ impl WeatherMetrics {
     }
 }
 
-/// The metrics of a window set: weather metrics on a lat/lon grid, crowd-flow metrics otherwise.
+/// SEVIR's VIL thresholds for the CSI (0-255 scale).
+pub const VIL_THRESHOLDS: [f32; 6] = [16.0, 74.0, 133.0, 160.0, 181.0, 219.0];
+
+/// Running counts of a radar evaluation.
+#[derive(Debug, Clone, Default)]
+pub struct RadarMetrics {
+    /// Per threshold: hits, misses, false alarms.
+    counts: [[u64; 3]; VIL_THRESHOLDS.len()],
+    sum_sq: f64,
+    sum_abs: f64,
+    pixels: u64,
+}
+
+impl RadarMetrics {
+    /// Adds predictions and targets on the [0, 1] scale (VIL / 255); NaN targets are skipped.
+    pub fn update(&mut self, prediction: &[f32], target: &[f32]) {
+        debug_assert_eq!(prediction.len(), target.len());
+        for (&p, &t) in prediction.iter().zip(target) {
+            if t.is_nan() {
+                continue;
+            }
+            let p = if p.is_nan() { 0.0 } else { p };
+            let e = (p - t) as f64;
+            self.sum_sq += e * e;
+            self.sum_abs += e.abs();
+            self.pixels += 1;
+            let (p, t) = (p * 255.0, t * 255.0);
+            for (c, &thr) in self.counts.iter_mut().zip(&VIL_THRESHOLDS) {
+                match (p >= thr, t >= thr) {
+                    (true, true) => c[0] += 1,
+                    (false, true) => c[1] += 1,
+                    (true, false) => c[2] += 1,
+                    (false, false) => {}
+                }
+            }
+        }
+    }
+
+    /// `mse`, `mae`, `csi_m` and `csi/T`, `pod/T`, `sucr/T`, `bias/T` per threshold T. A ratio
+    /// whose denominator is zero is 0 (BIAS: 1 when neither forecast nor observation has
+    /// events), as Earthformer's small-epsilon convention gives.
+    pub fn finish(&self) -> BTreeMap<String, f64> {
+        let n = self.pixels.max(1) as f64;
+        let mut out = BTreeMap::from([("mse".to_string(), self.sum_sq / n), ("mae".to_string(), self.sum_abs / n)]);
+        let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+        let mut csi_sum = 0.0;
+        for (&[h, m, f], thr) in self.counts.iter().zip(VIL_THRESHOLDS) {
+            let csi = ratio(h, h + m + f);
+            csi_sum += csi;
+            out.insert(format!("csi/{thr}"), csi);
+            out.insert(format!("pod/{thr}"), ratio(h, h + m));
+            out.insert(format!("sucr/{thr}"), ratio(h, h + f));
+            out.insert(format!("bias/{thr}"), if h + m + f == 0 { 1.0 } else { ratio(h + f, h + m) });
+        }
+        out.insert("csi_m".to_string(), csi_sum / VIL_THRESHOLDS.len() as f64);
+        out
+    }
+}
+
+/// The metrics of a window set: by what the frames measure.
 pub enum Metrics {
     Crowd(CrowdMetrics),
     Weather(WeatherMetrics),
+    Radar(RadarMetrics),
 }
 
 impl Metrics {
     /// `climatology`: `[C, H, W]` in physical units (weather only; the ACC is left out without it).
     pub fn for_windows(windows: &WindowSet, scaler: &Scaler, climatology: Option<&[f32]>) -> Self {
-        match windows.grid() {
-            Some(g) => Metrics::Weather(WeatherMetrics::new(
+        match windows.domain() {
+            Domain::Weather(g) => Metrics::Weather(WeatherMetrics::new(
                 &g.latitudes,
                 windows.width,
                 g.channels.iter().map(|(n, _)| n.clone()).collect(),
                 scaler,
                 climatology.map(<[f32]>::to_vec),
             )),
-            None => Metrics::Crowd(CrowdMetrics::new(windows.frame_len(), scaler)),
+            Domain::Radar => Metrics::Radar(RadarMetrics::default()),
+            Domain::Crowd => Metrics::Crowd(CrowdMetrics::new(windows.frame_len(), scaler)),
         }
     }
 
@@ -183,6 +248,7 @@ impl Metrics {
         match self {
             Metrics::Crowd(m) => m.update(prediction, target),
             Metrics::Weather(m) => m.update(prediction, target),
+            Metrics::Radar(m) => m.update(prediction, target),
         }
     }
 
@@ -190,6 +256,7 @@ impl Metrics {
         match self {
             Metrics::Crowd(m) => m.finish(),
             Metrics::Weather(m) => m.finish(),
+            Metrics::Radar(m) => m.finish(),
         }
     }
 }
@@ -243,5 +310,22 @@ mod tests {
         let acc = w2 * 4.0 / ((w1 + 4.0 * w2) * 4.0 * w2).sqrt();
         assert!((r["acc"] - acc).abs() < 1e-6, "{} vs {acc}", r["acc"]);
         assert!((r["mse"] - 0.125).abs() < 1e-9);
+    }
+
+    #[test]
+    fn csi_pod_sucr_bias_from_pooled_counts() {
+        // threshold 16 (0.0627): obs wet at pixels 0, 1; forecast wet at 1, 2; pixel 3 has no data
+        let (wet, dry) = (100.0 / 255.0, 0.0);
+        let mut m = RadarMetrics::default();
+        m.update(&[dry, wet, wet, wet], &[wet, wet, dry, f32::NAN]);
+        let r = m.finish();
+        assert!((r["csi/16"] - 1.0 / 3.0).abs() < 1e-12, "{r:?}");
+        assert_eq!((r["pod/16"], r["sucr/16"], r["bias/16"]), (0.5, 0.5, 1.0));
+        // 74 (0.29): 100 >= 74, same counts; 133 and up: no events at all
+        assert_eq!(r["csi/74"], r["csi/16"]);
+        assert_eq!((r["csi/133"], r["bias/219"]), (0.0, 1.0));
+        assert!((r["csi_m"] - 2.0 / 3.0 / 6.0).abs() < 1e-12);
+        let e = 100.0f64 / 255.0;
+        assert!((r["mse"] - 2.0 * e * e / 3.0).abs() < 1e-6, "no-data pixel skipped");
     }
 }

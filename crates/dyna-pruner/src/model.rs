@@ -3,6 +3,7 @@
 use burn::prelude::*;
 
 use crate::backbones::cnn::CnnConfig;
+use crate::backbones::convlstm::ConvLstmConfig;
 use crate::backbones::vit::VitConfig;
 use crate::backbones::{Backbone, BackboneKind, SpatioTemporal};
 use crate::macs::MacModel;
@@ -72,6 +73,14 @@ impl Architecture {
                     .with_heads(self.heads)
                     .with_mlp(self.units)
                     .with_layers(self.blocks)
+                    .init(device),
+            ),
+            BackboneKind::ConvLstm => Backbone::ConvLstm(
+                ConvLstmConfig::new(self.t_in, self.t_out, self.channels)
+                    .with_hidden(self.hidden)
+                    .with_units(self.units)
+                    .with_cells(self.blocks)
+                    .with_stride(self.stride)
                     .init(device),
             ),
         };
@@ -147,8 +156,12 @@ mod tests {
     use burn::tensor::Distribution;
 
     fn arch(patch: usize, stride: usize) -> Architecture {
+        arch_of(BackboneKind::Cnn, patch, stride)
+    }
+
+    fn arch_of(backbone: BackboneKind, patch: usize, stride: usize) -> Architecture {
         Architecture {
-            backbone: BackboneKind::Cnn,
+            backbone,
             t_in: 3,
             t_out: 2,
             channels: 2,
@@ -169,8 +182,11 @@ mod tests {
     #[test]
     fn all_ones_masks_reproduce_the_dense_forward_exactly() {
         let device = Default::default();
-        for (patch, stride, h, w) in [(2, 2, 10, 6), (4, 2, 9, 7), (3, 1, 8, 5)] {
-            let model = arch(patch, stride).init::<CpuBackend>(&device);
+        let cases =
+            [(BackboneKind::Cnn, 2, 2, 10, 6), (BackboneKind::Cnn, 4, 2, 9, 7), (BackboneKind::Cnn, 3, 1, 8, 5)];
+        let convlstm = [(BackboneKind::ConvLstm, 4, 2, 9, 7), (BackboneKind::ConvLstm, 4, 4, 8, 8)];
+        for (kind, patch, stride, h, w) in cases.into_iter().chain(convlstm) {
+            let model = arch_of(kind, patch, stride).init::<CpuBackend>(&device);
             let x = input::<CpuBackend>(3, h, w, &device);
             let dense = model.forward(x.clone(), Masking::DENSE).prediction;
             let ones = Masking { mode: MaskMode::Both, data_keep: 1.0, unit_keep: 1.0 };
@@ -178,7 +194,7 @@ mod tests {
             assert_eq!(dense.dims(), [3, 2, 2, h, w]);
             let (a, b): (Vec<f32>, Vec<f32>) =
                 (dense.into_data().to_vec().unwrap(), masked.into_data().to_vec().unwrap());
-            assert_eq!(a, b, "patch {patch} stride {stride} {h}x{w}");
+            assert_eq!(a, b, "{kind:?} patch {patch} stride {stride} {h}x{w}");
         }
     }
 

@@ -6,6 +6,7 @@
 //! nothing in a sparse executor, and count dense MACs analytically.
 
 pub mod cnn;
+pub mod convlstm;
 pub mod vit;
 
 use burn::prelude::*;
@@ -21,6 +22,9 @@ pub enum BackboneKind {
     Cnn,
     /// ViT over patches: token dropping, attention heads and MLP units as units.
     Vit,
+    /// ConvLSTM encoder-forecaster: state updates only at kept positions, hidden channels as units.
+    #[serde(rename = "convlstm")]
+    ConvLstm,
 }
 
 /// One layer whose positions (DataMask) and units (ModelMask) can be pruned.
@@ -68,6 +72,7 @@ pub trait SpatioTemporal<B: Backend> {
 pub enum Backbone<B: Backend> {
     Cnn(cnn::Cnn<B>),
     Vit(vit::Vit<B>),
+    ConvLstm(convlstm::ConvLstm<B>),
 }
 
 impl<B: Backend> SpatioTemporal<B> for Backbone<B> {
@@ -75,6 +80,7 @@ impl<B: Backend> SpatioTemporal<B> for Backbone<B> {
         match self {
             Backbone::Cnn(m) => m.forward(x, masks),
             Backbone::Vit(m) => m.forward(x, masks),
+            Backbone::ConvLstm(m) => m.forward(x, masks),
         }
     }
 
@@ -82,6 +88,7 @@ impl<B: Backend> SpatioTemporal<B> for Backbone<B> {
         match self {
             Backbone::Cnn(m) => m.prunable_layers(),
             Backbone::Vit(m) => m.prunable_layers(),
+            Backbone::ConvLstm(m) => m.prunable_layers(),
         }
     }
 
@@ -89,6 +96,7 @@ impl<B: Backend> SpatioTemporal<B> for Backbone<B> {
         match self {
             Backbone::Cnn(m) => m.macs(height, width),
             Backbone::Vit(m) => m.macs(height, width),
+            Backbone::ConvLstm(m) => m.macs(height, width),
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod crowd_h5;
 pub mod hdf5;
 pub mod netcdf;
 pub mod npz;
+pub mod radar;
 pub mod scaling;
 pub mod series;
 pub mod synthetic;
@@ -19,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use scaling::{MinMaxScaler, Scaler, ZScoreScaler};
-pub use series::{window_len, DateRange, FrameSeries, LatLonGrid, WindowSet};
+pub use series::{window_len, DateRange, Domain, FrameSeries, LatLonGrid, WindowSet};
 pub use timeslots::SlotFormat;
 
 use crate::config::{DataConfig, DataFormat};
@@ -29,6 +30,16 @@ use crate::error::{Error, Result};
 pub enum Source {
     Series(Arc<FrameSeries>),
     Npz(npz::NpzWindows),
+}
+
+/// How a series is split into train / validation / test windows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    /// By the date of every frame of a window: `[train, val, test]` ranges.
+    Dates([DateRange; 3]),
+    /// By position in time: windows within the last `test` frames are the test set, those
+    /// within the `val` frames before them validation, those before that training.
+    LastFrames { val: usize, test: usize },
 }
 
 /// Train / validation / test windows.
@@ -50,6 +61,19 @@ pub fn load(d: &DataConfig) -> Result<Source> {
     match d.format {
         DataFormat::Crowd => load_crowd(&d.files, d.slot_format),
         DataFormat::Netcdf => Ok(Source::Series(Arc::new(netcdf::read(d)?))),
+        DataFormat::Knmi => Ok(Source::Series(Arc::new(radar::read_knmi(&d.files, d.pool)?))),
+        DataFormat::Sevir => {
+            let catalog = d.catalog.as_ref().expect("validated: SEVIR has a catalog");
+            let root = match &d.root {
+                Some(r) => r.clone(),
+                None => catalog.parent().unwrap_or(Path::new(".")).join("data"),
+            };
+            Ok(Source::Series(Arc::new(radar::read_sevir(catalog, &root)?)))
+        }
+        DataFormat::SyntheticRadar => {
+            let g = &d.synthetic;
+            Ok(Source::Series(Arc::new(synthetic::radar_series(g.sequences, g.frames, g.size, g.size, g.seed))))
+        }
     }
 }
 
@@ -108,23 +132,42 @@ impl Source {
     /// All windows of the source: every consecutive window of a series, or the test part of an npz.
     pub fn all_windows(&self, t: Horizon, paths: &[PathBuf]) -> Result<WindowSet> {
         match self {
-            Source::Series(s) => windows_in(s, t, None, "all dates", paths),
+            Source::Series(s) => windows_in(s, t, &|_| true, "all frames", paths),
             Source::Npz(n) => check_lengths(&n.test, t, paths),
         }
     }
 
-    /// Splits by date (series) or takes the last `val_fraction` of the npz training windows as
-    /// validation (npz windows carry no dates).
-    pub fn split(&self, t: Horizon, ranges: [DateRange; 3], val_fraction: f32, paths: &[PathBuf]) -> Result<Splits> {
+    /// Splits a series by date or by position in time ([`Split`]), or takes the last
+    /// `val_fraction` of the npz training windows as validation (npz windows carry no dates).
+    pub fn split(&self, t: Horizon, split: Split, val_fraction: f32, paths: &[PathBuf]) -> Result<Splits> {
         match self {
-            Source::Series(s) => {
-                let [train, val, test] = ranges;
-                Ok(Splits {
-                    train: windows_in(s, t, Some(train), "the train range", paths)?,
-                    val: windows_in(s, t, Some(val), "the validation range", paths)?,
-                    test: windows_in(s, t, Some(test), "the test range", paths)?,
-                })
-            }
+            Source::Series(s) => match split {
+                Split::Dates([train, val, test]) => {
+                    let range = |r: DateRange, name: &str| {
+                        let inside = move |i: usize| r.contains(s.stamps[i].date);
+                        let what = format!("{name} {}..{}", r.from, r.to);
+                        windows_in(s, t, &inside, &what, paths)
+                    };
+                    Ok(Splits {
+                        train: range(train, "the train range")?,
+                        val: range(val, "the validation range")?,
+                        test: range(test, "the test range")?,
+                    })
+                }
+                Split::LastFrames { val, test } => {
+                    let n = s.len();
+                    let (v0, t0) = (n.saturating_sub(val + test), n.saturating_sub(test));
+                    let part = |lo: usize, hi: usize, name: &str| {
+                        let what = format!("{name} (frames {lo}..{hi} of {n})");
+                        windows_in(s, t, &|i| (lo..hi).contains(&i), &what, paths)
+                    };
+                    Ok(Splits {
+                        train: part(0, v0, "the training frames")?,
+                        val: part(v0, t0, "the validation frames")?,
+                        test: part(t0, n, "the test frames")?,
+                    })
+                }
+            },
             Source::Npz(n) => {
                 let train = check_lengths(&n.train, t, paths)?;
                 let n_val = ((train.len() as f32 * val_fraction).ceil() as usize).clamp(1, train.len().max(1));
@@ -164,26 +207,18 @@ impl Horizon {
 fn windows_in(
     s: &Arc<FrameSeries>,
     t: Horizon,
-    range: Option<DateRange>,
-    range_name: &str,
+    inside: &dyn Fn(usize) -> bool,
+    what: &str,
     paths: &[PathBuf],
 ) -> Result<WindowSet> {
     let len = window_len(t.t_in, t.lead, t.t_out);
-    let starts = s.window_starts(len, range);
+    let starts = s.window_starts(len, inside);
     if starts.is_empty() {
-        let inside = s.stamps.iter().filter(|st| range.is_none_or(|r| r.contains(st.date))).count();
+        let frames = (0..s.len()).filter(|&i| inside(i)).count();
         return Err(Error::NoWindows {
-            what: format!("{range_name} of {}", describe(paths)),
+            what: format!("{what} of {}", describe(paths)),
             window: len,
-            detail: match range {
-                Some(r) => format!(
-                    "{inside} frames fall in {}..{}; the longest run of consecutive slots in the files is {}",
-                    r.from,
-                    r.to,
-                    s.longest_run()
-                ),
-                None => format!("the longest run of consecutive slots is {}", s.longest_run()),
-            },
+            detail: format!("{frames} frames fall inside; the longest run of consecutive slots is {}", s.longest_run()),
         });
     }
     Ok(WindowSet::from_series(s.clone(), starts, t.t_in, t.lead, t.t_out))

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use netcdf_reader::{NcFile, NcSliceInfo, NcSliceInfoElem};
 
-use super::series::{FrameSeries, LatLonGrid};
+use super::series::{Domain, FrameSeries, LatLonGrid};
 use super::timeslots::{civil_from_days, date_of_days, days_from_civil, parse_date, Stamp};
 use crate::config::{ChannelSpec, DataConfig};
 use crate::error::{Error, Result};
@@ -119,7 +119,7 @@ pub fn read(d: &DataConfig) -> Result<FrameSeries> {
         })
         .collect();
     let mut series = FrameSeries::from_rows(channels.len(), h, w, values, stamps);
-    series.grid = Some(Arc::new(LatLonGrid {
+    series.domain = Domain::Weather(Arc::new(LatLonGrid {
         latitudes: first.lat.iter().map(|&v| v as f32).collect(),
         longitudes: first.lon.iter().map(|&v| v as f32).collect(),
         channels: channels.iter().map(|c| (c.name.clone(), c.units.clone())).collect(),
@@ -501,7 +501,7 @@ pub(crate) mod tests {
         d.years = vec![2017, 2018];
         let s = read(&d).unwrap();
         assert_eq!((s.len(), s.channels, s.height, s.width), (10, 2, 3, 2));
-        let grid = s.grid.as_ref().unwrap();
+        let grid = s.grid().unwrap();
         assert_eq!(grid.latitudes, vec![10.0, 0.0, -10.0], "north first");
         assert_eq!(grid.channels[1].0, "t@level=850");
         // frame 7, channel 0, row 0 (lat 10 = file row 2), column 1
@@ -585,7 +585,7 @@ pub(crate) mod tests {
             config(vec![repo_file("data/era5-uk-t2m/era5_t2m_2019-03_uk_0.25deg.nc")], vec![spec("t2m", None, &[])]);
         let s = read(&d).unwrap();
         assert_eq!((s.len(), s.channels, s.height, s.width), (744, 1, 33, 49));
-        let grid = s.grid.as_ref().unwrap();
+        let grid = s.grid().unwrap();
         assert_eq!((grid.latitudes[0], grid.latitudes[32]), (58.0, 50.0));
         assert_eq!(grid.channels[0], ("t2m".to_string(), "K".to_string()));
         let (lo, hi) = s.values.iter().fold((f32::MAX, f32::MIN), |(a, b), v| (a.min(*v), b.max(*v)));

@@ -16,8 +16,20 @@ pub struct FrameSeries {
     pub stamps: Vec<Stamp>,
     /// Rows dropped because their time stamp appeared earlier (kept: first occurrence).
     pub duplicates_dropped: usize,
-    /// What the grid is, when known (latitudes and channel names of a lat/lon grid).
-    pub grid: Option<Arc<LatLonGrid>>,
+    /// What the frames are: picks the metrics.
+    pub domain: Domain,
+}
+
+/// What a series' frames measure.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum Domain {
+    /// Crowd flow counts (or anything without a known grid).
+    #[default]
+    Crowd,
+    /// Weather fields on a lat/lon grid.
+    Weather(Arc<LatLonGrid>),
+    /// Radar precipitation on SEVIR's 0-255 VIL pixel scale; NaN marks no-data pixels.
+    Radar,
 }
 
 /// A regular latitude/longitude grid: rows are latitudes (north first), columns longitudes.
@@ -65,7 +77,7 @@ impl FrameSeries {
             values: sorted,
             stamps: order.iter().map(|&i| stamps[i]).collect(),
             duplicates_dropped,
-            grid: None,
+            domain: Domain::Crowd,
         }
     }
 
@@ -78,7 +90,7 @@ impl FrameSeries {
             return None;
         }
         let dropped: usize = parts.iter().map(|p| p.duplicates_dropped).sum();
-        let grid = first.grid.clone();
+        let domain = first.domain.clone();
         let mut values = Vec::new();
         let mut stamps = Vec::new();
         for p in parts {
@@ -87,7 +99,7 @@ impl FrameSeries {
         }
         let mut merged = FrameSeries::from_rows(c, h, w, values, stamps);
         merged.duplicates_dropped += dropped;
-        merged.grid = grid;
+        merged.domain = domain;
         Some(merged)
     }
 
@@ -121,10 +133,17 @@ impl FrameSeries {
         best
     }
 
-    /// Starts `t` of every window of `len` frames whose slots are consecutive and whose dates
-    /// all lie in `range` (all dates when `None`).
-    pub fn window_starts(&self, len: usize, range: Option<DateRange>) -> Vec<usize> {
-        let inside = |t: usize| range.is_none_or(|r| r.contains(self.stamps[t].date));
+    /// The lat/lon grid of a weather series.
+    pub fn grid(&self) -> Option<&LatLonGrid> {
+        match &self.domain {
+            Domain::Weather(g) => Some(g),
+            _ => None,
+        }
+    }
+
+    /// Starts `t` of every window of `len` frames whose slots are consecutive and whose frames
+    /// are all `inside`.
+    pub fn window_starts(&self, len: usize, inside: impl Fn(usize) -> bool) -> Vec<usize> {
         // run_end[t]: number of consecutive, in-range slots starting at t.
         let mut run = vec![0usize; self.len() + 1];
         for t in (0..self.len()).rev() {
@@ -205,11 +224,19 @@ impl WindowSet {
         self.channels * self.height * self.width
     }
 
+    /// What the frames measure (crowd flow for pre-cut windows).
+    pub fn domain(&self) -> &Domain {
+        match &self.source {
+            WindowSource::Series { series, .. } => &series.domain,
+            WindowSource::Pairs { .. } => &Domain::Crowd,
+        }
+    }
+
     /// The lat/lon grid of the frames, when known.
     pub fn grid(&self) -> Option<&LatLonGrid> {
-        match &self.source {
-            WindowSource::Series { series, .. } => series.grid.as_deref(),
-            WindowSource::Pairs { .. } => None,
+        match self.domain() {
+            Domain::Weather(g) => Some(g),
+            _ => None,
         }
     }
 
@@ -293,7 +320,7 @@ mod tests {
         // 2 inputs, target 3 slots after the last input: frames t, t+1 -> t+4.
         let len = window_len(2, 3, 1);
         assert_eq!(len, 5);
-        let starts = s.window_starts(len, None);
+        let starts = s.window_starts(len, |_| true);
         assert_eq!(starts, vec![0, 1, 2, 3, 4, 5]);
         let w = WindowSet::from_series(s, starts, 2, 3, 1);
         assert_eq!(w.input(1), &[1.0, 2.0]);
@@ -303,8 +330,8 @@ mod tests {
     #[test]
     fn windows_only_over_consecutive_slots() {
         let s = series(&[0, 1, 2, 3, 5, 6, 7, 8, 9]);
-        assert_eq!(s.window_starts(4, None), vec![0, 4, 5]);
+        assert_eq!(s.window_starts(4, |_| true), vec![0, 4, 5]);
         assert_eq!(s.longest_run(), 5);
-        assert!(s.window_starts(6, None).is_empty());
+        assert!(s.window_starts(6, |_| true).is_empty());
     }
 }

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::DataFormat;
 use crate::config::Plan;
-use crate::data::{self, Horizon, MinMaxScaler, Scaler, Splits, ZScoreScaler};
+use crate::data::{self, Domain, Horizon, MinMaxScaler, Scaler, Splits, ZScoreScaler};
 use crate::error::{Error, Result};
 use crate::eval::{evaluate, Scoring};
 use crate::method::budget::{annealed, budget_loss};
@@ -80,7 +80,7 @@ fn resume_dir(out: &Path) -> PathBuf {
 pub fn prepare_data(plan: &Plan) -> Result<(Splits, Scaler)> {
     let d = &plan.config.data;
     let source = data::load(d)?;
-    let splits = source.split(Horizon::of(d), plan.ranges, d.val_fraction, &d.files)?;
+    let splits = source.split(Horizon::of(d), plan.split, d.val_fraction, &d.files)?;
     let t = &splits.train;
     let frames = || (0..t.len()).flat_map(|i| [t.input(i), t.target(i)]);
     let constant = |what: &str| Error::BadValues {
@@ -93,6 +93,10 @@ pub fn prepare_data(plan: &Plan) -> Result<(Splits, Scaler)> {
         DataFormat::Netcdf => Scaler::ZScore(
             ZScoreScaler::fit(frames(), t.channels, t.height * t.width).ok_or_else(|| constant(" in a channel"))?,
         ),
+        // SEVIR's convention: VIL / 255.
+        DataFormat::Knmi | DataFormat::Sevir | DataFormat::SyntheticRadar => {
+            Scaler::MinMax(MinMaxScaler { min: 0.0, max: 255.0 })
+        }
     };
     Ok((splits, scaler))
 }
@@ -163,6 +167,7 @@ pub fn train<B: AutodiffBackend>(
         }
     };
     let mac_model = model.mac_model(splits.train.height, splits.train.width);
+    let missing_data = *splits.train.domain() == Domain::Radar;
     // Weather: the training period's mean frame, stored with every saved checkpoint for the ACC.
     let climatology = splits.train.grid().map(|_| crate::metrics::climatology(&splits.train));
 
@@ -193,19 +198,23 @@ pub fn train<B: AutodiffBackend>(
         }
         let epoch_start = Instant::now();
         let mut order = train_idx.clone();
-        order.shuffle(&mut StdRng::seed_from_u64(cfg.train.seed.wrapping_add(epoch as u64)));
+        let mut crop_rng = StdRng::seed_from_u64(cfg.train.seed.wrapping_add(epoch as u64));
+        order.shuffle(&mut crop_rng);
         progress.epoch_start(epoch, cfg.train.epochs, steps_per_epoch);
         let mut loss_sum = 0.0;
         for (s, chunk) in order.chunks(batch).enumerate() {
             let step = (epoch - 1) * steps_per_epoch + s;
             let masking = masking_at(step);
-            let (x, y) = splits.train.batch::<B>(chunk, &scaler, device);
+            let (x, y) = match cfg.train.crop {
+                0 => splits.train.batch::<B>(chunk, &scaler, device),
+                crop => splits.train.batch_crops::<B>(chunk, (crop, cfg.train.augment), &mut crop_rng, &scaler, device),
+            };
             let teacher_pred = teacher
                 .as_ref()
                 .filter(|_| cfg.method.distill_weight > 0.0)
                 .map(|(t, m)| Tensor::<B, 5>::from_inner(t.forward(x.clone().inner(), *m).prediction));
             let fwd = model.forward(x, masking);
-            let mut loss = (fwd.prediction.clone() - y).powi_scalar(2).mean();
+            let mut loss = prediction_loss(fwd.prediction.clone(), y, missing_data);
             if let Some(t) = teacher_pred {
                 loss = loss + (fwd.prediction - t).powi_scalar(2).mean() * cfg.method.distill_weight;
             }
@@ -317,6 +326,17 @@ fn save_resume<B: AutodiffBackend, O: Optimizer<crate::model::DynamicModel<B>, B
     Recorder::new().record(optim.to_record(), dir.join("optim")).map_err(|e| fail("optimizer", e.to_string()))?;
     let json = serde_json::to_string_pretty(state).expect("state serializes");
     std::fs::write(dir.join("state.json"), json).map_err(|e| Error::io(dir.join("state.json"), e))
+}
+
+/// Mean squared error; with `missing_data`, over the target pixels that have data (not NaN).
+fn prediction_loss<B: Backend>(prediction: Tensor<B, 5>, target: Tensor<B, 5>, missing_data: bool) -> Tensor<B, 1> {
+    if !missing_data {
+        return (prediction - target).powi_scalar(2).mean();
+    }
+    let missing = target.clone().is_nan();
+    let valid = missing.clone().bool_not().float();
+    let target = target.mask_fill(missing, 0.0);
+    ((prediction - target).powi_scalar(2) * valid.clone()).sum() / valid.sum().clamp_min(1.0)
 }
 
 /// Cosine decay from `lr` to 5% of it over the run.
