@@ -21,7 +21,7 @@ use dyna_pruner_exec::MaskPlan;
 /// What to measure.
 pub struct BenchPlan {
     pub backbones: Vec<BackboneKind>,
-    /// Square frame sizes of the CNN rows.
+    /// Square frame sizes of the CNN and ConvLSTM rows.
     pub sizes: Vec<usize>,
     /// `(height, width)` of the ViT rows.
     pub vit_sizes: Vec<(usize, usize)>,
@@ -61,7 +61,8 @@ struct Report {
 }
 
 /// The benchmarked architectures: the crowd CNN's (4 -> 4 frames, 2 channels) with patches of
-/// 8 pixels; a weather ViT (12 -> 12 frames, 1 channel, 4x4-pixel tokens).
+/// 8 pixels; a weather ViT (12 -> 12 frames, 1 channel, 4x4-pixel tokens); the radar ConvLSTM's
+/// (6 -> 6 frames, 1 channel, 2 cells at stride 4, patches of 16 pixels).
 pub fn architecture(kind: BackboneKind) -> Architecture {
     match kind {
         BackboneKind::Cnn => Architecture {
@@ -88,6 +89,19 @@ pub fn architecture(kind: BackboneKind) -> Architecture {
             heads: 8,
             stride: 4,
             patch: 4,
+            generator_width: 16,
+        },
+        BackboneKind::ConvLstm => Architecture {
+            backbone: kind,
+            t_in: 6,
+            t_out: 6,
+            channels: 1,
+            hidden: 32,
+            units: 32,
+            blocks: 2,
+            heads: 1,
+            stride: 4,
+            patch: 16,
             generator_width: 16,
         },
     }
@@ -117,7 +131,7 @@ pub fn run(out: &Path, plan: &BenchPlan) -> anyhow::Result<()> {
     for &kind in &plan.backbones {
         let arch = architecture(kind);
         let sizes: Vec<(usize, usize)> = match kind {
-            BackboneKind::Cnn => plan.sizes.iter().map(|&s| (s, s)).collect(),
+            BackboneKind::Cnn | BackboneKind::ConvLstm => plan.sizes.iter().map(|&s| (s, s)).collect(),
             BackboneKind::Vit => plan.vit_sizes.clone(),
         };
         rows.extend(bench_backbone(&arch, &sizes, plan)?);
@@ -136,10 +150,7 @@ fn bench_backbone(arch: &Architecture, sizes: &[(usize, usize)], plan: &BenchPla
     let device = Default::default();
     let model = arch.init::<CpuBackend>(&device);
     let dense_exec = export::executor(&model, arch, Masking::DENSE);
-    let name = match arch.backbone {
-        BackboneKind::Cnn => "cnn",
-        BackboneKind::Vit => "vit",
-    };
+    let name = arch.backbone.name();
     let mut rows = Vec::new();
     println!("\n{arch:?}\n");
     println!(

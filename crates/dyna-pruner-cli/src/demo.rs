@@ -1,13 +1,14 @@
-//! `dyna-pruner demo --task crowd|weather`: the shipped dense and dynamic models (or freshly
+//! `dyna-pruner demo --task crowd|weather|radar`: the shipped dense and dynamic models (or freshly
 //! retrained ones) and persistence on the task's held-out test range; prints a table and writes
-//! DIR/report.json.
+//! DIR/report.json (radar: the KNMI test frames; DIR/report_synthetic.json for the synthetic set).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::Context;
 use serde_json::json;
 
 use dyna_pruner::config::{Plan, RunConfig};
+use dyna_pruner::data::Split;
 use dyna_pruner::eval::evaluate_persistence;
 use dyna_pruner::train::{checkpoint, prepare_data, RunControl};
 
@@ -23,6 +24,8 @@ pub enum Task {
     Crowd,
     /// ERA5 2 m temperature over the UK, 12 -> 12 hours, ViT.
     Weather,
+    /// KNMI radar (and the synthetic radar set), 6 -> 6 five-minute frames, ConvLSTM.
+    Radar,
 }
 
 /// What a demonstration runs: committed configs and checkpoints, and how it reports.
@@ -35,14 +38,18 @@ struct Demo {
     dynamic_config: &'static str,
     dense_model: &'static str,
     dynamic_model: &'static str,
-    /// Lower is better.
     main_metric: &'static str,
+    /// The main metric is a skill (CSI): the relative change is (dense - dynamic) / dense.
+    higher_is_better: bool,
+    /// Report file and the subdirectory of the demo's checkpoints in the output directory.
+    report: &'static str,
+    subdir: &'static str,
 }
 
 impl Task {
-    fn demo(self) -> Demo {
+    fn demos(self) -> Vec<Demo> {
         match self {
-            Task::Crowd => Demo {
+            Task::Crowd => vec![Demo {
                 task: "crowd_flow",
                 dataset: "TaxiNYC",
                 backbone: "cnn",
@@ -52,8 +59,11 @@ impl Task {
                 dense_model: "models/crowd/cnn_dense",
                 dynamic_model: "models/crowd/cnn_dynamic",
                 main_metric: "mse",
-            },
-            Task::Weather => Demo {
+                higher_is_better: false,
+                report: "report.json",
+                subdir: "",
+            }],
+            Task::Weather => vec![Demo {
                 task: "weather",
                 dataset: "ERA5 t2m, UK/Ireland 0.25 deg, March 2019",
                 backbone: "vit",
@@ -63,8 +73,49 @@ impl Task {
                 dense_model: "models/weather/vit_dense",
                 dynamic_model: "models/weather/vit_dynamic",
                 main_metric: "rmse",
-            },
+                higher_is_better: false,
+                report: "report.json",
+                subdir: "",
+            }],
+            Task::Radar => vec![
+                Demo {
+                    task: "radar_nowcasting",
+                    dataset: "KNMI radar composite, 2010-08-26, 2 km",
+                    backbone: "convlstm",
+                    label: "ConvLSTM",
+                    dense_config: "configs/radar/knmi_dense.toml",
+                    dynamic_config: "configs/radar/knmi_dynamic.toml",
+                    dense_model: "models/radar/knmi_dense",
+                    dynamic_model: "models/radar/knmi_dynamic",
+                    main_metric: "csi_m",
+                    higher_is_better: true,
+                    report: "report.json",
+                    subdir: "knmi",
+                },
+                Demo {
+                    task: "radar_nowcasting",
+                    dataset: "synthetic radar (seeded), 64x64",
+                    backbone: "convlstm",
+                    label: "ConvLSTM",
+                    dense_config: "configs/radar/synthetic_dense.toml",
+                    dynamic_config: "configs/radar/synthetic_dynamic.toml",
+                    dense_model: "models/radar/synthetic_dense",
+                    dynamic_model: "models/radar/synthetic_dynamic",
+                    main_metric: "csi_m",
+                    higher_is_better: true,
+                    report: "report_synthetic.json",
+                    subdir: "synthetic",
+                },
+            ],
         }
+    }
+}
+
+/// Where the test windows come from, in words.
+fn test_range(plan: &Plan) -> String {
+    match plan.split {
+        Split::Dates(_) => format!("test range {} .. {}", plan.config.data.test[0], plan.config.data.test[1]),
+        Split::LastFrames { test, .. } => format!("last {test} frames"),
     }
 }
 
@@ -92,7 +143,13 @@ fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
 }
 
 pub fn run(task: Task, out: &Path, retrain: bool, root: &Path, device: DeviceArg) -> anyhow::Result<()> {
-    let demo = task.demo();
+    for demo in task.demos() {
+        run_one(&demo, &out.join(demo.subdir), &out.join(demo.report), retrain, root, device)?;
+    }
+    Ok(())
+}
+
+fn run_one(demo: &Demo, out: &Path, report_path: &Path, retrain: bool, root: &Path, device: DeviceArg) -> anyhow::Result<()> {
     let dense_plan = load_plan(root, demo.dense_config)?;
     let (dense_dir, dynamic_dir) = (out.join("dense"), out.join("dynamic"));
     if retrain {
@@ -124,13 +181,13 @@ pub fn run(task: Task, out: &Path, retrain: bool, root: &Path, device: DeviceArg
         let dynamic_macs = y.macs_per_sample.unwrap_or(f64::NAN);
         let mac_reduction = 1.0 - dynamic_macs / dense_macs;
         let main = demo.main_metric;
-        let relative_error_change = (y.metrics[main] - d.metrics[main]) / d.metrics[main];
+        let sign = if demo.higher_is_better { -1.0 } else { 1.0 };
+        let relative_error_change = sign * (y.metrics[main] - d.metrics[main]) / d.metrics[main];
         let dc = &dense_plan.config.data;
         println!(
-            "{} test range {} .. {}: {} windows ({} -> {} frames, lead {}, {}x{} grid)",
+            "{} {}: {} windows ({} -> {} frames, lead {}, {}x{} grid)",
             demo.dataset,
-            dc.test[0],
-            dc.test[1],
+            test_range(&dense_plan),
             test.len(),
             dc.t_in,
             dc.t_out,
@@ -143,11 +200,16 @@ pub fn run(task: Task, out: &Path, retrain: bool, root: &Path, device: DeviceArg
         println!("{}", table_row(&format!("dense {}", demo.label), &d, Some(dense_macs), cols));
         println!("{}", table_row(&format!("dynamic {}", demo.label), &y, Some(dense_macs), cols));
         println!("{}", table_row("persistence", &p, None, cols));
+        let (versus, word) = if demo.higher_is_better {
+            (d.metrics[main] / p.metrics[main] - 1.0, "above")
+        } else {
+            (1.0 - d.metrics[main] / p.metrics[main], "below")
+        };
         println!(
-            "MAC reduction {:.1}% | relative {main} change {:+.2}% | dense {main} {:.1}% below persistence",
+            "MAC reduction {:.1}% | relative {main} change {:+.2}% (worse is positive) | dense {main} {:.1}% {word} persistence\n",
             100.0 * mac_reduction,
             100.0 * relative_error_change,
-            100.0 * (1.0 - d.metrics[main] / p.metrics[main])
+            100.0 * versus
         );
         json!({
             "task": demo.task,
@@ -167,9 +229,8 @@ pub fn run(task: Task, out: &Path, retrain: bool, root: &Path, device: DeviceArg
             "relative_error_change": relative_error_change,
         })
     });
-    let path: PathBuf = out.join("report.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&report)?)
-        .with_context(|| format!("writing {}", path.display()))?;
-    eprintln!("wrote {}", path.display());
+    std::fs::write(report_path, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("writing {}", report_path.display()))?;
+    eprintln!("wrote {}", report_path.display());
     Ok(())
 }

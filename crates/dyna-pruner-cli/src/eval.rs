@@ -7,7 +7,7 @@ use burn::prelude::Backend;
 use serde_json::json;
 
 use dyna_pruner::config::DataFormat;
-use dyna_pruner::data::{self, Horizon, WindowSet};
+use dyna_pruner::data::{self, Domain, Horizon, WindowSet};
 use dyna_pruner::eval::{evaluate, evaluate_persistence, Evaluation};
 use dyna_pruner::model::Architecture;
 use dyna_pruner::train::checkpoint::{self, Checkpoint};
@@ -55,12 +55,12 @@ pub fn windows_for(dir: &Path, arch: &Architecture, files: &[PathBuf]) -> anyhow
     Ok(windows)
 }
 
-/// The metrics a results table shows for `windows`: weather (lat/lon grid) or crowd flow.
+/// The metrics a results table shows for `windows`: by what the frames measure.
 pub fn table_metrics(windows: &WindowSet) -> &'static [&'static str] {
-    if windows.grid().is_some() {
-        &["rmse", "mae", "acc"]
-    } else {
-        &["mse", "mae", "rmse"]
+    match windows.domain() {
+        Domain::Weather(_) => &["rmse", "mae", "acc"],
+        Domain::Radar => &["csi_m", "csi/16", "csi/74", "csi/133", "mse", "mae"],
+        Domain::Crowd => &["mse", "mae", "rmse"],
     }
 }
 

@@ -76,7 +76,7 @@ enum Command {
         /// Backbones to time: cnn, vit.
         #[arg(long, value_delimiter = ',', default_values = ["cnn", "vit"], value_parser = parse_backbone)]
         backbones: Vec<BackboneKind>,
-        /// Square frame sizes of the CNN rows.
+        /// Square frame sizes of the CNN and ConvLSTM rows.
         #[arg(long, value_delimiter = ',', default_values_t = [32, 128, 384])]
         sizes: Vec<usize>,
         /// Frame sizes HxW of the ViT rows (WeatherBench's 5.625 deg grid is 32x64).
@@ -134,7 +134,8 @@ fn parse_backbone(s: &str) -> Result<BackboneKind, String> {
     match s {
         "cnn" => Ok(BackboneKind::Cnn),
         "vit" => Ok(BackboneKind::Vit),
-        _ => Err(format!("`{s}` is not a backbone (cnn, vit)")),
+        "convlstm" => Ok(BackboneKind::ConvLstm),
+        _ => Err(format!("`{s}` is not a backbone (cnn, vit, convlstm)")),
     }
 }
 

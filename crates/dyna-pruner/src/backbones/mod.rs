@@ -27,6 +27,17 @@ pub enum BackboneKind {
     ConvLstm,
 }
 
+impl BackboneKind {
+    /// The name used in configs and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            BackboneKind::Cnn => "cnn",
+            BackboneKind::Vit => "vit",
+            BackboneKind::ConvLstm => "convlstm",
+        }
+    }
+}
+
 /// One layer whose positions (DataMask) and units (ModelMask) can be pruned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PrunableLayer {
