@@ -149,7 +149,14 @@ pub fn run(task: Task, out: &Path, retrain: bool, root: &Path, device: DeviceArg
     Ok(())
 }
 
-fn run_one(demo: &Demo, out: &Path, report_path: &Path, retrain: bool, root: &Path, device: DeviceArg) -> anyhow::Result<()> {
+fn run_one(
+    demo: &Demo,
+    out: &Path,
+    report_path: &Path,
+    retrain: bool,
+    root: &Path,
+    device: DeviceArg,
+) -> anyhow::Result<()> {
     let dense_plan = load_plan(root, demo.dense_config)?;
     let (dense_dir, dynamic_dir) = (out.join("dense"), out.join("dynamic"));
     if retrain {

@@ -3,11 +3,10 @@
 
 use std::borrow::Cow;
 
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::kernels::{run_per_sample, Activation, Conv, Positions};
-use crate::masks::{kept_count, top_k, MaskGenerator, UnitGate};
+use crate::kernels::{depth_to_space, run_per_sample, Activation, Conv, Positions};
+use crate::masks::{gate_units, kept_positions, sample_patches, MaskGenerator, UnitGate};
 use crate::ExecError;
 
 /// The architecture and masking of an exported CNN (mirrors the trainer's `Architecture`).
@@ -124,18 +123,9 @@ impl CnnExec {
             MaskPlan::Dense => Vec::new(),
             MaskPlan::Given(m) => m.to_vec(),
             MaskPlan::Dynamic => {
-                let per: Vec<(Vec<f32>, Vec<usize>)> = (0..batch)
-                    .into_par_iter()
-                    .map(|b| {
-                        let (sc, hp, wpp) =
-                            self.generator.importance(&x[b * per_sample..(b + 1) * per_sample], t, h, w);
-                        let n = hp * wpp;
-                        let patches =
-                            if s.data_mask { top_k(&sc, kept_count(s.data_keep, n)) } else { (0..n).collect() };
-                        (sc, patches)
-                    })
-                    .collect();
-                per.into_iter()
+                let keep = s.data_mask.then_some(s.data_keep);
+                sample_patches(&self.generator, x, (batch, per_sample), (t, h, w), keep)
+                    .into_iter()
                     .zip(macs.iter_mut())
                     .map(|((sc, patches), m)| {
                         importance.push(sc);
@@ -145,22 +135,8 @@ impl CnnExec {
                     .collect()
             }
         };
-        let positions: Vec<Option<Vec<u32>>> = masks
-            .iter()
-            .map(|m| {
-                let mut pos = Vec::new();
-                for &patch in &m.patches {
-                    let (py, px) = (patch / wp, patch % wp);
-                    for y in py * cell..((py + 1) * cell).min(h2) {
-                        for xx in px * cell..((px + 1) * cell).min(w2) {
-                            pos.push((y * w2 + xx) as u32);
-                        }
-                    }
-                }
-                pos.sort_unstable();
-                (pos.len() < h2 * w2).then_some(pos)
-            })
-            .collect();
+        let positions: Vec<Option<Vec<u32>>> =
+            masks.iter().map(|m| kept_positions(&m.patches, wp, cell, (h2, w2))).collect();
 
         for (l, (conv1, conv2)) in self.blocks.iter().enumerate() {
             if masks.is_empty() {
@@ -176,17 +152,8 @@ impl CnnExec {
             }
             if matches!(plan, MaskPlan::Dynamic) {
                 let gate = &self.gates[l];
-                let units: Vec<Vec<usize>> = (0..batch)
-                    .into_par_iter()
-                    .map(|b| {
-                        if !s.model_mask {
-                            return (0..s.units).collect();
-                        }
-                        let sc = &importance[b];
-                        let scores = gate.scores(&z[b], h2 * w2, |p| sc[(p / w2 / cell) * wp + (p % w2) / cell]);
-                        top_k(&scores, kept_count(s.unit_keep, s.units))
-                    })
-                    .collect();
+                let keep = s.model_mask.then_some(s.unit_keep);
+                let units = gate_units(gate, &z, &importance, (h2, w2, cell, wp), keep);
                 for ((m, u), mc) in masks.iter_mut().zip(units).zip(macs.iter_mut()) {
                     if s.model_mask {
                         *mc += gate.macs(h2 * w2);
@@ -198,27 +165,10 @@ impl CnnExec {
         }
 
         let mut d = match &self.dec_up {
-            Some(up) => {
-                let rows = dense_layer(up, &z, h2, w2, Activation::Gelu);
-                let st = s.stride;
-                let mut out = vec![vec![0.0; h * w * s.hidden]; batch];
-                for (o, r) in out.iter_mut().zip(&rows) {
-                    for p in 0..h2 * w2 {
-                        let (y, xx) = (p / w2, p % w2);
-                        for ky in 0..st {
-                            for kx in 0..st {
-                                let (oy, ox) = (y * st + ky, xx * st + kx);
-                                if oy < h && ox < w {
-                                    let src = p * up.cout + (ky * st + kx) * s.hidden;
-                                    o[(oy * w + ox) * s.hidden..(oy * w + ox + 1) * s.hidden]
-                                        .copy_from_slice(&r[src..src + s.hidden]);
-                                }
-                            }
-                        }
-                    }
-                }
-                out
-            }
+            Some(up) => dense_layer(up, &z, h2, w2, Activation::Gelu)
+                .iter()
+                .map(|rows| depth_to_space(rows, (h2, w2), s.stride, (h, w)))
+                .collect(),
             None => z,
         };
         for (db, sb) in d.iter_mut().zip(&skip) {

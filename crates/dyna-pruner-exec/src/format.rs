@@ -9,6 +9,7 @@ use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 
 use crate::cnn::{CnnExec, CnnSpec};
+use crate::convlstm::{CellConvs, ConvLstmExec, ConvLstmSpec};
 use crate::kernels::Conv;
 use crate::masks::{MaskGenerator, UnitGate};
 use crate::vit::{Layer, Linear, Norm, VitExec, VitSpec};
@@ -77,6 +78,7 @@ pub fn from_tensors(spec: Spec, t: &Tensors) -> Result<Exec, ExecError> {
     match spec {
         Spec::Cnn(s) => cnn_from_tensors(s, t).map(Exec::Cnn),
         Spec::Vit(s) => vit_from_tensors(s, t).map(Exec::Vit),
+        Spec::ConvLstm(s) => convlstm_from_tensors(s, t).map(Exec::ConvLstm),
     }
 }
 
@@ -150,6 +152,63 @@ fn vit_from_tensors(spec: VitSpec, t: &Tensors) -> Result<VitExec, ExecError> {
     })
 }
 
+/// A transposed conv `[cin = c, cout = c, st, st]` with kernel = stride as a 1x1 conv to
+/// `st * st * c` outputs (taps outer, channels inner; see `kernels::depth_to_space`).
+fn transposed_as_1x1(t: &Tensors, name: &str, c: usize, st: usize) -> Result<Conv, ExecError> {
+    let w = take(t, &format!("{name}.weight"), &[c, c, st, st])?;
+    let b = take(t, &format!("{name}.bias"), &[c])?;
+    let cout = st * st * c;
+    let mut weight = vec![0.0; c * cout];
+    for ci in 0..c {
+        for co in 0..c {
+            for ky in 0..st {
+                for kx in 0..st {
+                    weight[ci * cout + (ky * st + kx) * c + co] = w[((ci * c + co) * st + ky) * st + kx];
+                }
+            }
+        }
+    }
+    let bias = (0..st * st).flat_map(|_| b.iter().copied()).collect();
+    Ok(Conv { k: 1, stride: 1, pad: 0, cin: c, cout, weight, bias })
+}
+
+fn convlstm_from_tensors(spec: ConvLstmSpec, t: &Tensors) -> Result<ConvLstmExec, ExecError> {
+    let (hid, units, c, st) = (spec.hidden, spec.units, spec.channels, spec.stride);
+    let cells = (0..spec.cells)
+        .map(|l| {
+            let cin = if l == 0 { hid } else { units };
+            let input = take(t, &format!("cells.{l}.input.weight"), &[4 * units, cin, 3, 3])?;
+            let bias = take(t, &format!("cells.{l}.input.bias"), &[4 * units])?;
+            let state = take(t, &format!("cells.{l}.state.weight"), &[4 * units, units, 3, 3])?;
+            // [4u, cin + u, 3, 3]: the input's filters, then the state's, per output.
+            let joint: Vec<f32> = (0..4 * units)
+                .flat_map(|o| {
+                    input[o * cin * 9..(o + 1) * cin * 9].iter().chain(&state[o * units * 9..(o + 1) * units * 9])
+                })
+                .copied()
+                .collect();
+            Ok(CellConvs {
+                joint: Conv::from_oihw(&joint, bias, 4 * units, cin + units, 3, 1, 1),
+                state_only: Conv::from_oihw(state, bias, 4 * units, units, 3, 1, 1),
+            })
+        })
+        .collect::<Result<Vec<_>, ExecError>>()?;
+    let down_w = take(t, "enc_down.weight", &[hid, hid, st, st])?;
+    let down_b = take(t, "enc_down.bias", &[hid])?;
+    let gates = (0..spec.cells).map(|l| gate(t, l, hid, units)).collect::<Result<Vec<_>, ExecError>>()?;
+    Ok(ConvLstmExec {
+        enc_in: conv(t, "enc_in", hid, c, 3, 1)?,
+        enc_down: Conv::from_oihw(down_w, down_b, hid, hid, st, st, 0),
+        cells,
+        dec_proj: conv(t, "dec_proj", hid, units, 1, 1)?,
+        dec_up: transposed_as_1x1(t, "dec_up", hid, st)?,
+        dec_out: conv(t, "dec_out", c, hid, 3, 1)?,
+        generator: generator(t, spec.generator_width, c, spec.patch)?,
+        gates,
+        spec,
+    })
+}
+
 fn cnn_from_tensors(spec: CnnSpec, t: &Tensors) -> Result<CnnExec, ExecError> {
     let (hid, units, c) = (spec.hidden, spec.units, spec.channels);
     let blocks = (0..spec.blocks)
@@ -161,25 +220,7 @@ fn cnn_from_tensors(spec: CnnSpec, t: &Tensors) -> Result<CnnExec, ExecError> {
         })
         .collect::<Result<Vec<_>, ExecError>>()?;
     let st = spec.stride;
-    let dec_up = if st > 1 {
-        let w = take(t, "dec_up.weight", &[hid, hid, st, st])?;
-        let b = take(t, "dec_up.bias", &[hid])?;
-        let cout = st * st * hid;
-        let mut weight = vec![0.0; hid * cout];
-        for ci in 0..hid {
-            for co in 0..hid {
-                for ky in 0..st {
-                    for kx in 0..st {
-                        weight[ci * cout + (ky * st + kx) * hid + co] = w[((ci * hid + co) * st + ky) * st + kx];
-                    }
-                }
-            }
-        }
-        let bias = (0..st * st).flat_map(|_| b.iter().copied()).collect();
-        Some(Conv { k: 1, stride: 1, pad: 0, cin: hid, cout, weight, bias })
-    } else {
-        None
-    };
+    let dec_up = if st > 1 { Some(transposed_as_1x1(t, "dec_up", hid, st)?) } else { None };
     let gates = (0..spec.blocks).map(|l| gate(t, l, hid, units)).collect::<Result<Vec<_>, ExecError>>()?;
     Ok(CnnExec {
         enc_in: conv(t, "enc_in", hid, spec.t_in * c, 3, 1)?,

@@ -202,7 +202,8 @@ impl Positions<'_> {
         self.len() == 0
     }
 
-    fn get(&self, i: usize) -> usize {
+    /// The `i`-th position.
+    pub fn get(&self, i: usize) -> usize {
         match self {
             Positions::Range(a, _) => a + i,
             Positions::List(l) => l[i] as usize,
@@ -262,6 +263,27 @@ pub fn run_per_sample<'c, 'p>(
     let mut outputs: Vec<Vec<f32>> = jobs.iter().map(|j| vec![0.0; j.positions.len() * j.conv.cout]).collect();
     run_jobs(&jobs, &mut outputs);
     outputs
+}
+
+/// Rearranges the rows of a transposed convolution with kernel = stride `st` computed as a 1x1
+/// conv (`[h2 * w2, st * st * c]`, taps `(ky, kx)` outer, channels inner) into the `[h, w, c]`
+/// map it produces, cropped to `h x w`.
+pub fn depth_to_space(rows: &[f32], (h2, w2): (usize, usize), st: usize, (h, w): (usize, usize)) -> Vec<f32> {
+    let c = rows.len() / (h2 * w2 * st * st);
+    let mut out = vec![0.0; h * w * c];
+    for p in 0..h2 * w2 {
+        let (y, x) = (p / w2, p % w2);
+        for ky in 0..st {
+            for kx in 0..st {
+                let (oy, ox) = (y * st + ky, x * st + kx);
+                if oy < h && ox < w {
+                    let src = (p * st * st + ky * st + kx) * c;
+                    out[(oy * w + ox) * c..(oy * w + ox + 1) * c].copy_from_slice(&rows[src..src + c]);
+                }
+            }
+        }
+    }
+    out
 }
 
 /// `erf(x)` in f32 as a branch-free rational function of x (the approximation Eigen and

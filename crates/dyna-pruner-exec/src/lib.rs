@@ -8,12 +8,14 @@
 //! crate, rayon. Models come from an exported file (`format`), written by the trainer.
 
 pub mod cnn;
+pub mod convlstm;
 pub mod format;
 pub mod kernels;
 pub mod masks;
 pub mod vit;
 
 pub use cnn::{CnnExec, CnnSpec, MaskPlan, Output, SampleMasks};
+pub use convlstm::{ConvLstmExec, ConvLstmSpec};
 pub use vit::{VitExec, VitSpec};
 
 /// The spec of an exported model of any backbone.
@@ -22,6 +24,7 @@ pub use vit::{VitExec, VitSpec};
 pub enum Spec {
     Cnn(CnnSpec),
     Vit(VitSpec),
+    ConvLstm(ConvLstmSpec),
 }
 
 /// An exported model of any backbone, ready to run.
@@ -29,6 +32,7 @@ pub enum Spec {
 pub enum Exec {
     Cnn(CnnExec),
     Vit(VitExec),
+    ConvLstm(ConvLstmExec),
 }
 
 impl Exec {
@@ -44,6 +48,7 @@ impl Exec {
         match self {
             Exec::Cnn(m) => m.forward(x, batch, h, w, plan),
             Exec::Vit(m) => m.forward(x, batch, h, w, plan),
+            Exec::ConvLstm(m) => m.forward(x, batch, h, w, plan),
         }
     }
 
@@ -52,6 +57,7 @@ impl Exec {
         match self {
             Exec::Cnn(m) => vec![m.spec.units; m.spec.blocks],
             Exec::Vit(m) => (0..m.spec.layers).flat_map(|_| [m.spec.heads, m.spec.mlp]).collect(),
+            Exec::ConvLstm(m) => vec![m.spec.units; m.spec.cells],
         }
     }
 }

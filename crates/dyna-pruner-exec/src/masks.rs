@@ -1,6 +1,8 @@
 //! The method at inference on plain slices: mask generator (importance S), DataMask (top-k
 //! patches) and unit gates (top-k units), mirroring the trainer's `method` module.
 
+use rayon::prelude::*;
+
 use crate::kernels::{run_jobs, sigmoid, Activation, Conv, Job, Positions};
 
 /// Number kept out of `total` at ratio `ratio`: `ceil(ratio * total)`, at least 1 (as the trainer).
@@ -112,6 +114,68 @@ impl UnitGate {
     pub fn macs(&self, pixels: usize) -> u64 {
         (pixels * self.cin + (self.cin + 1) * self.units) as u64
     }
+}
+
+/// The DataMask of a batch `x` (`per_sample` values each, `[t, c, h, w]`): per sample the
+/// importance S and the kept patches, top-k at `data_keep` (all patches when `None`).
+pub fn sample_patches(
+    generator: &MaskGenerator,
+    x: &[f32],
+    (batch, per_sample): (usize, usize),
+    (t, h, w): (usize, usize, usize),
+    data_keep: Option<f32>,
+) -> Vec<(Vec<f32>, Vec<usize>)> {
+    (0..batch)
+        .into_par_iter()
+        .map(|b| {
+            let (sc, hp, wp) = generator.importance(&x[b * per_sample..(b + 1) * per_sample], t, h, w);
+            let n = hp * wp;
+            let patches = match data_keep {
+                Some(keep) => top_k(&sc, kept_count(keep, n)),
+                None => (0..n).collect(),
+            };
+            (sc, patches)
+        })
+        .collect()
+}
+
+/// The positions of an `h2 x w2` feature map covered by `patches` (of a grid `wp` patches wide,
+/// each `cell x cell` feature pixels), ascending; `None` when they cover the whole map.
+pub fn kept_positions(patches: &[usize], wp: usize, cell: usize, (h2, w2): (usize, usize)) -> Option<Vec<u32>> {
+    let mut pos = Vec::new();
+    for &patch in patches {
+        let (py, px) = (patch / wp, patch % wp);
+        for y in py * cell..((py + 1) * cell).min(h2) {
+            for x in px * cell..((px + 1) * cell).min(w2) {
+                pos.push((y * w2 + x) as u32);
+            }
+        }
+    }
+    pos.sort_unstable();
+    (pos.len() < h2 * w2).then_some(pos)
+}
+
+/// The kept units of one layer per sample: top-k at `unit_keep` of the gate's scores on the layer
+/// input `features[b]` (`[h2, w2, cin]`) pooled with S (`importance[b]`, `wp` patches per row of
+/// `cell x cell` feature pixels); all units when `None`.
+pub fn gate_units(
+    gate: &UnitGate,
+    features: &[Vec<f32>],
+    importance: &[Vec<f32>],
+    (h2, w2, cell, wp): (usize, usize, usize, usize),
+    unit_keep: Option<f32>,
+) -> Vec<Vec<usize>> {
+    (0..features.len())
+        .into_par_iter()
+        .map(|b| match unit_keep {
+            None => (0..gate.units).collect(),
+            Some(keep) => {
+                let sc = &importance[b];
+                let scores = gate.scores(&features[b], h2 * w2, |p| sc[(p / w2 / cell) * wp + (p % w2) / cell]);
+                top_k(&scores, kept_count(keep, gate.units))
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]

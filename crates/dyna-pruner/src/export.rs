@@ -6,7 +6,7 @@ use std::path::Path;
 use burn::module::Param;
 use burn::prelude::*;
 use dyna_pruner_exec::format::Tensors;
-use dyna_pruner_exec::{CnnSpec, Exec, Spec, VitSpec};
+use dyna_pruner_exec::{CnnSpec, ConvLstmSpec, Exec, Spec, VitSpec};
 
 use crate::backbones::Backbone;
 use crate::error::{Error, Result};
@@ -48,7 +48,34 @@ pub fn export<B: Backend>(model: &DynamicModel<B>, arch: &Architecture, masking:
     let (data_keep, unit_keep) = (masking.data_keep, masking.unit_keep);
     let cnn = match &model.backbone {
         Backbone::Cnn(cnn) => cnn,
-        Backbone::ConvLstm(_) => unimplemented!("convlstm executor"),
+        Backbone::ConvLstm(m) => {
+            conv(&mut t, "enc_in", &m.enc_in);
+            conv(&mut t, "enc_down", &m.enc_down);
+            for (l, cell) in m.cells.iter().enumerate() {
+                conv(&mut t, &format!("cells.{l}.input"), &cell.input);
+                put(&mut t, &format!("cells.{l}.state.weight"), &cell.state.weight);
+            }
+            conv(&mut t, "dec_proj", &m.dec_proj);
+            put(&mut t, "dec_up.weight", &m.dec_up.weight);
+            put(&mut t, "dec_up.bias", m.dec_up.bias.as_ref().expect("bias"));
+            conv(&mut t, "dec_out", &m.dec_out);
+            let spec = ConvLstmSpec {
+                t_in: arch.t_in,
+                t_out: arch.t_out,
+                channels: arch.channels,
+                hidden: arch.hidden,
+                units: arch.units,
+                cells: arch.blocks,
+                stride: arch.stride,
+                patch: arch.patch,
+                generator_width: arch.generator_width,
+                data_mask,
+                model_mask,
+                data_keep,
+                unit_keep,
+            };
+            return (Spec::ConvLstm(spec), t);
+        }
         Backbone::Vit(vit) => {
             linear(&mut t, "embed", &vit.embed);
             for (l, layer) in vit.layers.iter().enumerate() {

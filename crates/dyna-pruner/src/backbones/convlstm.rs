@@ -204,15 +204,16 @@ impl<B: Backend> SpatioTemporal<B> for ConvLstm<B> {
 
     fn macs(&self, height: usize, width: usize) -> BackboneMacs {
         let (hp, wp) = self.padded(height, width);
-        let full = (hp * wp) as u64;
+        let (frame, full) = ((height * width) as u64, (hp * wp) as u64);
         let low = full / (self.stride * self.stride) as u64;
         let [hid, units] = [self.hidden as u64, self.units as u64];
         let c = self.enc_in.weight.dims()[1] as u64;
         let t_in = self.t_in as u64;
         let t_out = self.t_out as u64;
-        // Encoder per input frame; decoder per output frame (the transposed conv's fan-in per
-        // full-resolution output is `hidden`).
-        let encoder = t_in * (full * 9 * c * hid + full * hid * hid);
+        // Encoder per input frame (the first conv on the frame, the patch conv on the padded
+        // map); decoder per output frame (the transposed conv's fan-in per padded-map output is
+        // `hidden`; the last conv runs on the padded map).
+        let encoder = t_in * (frame * 9 * c * hid + full * hid * hid);
         let decoder = t_out * (low * units * hid + full * hid * hid + full * 9 * hid * c);
         let layers = (0..self.cells.len())
             .map(|l| {
