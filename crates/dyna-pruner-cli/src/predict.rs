@@ -31,7 +31,7 @@ pub fn run(checkpoint_dir: &Path, files: &[PathBuf], out: &Path, batch_size: usi
     for chunk in indices.chunks(batch_size.max(1)) {
         let mut x = Vec::new();
         for &i in chunk {
-            scaler.scale_into(windows.input(i), &mut x);
+            windows.scaled_input_into(i, scaler, &mut x);
         }
         let result = exec.forward(&x, chunk.len(), h, w, plan)?;
         predictions.extend(result.prediction.iter().enumerate().map(|(i, &v)| scaler.unscale(i, v)));

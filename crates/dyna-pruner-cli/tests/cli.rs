@@ -260,3 +260,62 @@ out = "{}"
     let samples = json(&pred.join("samples.json"));
     assert_eq!(samples["shape"], serde_json::json!([744 - 11, 6, 1, 33, 49]));
 }
+
+#[test]
+fn radar_convlstm_trains_on_knmi_crops_evaluates_and_predicts() {
+    let dir = temp_dir("radar");
+    let knmi = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/knmi-radar");
+    let config = dir.join("convlstm.toml");
+    let text = format!(
+        r#"[data]
+format = "knmi"
+files = ["{}"]
+pool = 8
+t_in = 3
+t_out = 2
+val_frames = 10
+test_frames = 12
+[model]
+backbone = "convlstm"
+hidden = 4
+units = 4
+blocks = 1
+stride = 4
+patch = 8
+generator_width = 4
+[method]
+mode = "both"
+data_keep = 0.5
+unit_keep = 0.5
+[train]
+epochs = 1
+batch_size = 16
+window_stride = 4
+crop = 32
+augment = true
+out = "{}"
+"#,
+        knmi.display(),
+        dir.join("convlstm").display()
+    );
+    std::fs::write(&config, text).unwrap();
+    let out = run(bin().args(["train", "--config"]).arg(&config));
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("csi_m") && stdout.contains("persistence"), "radar metrics in the table");
+    assert!(stdout.contains("8 windows"), "the last 12 frames hold 8 windows of 5");
+    let ck = dir.join("convlstm");
+    let report = dir.join("eval.json");
+    let out = run(bin().args(["eval", "--checkpoint"]).arg(&ck).arg("--data").arg(&knmi).arg("--out").arg(&report));
+    assert!(out.status.success());
+    let r = json(&report);
+    assert_eq!(r["samples"], 92 - 4);
+    let csi = r["metrics"]["csi_m"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&csi), "csi_m {csi}");
+    assert!(r["persistence"]["metrics"]["csi/16"].as_f64().unwrap() > 0.1, "rain in the KNMI frames");
+    let pred = dir.join("pred");
+    let out = run(bin().args(["predict", "--checkpoint"]).arg(&ck).arg("--data").arg(&knmi).arg("--out").arg(&pred));
+    assert!(out.status.success());
+    let samples = json(&pred.join("samples.json"));
+    assert_eq!(samples["shape"], serde_json::json!([92 - 4, 2, 1, 95, 87]));
+}

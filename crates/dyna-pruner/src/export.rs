@@ -264,40 +264,74 @@ mod tests {
         }
     }
 
+    fn random_convlstm(rng: &mut StdRng) -> Architecture {
+        let stride = [1, 2, 4][rng.random_range(0..3)];
+        Architecture {
+            backbone: BackboneKind::ConvLstm,
+            t_in: rng.random_range(2..=3),
+            t_out: rng.random_range(1..=3),
+            channels: rng.random_range(1..=2),
+            hidden: rng.random_range(3..=6),
+            units: rng.random_range(2..=5),
+            blocks: rng.random_range(1..=2),
+            heads: 1,
+            stride,
+            patch: stride * rng.random_range(1..=2),
+            generator_width: 4,
+        }
+    }
+
+    /// For one random model: random masks against the masked-dense reference, the executor's
+    /// dense path against Burn's dense forward, all-ones masks equal to the dense path, and one
+    /// patch with one unit per layer against the reference.
+    fn check_against_reference(
+        rng: &mut StdRng,
+        arch: &Architecture,
+        sides: std::ops::RangeInclusive<usize>,
+        case: usize,
+    ) {
+        let model = arch.init::<B>(&Default::default());
+        let exec = executor(&model, arch, Masking::DENSE);
+        let (batch, h, w) = (rng.random_range(1..=3), rng.random_range(sides.clone()), rng.random_range(sides));
+        let what = format!("case {case}: {arch:?} batch {batch} {h}x{w}");
+        let (x, xt) = input(rng, arch, batch, h, w);
+        let n = h.div_ceil(arch.patch) * w.div_ceil(arch.patch);
+        let masks = random_masks(rng, &model, batch, n);
+        let out = exec.forward(&x, batch, h, w, MaskPlan::Given(&masks)).unwrap();
+        assert_close(&out.prediction, &reference(&model, arch, xt.clone(), &masks, h, w), &what);
+        let dense = exec.forward(&x, batch, h, w, MaskPlan::Dense).unwrap();
+        let burn_dense: Vec<f32> = model.forward(xt.clone(), Masking::DENSE).prediction.into_data().to_vec().unwrap();
+        assert_close(&dense.prediction, &burn_dense, &format!("{what}: dense"));
+        let layer_units: Vec<usize> = model.backbone.prunable_layers().iter().map(|l| l.units).collect();
+        let all = vec![
+            SampleMasks {
+                patches: (0..n).collect(),
+                units: layer_units.iter().map(|&u| (0..u).collect()).collect()
+            };
+            batch
+        ];
+        let ones = exec.forward(&x, batch, h, w, MaskPlan::Given(&all)).unwrap();
+        assert_eq!(ones.prediction, dense.prediction, "{what}: all-ones masks must equal the dense path");
+        let one = vec![SampleMasks { patches: vec![n - 1], units: vec![vec![0]; layer_units.len()] }; batch];
+        let out = exec.forward(&x, batch, h, w, MaskPlan::Given(&one)).unwrap();
+        assert_close(&out.prediction, &reference(&model, arch, xt, &one, h, w), &format!("{what}: one"));
+    }
+
     #[test]
     fn vit_executor_matches_the_masked_dense_reference_on_random_models_and_masks() {
         let mut rng = StdRng::seed_from_u64(2027);
         for case in 0..10 {
             let arch = random_vit(&mut rng);
-            let model = arch.init::<B>(&Default::default());
-            let exec = executor(&model, &arch, Masking::DENSE);
-            let (batch, h, w) = (rng.random_range(1..=3), rng.random_range(3..=13), rng.random_range(3..=13));
-            let (x, xt) = input(&mut rng, &arch, batch, h, w);
-            let n = h.div_ceil(arch.patch) * w.div_ceil(arch.patch);
-            let masks = random_masks(&mut rng, &model, batch, n);
-            let out = exec.forward(&x, batch, h, w, MaskPlan::Given(&masks)).unwrap();
-            let want = reference(&model, &arch, xt.clone(), &masks, h, w);
-            assert_close(&out.prediction, &want, &format!("case {case}: {arch:?} batch {batch} {h}x{w}"));
-            let dense = exec.forward(&x, batch, h, w, MaskPlan::Dense).unwrap();
-            let burn_dense: Vec<f32> = model.forward(xt, Masking::DENSE).prediction.into_data().to_vec().unwrap();
-            assert_close(&dense.prediction, &burn_dense, &format!("case {case}: dense"));
-            let layer_units: Vec<usize> = model.backbone.prunable_layers().iter().map(|l| l.units).collect();
-            let all = vec![
-                SampleMasks {
-                    patches: (0..n).collect(),
-                    units: layer_units.iter().map(|&u| (0..u).collect()).collect()
-                };
-                batch
-            ];
-            let ones = exec.forward(&x, batch, h, w, MaskPlan::Given(&all)).unwrap();
-            assert_eq!(ones.prediction, dense.prediction, "case {case}: all-ones masks must equal the dense path");
-            let one = vec![SampleMasks { patches: vec![n - 1], units: vec![vec![0]; layer_units.len()] }; batch];
-            let out = exec.forward(&x, batch, h, w, MaskPlan::Given(&one)).unwrap();
-            let xt = Tensor::from_data(
-                TensorData::new(x.clone(), [batch, arch.t_in, arch.channels, h, w]),
-                &Default::default(),
-            );
-            assert_close(&out.prediction, &reference(&model, &arch, xt, &one, h, w), &format!("case {case}: one"));
+            check_against_reference(&mut rng, &arch, 3..=13, case);
+        }
+    }
+
+    #[test]
+    fn convlstm_executor_matches_the_masked_dense_reference_on_random_models_and_masks() {
+        let mut rng = StdRng::seed_from_u64(2028);
+        for case in 0..10 {
+            let arch = random_convlstm(&mut rng);
+            check_against_reference(&mut rng, &arch, 3..=15, case);
         }
     }
 
@@ -327,8 +361,12 @@ mod tests {
     #[test]
     fn executor_masks_and_macs_match_the_trainer() {
         let mut rng = StdRng::seed_from_u64(11);
-        for case in 0..8 {
-            let arch = if case % 2 == 0 { random_arch(&mut rng) } else { random_vit(&mut rng) };
+        for case in 0..9 {
+            let arch = match case % 3 {
+                0 => random_arch(&mut rng),
+                1 => random_vit(&mut rng),
+                _ => random_convlstm(&mut rng),
+            };
             let model = arch.init::<B>(&Default::default());
             let masking = Masking { mode: MaskMode::Both, data_keep: 0.5, unit_keep: 0.4 };
             let exec = executor(&model, &arch, masking);

@@ -47,16 +47,23 @@ impl WindowSet {
     ) -> (Tensor<B, 5>, Tensor<B, 5>) {
         let (mut x, mut y) = (Vec::new(), Vec::new());
         for &i in indices {
-            scaler.scale_into(self.input(i), &mut x);
+            self.scaled_input_into(i, scaler, &mut x);
             scaler.scale_into(self.target(i), &mut y);
         }
-        fill_missing(&mut x);
         let n = indices.len();
         let (c, h, w) = (self.channels, self.height, self.width);
         (
             Tensor::from_data(TensorData::new(x, [n, self.t_in, c, h, w]), device),
             Tensor::from_data(TensorData::new(y, [n, self.t_out, c, h, w]), device),
         )
+    }
+
+    /// Appends the scaled inputs of window `i` to `out` as the network reads them: no data (NaN)
+    /// as 0.
+    pub fn scaled_input_into(&self, i: usize, scaler: &Scaler, out: &mut Vec<f32>) {
+        let start = out.len();
+        scaler.scale_into(self.input(i), out);
+        fill_missing(&mut out[start..]);
     }
 
     /// Like [`WindowSet::batch`], on a random `crop x crop` square of each window (the same for
