@@ -207,16 +207,22 @@ fn run_one(
         println!("{}", table_row(&format!("dense {}", demo.label), &d, Some(dense_macs), cols));
         println!("{}", table_row(&format!("dynamic {}", demo.label), &y, Some(dense_macs), cols));
         println!("{}", table_row("persistence", &p, None, cols));
-        let (versus, word) = if demo.higher_is_better {
-            (d.metrics[main] / p.metrics[main] - 1.0, "above")
+        // How much better (positive) or worse the dense model is than persistence.
+        let better = if demo.higher_is_better {
+            d.metrics[main] / p.metrics[main] - 1.0
         } else {
-            (1.0 - d.metrics[main] / p.metrics[main], "below")
+            1.0 - d.metrics[main] / p.metrics[main]
+        };
+        let side = match (better >= 0.0, demo.higher_is_better) {
+            (true, true) => "above",
+            (true, false) | (false, true) => "below",
+            (false, false) => "above",
         };
         println!(
-            "MAC reduction {:.1}% | relative {main} change {:+.2}% (worse is positive) | dense {main} {:.1}% {word} persistence\n",
+            "MAC reduction {:.1}% | relative {main} change {:+.2}% (worse is positive) | dense {main} {:.1}% {side} persistence\n",
             100.0 * mac_reduction,
             100.0 * relative_error_change,
-            100.0 * versus
+            100.0 * better.abs()
         );
         json!({
             "task": demo.task,

@@ -69,7 +69,7 @@ pub fn table_header(metrics: &[&str]) -> String {
     let cols: String = metrics.iter().map(|m| format!(" {m:>9} |")).collect();
     let rule: String = metrics.iter().map(|_| "-----------|").collect();
     format!(
-        "| model        |{cols}      MACs |  ratio | patch | units |\n|--------------|{rule}-----------|--------|-------|-------|"
+        "| model            |{cols}      MACs |  ratio | patch | units |\n|------------------|{rule}-----------|--------|-------|-------|"
     )
 }
 
@@ -84,7 +84,7 @@ pub fn table_row(name: &str, e: &Evaluation, dense_macs: Option<f64>, metrics: &
     let cols: String =
         metrics.iter().map(|m| format!(" {:>9.4} |", e.metrics.get(*m).copied().unwrap_or(f64::NAN))).collect();
     format!(
-        "| {name:<12} |{cols} {macs:>9} | {ratio:>6} | {:>5} | {:>5} |",
+        "| {name:<16} |{cols} {macs:>9} | {ratio:>6} | {:>5} | {:>5} |",
         kept(e.kept_patch_fraction),
         kept(e.kept_unit_fraction)
     )

@@ -201,11 +201,33 @@ fn npz_archives_are_read_as_openstl_windows() {
     assert_eq!(json(&report)["samples"], 5);
 }
 
+/// Trains from `config_text` (written to DIR/NAME.toml; its `out` must be DIR/NAME), then runs
+/// `eval` and `predict` on `data`; returns train's stdout, the eval report and predict's samples.json.
+fn train_eval_predict(
+    dir: &Path,
+    name: &str,
+    config_text: &str,
+    data: &Path,
+) -> (String, serde_json::Value, serde_json::Value) {
+    let config = dir.join(format!("{name}.toml"));
+    std::fs::write(&config, config_text).unwrap();
+    let out = run(bin().args(["train", "--config"]).arg(&config));
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let ck = dir.join(name);
+    let report = dir.join("eval.json");
+    let out = run(bin().args(["eval", "--checkpoint"]).arg(&ck).arg("--data").arg(data).arg("--out").arg(&report));
+    assert!(out.status.success());
+    let pred = dir.join("pred");
+    let out = run(bin().args(["predict", "--checkpoint"]).arg(&ck).arg("--data").arg(data).arg("--out").arg(&pred));
+    assert!(out.status.success());
+    (stdout, json(&report), json(&pred.join("samples.json")))
+}
+
 #[test]
 fn weather_vit_trains_evaluates_and_predicts_on_the_shipped_era5_file() {
     let dir = temp_dir("weather");
     let era5 = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/era5-uk-t2m/era5_t2m_2019-03_uk_0.25deg.nc");
-    let config = dir.join("vit.toml");
     let text = format!(
         r#"[data]
 format = "netcdf"
@@ -237,27 +259,15 @@ out = "{}"
         era5.display(),
         dir.join("vit").display()
     );
-    std::fs::write(&config, text).unwrap();
-    let out = run(bin().args(["train", "--config"]).arg(&config));
-    assert!(out.status.success());
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (stdout, r, samples) = train_eval_predict(&dir, "vit", &text, &era5);
     assert!(stdout.contains("acc") && stdout.contains("persistence"), "weather metrics in the table");
-    let ck = dir.join("vit");
-    let meta = json(&ck.join("checkpoint.json"));
+    let meta = json(&dir.join("vit/checkpoint.json"));
     assert_eq!(meta["scaler"]["mean"].as_array().unwrap().len(), 1, "z-scores per channel");
     assert_eq!(meta["climatology"].as_array().unwrap().len(), 33 * 49);
-    let report = dir.join("eval.json");
-    let out = run(bin().args(["eval", "--checkpoint"]).arg(&ck).arg("--data").arg(&era5).arg("--out").arg(&report));
-    assert!(out.status.success());
-    let r = json(&report);
     let rmse = r["metrics"]["rmse"].as_f64().unwrap();
     assert!(rmse > 0.1 && rmse < 20.0, "rmse in K: {rmse}");
     assert!(r["metrics"]["acc"].as_f64().is_some() && r["metrics"]["rmse/t2m"].as_f64() == Some(rmse));
     assert!(r["kept_patch_fraction"].as_f64().unwrap() < 0.6);
-    let pred = dir.join("pred");
-    let out = run(bin().args(["predict", "--checkpoint"]).arg(&ck).arg("--data").arg(&era5).arg("--out").arg(&pred));
-    assert!(out.status.success());
-    let samples = json(&pred.join("samples.json"));
     assert_eq!(samples["shape"], serde_json::json!([744 - 11, 6, 1, 33, 49]));
 }
 
@@ -265,7 +275,6 @@ out = "{}"
 fn radar_convlstm_trains_on_knmi_crops_evaluates_and_predicts() {
     let dir = temp_dir("radar");
     let knmi = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/knmi-radar");
-    let config = dir.join("convlstm.toml");
     let text = format!(
         r#"[data]
 format = "knmi"
@@ -298,24 +307,12 @@ out = "{}"
         knmi.display(),
         dir.join("convlstm").display()
     );
-    std::fs::write(&config, text).unwrap();
-    let out = run(bin().args(["train", "--config"]).arg(&config));
-    assert!(out.status.success());
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (stdout, r, samples) = train_eval_predict(&dir, "convlstm", &text, &knmi);
     assert!(stdout.contains("csi_m") && stdout.contains("persistence"), "radar metrics in the table");
     assert!(stdout.contains("8 windows"), "the last 12 frames hold 8 windows of 5");
-    let ck = dir.join("convlstm");
-    let report = dir.join("eval.json");
-    let out = run(bin().args(["eval", "--checkpoint"]).arg(&ck).arg("--data").arg(&knmi).arg("--out").arg(&report));
-    assert!(out.status.success());
-    let r = json(&report);
     assert_eq!(r["samples"], 92 - 4);
     let csi = r["metrics"]["csi_m"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&csi), "csi_m {csi}");
     assert!(r["persistence"]["metrics"]["csi/16"].as_f64().unwrap() > 0.1, "rain in the KNMI frames");
-    let pred = dir.join("pred");
-    let out = run(bin().args(["predict", "--checkpoint"]).arg(&ck).arg("--data").arg(&knmi).arg("--out").arg(&pred));
-    assert!(out.status.success());
-    let samples = json(&pred.join("samples.json"));
     assert_eq!(samples["shape"], serde_json::json!([92 - 4, 2, 1, 95, 87]));
 }

@@ -6,7 +6,7 @@ use std::borrow::Cow;
 use serde::{Deserialize, Serialize};
 
 use crate::kernels::{depth_to_space, run_per_sample, Activation, Conv, Positions};
-use crate::masks::{gate_units, kept_positions, sample_patches, MaskGenerator, UnitGate};
+use crate::masks::{gate_units, kept_positions, plan_masks, MaskGenerator, UnitGate};
 use crate::ExecError;
 
 /// The architecture and masking of an exported CNN (mirrors the trainer's `Architecture`).
@@ -118,23 +118,9 @@ impl CnnExec {
         // The DataMask and the importance map S per sample.
         let cell = s.patch / s.stride;
         let wp = w.div_ceil(s.patch);
-        let mut importance: Vec<Vec<f32>> = Vec::new();
-        let mut masks: Vec<SampleMasks> = match plan {
-            MaskPlan::Dense => Vec::new(),
-            MaskPlan::Given(m) => m.to_vec(),
-            MaskPlan::Dynamic => {
-                let keep = s.data_mask.then_some(s.data_keep);
-                sample_patches(&self.generator, x, (batch, per_sample), (t, h, w), keep)
-                    .into_iter()
-                    .zip(macs.iter_mut())
-                    .map(|((sc, patches), m)| {
-                        importance.push(sc);
-                        *m += self.generator.macs(h, w);
-                        SampleMasks { patches, units: Vec::new() }
-                    })
-                    .collect()
-            }
-        };
+        let keep = s.data_mask.then_some(s.data_keep);
+        let (mut masks, importance) =
+            plan_masks(plan, &self.generator, x, (batch, per_sample), (t, h, w), keep, &mut macs);
         let positions: Vec<Option<Vec<u32>>> =
             masks.iter().map(|m| kept_positions(&m.patches, wp, cell, (h2, w2))).collect();
 

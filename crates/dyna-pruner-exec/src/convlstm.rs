@@ -7,9 +7,9 @@ use std::borrow::Cow;
 
 use serde::{Deserialize, Serialize};
 
-use crate::cnn::{MaskPlan, Output, SampleMasks};
+use crate::cnn::{MaskPlan, Output};
 use crate::kernels::{depth_to_space, run_per_sample, sigmoid, Activation, Conv, Positions};
-use crate::masks::{gate_units, kept_positions, sample_patches, MaskGenerator, UnitGate};
+use crate::masks::{gate_units, kept_positions, plan_masks, MaskGenerator, UnitGate};
 use crate::ExecError;
 
 /// The architecture and masking of an exported ConvLSTM.
@@ -108,23 +108,9 @@ impl ConvLstmExec {
         // Masks: kept patches once, kept units of each cell from its gate on the last frame's features.
         let cell_px = s.patch / s.stride;
         let wpatch = w.div_ceil(s.patch);
-        let mut importance: Vec<Vec<f32>> = Vec::new();
-        let mut masks: Vec<SampleMasks> = match plan {
-            MaskPlan::Dense => Vec::new(),
-            MaskPlan::Given(m) => m.to_vec(),
-            MaskPlan::Dynamic => {
-                let keep = s.data_mask.then_some(s.data_keep);
-                sample_patches(&self.generator, x, (batch, per_sample), (t_in, h, w), keep)
-                    .into_iter()
-                    .zip(macs.iter_mut())
-                    .map(|((sc, patches), m)| {
-                        importance.push(sc);
-                        *m += self.generator.macs(h, w);
-                        SampleMasks { patches, units: Vec::new() }
-                    })
-                    .collect()
-            }
-        };
+        let keep = s.data_mask.then_some(s.data_keep);
+        let (mut masks, importance) =
+            plan_masks(plan, &self.generator, x, (batch, per_sample), (t_in, h, w), keep, &mut macs);
         if matches!(plan, MaskPlan::Dynamic) {
             let keep = s.model_mask.then_some(s.unit_keep);
             for gate in &self.gates {

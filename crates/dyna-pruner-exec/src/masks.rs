@@ -3,6 +3,7 @@
 
 use rayon::prelude::*;
 
+use crate::cnn::{MaskPlan, SampleMasks};
 use crate::kernels::{run_jobs, sigmoid, Activation, Conv, Job, Positions};
 
 /// Number kept out of `total` at ratio `ratio`: `ceil(ratio * total)`, at least 1 (as the trainer).
@@ -116,9 +117,34 @@ impl UnitGate {
     }
 }
 
+/// The masks a plan starts from, before any layer: none (`Dense`), the given ones, or the model's
+/// own DataMask (`Dynamic`: kept patches at `data_keep`, all when `None`; unit lists are added
+/// layer by layer) with each sample's importance map, adding the generator's MACs to `macs`.
+pub fn plan_masks(
+    plan: MaskPlan<'_>,
+    generator: &MaskGenerator,
+    x: &[f32],
+    (batch, per_sample): (usize, usize),
+    (t, h, w): (usize, usize, usize),
+    data_keep: Option<f32>,
+    macs: &mut [u64],
+) -> (Vec<SampleMasks>, Vec<Vec<f32>>) {
+    match plan {
+        MaskPlan::Dense => (Vec::new(), Vec::new()),
+        MaskPlan::Given(m) => (m.to_vec(), Vec::new()),
+        MaskPlan::Dynamic => {
+            macs.iter_mut().for_each(|m| *m += generator.macs(h, w));
+            sample_patches(generator, x, (batch, per_sample), (t, h, w), data_keep)
+                .into_iter()
+                .map(|(sc, patches)| (SampleMasks { patches, units: Vec::new() }, sc))
+                .unzip()
+        }
+    }
+}
+
 /// The DataMask of a batch `x` (`per_sample` values each, `[t, c, h, w]`): per sample the
 /// importance S and the kept patches, top-k at `data_keep` (all patches when `None`).
-pub fn sample_patches(
+fn sample_patches(
     generator: &MaskGenerator,
     x: &[f32],
     (batch, per_sample): (usize, usize),

@@ -247,38 +247,10 @@ mod tests {
         model.forward_masked(x, &mut fixed).into_data().to_vec().unwrap()
     }
 
-    #[test]
-    fn executor_matches_the_masked_dense_reference_on_random_models_and_masks() {
-        let mut rng = StdRng::seed_from_u64(2026);
-        for case in 0..12 {
-            let arch = random_arch(&mut rng);
-            let model = arch.init::<B>(&Default::default());
-            let exec = executor(&model, &arch, Masking::DENSE);
-            let (batch, h, w) = (rng.random_range(1..=3), rng.random_range(5..=17), rng.random_range(5..=17));
-            let (x, xt) = input(&mut rng, &arch, batch, h, w);
-            let n = h.div_ceil(arch.patch) * w.div_ceil(arch.patch);
-            let masks = random_masks(&mut rng, &model, batch, n);
-            let out = exec.forward(&x, batch, h, w, MaskPlan::Given(&masks)).unwrap();
-            let want = reference(&model, &arch, xt, &masks, h, w);
-            assert_close(&out.prediction, &want, &format!("case {case}: {arch:?} batch {batch} {h}x{w}"));
-        }
-    }
-
     fn random_convlstm(rng: &mut StdRng) -> Architecture {
         let stride = [1, 2, 4][rng.random_range(0..3)];
-        Architecture {
-            backbone: BackboneKind::ConvLstm,
-            t_in: rng.random_range(2..=3),
-            t_out: rng.random_range(1..=3),
-            channels: rng.random_range(1..=2),
-            hidden: rng.random_range(3..=6),
-            units: rng.random_range(2..=5),
-            blocks: rng.random_range(1..=2),
-            heads: 1,
-            stride,
-            patch: stride * rng.random_range(1..=2),
-            generator_width: 4,
-        }
+        let patch = stride * rng.random_range(1..=2);
+        Architecture { backbone: BackboneKind::ConvLstm, stride, patch, ..random_arch(rng) }
     }
 
     /// For one random model: random masks against the masked-dense reference, the executor's
@@ -317,22 +289,28 @@ mod tests {
         assert_close(&out.prediction, &reference(&model, arch, xt, &one, h, w), &format!("{what}: one"));
     }
 
-    #[test]
-    fn vit_executor_matches_the_masked_dense_reference_on_random_models_and_masks() {
-        let mut rng = StdRng::seed_from_u64(2027);
+    /// `cases` random models of one backbone (from `random`), each checked against the reference.
+    fn check_random_models(seed: u64, random: fn(&mut StdRng) -> Architecture, sides: std::ops::RangeInclusive<usize>) {
+        let mut rng = StdRng::seed_from_u64(seed);
         for case in 0..10 {
-            let arch = random_vit(&mut rng);
-            check_against_reference(&mut rng, &arch, 3..=13, case);
+            let arch = random(&mut rng);
+            check_against_reference(&mut rng, &arch, sides.clone(), case);
         }
     }
 
     #[test]
+    fn executor_matches_the_masked_dense_reference_on_random_models_and_masks() {
+        check_random_models(2026, random_arch, 5..=17);
+    }
+
+    #[test]
+    fn vit_executor_matches_the_masked_dense_reference_on_random_models_and_masks() {
+        check_random_models(2027, random_vit, 3..=13);
+    }
+
+    #[test]
     fn convlstm_executor_matches_the_masked_dense_reference_on_random_models_and_masks() {
-        let mut rng = StdRng::seed_from_u64(2028);
-        for case in 0..10 {
-            let arch = random_convlstm(&mut rng);
-            check_against_reference(&mut rng, &arch, 3..=15, case);
-        }
+        check_random_models(2028, random_convlstm, 3..=15);
     }
 
     #[test]
