@@ -37,11 +37,23 @@ pub fn evaluate_checkpoint<B: Backend>(
 pub fn windows_for(dir: &Path, arch: &Architecture, files: &[PathBuf]) -> anyhow::Result<WindowSet> {
     let mut d = checkpoint::read_config(dir)?.data;
     d.files = files.to_vec();
-    if d.format == DataFormat::Netcdf {
-        // Every channel from the given files, not from the training layout.
-        d.root = None;
-        d.years.clear();
-        d.channels.iter_mut().for_each(|c| c.dir = None);
+    match d.format {
+        DataFormat::Netcdf => {
+            // Every channel from the given files, not from the training layout.
+            d.root = None;
+            d.years.clear();
+            d.channels.iter_mut().for_each(|c| c.dir = None);
+        }
+        DataFormat::Sevir => {
+            // The given file is a catalog; the HDF5 files sit in `data/` beside it.
+            d.catalog = Some(files[0].clone());
+            d.root = None;
+        }
+        DataFormat::SyntheticRadar => anyhow::bail!(
+            "the checkpoint in {} was trained on synthetic radar, which has no files; `demo --task radar` evaluates it",
+            dir.display()
+        ),
+        DataFormat::Crowd | DataFormat::Knmi => {}
     }
     let windows = data::load(&d)?.all_windows(Horizon::of(&d), files)?;
     if windows.channels != arch.channels {

@@ -46,7 +46,9 @@ enum Command {
     Eval {
         #[arg(long)]
         checkpoint: PathBuf,
-        /// HDF5 crowd-flow files (merged) or one OpenSTL dataset.npz (its test part).
+        /// Files in the checkpoint's data format: crowd-flow HDF5 files (merged) or one OpenSTL
+        /// dataset.npz (its test part), netCDF files, KNMI radar files or directories of them, a
+        /// SEVIR CATALOG.csv (its files under data/ beside it).
         #[arg(long, num_args = 1.., required = true)]
         data: Vec<PathBuf>,
         /// Write `{"metrics", "macs_per_sample", "samples", ...}` here.
