@@ -222,7 +222,8 @@ pub fn read_catalog(path: &Path) -> Result<Vec<SevirEvent>> {
 /// that no window spans two events. Values stay on the 0-255 scale.
 pub fn read_sevir(catalog: &Path, data_dir: &Path) -> Result<FrameSeries> {
     let events = read_catalog(catalog)?;
-    let mut by_file: HashMap<&str, hdf5_reader::Hdf5File> = HashMap::new();
+    // Each file opened once, with its event ids.
+    let mut by_file: HashMap<&str, (hdf5_reader::Hdf5File, Vec<String>)> = HashMap::new();
     let (mut values, mut stamps) = (Vec::new(), Vec::new());
     let mut grid: Option<(usize, usize)> = None;
     for (k, ev) in events.iter().enumerate() {
@@ -235,9 +236,11 @@ pub fn read_sevir(catalog: &Path, data_dir: &Path) -> Result<FrameSeries> {
                     detail: format!("event {} points at {}, which does not exist", ev.id, path.display()),
                 });
             }
-            by_file.insert(&ev.file_name, open(&path)?);
+            let file = open(&path)?;
+            let ids = read_as_strings(&dataset(&file, &path, "id", "event ids")?, &path, "id")?;
+            by_file.insert(&ev.file_name, (file, ids));
         }
-        let file = &by_file[ev.file_name.as_str()];
+        let (file, ids) = &by_file[ev.file_name.as_str()];
         let vil = dataset(file, &path, "vil", "uint8 (N, 384, 384, 49)")?;
         let dims = vil.shape().to_vec();
         if !matches!(vil.dtype(), Datatype::FixedPoint { size: 1, signed: false, .. })
@@ -263,7 +266,6 @@ pub fn read_sevir(catalog: &Path, data_dir: &Path) -> Result<FrameSeries> {
                 ),
             });
         }
-        let ids = read_as_strings(&dataset(file, &path, "id", "event ids")?, &path, "id")?;
         if ids.get(ev.file_index).is_some_and(|id| *id != ev.id) {
             return Err(Error::BadValues {
                 path: path.clone(),
