@@ -5,6 +5,7 @@
 
 use std::borrow::Cow;
 
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::cnn::{MaskPlan, Output};
@@ -189,16 +190,27 @@ impl ConvLstmExec {
                     let (u, pos) = (units_of(b, l), pos_of(b));
                     let k = u.len();
                     macs[b] += pos.len() as u64 * conv_of(b).macs_per_position();
+                    // The gate nonlinearities in parallel over positions, then the state writes.
+                    let c_old = &cs[b][l];
+                    let updated: Vec<(f32, f32)> = rows[b]
+                        .par_chunks_exact(4 * k)
+                        .enumerate()
+                        .flat_map_iter(|(i, r)| {
+                            let p = pos.get(i);
+                            u.iter().enumerate().map(move |(j, &unit)| {
+                                let (ig, fg, og, gg) =
+                                    (sigmoid(r[j]), sigmoid(r[k + j]), sigmoid(r[2 * k + j]), r[3 * k + j].tanh());
+                                let cell = fg * c_old[p * units + unit] + ig * gg;
+                                (og * cell.tanh(), cell)
+                            })
+                        })
+                        .collect();
                     let (h_map, c_map) = (&mut hs[b][l], &mut cs[b][l]);
-                    for (i, r) in rows[b].chunks_exact(4 * k).enumerate() {
+                    for (i, chunk) in updated.chunks_exact(k).enumerate() {
                         let p = pos.get(i);
-                        for (j, &unit) in u.iter().enumerate() {
-                            let at = p * units + unit;
-                            let (ig, fg, og, gg) =
-                                (sigmoid(r[j]), sigmoid(r[k + j]), sigmoid(r[2 * k + j]), r[3 * k + j].tanh());
-                            let cell = fg * c_map[at] + ig * gg;
-                            c_map[at] = cell;
-                            h_map[at] = og * cell.tanh();
+                        for (&unit, &(h_new, c_new)) in u.iter().zip(chunk) {
+                            h_map[p * units + unit] = h_new;
+                            c_map[p * units + unit] = c_new;
                         }
                     }
                 }
