@@ -20,12 +20,33 @@ pub struct CnnSpec {
     pub blocks: usize,
     pub stride: usize,
     pub patch: usize,
+    /// The mask generator's width and the inference masking.
+    #[serde(flatten)]
+    pub masking: MaskSpec,
+}
+
+/// The mask generator's width and the masks an exported model runs with (the same in every spec;
+/// flattened into it, so the file's JSON keeps these as top-level fields).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MaskSpec {
     pub generator_width: usize,
     /// Whether the DataMask / ModelMask are active, and their keep ratios.
     pub data_mask: bool,
     pub model_mask: bool,
     pub data_keep: f32,
     pub unit_keep: f32,
+}
+
+impl MaskSpec {
+    /// The DataMask's keep ratio when it is active.
+    pub fn data_keep(&self) -> Option<f32> {
+        self.data_mask.then_some(self.data_keep)
+    }
+
+    /// The ModelMask's keep ratio when it is active.
+    pub fn unit_keep(&self) -> Option<f32> {
+        self.model_mask.then_some(self.unit_keep)
+    }
 }
 
 /// The kept patches and units of one sample.
@@ -118,7 +139,7 @@ impl CnnExec {
         // The DataMask and the importance map S per sample.
         let cell = s.patch / s.stride;
         let wp = w.div_ceil(s.patch);
-        let keep = s.data_mask.then_some(s.data_keep);
+        let keep = s.masking.data_keep();
         let (mut masks, importance) =
             plan_masks(plan, &self.generator, x, (batch, per_sample), (t, h, w), keep, &mut macs);
         let positions: Vec<Option<Vec<u32>>> =
@@ -138,10 +159,10 @@ impl CnnExec {
             }
             if matches!(plan, MaskPlan::Dynamic) {
                 let gate = &self.gates[l];
-                let keep = s.model_mask.then_some(s.unit_keep);
+                let keep = s.masking.unit_keep();
                 let units = gate_units(gate, &z, &importance, (h2, w2, cell, wp), keep);
                 for ((m, u), mc) in masks.iter_mut().zip(units).zip(macs.iter_mut()) {
-                    if s.model_mask {
+                    if s.masking.model_mask {
                         *mc += gate.macs(h2 * w2);
                     }
                     m.units.push(u);

@@ -8,7 +8,7 @@ use std::borrow::Cow;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::cnn::{MaskPlan, Output};
+use crate::cnn::{MaskPlan, MaskSpec, Output};
 use crate::kernels::{depth_to_space, run_per_sample, sigmoid, Activation, Conv, Positions};
 use crate::masks::{gate_units, kept_positions, plan_masks, MaskGenerator, UnitGate};
 use crate::ExecError;
@@ -24,11 +24,9 @@ pub struct ConvLstmSpec {
     pub cells: usize,
     pub stride: usize,
     pub patch: usize,
-    pub generator_width: usize,
-    pub data_mask: bool,
-    pub model_mask: bool,
-    pub data_keep: f32,
-    pub unit_keep: f32,
+    /// The mask generator's width and the inference masking.
+    #[serde(flatten)]
+    pub masking: MaskSpec,
 }
 
 /// One cell's gate convolutions, 3x3, outputs `[i, f, o, g]` x units.
@@ -109,15 +107,15 @@ impl ConvLstmExec {
         // Masks: kept patches once, kept units of each cell from its gate on the last frame's features.
         let cell_px = s.patch / s.stride;
         let wpatch = w.div_ceil(s.patch);
-        let keep = s.data_mask.then_some(s.data_keep);
+        let keep = s.masking.data_keep();
         let (mut masks, importance) =
             plan_masks(plan, &self.generator, x, (batch, per_sample), (t_in, h, w), keep, &mut macs);
         if matches!(plan, MaskPlan::Dynamic) {
-            let keep = s.model_mask.then_some(s.unit_keep);
+            let keep = s.masking.unit_keep();
             for gate in &self.gates {
                 let kept = gate_units(gate, &last_low, &importance, (lh, lw, cell_px, wpatch), keep);
                 for ((m, u), mc) in masks.iter_mut().zip(kept).zip(macs.iter_mut()) {
-                    if s.model_mask {
+                    if s.masking.model_mask {
                         *mc += gate.macs(low);
                     }
                     m.units.push(u);

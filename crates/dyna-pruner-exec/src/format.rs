@@ -146,7 +146,7 @@ fn vit_from_tensors(spec: VitSpec, t: &Tensors) -> Result<VitExec, ExecError> {
         layers,
         norm: norm(t, "norm", d)?,
         head: linear(t, "head", d, spec.t_out * spec.channels * cell)?,
-        generator: generator(t, spec.generator_width, spec.channels, spec.patch)?,
+        generator: generator(t, spec.masking.generator_width, spec.channels, spec.patch)?,
         gates,
         spec,
     })
@@ -203,7 +203,7 @@ fn convlstm_from_tensors(spec: ConvLstmSpec, t: &Tensors) -> Result<ConvLstmExec
         dec_proj: conv(t, "dec_proj", hid, units, 1, 1)?,
         dec_up: transposed_as_1x1(t, "dec_up", hid, st)?,
         dec_out: conv(t, "dec_out", c, hid, 3, 1)?,
-        generator: generator(t, spec.generator_width, c, spec.patch)?,
+        generator: generator(t, spec.masking.generator_width, c, spec.patch)?,
         gates,
         spec,
     })
@@ -228,7 +228,7 @@ fn cnn_from_tensors(spec: CnnSpec, t: &Tensors) -> Result<CnnExec, ExecError> {
         blocks,
         dec_up,
         dec_out: conv(t, "dec_out", spec.t_out * c, hid, 3, 1)?,
-        generator: generator(t, spec.generator_width, c, spec.patch)?,
+        generator: generator(t, spec.masking.generator_width, c, spec.patch)?,
         gates,
         spec,
     })

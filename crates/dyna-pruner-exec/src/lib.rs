@@ -14,7 +14,7 @@ pub mod kernels;
 pub mod masks;
 pub mod vit;
 
-pub use cnn::{CnnExec, CnnSpec, MaskPlan, Output, SampleMasks};
+pub use cnn::{CnnExec, CnnSpec, MaskPlan, MaskSpec, Output, SampleMasks};
 pub use convlstm::{ConvLstmExec, ConvLstmSpec};
 pub use vit::{VitExec, VitSpec};
 

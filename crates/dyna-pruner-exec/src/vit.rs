@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::kernels::{gelu_in_place, matmul};
 use crate::masks::{kept_count, top_k, MaskGenerator, UnitGate};
-use crate::{ExecError, MaskPlan, Output, SampleMasks};
+use crate::{ExecError, MaskPlan, MaskSpec, Output, SampleMasks};
 
 /// The architecture and masking of an exported ViT (mirrors the trainer's `Architecture`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -22,11 +22,9 @@ pub struct VitSpec {
     pub heads: usize,
     pub mlp: usize,
     pub layers: usize,
-    pub generator_width: usize,
-    pub data_mask: bool,
-    pub model_mask: bool,
-    pub data_keep: f32,
-    pub unit_keep: f32,
+    /// The mask generator's width and the inference masking.
+    #[serde(flatten)]
+    pub masking: MaskSpec,
 }
 
 /// The fixed 2-D sine-cosine position code `[hp * wp, dim]` of the token grid: feature i of the
@@ -215,7 +213,10 @@ impl VitExec {
             (MaskPlan::Given(_), Some(m)) => Some(m.clone()),
             _ => {
                 let sc = importance.as_ref().expect("dynamic");
-                let patches = if s.data_mask { top_k(sc, kept_count(s.data_keep, n)) } else { (0..n).collect() };
+                let patches = match s.masking.data_keep() {
+                    Some(keep) => top_k(sc, kept_count(keep, n)),
+                    None => (0..n).collect(),
+                };
                 Some(SampleMasks { patches, units: Vec::new() })
             }
         };
@@ -284,12 +285,13 @@ impl VitExec {
     ) -> Vec<usize> {
         let Some(m) = masks else { return (0..total).collect() };
         if let Some(sc) = importance {
-            let units = if self.spec.model_mask {
-                let gate = &self.gates[layer];
-                *macs += gate.macs(n);
-                top_k(&gate.scores(z, n, |t| sc[t]), kept_count(self.spec.unit_keep, total))
-            } else {
-                (0..total).collect()
+            let units = match self.spec.masking.unit_keep() {
+                Some(keep) => {
+                    let gate = &self.gates[layer];
+                    *macs += gate.macs(n);
+                    top_k(&gate.scores(z, n, |t| sc[t]), kept_count(keep, total))
+                }
+                None => (0..total).collect(),
             };
             m.units.push(units);
         }

@@ -6,7 +6,7 @@ use std::path::Path;
 use burn::module::Param;
 use burn::prelude::*;
 use dyna_pruner_exec::format::Tensors;
-use dyna_pruner_exec::{CnnSpec, ConvLstmSpec, Exec, Spec, VitSpec};
+use dyna_pruner_exec::{CnnSpec, ConvLstmSpec, Exec, MaskSpec, Spec, VitSpec};
 
 use crate::backbones::Backbone;
 use crate::error::{Error, Result};
@@ -44,8 +44,13 @@ pub fn export<B: Backend>(model: &DynamicModel<B>, arch: &Architecture, masking:
     for (l, gate) in model.unit_gates.iter().enumerate() {
         linear(&mut t, &format!("gates.{l}"), &gate.linear);
     }
-    let (data_mask, model_mask) = (masking.mode.data(), masking.mode.model());
-    let (data_keep, unit_keep) = (masking.data_keep, masking.unit_keep);
+    let masks = MaskSpec {
+        generator_width: arch.generator_width,
+        data_mask: masking.mode.data(),
+        model_mask: masking.mode.model(),
+        data_keep: masking.data_keep,
+        unit_keep: masking.unit_keep,
+    };
     let cnn = match &model.backbone {
         Backbone::Cnn(cnn) => cnn,
         Backbone::ConvLstm(m) => {
@@ -68,11 +73,7 @@ pub fn export<B: Backend>(model: &DynamicModel<B>, arch: &Architecture, masking:
                 cells: arch.blocks,
                 stride: arch.stride,
                 patch: arch.patch,
-                generator_width: arch.generator_width,
-                data_mask,
-                model_mask,
-                data_keep,
-                unit_keep,
+                masking: masks,
             };
             return (Spec::ConvLstm(spec), t);
         }
@@ -97,11 +98,7 @@ pub fn export<B: Backend>(model: &DynamicModel<B>, arch: &Architecture, masking:
                 heads: arch.heads,
                 mlp: arch.units,
                 layers: arch.blocks,
-                generator_width: arch.generator_width,
-                data_mask,
-                model_mask,
-                data_keep,
-                unit_keep,
+                masking: masks,
             };
             return (Spec::Vit(spec), t);
         }
@@ -126,11 +123,7 @@ pub fn export<B: Backend>(model: &DynamicModel<B>, arch: &Architecture, masking:
         blocks: arch.blocks,
         stride: arch.stride,
         patch: arch.patch,
-        generator_width: arch.generator_width,
-        data_mask,
-        model_mask,
-        data_keep,
-        unit_keep,
+        masking: masks,
     };
     (Spec::Cnn(spec), t)
 }
@@ -372,6 +365,28 @@ mod tests {
             for (got, c) in out.macs.iter().zip(&costs) {
                 assert!((*got as f64 - c.macs).abs() <= 1e-6 * c.macs, "case {case}: {got} vs {}", c.macs);
             }
+        }
+    }
+
+    #[test]
+    fn the_exported_file_loads_back_as_the_same_executor_for_every_backbone() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let dir = std::env::temp_dir().join(format!("dyna-pruner-export-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let makers: [fn(&mut StdRng) -> Architecture; 3] = [random_arch, random_vit, random_convlstm];
+        for (i, random) in makers.into_iter().enumerate() {
+            let arch = random(&mut rng);
+            let model = arch.init::<B>(&Default::default());
+            let masking = Masking { mode: MaskMode::Both, data_keep: 0.5, unit_keep: 0.5 };
+            let path = dir.join(format!("model{i}.safetensors"));
+            write(&path, &model, &arch, masking).unwrap();
+            let loaded = dyna_pruner_exec::format::load(&path).unwrap();
+            assert_eq!(std::mem::discriminant(&loaded), std::mem::discriminant(&executor(&model, &arch, masking)));
+            let (x, _) = input(&mut rng, &arch, 2, 9, 11);
+            let want = executor(&model, &arch, masking).forward(&x, 2, 9, 11, MaskPlan::Dynamic).unwrap();
+            let got = loaded.forward(&x, 2, 9, 11, MaskPlan::Dynamic).unwrap();
+            assert_eq!(got.prediction, want.prediction, "{arch:?}");
+            assert_eq!(got.masks, want.masks);
         }
     }
 }
