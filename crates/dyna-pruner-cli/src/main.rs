@@ -133,12 +133,10 @@ fn gpu_name() -> String {
 }
 
 fn parse_backbone(s: &str) -> Result<BackboneKind, String> {
-    match s {
-        "cnn" => Ok(BackboneKind::Cnn),
-        "vit" => Ok(BackboneKind::Vit),
-        "convlstm" => Ok(BackboneKind::ConvLstm),
-        _ => Err(format!("`{s}` is not a backbone (cnn, vit, convlstm)")),
-    }
+    BackboneKind::ALL.into_iter().find(|k| k.name() == s).ok_or_else(|| {
+        let names: Vec<&str> = BackboneKind::ALL.iter().map(|k| k.name()).collect();
+        format!("`{s}` is not a backbone ({})", names.join(", "))
+    })
 }
 
 fn parse_size(s: &str) -> Result<(usize, usize), String> {

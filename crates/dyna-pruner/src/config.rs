@@ -29,13 +29,6 @@ pub enum DataFormat {
     SyntheticRadar,
 }
 
-impl DataFormat {
-    /// Radar data: 0-255 VIL scale, no-data pixels, CSI metrics.
-    pub fn is_radar(self) -> bool {
-        matches!(self, DataFormat::Knmi | DataFormat::Sevir | DataFormat::SyntheticRadar)
-    }
-}
-
 /// The synthetic radar data set (`data.format = "synthetic_radar"`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

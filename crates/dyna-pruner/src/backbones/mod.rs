@@ -28,6 +28,8 @@ pub enum BackboneKind {
 }
 
 impl BackboneKind {
+    pub const ALL: [BackboneKind; 3] = [BackboneKind::Cnn, BackboneKind::Vit, BackboneKind::ConvLstm];
+
     /// The name used in configs and on the command line.
     pub fn name(self) -> &'static str {
         match self {
@@ -108,6 +110,18 @@ impl<B: Backend> SpatioTemporal<B> for Backbone<B> {
             Backbone::Cnn(m) => m.macs(height, width),
             Backbone::Vit(m) => m.macs(height, width),
             Backbone::ConvLstm(m) => m.macs(height, width),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_line_names_are_the_config_names() {
+        for kind in BackboneKind::ALL {
+            assert_eq!(serde_json::to_string(&kind).unwrap(), format!("\"{}\"", kind.name()));
         }
     }
 }
