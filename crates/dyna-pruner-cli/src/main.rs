@@ -75,7 +75,7 @@ enum Command {
     Bench {
         #[arg(long, default_value = "bench-out")]
         out: PathBuf,
-        /// Backbones to time: cnn, vit.
+        /// Backbones to time: cnn, vit, convlstm.
         #[arg(long, value_delimiter = ',', default_values = ["cnn", "vit"], value_parser = parse_backbone)]
         backbones: Vec<BackboneKind>,
         /// Square frame sizes of the CNN and ConvLSTM rows.
@@ -94,7 +94,7 @@ enum Command {
         runs: usize,
         #[arg(long, default_value_t = 3)]
         warmup: usize,
-        /// `cpu`: the sparse executor (CNN and ViT rows). `cuda`: the CNN's framework-ops sparse
+        /// `cpu`: the sparse executor (CNN, ViT and ConvLSTM rows). `cuda`: the CNN's framework-ops sparse
         /// path against Burn's dense forward on the GPU (needs the `cuda` feature).
         #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
         device: DeviceArg,
