@@ -5,7 +5,7 @@ use std::borrow::Cow;
 
 use serde::{Deserialize, Serialize};
 
-use crate::kernels::{depth_to_space, run_per_sample, Activation, Conv, Positions};
+use crate::kernels::{depth_to_space_add, run_per_sample, transpose_into, Activation, Conv, Positions};
 use crate::masks::{gate_units, kept_positions, plan_masks, MaskGenerator, UnitGate};
 use crate::ExecError;
 
@@ -121,13 +121,8 @@ impl CnnExec {
         // Frames as channels, channels last.
         let inputs: Vec<Vec<f32>> = (0..batch)
             .map(|b| {
-                let xs = &x[b * per_sample..(b + 1) * per_sample];
                 let mut v = vec![0.0; per_sample];
-                for tc in 0..t * c {
-                    for p in 0..h * w {
-                        v[p * t * c + tc] = xs[tc * h * w + p];
-                    }
-                }
+                transpose_into(&x[b * per_sample..(b + 1) * per_sample], t * c, h * w, &mut v);
                 v
             })
             .collect();
@@ -145,6 +140,8 @@ impl CnnExec {
         let positions: Vec<Option<Vec<u32>>> =
             masks.iter().map(|m| kept_positions(&m.patches, wp, cell, (h2, w2))).collect();
 
+        // Each sample's hidden map of the current block, reused across blocks (see sparse_block).
+        let mut hidden_maps = vec![Vec::new(); batch];
         for (l, (conv1, conv2)) in self.blocks.iter().enumerate() {
             if masks.is_empty() {
                 let hidden = dense_layer(conv1, &z, h2, w2, Activation::Gelu);
@@ -168,18 +165,22 @@ impl CnnExec {
                     m.units.push(u);
                 }
             }
-            self.sparse_block(l, conv1, conv2, &mut z, &masks, &positions, (h2, w2), &mut macs);
+            self.sparse_block(l, conv1, conv2, &mut z, &masks, &positions, &mut hidden_maps, (h2, w2), &mut macs);
         }
 
-        let mut d = match &self.dec_up {
-            Some(up) => dense_layer(up, &z, h2, w2, Activation::Gelu)
-                .iter()
-                .map(|rows| depth_to_space(rows, (h2, w2), s.stride, (h, w)))
-                .collect(),
-            None => z,
-        };
-        for (db, sb) in d.iter_mut().zip(&skip) {
-            db.iter_mut().zip(sb).for_each(|(a, b)| *a += b);
+        // The decoder map: the skip map plus the upsampled translator output.
+        let mut d = skip;
+        match &self.dec_up {
+            Some(up) => {
+                for (db, rows) in d.iter_mut().zip(dense_layer(up, &z, h2, w2, Activation::Gelu)) {
+                    depth_to_space_add(&rows, (h2, w2), s.stride, (h, w), db);
+                }
+            }
+            None => {
+                for (db, zb) in d.iter_mut().zip(&z) {
+                    db.iter_mut().zip(zb).for_each(|(a, b)| *a += b);
+                }
+            }
         }
         let delta = dense_layer(&self.dec_out, &d, h, w, Activation::None);
         let out_c = s.t_out * c;
@@ -187,12 +188,9 @@ impl CnnExec {
         for b in 0..batch {
             let last = &x[b * per_sample + (t - 1) * c * h * w..b * per_sample + t * c * h * w];
             let dst = &mut prediction[b * out_c * h * w..(b + 1) * out_c * h * w];
-            for to in 0..s.t_out {
-                for ch in 0..c {
-                    for p in 0..h * w {
-                        dst[((to * c + ch) * h * w) + p] = last[ch * h * w + p] + delta[b][p * out_c + to * c + ch];
-                    }
-                }
+            transpose_into(&delta[b], h * w, out_c, dst);
+            for frame in dst.chunks_exact_mut(c * h * w) {
+                frame.iter_mut().zip(last).for_each(|(a, l)| *a += l);
             }
         }
         Ok(Output { prediction, masks, macs })
@@ -209,6 +207,7 @@ impl CnnExec {
         z: &mut [Vec<f32>],
         masks: &[SampleMasks],
         positions: &[Option<Vec<u32>>],
+        hidden_maps: &mut [Vec<f32>],
         (h2, w2): (usize, usize),
         macs: &mut [u64],
     ) {
@@ -230,23 +229,26 @@ impl CnnExec {
             None => Positions::all(h2, w2),
         };
         let hidden = run_per_sample(z, (h2, w2), |b| &selected[b].0, pos_of, Activation::Gelu);
-        // Hidden maps: zero at pruned positions, so conv2 reads no pruned work.
-        let maps: Vec<Vec<f32>> = hidden
-            .into_iter()
-            .enumerate()
-            .map(|(b, rows)| match &positions[b] {
-                None => rows,
+        // Hidden maps: zero at pruned positions, so conv2 reads no pruned work. The kept
+        // positions are the same in every block, so a map is zeroed only when first used (or
+        // when its unit count changes) and later blocks overwrite just the kept positions.
+        for (b, rows) in hidden.into_iter().enumerate() {
+            match &positions[b] {
+                None => hidden_maps[b] = rows,
                 Some(list) => {
                     let k = selected[b].0.cout;
-                    let mut map = vec![0.0; h2 * w2 * k];
+                    let map = &mut hidden_maps[b];
+                    if map.len() != h2 * w2 * k {
+                        map.clear();
+                        map.resize(h2 * w2 * k, 0.0);
+                    }
                     for (i, &p) in list.iter().enumerate() {
                         map[p as usize * k..(p as usize + 1) * k].copy_from_slice(&rows[i * k..(i + 1) * k]);
                     }
-                    map
                 }
-            })
-            .collect();
-        let update = run_per_sample(&maps, (h2, w2), |b| &selected[b].1, pos_of, Activation::None);
+            }
+        }
+        let update = run_per_sample(hidden_maps, (h2, w2), |b| &selected[b].1, pos_of, Activation::None);
         let hid = self.spec.hidden;
         for b in 0..z.len() {
             let n = pos_of(b).len() as u64;

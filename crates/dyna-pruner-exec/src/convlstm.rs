@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::cnn::{MaskPlan, MaskSpec, Output};
-use crate::kernels::{depth_to_space, run_per_sample, sigmoid, Activation, Conv, Positions};
+use crate::kernels::{depth_to_space_add, run_per_sample, sigmoid, Activation, Conv, Positions};
 use crate::masks::{gate_units, kept_positions, plan_masks, MaskGenerator, UnitGate};
 use crate::ExecError;
 
@@ -233,8 +233,8 @@ impl ConvLstmExec {
             .iter()
             .enumerate()
             .map(|(i, rows)| {
-                let mut m = depth_to_space(rows, (lh, lw), s.stride, (hp, wp));
-                m.iter_mut().zip(&full[frame_of(sample_of(i), t_in - 1)]).for_each(|(a, b)| *a += b);
+                let mut m = full[frame_of(sample_of(i), t_in - 1)].clone();
+                depth_to_space_add(rows, (lh, lw), s.stride, (hp, wp), &mut m);
                 m
             })
             .collect();

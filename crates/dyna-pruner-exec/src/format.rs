@@ -153,7 +153,7 @@ fn vit_from_tensors(spec: VitSpec, t: &Tensors) -> Result<VitExec, ExecError> {
 }
 
 /// A transposed conv `[cin = c, cout = c, st, st]` with kernel = stride as a 1x1 conv to
-/// `st * st * c` outputs (taps outer, channels inner; see `kernels::depth_to_space`).
+/// `st * st * c` outputs (taps outer, channels inner; see `kernels::depth_to_space_add`).
 fn transposed_as_1x1(t: &Tensors, name: &str, c: usize, st: usize) -> Result<Conv, ExecError> {
     let w = take(t, &format!("{name}.weight"), &[c, c, st, st])?;
     let b = take(t, &format!("{name}.bias"), &[c])?;

@@ -7,7 +7,7 @@
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::kernels::{gelu_in_place, matmul};
+use crate::kernels::{gelu, matmul};
 use crate::masks::{kept_count, top_k, MaskGenerator, UnitGate};
 use crate::{ExecError, MaskPlan, MaskSpec, Output, SampleMasks};
 
@@ -250,7 +250,7 @@ impl VitExec {
             let (w1, b1) = layer.fc1.columns(&units);
             let mut hidden = vec![0.0f32; k * units.len()];
             linear_into(&mut hidden, &normed, &w1, &b1, k, d, units.len());
-            hidden.par_chunks_mut(16_384).for_each(|c| c.iter_mut().for_each(gelu_in_place));
+            gelu(&mut hidden);
             let mut update = vec![0.0f32; k * d];
             linear_into(&mut update, &hidden, &layer.fc2.rows(&units), &layer.fc2.bias, k, units.len(), d);
             scatter_add(&mut z, &update, &kept, d);
