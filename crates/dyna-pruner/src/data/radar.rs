@@ -217,13 +217,39 @@ pub fn read_catalog(path: &Path) -> Result<Vec<SevirEvent>> {
     Ok(events)
 }
 
+/// One SEVIR HDF5 file, checked once: its `vil` dataset (uint8 `(N, H, W, 49)`) and event ids.
+struct SevirFile {
+    vil: hdf5_reader::Dataset,
+    events: usize,
+    grid: (usize, usize),
+    ids: Vec<String>,
+}
+
+fn open_sevir_file(path: &Path) -> Result<SevirFile> {
+    let file = open(path)?;
+    let ids = read_as_strings(&dataset(&file, path, "id", "event ids")?, path, "id")?;
+    let vil = dataset(&file, path, "vil", "uint8 (N, 384, 384, 49)")?;
+    let dims = vil.shape().to_vec();
+    if !matches!(vil.dtype(), Datatype::FixedPoint { size: 1, signed: false, .. })
+        || dims.len() != 4
+        || dims[3] as usize != SEVIR_FRAMES
+    {
+        return Err(Error::BadField {
+            path: path.to_path_buf(),
+            field: "vil".into(),
+            detail: format!("is {:?} with shape {dims:?}; expected uint8 (N, H, W, 49)", vil.dtype()),
+        });
+    }
+    Ok(SevirFile { vil, events: dims[0] as usize, grid: (dims[1] as usize, dims[2] as usize), ids })
+}
+
 /// Reads the `vil` events of a SEVIR catalog from the HDF5 files under `data_dir` into one series:
 /// each event is a run of 49 consecutive slots (dated by its start), events separated by a gap so
 /// that no window spans two events. Values stay on the 0-255 scale.
 pub fn read_sevir(catalog: &Path, data_dir: &Path) -> Result<FrameSeries> {
     let events = read_catalog(catalog)?;
-    // Each file opened once, with its event ids.
-    let mut by_file: HashMap<&str, (hdf5_reader::Hdf5File, Vec<String>)> = HashMap::new();
+    // Each file opened and checked once.
+    let mut by_file: HashMap<&str, SevirFile> = HashMap::new();
     let (mut values, mut stamps) = (Vec::new(), Vec::new());
     let mut grid: Option<(usize, usize)> = None;
     for (k, ev) in events.iter().enumerate() {
@@ -236,24 +262,10 @@ pub fn read_sevir(catalog: &Path, data_dir: &Path) -> Result<FrameSeries> {
                     detail: format!("event {} points at {}, which does not exist", ev.id, path.display()),
                 });
             }
-            let file = open(&path)?;
-            let ids = read_as_strings(&dataset(&file, &path, "id", "event ids")?, &path, "id")?;
-            by_file.insert(&ev.file_name, (file, ids));
+            by_file.insert(&ev.file_name, open_sevir_file(&path)?);
         }
-        let (file, ids) = &by_file[ev.file_name.as_str()];
-        let vil = dataset(file, &path, "vil", "uint8 (N, 384, 384, 49)")?;
-        let dims = vil.shape().to_vec();
-        if !matches!(vil.dtype(), Datatype::FixedPoint { size: 1, signed: false, .. })
-            || dims.len() != 4
-            || dims[3] as usize != SEVIR_FRAMES
-        {
-            return Err(Error::BadField {
-                path: path.clone(),
-                field: "vil".into(),
-                detail: format!("is {:?} with shape {dims:?}; expected uint8 (N, H, W, 49)", vil.dtype()),
-            });
-        }
-        if ev.file_index >= dims[0] as usize {
+        let SevirFile { vil, events: in_file, grid: (h, w), ids } = &by_file[ev.file_name.as_str()];
+        if ev.file_index >= *in_file {
             return Err(Error::BadValues {
                 path: catalog.to_path_buf(),
                 field: "file_index".into(),
@@ -262,7 +274,7 @@ pub fn read_sevir(catalog: &Path, data_dir: &Path) -> Result<FrameSeries> {
                     ev.id,
                     ev.file_index,
                     path.display(),
-                    dims[0]
+                    in_file
                 ),
             });
         }
@@ -273,7 +285,7 @@ pub fn read_sevir(catalog: &Path, data_dir: &Path) -> Result<FrameSeries> {
                 detail: format!("index {} holds {}, the catalog says {}", ev.file_index, ids[ev.file_index], ev.id),
             });
         }
-        let (h, w) = (dims[1] as usize, dims[2] as usize);
+        let (h, w) = (*h, *w);
         if grid.is_some_and(|g| g != (h, w)) {
             return Err(Error::BadField {
                 path: path.clone(),
