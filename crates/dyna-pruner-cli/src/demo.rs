@@ -213,11 +213,7 @@ fn run_one(
         } else {
             1.0 - d.metrics[main] / p.metrics[main]
         };
-        let side = match (better >= 0.0, demo.higher_is_better) {
-            (true, true) => "above",
-            (true, false) | (false, true) => "below",
-            (false, false) => "above",
-        };
+        let side = if (better >= 0.0) == demo.higher_is_better { "above" } else { "below" };
         println!(
             "MAC reduction {:.1}% | relative {main} change {:+.2}% (worse is positive) | dense {main} {:.1}% {side} persistence\n",
             100.0 * mac_reduction,

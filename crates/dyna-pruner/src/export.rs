@@ -381,9 +381,10 @@ mod tests {
             let path = dir.join(format!("model{i}.safetensors"));
             write(&path, &model, &arch, masking).unwrap();
             let loaded = dyna_pruner_exec::format::load(&path).unwrap();
-            assert_eq!(std::mem::discriminant(&loaded), std::mem::discriminant(&executor(&model, &arch, masking)));
+            let exec = executor(&model, &arch, masking);
+            assert_eq!(std::mem::discriminant(&loaded), std::mem::discriminant(&exec));
             let (x, _) = input(&mut rng, &arch, 2, 9, 11);
-            let want = executor(&model, &arch, masking).forward(&x, 2, 9, 11, MaskPlan::Dynamic).unwrap();
+            let want = exec.forward(&x, 2, 9, 11, MaskPlan::Dynamic).unwrap();
             let got = loaded.forward(&x, 2, 9, 11, MaskPlan::Dynamic).unwrap();
             assert_eq!(got.prediction, want.prediction, "{arch:?}");
             assert_eq!(got.masks, want.masks);
