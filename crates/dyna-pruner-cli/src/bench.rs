@@ -77,6 +77,7 @@ pub fn architecture(kind: BackboneKind) -> Architecture {
             stride: 2,
             patch: 8,
             generator_width: 16,
+            generator_motion: false,
         },
         BackboneKind::Vit => Architecture {
             backbone: kind,
@@ -90,6 +91,7 @@ pub fn architecture(kind: BackboneKind) -> Architecture {
             stride: 4,
             patch: 4,
             generator_width: 16,
+            generator_motion: false,
         },
         BackboneKind::ConvLstm => Architecture {
             backbone: kind,
@@ -103,6 +105,7 @@ pub fn architecture(kind: BackboneKind) -> Architecture {
             stride: 4,
             patch: 16,
             generator_width: 16,
+            generator_motion: false,
         },
     }
 }

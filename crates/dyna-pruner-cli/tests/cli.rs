@@ -89,7 +89,14 @@ fn train_then_eval_writes_checkpoint_and_report() {
         ck.display()
     );
     let dynamic = tiny_config(&dir, &data, "dynamic", &extra);
-    assert!(run(bin().args(["train", "--config"]).arg(&dynamic)).status.success());
+    // Its mask generator differs from the dense checkpoint's (it also reads the direction of
+    // change): the backbone is taken over, the generator starts afresh (issue 4).
+    let text = std::fs::read_to_string(&dynamic).unwrap();
+    std::fs::write(&dynamic, text.replace("generator_width = 4", "generator_width = 4\ngenerator_motion = true")).unwrap();
+    let out = run(bin().args(["train", "--config"]).arg(&dynamic));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("the mask generator starts afresh"));
+    assert_eq!(json(&dir.join("dynamic/checkpoint.json"))["architecture"]["generator_motion"], true);
 
     let report = dir.join("eval.json");
     let out = run(bin()

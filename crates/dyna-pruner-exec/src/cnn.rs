@@ -30,6 +30,9 @@ pub struct CnnSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MaskSpec {
     pub generator_width: usize,
+    /// The generator also reads the signed mean temporal difference per patch.
+    #[serde(default)]
+    pub generator_motion: bool,
     /// Whether the DataMask / ModelMask are active, and their keep ratios.
     pub data_mask: bool,
     pub model_mask: bool,

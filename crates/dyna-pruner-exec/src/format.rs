@@ -8,10 +8,10 @@ use std::path::Path;
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 
-use crate::cnn::{CnnExec, CnnSpec};
+use crate::cnn::{CnnExec, CnnSpec, MaskSpec};
 use crate::convlstm::{CellConvs, ConvLstmExec, ConvLstmSpec};
 use crate::kernels::Conv;
-use crate::masks::{MaskGenerator, UnitGate};
+use crate::masks::{stats_per_channel, MaskGenerator, UnitGate};
 use crate::vit::{Layer, Linear, Norm, VitExec, VitSpec};
 use crate::{Exec, ExecError, Spec};
 
@@ -82,13 +82,16 @@ pub fn from_tensors(spec: Spec, t: &Tensors) -> Result<Exec, ExecError> {
     }
 }
 
-fn generator(t: &Tensors, width: usize, channels: usize, patch: usize) -> Result<MaskGenerator, ExecError> {
+fn generator(t: &Tensors, masks: &MaskSpec, channels: usize, patch: usize) -> Result<MaskGenerator, ExecError> {
+    let width = masks.generator_width;
+    let stats = stats_per_channel(masks.generator_motion);
     Ok(MaskGenerator {
-        conv1: conv(t, "generator.conv1", width, 3 * channels, 3, 1)?,
+        conv1: conv(t, "generator.conv1", width, stats * channels, 3, 1)?,
         conv2: conv(t, "generator.conv2", width, width, 3, 1)?,
         head: conv(t, "generator.head", 1, width, 1, 1)?,
         patch,
         channels,
+        motion: masks.generator_motion,
     })
 }
 
@@ -146,7 +149,7 @@ fn vit_from_tensors(spec: VitSpec, t: &Tensors) -> Result<VitExec, ExecError> {
         layers,
         norm: norm(t, "norm", d)?,
         head: linear(t, "head", d, spec.t_out * spec.channels * cell)?,
-        generator: generator(t, spec.masking.generator_width, spec.channels, spec.patch)?,
+        generator: generator(t, &spec.masking, spec.channels, spec.patch)?,
         gates,
         spec,
     })
@@ -203,7 +206,7 @@ fn convlstm_from_tensors(spec: ConvLstmSpec, t: &Tensors) -> Result<ConvLstmExec
         dec_proj: conv(t, "dec_proj", hid, units, 1, 1)?,
         dec_up: transposed_as_1x1(t, "dec_up", hid, st)?,
         dec_out: conv(t, "dec_out", c, hid, 3, 1)?,
-        generator: generator(t, spec.masking.generator_width, c, spec.patch)?,
+        generator: generator(t, &spec.masking, c, spec.patch)?,
         gates,
         spec,
     })
@@ -228,7 +231,7 @@ fn cnn_from_tensors(spec: CnnSpec, t: &Tensors) -> Result<CnnExec, ExecError> {
         blocks,
         dec_up,
         dec_out: conv(t, "dec_out", spec.t_out * c, hid, 3, 1)?,
-        generator: generator(t, spec.masking.generator_width, c, spec.patch)?,
+        generator: generator(t, &spec.masking, c, spec.patch)?,
         gates,
         spec,
     })

@@ -20,6 +20,12 @@ pub fn top_k(scores: &[f32], k: usize) -> Vec<usize> {
     order
 }
 
+/// Per-patch statistics per channel the generator reads: mean, max, mean |diff| of the last
+/// two frames, and with `motion` the signed mean diff (as the trainer's generator).
+pub fn stats_per_channel(motion: bool) -> usize {
+    3 + usize::from(motion)
+}
+
 /// The mask generator: per-patch statistics -> 3x3 conv -> GELU -> 3x3 conv -> GELU -> 1x1 -> sigmoid.
 #[derive(Debug, Clone)]
 pub struct MaskGenerator {
@@ -28,6 +34,8 @@ pub struct MaskGenerator {
     pub head: Conv,
     pub patch: usize,
     pub channels: usize,
+    /// Also the signed mean temporal difference per patch (the trainer's `motion`).
+    pub motion: bool,
 }
 
 impl MaskGenerator {
@@ -38,24 +46,31 @@ impl MaskGenerator {
         let frame = c * h * w;
         let last = &x[(t - 1) * frame..t * frame];
         let prev = (t > 1).then(|| &x[(t - 2) * frame..(t - 1) * frame]);
-        let mut stats = vec![0.0f32; hp * wp * 3 * c];
+        let per_cell = stats_per_channel(self.motion) * c;
+        let mut stats = vec![0.0f32; hp * wp * per_cell];
         for py in 0..hp {
             for px in 0..wp {
-                let cell = &mut stats[(py * wp + px) * 3 * c..(py * wp + px + 1) * 3 * c];
+                let cell = &mut stats[(py * wp + px) * per_cell..(py * wp + px + 1) * per_cell];
                 for ch in 0..c {
-                    let (mut sum, mut max, mut diff, mut n) = (0.0f32, f32::NEG_INFINITY, 0.0f32, 0usize);
+                    let (mut sum, mut max, mut n) = (0.0f32, f32::NEG_INFINITY, 0usize);
+                    let (mut abs_diff, mut diff) = (0.0f32, 0.0f32);
                     for y in py * p..((py + 1) * p).min(h) {
                         for xx in px * p..((px + 1) * p).min(w) {
                             let i = (ch * h + y) * w + xx;
                             sum += last[i];
                             max = max.max(last[i]);
-                            diff += prev.map_or(0.0, |pr| (last[i] - pr[i]).abs());
+                            let d = prev.map_or(0.0, |pr| last[i] - pr[i]);
+                            abs_diff += d.abs();
+                            diff += d;
                             n += 1;
                         }
                     }
                     cell[ch] = sum / n as f32;
                     cell[c + ch] = max;
-                    cell[2 * c + ch] = diff / n as f32;
+                    cell[2 * c + ch] = abs_diff / n as f32;
+                    if self.motion {
+                        cell[3 * c + ch] = diff / n as f32;
+                    }
                 }
             }
         }
@@ -72,7 +87,7 @@ impl MaskGenerator {
     /// MACs per sample, counted as the trainer's `MaskGenerator::macs`.
     pub fn macs(&self, h: usize, w: usize) -> u64 {
         let cells = (h.div_ceil(self.patch) * w.div_ceil(self.patch)) as u64;
-        (4 * self.channels * h * w) as u64
+        ((stats_per_channel(self.motion) + 1) * self.channels * h * w) as u64
             + cells * (self.conv1.macs_per_position() + self.conv2.macs_per_position() + self.head.macs_per_position())
     }
 }

@@ -147,6 +147,8 @@ pub struct ModelConfig {
     pub stride: usize,
     pub patch: usize,
     pub generator_width: usize,
+    /// The mask generator also reads the signed temporal difference (the direction things move).
+    pub generator_motion: bool,
 }
 
 impl Default for ModelConfig {
@@ -160,6 +162,7 @@ impl Default for ModelConfig {
             stride: 2,
             patch: 2,
             generator_width: 16,
+            generator_motion: false,
         }
     }
 }
@@ -265,6 +268,7 @@ impl Plan {
             stride: if m.backbone == BackboneKind::Vit { m.patch } else { m.stride },
             patch: m.patch,
             generator_width: m.generator_width,
+            generator_motion: m.generator_motion,
         }
     }
 }

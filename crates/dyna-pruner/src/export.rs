@@ -46,6 +46,7 @@ pub fn export<B: Backend>(model: &DynamicModel<B>, arch: &Architecture, masking:
     }
     let masks = MaskSpec {
         generator_width: arch.generator_width,
+        generator_motion: arch.generator_motion,
         data_mask: masking.mode.data(),
         model_mask: masking.mode.model(),
         data_keep: masking.data_keep,
@@ -169,6 +170,7 @@ mod tests {
             stride,
             patch: stride * rng.random_range(1..=3),
             generator_width: 4,
+            generator_motion: rng.random_bool(0.5),
         }
     }
 
@@ -187,6 +189,7 @@ mod tests {
             stride: patch,
             patch,
             generator_width: 4,
+            generator_motion: rng.random_bool(0.5),
         }
     }
 

@@ -301,6 +301,7 @@ mod tests {
             stride,
             patch,
             generator_width: 4,
+            generator_motion: false,
         }
     }
 

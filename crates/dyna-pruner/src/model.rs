@@ -28,6 +28,10 @@ pub struct Architecture {
     pub patch: usize,
     /// Hidden width of the mask generator.
     pub generator_width: usize,
+    /// The mask generator also reads the direction of the last temporal change
+    /// ([`MaskGeneratorConfig::motion`]); absent in checkpoints from before it existed.
+    #[serde(default)]
+    pub generator_motion: bool,
 }
 
 fn default_heads() -> usize {
@@ -56,6 +60,23 @@ pub struct DynamicModel<B: Backend> {
 }
 
 impl Architecture {
+    /// A freshly initialised mask generator of this architecture.
+    pub fn mask_generator<B: Backend>(&self, device: &B::Device) -> MaskGenerator<B> {
+        MaskGeneratorConfig::new(self.channels, self.patch)
+            .with_width(self.generator_width)
+            .with_motion(self.generator_motion)
+            .init(device)
+    }
+
+    /// The same architecture with `other`'s mask generator.
+    pub fn with_generator_of(&self, other: &Architecture) -> Architecture {
+        Architecture {
+            generator_width: other.generator_width,
+            generator_motion: other.generator_motion,
+            ..self.clone()
+        }
+    }
+
     pub fn init<B: Backend>(&self, device: &B::Device) -> DynamicModel<B> {
         let backbone = match self.backbone {
             BackboneKind::Cnn => Backbone::Cnn(
@@ -89,14 +110,7 @@ impl Architecture {
             .iter()
             .map(|l| UnitGateConfig::new(l.in_channels, l.units).init(device))
             .collect();
-        DynamicModel {
-            mask_generator: MaskGeneratorConfig::new(self.channels, self.patch)
-                .with_width(self.generator_width)
-                .init(device),
-            unit_gates,
-            backbone,
-            patch: self.patch,
-        }
+        DynamicModel { mask_generator: self.mask_generator(device), unit_gates, backbone, patch: self.patch }
     }
 }
 
@@ -172,6 +186,7 @@ mod tests {
             stride,
             patch,
             generator_width: 4,
+            generator_motion: false,
         }
     }
 

@@ -17,6 +17,11 @@ pub struct MaskGeneratorConfig {
     /// Width of the generator's hidden layers.
     #[config(default = 16)]
     pub width: usize,
+    /// Also read the signed mean of the last temporal difference per patch: positive where
+    /// values arrive, negative where they leave, so S can follow motion (e.g. rain advecting
+    /// into a patch that is clear in the last frame).
+    #[config(default = false)]
+    pub motion: bool,
 }
 
 /// Scores each patch from per-patch statistics of the last frame and of the last temporal
@@ -29,10 +34,14 @@ pub struct MaskGenerator<B: Backend> {
     channels: usize,
     patch: usize,
     width: usize,
+    motion: bool,
 }
 
-/// Number of per-patch statistics per input channel (mean, max of the last frame; mean |diff|).
-const STATS: usize = 3;
+/// Per-patch statistics per input channel: mean and max of the last frame, mean |diff| of the
+/// last two frames, and with `motion` their signed mean diff.
+fn stats_per_channel(motion: bool) -> usize {
+    3 + usize::from(motion)
+}
 
 impl MaskGeneratorConfig {
     pub fn init<B: Backend>(&self, device: &B::Device) -> MaskGenerator<B> {
@@ -42,12 +51,13 @@ impl MaskGeneratorConfig {
                 .init(device)
         };
         MaskGenerator {
-            conv1: conv(STATS * self.channels, self.width, 3),
+            conv1: conv(stats_per_channel(self.motion) * self.channels, self.width, 3),
             conv2: conv(self.width, self.width, 3),
             head: conv(self.width, 1, 1),
             channels: self.channels,
             patch: self.patch,
             width: self.width,
+            motion: self.motion,
         }
     }
 }
@@ -66,11 +76,15 @@ impl<B: Backend> MaskGenerator<B> {
     pub fn forward(&self, x: Tensor<B, 5>) -> Tensor<B, 3> {
         let [b, t, c, h, w] = x.dims();
         let last = x.clone().narrow(1, t - 1, 1).reshape([b, c, h, w]);
-        let diff =
-            if t > 1 { (last.clone() - x.narrow(1, t - 2, 1).reshape([b, c, h, w])).abs() } else { last.zeros_like() };
+        let diff = if t > 1 { last.clone() - x.narrow(1, t - 2, 1).reshape([b, c, h, w]) } else { last.zeros_like() };
         let p = [self.patch, self.patch];
         let mean = |v: Tensor<B, 4>| avg_pool2d(v, p, p, [0, 0], false, true);
-        let stats = Tensor::cat(vec![mean(last.clone()), max_pool2d(last, p, p, [0, 0], [1, 1], true), mean(diff)], 1);
+        let mut stats =
+            vec![mean(last.clone()), max_pool2d(last, p, p, [0, 0], [1, 1], true), mean(diff.clone().abs())];
+        if self.motion {
+            stats.push(mean(diff));
+        }
+        let stats = Tensor::cat(stats, 1);
         let hidden = gelu(self.conv2.forward(gelu(self.conv1.forward(stats))));
         let logits = self.head.forward(hidden);
         let [_, _, hp, wp] = logits.dims();
@@ -82,9 +96,10 @@ impl<B: Backend> MaskGenerator<B> {
         let channels = self.channels;
         let (hp, wp) = (patch_grid(height, self.patch), patch_grid(width, self.patch));
         let cells = (hp * wp) as u64;
-        let pooling = (4 * channels * height * width) as u64;
+        let stats = stats_per_channel(self.motion);
+        let pooling = ((stats + 1) * channels * height * width) as u64;
         let w = self.width as u64;
-        pooling + cells * (9 * (STATS * channels) as u64 * w + 9 * w * w + w)
+        pooling + cells * (9 * (stats * channels) as u64 * w + 9 * w * w + w)
     }
 }
 
@@ -130,5 +145,30 @@ impl<B: Backend> UnitGate<B> {
     pub fn macs(&self, pixels: usize) -> u64 {
         let [inputs, units] = self.linear.weight.dims();
         (pixels * (inputs - 1) + inputs * units) as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::CpuBackend;
+
+    /// Two inputs whose last frames and |differences| agree but whose differences have opposite
+    /// signs (something arriving vs leaving): only the motion-aware generator tells them apart.
+    #[test]
+    fn only_the_motion_generator_sees_the_direction_of_change() {
+        let device = Default::default();
+        let frames = |prev: f32| {
+            let mut v = vec![prev; 16];
+            v.extend([0.5f32; 16]);
+            Tensor::<CpuBackend, 1>::from_floats(v.as_slice(), &device).reshape([1, 2, 1, 4, 4])
+        };
+        let (arriving, leaving) = (frames(0.25), frames(0.75));
+        for motion in [false, true] {
+            let generator = MaskGeneratorConfig::new(1, 2).with_motion(motion).init::<CpuBackend>(&device);
+            let s = |x: Tensor<CpuBackend, 5>| generator.forward(x).into_data().to_vec::<f32>().unwrap();
+            let (a, l) = (s(arriving.clone()), s(leaving.clone()));
+            assert_eq!(a != l, motion, "motion {motion}: {a:?} vs {l:?}");
+        }
     }
 }

@@ -136,7 +136,8 @@ pub fn train<B: AutodiffBackend>(
     let (mut model, scaler, teacher) = match &cfg.train.init_from {
         Some(dir) => {
             let init = checkpoint::load::<B>(dir, device)?;
-            if init.meta.architecture != architecture {
+            // The generator may differ (a dense checkpoint never trained its own); the rest may not.
+            if init.meta.architecture.with_generator_of(&architecture) != architecture {
                 return Err(Error::Checkpoint {
                     path: dir.clone(),
                     detail: format!(
@@ -146,7 +147,15 @@ pub fn train<B: AutodiffBackend>(
                 });
             }
             let teacher = init.model.valid();
-            (init.model, init.meta.scaler.clone(), Some((teacher, init.meta.masking)))
+            let mut model = init.model;
+            if init.meta.architecture != architecture {
+                progress.message(&format!(
+                    "{}: backbone and unit gates taken over; the mask generator starts afresh (its shape differs)",
+                    dir.display()
+                ));
+                model.mask_generator = architecture.mask_generator(device);
+            }
+            (model, init.meta.scaler.clone(), Some((teacher, init.meta.masking)))
         }
         None => (architecture.init::<B>(device), fitted, None),
     };
