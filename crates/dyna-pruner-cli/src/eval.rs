@@ -6,11 +6,12 @@ use anyhow::Context;
 use burn::prelude::Backend;
 use serde_json::json;
 
-use dyna_pruner::config::DataFormat;
+use dyna_pruner::config::{DataFormat, RunConfig};
 use dyna_pruner::data::{self, Domain, Horizon, WindowSet};
 use dyna_pruner::eval::{evaluate, evaluate_persistence, Evaluation};
 use dyna_pruner::model::Architecture;
 use dyna_pruner::train::checkpoint::{self, Checkpoint};
+use dyna_pruner::train::prepare_data;
 
 use crate::device::DeviceArg;
 use crate::progress::eval_bar;
@@ -50,16 +51,20 @@ pub fn windows_for(dir: &Path, arch: &Architecture, files: &[PathBuf]) -> anyhow
             d.root = None;
         }
         DataFormat::SyntheticRadar => anyhow::bail!(
-            "the checkpoint in {} was trained on synthetic radar, which has no files; `demo --task radar` evaluates it",
+            "the checkpoint in {} was trained on synthetic radar, which has no files; evaluate it with --split val|test",
             dir.display()
         ),
         DataFormat::Crowd | DataFormat::Knmi => {}
     }
     let windows = data::load(&d)?.all_windows(Horizon::of(&d), files)?;
+    check_channels(windows, &files[0], arch)
+}
+
+fn check_channels(windows: WindowSet, from: &Path, arch: &Architecture) -> anyhow::Result<WindowSet> {
     if windows.channels != arch.channels {
         anyhow::bail!(
             "{} holds frames with {} channels; the checkpoint expects {}",
-            files[0].display(),
+            from.display(),
             windows.channels,
             arch.channels
         );
@@ -102,9 +107,35 @@ pub fn table_row(name: &str, e: &Evaluation, dense_macs: Option<f64>, metrics: &
     )
 }
 
+/// A range of a checkpoint's own training config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SplitArg {
+    Val,
+    Test,
+}
+
+/// What `eval` runs on.
+pub enum Source {
+    /// All windows of these files.
+    Files(Vec<PathBuf>),
+    /// A range of a run config (the checkpoint's config.toml unless given), read or generated
+    /// as training reads it.
+    Split { split: SplitArg, config: Option<PathBuf> },
+}
+
+/// The windows of `split` of the run config `config`.
+fn split_windows(config: &Path, split: SplitArg) -> anyhow::Result<WindowSet> {
+    let plan = RunConfig::load(config)?;
+    let (splits, _) = prepare_data(&plan)?;
+    Ok(match split {
+        SplitArg::Val => splits.val,
+        SplitArg::Test => splits.test,
+    })
+}
+
 pub fn run(
     checkpoint_dir: &Path,
-    files: &[PathBuf],
+    source: &Source,
     out: Option<&Path>,
     batch_size: usize,
     device: DeviceArg,
@@ -112,16 +143,22 @@ pub fn run(
     with_backend!(device, |B, T, dev| {
         let ck = checkpoint::load::<B>(checkpoint_dir, &dev)?;
         let arch = &ck.meta.architecture;
-        let windows = windows_for(checkpoint_dir, arch, files)?;
+        let (windows, from) = match source {
+            Source::Files(files) => (windows_for(checkpoint_dir, arch, files)?, format!("{} file(s)", files.len())),
+            Source::Split { split, config } => {
+                let config = config.clone().unwrap_or_else(|| checkpoint_dir.join("config.toml"));
+                let windows = check_channels(split_windows(&config, *split)?, &config, arch)?;
+                (windows, format!("the {split:?} range of {}", config.display()))
+            }
+        };
         let e = evaluate_checkpoint(&ck, &windows, batch_size, &dev, "eval");
         let p = evaluate_persistence(&windows, ck.meta.scoring());
         let cols = table_metrics(&windows);
         println!(
-            "{} windows of {}x{} from {} file(s)\n{}",
+            "{} windows of {}x{} from {from}\n{}",
             windows.len(),
             windows.height,
             windows.width,
-            files.len(),
             table_header(cols)
         );
         println!("{}", table_row("model", &e, e.macs_per_sample, cols));

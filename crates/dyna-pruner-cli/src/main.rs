@@ -42,15 +42,24 @@ enum Command {
         #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
         device: DeviceArg,
     },
-    /// Evaluate a checkpoint on data files (all their windows) and on persistence.
+    /// Evaluate a checkpoint on data files (all their windows) or on a range of its own training
+    /// config, and persistence on the same windows.
     Eval {
         #[arg(long)]
         checkpoint: PathBuf,
         /// Files in the checkpoint's data format: crowd-flow HDF5 files (merged) or one OpenSTL
         /// dataset.npz (its test part), netCDF files, KNMI radar files or directories of them, a
         /// SEVIR CATALOG.csv (its files under data/ beside it).
-        #[arg(long, num_args = 1.., required = true)]
+        #[arg(long, num_args = 1.., required_unless_present = "split", conflicts_with = "split")]
         data: Vec<PathBuf>,
+        /// Instead of --data: the validation or test range of the checkpoint's own config.toml
+        /// (same files, dates, synthetic seed), e.g. to compare trained variants on validation.
+        #[arg(long, value_enum)]
+        split: Option<eval::SplitArg>,
+        /// With --split: take the range from this run config's [data] instead of the
+        /// checkpoint's (e.g. more synthetic runs, later dates).
+        #[arg(long, requires = "split")]
+        config: Option<PathBuf>,
         /// Write `{"metrics", "macs_per_sample", "samples", ...}` here.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -153,8 +162,12 @@ fn main() -> anyhow::Result<()> {
         Command::Train { config, resume, stop_after, device } => {
             train::run(&config, dyna_pruner::train::RunControl { resume, stop_after }, device)
         }
-        Command::Eval { checkpoint, data, out, batch_size, device } => {
-            eval::run(&checkpoint, &data, out.as_deref(), batch_size, device)
+        Command::Eval { checkpoint, data, split, config, out, batch_size, device } => {
+            let source = match split {
+                Some(split) => eval::Source::Split { split, config },
+                None => eval::Source::Files(data),
+            };
+            eval::run(&checkpoint, &source, out.as_deref(), batch_size, device)
         }
         Command::Demo { task, out, retrain, root, device } => demo::run(task, &out, retrain, &root, device),
         Command::Predict { checkpoint, data, out, batch_size } => predict::run(&checkpoint, &data, &out, batch_size),

@@ -92,7 +92,8 @@ fn train_then_eval_writes_checkpoint_and_report() {
     // Its mask generator differs from the dense checkpoint's (it also reads the direction of
     // change): the backbone is taken over, the generator starts afresh (issue 4).
     let text = std::fs::read_to_string(&dynamic).unwrap();
-    std::fs::write(&dynamic, text.replace("generator_width = 4", "generator_width = 4\ngenerator_motion = true")).unwrap();
+    std::fs::write(&dynamic, text.replace("generator_width = 4", "generator_width = 4\ngenerator_motion = true"))
+        .unwrap();
     let out = run(bin().args(["train", "--config"]).arg(&dynamic));
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stderr(&out).contains("the mask generator starts afresh"));
@@ -113,6 +114,13 @@ fn train_then_eval_writes_checkpoint_and_report() {
     let kept_units = r["kept_unit_fraction"].as_f64().unwrap();
     assert_eq!(kept_units, 0.5);
     assert!(r["macs_per_sample"].as_f64().unwrap() > 0.0);
+
+    // The same checkpoint on its own config's validation range (no files named).
+    let out = run(bin().args(["eval", "--split", "val", "--checkpoint"]).arg(dir.join("dynamic")));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("from the Val range of"));
+    let both = run(bin().args(["eval", "--split", "val", "--data"]).arg(&data).arg("--checkpoint").arg(&ck));
+    assert!(!both.status.success(), "--data and --split together must be refused");
 }
 
 #[test]
