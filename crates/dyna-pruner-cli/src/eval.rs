@@ -107,7 +107,7 @@ pub fn table_row(name: &str, e: &Evaluation, dense_macs: Option<f64>, metrics: &
     )
 }
 
-/// A range of a checkpoint's own training config.
+/// Which range of a run config `eval --split` evaluates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum SplitArg {
     Val,
