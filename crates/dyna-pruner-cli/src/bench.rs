@@ -44,7 +44,8 @@ pub struct Row {
     pub sparse_ms: f64,
     pub speedup: f64,
     pub efficiency: f64,
-    /// Burn's own dense forward of the same model (flex on the CPU, `conv2d` on the GPU).
+    /// Burn's own dense forward of the same model (flex on the CPU; on the GPU the dense path
+    /// is that forward, so this equals `dense_ms`).
     pub burn_dense_ms: f64,
     /// The PyTorch twin's dense forward on the same device (GPU bench with `--torch-twin`).
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -120,22 +120,16 @@ pub struct Cnn<B: Backend> {
     pub(crate) stride: usize,
 }
 
-/// How a convolution layer is computed: the layer, its input, its stride.
-pub(crate) type ConvFn<'a, B> = &'a dyn Fn(&Conv2d<B>, Tensor<B, 4>, usize) -> Tensor<B, 4>;
-/// How the transposed convolution is computed.
-pub(crate) type UpFn<'a, B> = &'a dyn Fn(&ConvTranspose2d<B>, Tensor<B, 4>) -> Tensor<B, 4>;
-
 impl<B: Backend> Cnn<B> {
-    /// The encoder, its convolutions computed by `conv`: the skip map at full resolution and
-    /// the translator's input.
+    /// The encoder: the skip map at full resolution and the translator's input.
     ///
     /// # Shapes
     /// - x: `[batch, t_in, channels, h, w]`
     /// - output: skip `[batch, hidden, h, w]`, z `[batch, hidden, ceil(h / stride), ceil(w / stride)]`
-    pub(crate) fn encode(&self, x: Tensor<B, 5>, conv: ConvFn<'_, B>) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    pub(crate) fn encode(&self, x: Tensor<B, 5>) -> (Tensor<B, 4>, Tensor<B, 4>) {
         let [b, t, c, h, w] = x.dims();
-        let skip = gelu(conv(&self.enc_in, x.reshape([b, t * c, h, w]), 1));
-        let z = gelu(conv(&self.enc_down, skip.clone(), self.stride));
+        let skip = gelu(self.enc_in.forward(x.reshape([b, t * c, h, w])));
+        let z = gelu(self.enc_down.forward(skip.clone()));
         (skip, z)
     }
 
@@ -144,44 +138,29 @@ impl<B: Backend> Cnn<B> {
     /// # Shapes
     /// - z: `[batch, hidden, h2, w2]`; skip: `[batch, hidden, h, w]`; x: the input `[batch, t_in, c, h, w]`
     /// - output: `[batch, t_out, channels, h, w]`
-    pub(crate) fn decode(
-        &self,
-        mut z: Tensor<B, 4>,
-        skip: Tensor<B, 4>,
-        x: Tensor<B, 5>,
-        (conv, up_conv): (ConvFn<'_, B>, UpFn<'_, B>),
-    ) -> Tensor<B, 5> {
+    pub(crate) fn decode(&self, mut z: Tensor<B, 4>, skip: Tensor<B, 4>, x: Tensor<B, 5>) -> Tensor<B, 5> {
         let [b, t, c, h, w] = x.dims();
         if let Some(up) = &self.dec_up {
-            z = gelu(up_conv(up, z));
+            z = gelu(up.forward(z));
             let [_, _, zh, zw] = z.dims();
             if (zh, zw) != (h, w) {
                 z = z.slice([0..b, 0..self.hidden, 0..h, 0..w]);
             }
         }
-        let delta = conv(&self.dec_out, z + skip, 1).reshape([b, self.t_out, self.channels, h, w]);
+        let delta = self.dec_out.forward(z + skip).reshape([b, self.t_out, self.channels, h, w]);
         let last = x.narrow(1, t - 1, 1).reshape([b, 1, c, h, w]);
         last.expand([b, self.t_out, self.channels, h, w]) + delta
     }
 }
 
-/// The framework's own convolution layers.
-fn framework_conv<B: Backend>(layer: &Conv2d<B>, x: Tensor<B, 4>, _stride: usize) -> Tensor<B, 4> {
-    layer.forward(x)
-}
-
-fn framework_up<B: Backend>(layer: &ConvTranspose2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
-    layer.forward(x)
-}
-
 impl<B: Backend> SpatioTemporal<B> for Cnn<B> {
     fn forward(&self, x: Tensor<B, 5>, masks: &mut dyn MaskSource<B>) -> Tensor<B, 5> {
-        let (skip, mut z) = self.encode(x.clone(), &framework_conv);
+        let (skip, mut z) = self.encode(x.clone());
         for (l, block) in self.blocks.iter().enumerate() {
             let m = masks.layer_masks(l, &z, self.stride);
             z = block.forward(z, m.space, m.units);
         }
-        self.decode(z, skip, x, (&framework_conv, &framework_up))
+        self.decode(z, skip, x)
     }
 
     fn prunable_layers(&self) -> Vec<PrunableLayer> {

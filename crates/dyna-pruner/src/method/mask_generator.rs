@@ -133,11 +133,21 @@ impl<B: Backend> UnitGate<B> {
     /// - importance: `[batch, 1, h, w]` (S resized to the layer's resolution)
     /// - output: `[batch, units]`
     pub fn forward(&self, features: Tensor<B, 4>, importance: Tensor<B, 4>) -> Tensor<B, 2> {
-        let [b, c, _, _] = features.dims();
+        let [b, c, h, w] = features.dims();
         let weighted = (features * importance.clone()).sum_dims(&[2, 3]).reshape([b, c]);
-        let mass = importance.clone().sum_dims(&[2, 3]).reshape([b, 1]);
-        let z = weighted / (mass + 1e-6);
-        let density = importance.mean_dims(&[2, 3]).reshape([b, 1]);
+        let mass = importance.sum_dims(&[2, 3]).reshape([b, 1]);
+        self.forward_pooled(weighted, mass, h * w)
+    }
+
+    /// Unit scores from the pooled sums, for callers that pool their own layout.
+    ///
+    /// # Shapes
+    /// - weighted: `[batch, in_channels]`, the sum of `S * f` over the layer's `pixels`
+    /// - mass: `[batch, 1]`, the sum of S over them
+    /// - output: `[batch, units]`
+    pub fn forward_pooled(&self, weighted: Tensor<B, 2>, mass: Tensor<B, 2>, pixels: usize) -> Tensor<B, 2> {
+        let z = weighted / (mass.clone() + 1e-6);
+        let density = mass / pixels as f64;
         sigmoid(self.linear.forward(Tensor::cat(vec![z, density], 1)))
     }
 

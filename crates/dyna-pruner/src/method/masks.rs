@@ -24,6 +24,29 @@ pub fn top_k_hard<B: Backend>(scores: Tensor<B, 2>, k: usize) -> Tensor<B, 2> {
     Tensor::zeros([batch, n], &device).scatter(1, indices, Tensor::ones([batch, k], &device), IndexingUpdateOp::Add)
 }
 
+/// Indices of the `k` highest scores of each row, highest first, ties to the lower index;
+/// computed from pairwise comparisons alone. Burn 0.21's GPU backends have no device sort: their
+/// `topk` reads the tensor back to the host and sorts there, a device sync per call. This costs
+/// `O(n^2)` work per row, cheap for the patch and unit counts of a layer on a GPU.
+///
+/// # Shapes
+/// - scores: `[batch, n]`
+/// - output: `[batch, k]`
+pub fn top_k_indices<B: Backend>(scores: Tensor<B, 2>, k: usize) -> Tensor<B, 2, Int> {
+    let [b, n] = scores.dims();
+    let device = scores.device();
+    let index = Tensor::<B, 1, Int>::arange(0..n as i64, &device);
+    // rank_i = #{j : s_j > s_i} + #{j < i : s_j == s_i}, a permutation of 0..n in every row.
+    let (others, own) =
+        (scores.clone().reshape([b, 1, n]).expand([b, n, n]), scores.reshape([b, n, 1]).expand([b, n, n]));
+    let before = index.clone().reshape([1, 1, n]).lower(index.clone().reshape([1, n, 1])).expand([b, n, n]);
+    let ahead = others.clone().greater(own.clone()).bool_or(others.equal(own).bool_and(before));
+    let rank = ahead.int().sum_dim(2).reshape([b, 1, n]).expand([b, k, n]);
+    let wanted = Tensor::<B, 1, Int>::arange(0..k as i64, &device).reshape([1, k, 1]).expand([b, k, n]);
+    let owner = rank.equal(wanted).int() * index.reshape([1, 1, n]).expand([b, k, n]);
+    owner.sum_dim(2).reshape([b, k])
+}
+
 /// Straight-through estimator: the forward value is exactly `hard`, the gradient flows to `soft`.
 pub fn straight_through<B: Backend, const D: usize>(hard: Tensor<B, D>, soft: Tensor<B, D>) -> Tensor<B, D> {
     // (soft - soft) is exactly zero in floating point, so the sum is exactly `hard`.
@@ -71,6 +94,20 @@ mod tests {
             let values: Vec<f32> = mask.into_data().to_vec().unwrap();
             assert!(values.iter().all(|&v| v == 0.0 || v == 1.0));
         }
+    }
+
+    #[test]
+    fn top_k_indices_agree_with_the_sorting_top_k_and_break_ties_by_index() {
+        let device = Default::default();
+        let ints = |t: Tensor<B, 2, Int>| t.into_data().convert::<i64>().to_vec::<i64>().unwrap();
+        let scores: Tensor<B, 2> = Tensor::random([4, 53], Distribution::Uniform(0.0, 1.0), &device);
+        for k in [1, 7, 53] {
+            let (_, want) = scores.clone().topk_with_indices(k, 1);
+            let got = top_k_indices(scores.clone(), k);
+            assert_eq!(ints(got), ints(want), "k {k}");
+        }
+        let tied = Tensor::<B, 2>::from_floats([[0.5, 1.0, 0.5, 1.0, 0.2]], &device);
+        assert_eq!(ints(top_k_indices(tied, 3)), vec![1, 3, 0]);
     }
 
     #[test]
