@@ -47,7 +47,14 @@ pub fn windows_for(dir: &Path, arch: &Architecture, files: &[PathBuf]) -> anyhow
         }
         DataFormat::Sevir => {
             // The given file is a catalog; the HDF5 files sit in `data/` beside it.
-            d.catalog = Some(files[0].clone());
+            let [catalog] = files else {
+                anyhow::bail!(
+                    "the checkpoint in {} reads SEVIR: give --data exactly one CATALOG.csv (its HDF5 files in data/ beside it), not {} paths",
+                    dir.display(),
+                    files.len()
+                );
+            };
+            d.catalog = Some(catalog.clone());
             d.root = None;
         }
         DataFormat::SyntheticRadar => anyhow::bail!(
@@ -173,4 +180,38 @@ pub fn run(
         }
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dyna_pruner::backbones::BackboneKind;
+
+    /// `eval --data` on a SEVIR checkpoint used to read the first path as the catalog and drop
+    /// the others without a word.
+    #[test]
+    fn sevir_checkpoints_take_exactly_one_catalog() {
+        let dir = std::env::temp_dir().join(format!("dp-eval-sevir-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = concat!(env!("CARGO_MANIFEST_DIR"), "/../../configs/radar/sevir_dense.toml");
+        std::fs::copy(config, dir.join("config.toml")).unwrap();
+        let arch = Architecture {
+            backbone: BackboneKind::ConvLstm,
+            t_in: 13,
+            t_out: 12,
+            channels: 1,
+            hidden: 8,
+            units: 8,
+            blocks: 1,
+            heads: 1,
+            stride: 2,
+            patch: 8,
+            generator_width: 4,
+            generator_motion: false,
+        };
+        let two = [PathBuf::from("a/CATALOG.csv"), PathBuf::from("b/CATALOG.csv")];
+        let err = windows_for(&dir, &arch, &two).unwrap_err().to_string();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(err.contains("exactly one CATALOG.csv") && err.contains("not 2 paths"), "{err}");
+    }
 }
