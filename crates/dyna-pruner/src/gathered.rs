@@ -256,8 +256,8 @@ impl<B: Backend> DynamicModel<B> {
         let mut map = z.pad(pad, PadMode::Constant(0.0)).permute([0, 2, 3, 1]).reshape([b * grid.pixels(), c]);
         for (l, block) in cnn.blocks.iter().enumerate() {
             if let (Some((_, masking)), Some(s)) = (&importance, &pixel_importance) {
-                // A product and a sum over pixels: as a [1 x pixels] matmul per sample this took
-                // 0.66 ms per block on an H200 (64 thread blocks for a 157 MB read).
+                // A product and a sum over pixels: 1.4 ms faster per forward (batch 32, H200) than
+                // the same pooling as a `[1 x pixels]` matmul per sample.
                 let map3 = map.clone().reshape([b, grid.pixels(), c]);
                 let weighted = (map3 * s.clone().reshape([b, grid.pixels(), 1])).sum_dim(1).reshape([b, c]);
                 let scores = self.unit_gates[l].forward_pooled(weighted, s.clone().sum_dim(1), h2 * w2);
