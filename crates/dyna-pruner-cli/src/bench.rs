@@ -111,20 +111,28 @@ pub fn architecture(kind: BackboneKind) -> Architecture {
     }
 }
 
-/// Median wall time in ms of `f` over `runs` runs after `warmup` runs.
-fn median_ms(runs: usize, warmup: usize, mut f: impl FnMut()) -> f64 {
+/// Median wall time in ms of each of `jobs`, timed in rounds (one run of each job per round,
+/// after `warmup` rounds), so that a change of load on a shared machine hits every job alike and
+/// the ratios between them stay fair.
+fn interleaved_medians(runs: usize, warmup: usize, jobs: &mut [Box<dyn FnMut() + '_>]) -> Vec<f64> {
     for _ in 0..warmup {
-        f();
+        jobs.iter_mut().for_each(|f| f());
     }
-    let mut times: Vec<f64> = (0..runs)
-        .map(|_| {
-            let t = Instant::now();
+    let mut times = vec![Vec::with_capacity(runs); jobs.len()];
+    for _ in 0..runs {
+        for (f, t) in jobs.iter_mut().zip(&mut times) {
+            let start = Instant::now();
             f();
-            t.elapsed().as_secs_f64() * 1e3
+            t.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    times
+        .into_iter()
+        .map(|mut t| {
+            t.sort_by(f64::total_cmp);
+            t[t.len() / 2]
         })
-        .collect();
-    times.sort_by(f64::total_cmp);
-    times[times.len() / 2]
+        .collect()
 }
 
 pub fn run(out: &Path, plan: &BenchPlan) -> anyhow::Result<()> {
@@ -167,22 +175,36 @@ fn bench_backbone(arch: &Architecture, sizes: &[(usize, usize)], plan: &BenchPla
             let n = batch * arch.t_in * arch.channels * h * w;
             let x: Vec<f32> = (0..n).map(|_| rng.random_range(0.0..1.0)).collect();
             let dense_macs = dense_exec.forward(&x, batch, h, w, MaskPlan::Dense)?.macs[0] as f64;
-            let dense_ms = median_ms(plan.runs, plan.warmup, || {
-                dense_exec.forward(&x, batch, h, w, MaskPlan::Dense).expect("valid input");
-            });
             let shape = [batch, arch.t_in, arch.channels, h, w];
-            let burn_dense_ms = median_ms(plan.runs, plan.warmup, || {
-                let xt = Tensor::<CpuBackend, 5>::from_data(TensorData::new(x.clone(), shape), &device);
-                let _: Vec<f32> = model.forward(xt, Masking::DENSE).prediction.into_data().to_vec().expect("f32");
-            });
+            let burn_dense_ms = interleaved_medians(
+                plan.runs,
+                plan.warmup,
+                &mut [Box::new(|| {
+                    let xt = Tensor::<CpuBackend, 5>::from_data(TensorData::new(x.clone(), shape), &device);
+                    let _: Vec<f32> = model.forward(xt, Masking::DENSE).prediction.into_data().to_vec().expect("f32");
+                })],
+            )[0];
+            // The dense path and every fraction's sparse path, timed in the same rounds.
+            let mut sparse = Vec::new();
             for &f in &plan.fractions {
                 let masking = Masking { mode: MaskMode::Both, data_keep: f, unit_keep: f };
                 let exec = export::executor(&model, arch, masking);
-                let out = exec.forward(&x, batch, h, w, MaskPlan::Dynamic)?;
-                let sparse_macs = out.macs.iter().sum::<u64>() as f64 / batch as f64;
-                let sparse_ms = median_ms(plan.runs, plan.warmup, || {
+                let macs = exec.forward(&x, batch, h, w, MaskPlan::Dynamic)?.macs.iter().sum::<u64>();
+                sparse.push((f, exec, macs as f64 / batch as f64));
+            }
+            let mut jobs: Vec<Box<dyn FnMut() + '_>> = vec![Box::new(|| {
+                dense_exec.forward(&x, batch, h, w, MaskPlan::Dense).expect("valid input");
+            })];
+            for (_, exec, _) in &sparse {
+                jobs.push(Box::new(|| {
                     exec.forward(&x, batch, h, w, MaskPlan::Dynamic).expect("valid input");
-                });
+                }));
+            }
+            let times = interleaved_medians(plan.runs, plan.warmup, &mut jobs);
+            drop(jobs);
+            let dense_ms = times[0];
+            for ((f, _, sparse_macs), &sparse_ms) in sparse.iter().zip(&times[1..]) {
+                let (f, sparse_macs) = (*f, *sparse_macs);
                 let mac_ratio = dense_macs / sparse_macs;
                 let speedup = dense_ms / sparse_ms;
                 let row = Row {

@@ -158,6 +158,7 @@ fn parse_size(s: &str) -> Result<(usize, usize), String> {
 }
 
 fn main() -> anyhow::Result<()> {
+    dyna_pruner_exec::keep_freed_memory();
     match Cli::parse().command {
         Command::Train { config, resume, stop_after, device } => {
             train::run(&config, dyna_pruner::train::RunControl { resume, stop_after }, device)

@@ -172,7 +172,7 @@ fn transposed_as_1x1(t: &Tensors, name: &str, c: usize, st: usize) -> Result<Con
         }
     }
     let bias = (0..st * st).flat_map(|_| b.iter().copied()).collect();
-    Ok(Conv { k: 1, stride: 1, pad: 0, cin: c, cout, weight, bias })
+    Ok(Conv::new(1, 1, 0, c, cout, weight, bias))
 }
 
 fn convlstm_from_tensors(spec: ConvLstmSpec, t: &Tensors) -> Result<ConvLstmExec, ExecError> {

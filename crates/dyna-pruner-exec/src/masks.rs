@@ -103,9 +103,9 @@ pub struct UnitGate {
 }
 
 impl UnitGate {
-    /// Unit scores from a layer input `[h, w, cin]` and S resized to it (`s_at(pixel)`).
+    /// Unit scores from a layer input `[pixels, cin]` and S resized to it (`s_at(pixel)`).
     pub fn scores(&self, features: &[f32], pixels: usize, s_at: impl Fn(usize) -> f32) -> Vec<f32> {
-        let mut z = vec![0.0f32; self.cin + 1];
+        let mut z = vec![0.0f32; self.cin];
         let mut mass = 0.0f32;
         for p in 0..pixels {
             let s = s_at(p);
@@ -114,10 +114,54 @@ impl UnitGate {
                 *zc += s * f;
             }
         }
-        for zc in &mut z[..self.cin] {
+        self.scores_pooled(z, mass, pixels)
+    }
+
+    /// Unit scores from a layer input `[h, w, cin]` whose S is constant on `cell x cell` squares
+    /// (`importance`, `wp` squares per row): each square's features are summed first and
+    /// weighted once, rows of squares in parallel.
+    pub fn scores_by_patch(
+        &self,
+        features: &[f32],
+        (h, w, cell, wp): (usize, usize, usize, usize),
+        importance: &[f32],
+    ) -> Vec<f32> {
+        let cin = self.cin;
+        let (z, mass) = (0..h.div_ceil(cell))
+            .into_par_iter()
+            .map(|py| {
+                let (mut z, mut mass) = (vec![0.0f32; cin], 0.0f32);
+                let mut square = vec![0.0f32; cin];
+                for px in 0..w.div_ceil(cell) {
+                    square.fill(0.0);
+                    let (ys, xs) = (py * cell..((py + 1) * cell).min(h), px * cell..((px + 1) * cell).min(w));
+                    for y in ys.clone() {
+                        for f in features[(y * w + xs.start) * cin..(y * w + xs.end) * cin].chunks_exact(cin) {
+                            square.iter_mut().zip(f).for_each(|(a, f)| *a += f);
+                        }
+                    }
+                    let s = importance[py * wp + px];
+                    mass += s * (ys.len() * xs.len()) as f32;
+                    z.iter_mut().zip(&square).for_each(|(z, q)| *z += s * q);
+                }
+                (z, mass)
+            })
+            .reduce(
+                || (vec![0.0f32; cin], 0.0),
+                |(mut a, ma), (b, mb)| {
+                    a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                    (a, ma + mb)
+                },
+            );
+        self.scores_pooled(z, mass, h * w)
+    }
+
+    /// Unit scores from `sum(S f)` over the layer input's pixels and `sum(S)`.
+    fn scores_pooled(&self, mut z: Vec<f32>, mass: f32, pixels: usize) -> Vec<f32> {
+        for zc in &mut z {
             *zc /= mass + 1e-6;
         }
-        z[self.cin] = mass / pixels as f32;
+        z.push(mass / pixels as f32);
         let mut logits = self.bias.clone();
         for (i, zi) in z.iter().enumerate() {
             for (l, wv) in logits.iter_mut().zip(&self.weight[i * self.units..(i + 1) * self.units]) {
@@ -211,8 +255,7 @@ pub fn gate_units(
         .map(|b| match unit_keep {
             None => (0..gate.units).collect(),
             Some(keep) => {
-                let sc = &importance[b];
-                let scores = gate.scores(&features[b], h2 * w2, |p| sc[(p / w2 / cell) * wp + (p % w2) / cell]);
+                let scores = gate.scores_by_patch(&features[b], (h2, w2, cell, wp), &importance[b]);
                 top_k(&scores, kept_count(keep, gate.units))
             }
         })
@@ -222,6 +265,22 @@ pub fn gate_units(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pseudo;
+
+    #[test]
+    fn gate_pooled_by_patch_matches_the_per_pixel_pooling() {
+        // 7 x 10 map, 3 x 3 squares (the last row and column of squares cut short), 5 channels.
+        let (h, w, cell, cin, units): (usize, usize, usize, usize, usize) = (7, 10, 3, 5, 4);
+        let wp = w.div_ceil(cell) + 1; // a patch grid wider than the map's squares, as at stride 2
+        let gate = UnitGate { weight: pseudo((cin + 1) * units, 1), bias: pseudo(units, 2), cin, units };
+        let features = pseudo(h * w * cin, 3);
+        let importance: Vec<f32> = pseudo(h.div_ceil(cell) * wp, 4).iter().map(|v| v.abs()).collect();
+        let fast = gate.scores_by_patch(&features, (h, w, cell, wp), &importance);
+        let plain = gate.scores(&features, h * w, |p| importance[(p / w / cell) * wp + (p % w) / cell]);
+        for (a, b) in fast.iter().zip(&plain) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+    }
 
     #[test]
     fn top_k_is_exact_and_sorted() {
