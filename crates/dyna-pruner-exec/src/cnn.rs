@@ -3,10 +3,11 @@
 
 use std::borrow::Cow;
 
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::kernels::{depth_to_space_add, run_per_sample, transpose_into, Activation, Conv, Positions};
-use crate::masks::{gate_units, kept_positions, plan_masks, MaskGenerator, UnitGate};
+use crate::kernels::{add_upsampled, map_buffer, recycle, run_per_sample, transpose_into, Activation, Conv, Positions};
+use crate::masks::{gate_units, kept_positions, plan_masks, pool_by_patch, MaskGenerator, Pooled, UnitGate};
 use crate::ExecError;
 
 /// The architecture and masking of an exported CNN (mirrors the trainer's `Architecture`).
@@ -83,6 +84,64 @@ pub struct Output {
     pub macs: Vec<u64>,
 }
 
+/// The unit gates' pooled translator map per sample (`masks::Pooled`), updated in place as
+/// blocks add their updates, so that no gate re-reads the whole map.
+struct GateInput<'a> {
+    pooled: Vec<Pooled>,
+    importance: &'a [Vec<f32>],
+    /// The map's `(h2, w2)`, the feature pixels per patch side and the patches per row.
+    grid: (usize, usize, usize, usize),
+    channels: usize,
+}
+
+impl<'a> GateInput<'a> {
+    fn new(z: &[Vec<f32>], channels: usize, importance: &'a [Vec<f32>], grid: (usize, usize, usize, usize)) -> Self {
+        let pooled = z.iter().zip(importance).map(|(zb, sc)| pool_by_patch(zb, channels, grid, sc)).collect();
+        GateInput { pooled, importance, grid, channels }
+    }
+
+    /// S at position `p` of sample `b`'s map.
+    fn importance_at(&self, b: usize, p: usize) -> f32 {
+        let (_, w2, cell, wp) = self.grid;
+        self.importance[b][(p / w2 / cell) * wp + (p % w2) / cell]
+    }
+
+    /// Sample `b`'s map gained updates whose S-weighted sum is `weighted` (empty: none).
+    fn add(&mut self, b: usize, weighted: &[f32]) {
+        self.pooled[b].weighted.iter_mut().zip(weighted).for_each(|(z, u)| *z += u);
+    }
+
+    /// Sample `b`'s map changed everywhere: pools it again.
+    fn repool(&mut self, b: usize, z: &[f32]) {
+        self.pooled[b] = pool_by_patch(z, self.channels, self.grid, &self.importance[b]);
+    }
+}
+
+/// Positions per piece of `kept_rows`: enough work per task to outweigh its hand-off.
+const ROWS_PER_PIECE: usize = 1024;
+
+/// The rows (`width` floats each) of `map` at the ascending positions `list`, cut into disjoint
+/// pieces that can be worked on in parallel: `(i0, part, piece, first)` where `part` is
+/// `list[i0..]`'s next up to `ROWS_PER_PIECE` positions and `piece` holds map rows `first..`
+/// through the last of them.
+fn kept_rows<'a>(
+    mut map: &'a mut [f32],
+    width: usize,
+    list: &'a [u32],
+) -> Vec<(usize, &'a [u32], &'a mut [f32], usize)> {
+    let mut pieces = Vec::new();
+    let mut start = 0; // the map row `map` starts at
+    for (k, part) in list.chunks(ROWS_PER_PIECE).enumerate() {
+        let (first, last) = (part[0] as usize, part[part.len() - 1] as usize);
+        let (_, rest) = std::mem::take(&mut map).split_at_mut((first - start) * width);
+        let (piece, rest) = rest.split_at_mut((last + 1 - first) * width);
+        map = rest;
+        start = last + 1;
+        pieces.push((k * ROWS_PER_PIECE, part, piece, first));
+    }
+    pieces
+}
+
 /// A CNN ready to run.
 #[derive(Debug, Clone)]
 pub struct CnnExec {
@@ -124,12 +183,13 @@ impl CnnExec {
         // Frames as channels, channels last.
         let inputs: Vec<Vec<f32>> = (0..batch)
             .map(|b| {
-                let mut v = vec![0.0; per_sample];
+                let mut v = map_buffer(per_sample);
                 transpose_into(&x[b * per_sample..(b + 1) * per_sample], t * c, h * w, &mut v);
                 v
             })
             .collect();
         let skip = dense_layer(&self.enc_in, &inputs, h, w, Activation::Gelu);
+        inputs.into_iter().for_each(recycle);
         let (h2, w2) = self.low(h, w);
         let mut z = dense_layer(&self.enc_down, &skip, h, w, Activation::Gelu);
         let mut macs = vec![self.fixed_macs(h, w); batch];
@@ -143,14 +203,20 @@ impl CnnExec {
         let positions: Vec<Option<Vec<u32>>> =
             masks.iter().map(|m| kept_positions(&m.patches, wp, cell, (h2, w2))).collect();
 
+        // The unit gates' pooled input per sample, when they run: pooled once here, then kept up
+        // to date from each block's updates (they change only the kept positions).
+        let unit_keep = s.masking.unit_keep().filter(|_| matches!(plan, MaskPlan::Dynamic));
+        let mut gate_input = unit_keep.map(|_| GateInput::new(&z, s.hidden, &importance, (h2, w2, cell, wp)));
         // Each sample's hidden map of the current block, reused across blocks (see sparse_block).
         let mut hidden_maps = vec![Vec::new(); batch];
         for (l, (conv1, conv2)) in self.blocks.iter().enumerate() {
             if masks.is_empty() {
                 let hidden = dense_layer(conv1, &z, h2, w2, Activation::Gelu);
                 let update = dense_layer(conv2, &hidden, h2, w2, Activation::None);
-                for (zb, ub) in z.iter_mut().zip(&update) {
-                    zb.iter_mut().zip(ub).for_each(|(a, b)| *a += b);
+                hidden.into_iter().for_each(recycle);
+                for (zb, ub) in z.iter_mut().zip(update) {
+                    zb.iter_mut().zip(&ub).for_each(|(a, b)| *a += b);
+                    recycle(ub);
                 }
                 for m in &mut macs {
                     *m += (h2 * w2) as u64 * (conv1.macs_per_position() + conv2.macs_per_position());
@@ -159,8 +225,8 @@ impl CnnExec {
             }
             if matches!(plan, MaskPlan::Dynamic) {
                 let gate = &self.gates[l];
-                let keep = s.masking.unit_keep();
-                let units = gate_units(gate, &z, &importance, (h2, w2, cell, wp), keep);
+                let pooled = gate_input.as_ref().map_or(&[][..], |g| &g.pooled[..]);
+                let units = gate_units(gate, batch, pooled, h2 * w2, unit_keep);
                 for ((m, u), mc) in masks.iter_mut().zip(units).zip(macs.iter_mut()) {
                     if s.masking.model_mask {
                         *mc += gate.macs(h2 * w2);
@@ -168,34 +234,39 @@ impl CnnExec {
                     m.units.push(u);
                 }
             }
-            self.sparse_block(l, conv1, conv2, &mut z, &masks, &positions, &mut hidden_maps, (h2, w2), &mut macs);
+            let maps = (&mut z[..], &mut hidden_maps[..], gate_input.as_mut());
+            self.sparse_block(l, conv1, conv2, maps, &masks, &positions, (h2, w2), &mut macs);
         }
+
+        hidden_maps.into_iter().for_each(recycle);
 
         // The decoder map: the skip map plus the upsampled translator output.
         let mut d = skip;
         match &self.dec_up {
-            Some(up) => {
-                for (db, rows) in d.iter_mut().zip(dense_layer(up, &z, h2, w2, Activation::Gelu)) {
-                    depth_to_space_add(&rows, (h2, w2), s.stride, (h, w), db);
-                }
-            }
+            Some(up) => add_upsampled(up, &z, (h2, w2), s.stride, (h, w), Activation::Gelu, &mut d),
             None => {
                 for (db, zb) in d.iter_mut().zip(&z) {
                     db.iter_mut().zip(zb).for_each(|(a, b)| *a += b);
                 }
             }
         }
+        z.into_iter().for_each(recycle);
         let delta = dense_layer(&self.dec_out, &d, h, w, Activation::None);
+        d.into_iter().for_each(recycle);
         let out_c = s.t_out * c;
-        let mut prediction = vec![0.0; batch * out_c * h * w];
+        // Every float is written by the transpose.
+        let mut prediction = map_buffer(batch * out_c * h * w);
         for b in 0..batch {
             let last = &x[b * per_sample + (t - 1) * c * h * w..b * per_sample + t * c * h * w];
             let dst = &mut prediction[b * out_c * h * w..(b + 1) * out_c * h * w];
             transpose_into(&delta[b], h * w, out_c, dst);
-            for frame in dst.chunks_exact_mut(c * h * w) {
-                frame.iter_mut().zip(last).for_each(|(a, l)| *a += l);
-            }
+            dst.par_chunks_mut(16_384).enumerate().for_each(|(i, chunk)| {
+                let at = i * 16_384 % (c * h * w);
+                // A chunk may run past the end of a frame: the last frame repeats.
+                chunk.iter_mut().zip(last[at..].iter().chain(last.iter().cycle())).for_each(|(a, l)| *a += l);
+            });
         }
+        delta.into_iter().for_each(recycle);
         Ok(Output { prediction, masks, macs })
     }
 
@@ -207,10 +278,9 @@ impl CnnExec {
         l: usize,
         conv1: &Conv,
         conv2: &Conv,
-        z: &mut [Vec<f32>],
+        (z, hidden_maps, mut gate_input): (&mut [Vec<f32>], &mut [Vec<f32>], Option<&mut GateInput<'_>>),
         masks: &[SampleMasks],
         positions: &[Option<Vec<u32>>],
-        hidden_maps: &mut [Vec<f32>],
         (h2, w2): (usize, usize),
         macs: &mut [u64],
     ) {
@@ -237,7 +307,7 @@ impl CnnExec {
         // when its unit count changes) and later blocks overwrite just the kept positions.
         for (b, rows) in hidden.into_iter().enumerate() {
             match &positions[b] {
-                None => hidden_maps[b] = rows,
+                None => recycle(std::mem::replace(&mut hidden_maps[b], rows)),
                 Some(list) => {
                     let k = selected[b].0.cout;
                     let map = &mut hidden_maps[b];
@@ -245,9 +315,13 @@ impl CnnExec {
                         map.clear();
                         map.resize(h2 * w2 * k, 0.0);
                     }
-                    for (i, &p) in list.iter().enumerate() {
-                        map[p as usize * k..(p as usize + 1) * k].copy_from_slice(&rows[i * k..(i + 1) * k]);
-                    }
+                    kept_rows(map, k, list).into_par_iter().for_each(|(i0, part, piece, first)| {
+                        for (i, &p) in part.iter().enumerate() {
+                            let src = &rows[(i0 + i) * k..(i0 + i + 1) * k];
+                            piece[(p as usize - first) * k..][..k].iter_mut().zip(src).for_each(|(a, b)| *a = *b);
+                        }
+                    });
+                    recycle(rows);
                 }
             }
         }
@@ -257,15 +331,44 @@ impl CnnExec {
             let n = pos_of(b).len() as u64;
             macs[b] += n * (selected[b].0.macs_per_position() + selected[b].1.macs_per_position());
             match &positions[b] {
-                None => z[b].iter_mut().zip(&update[b]).for_each(|(a, u)| *a += u),
+                None => {
+                    z[b].iter_mut().zip(&update[b]).for_each(|(a, u)| *a += u);
+                    if let Some(g) = gate_input.as_deref_mut() {
+                        g.repool(b, &z[b]);
+                    }
+                }
                 Some(list) => {
-                    for (i, &p) in list.iter().enumerate() {
-                        let dst = &mut z[b][p as usize * hid..(p as usize + 1) * hid];
-                        dst.iter_mut().zip(&update[b][i * hid..(i + 1) * hid]).for_each(|(a, u)| *a += u);
+                    let gates = gate_input.as_deref();
+                    // Each piece's addition to the gates' pooled sums, summed after.
+                    let pooled_update = kept_rows(&mut z[b], hid, list)
+                        .into_par_iter()
+                        .map(|(i0, part, piece, first)| {
+                            let mut sum = vec![0.0f32; if gates.is_some() { hid } else { 0 }];
+                            for (i, &p) in part.iter().enumerate() {
+                                let u = &update[b][(i0 + i) * hid..(i0 + i + 1) * hid];
+                                let row = &mut piece[(p as usize - first) * hid..][..hid];
+                                row.iter_mut().zip(u).for_each(|(a, u)| *a += u);
+                                if let Some(g) = gates {
+                                    let s = g.importance_at(b, p as usize);
+                                    sum.iter_mut().zip(u).for_each(|(z, u)| *z += s * u);
+                                }
+                            }
+                            sum
+                        })
+                        .reduce(Vec::new, |mut a, b| {
+                            if a.is_empty() {
+                                return b;
+                            }
+                            a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                            a
+                        });
+                    if let Some(g) = gate_input.as_deref_mut() {
+                        g.add(b, &pooled_update);
                     }
                 }
             }
         }
+        update.into_iter().for_each(recycle);
     }
 
     /// MACs of the layers no mask touches, as the trainer's `Cnn::macs` counts them.

@@ -9,8 +9,8 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::cnn::{MaskPlan, MaskSpec, Output};
-use crate::kernels::{depth_to_space_add, run_per_sample, sigmoid, Activation, Conv, Positions};
-use crate::masks::{gate_units, kept_positions, plan_masks, MaskGenerator, UnitGate};
+use crate::kernels::{add_upsampled, run_per_sample, sigmoid, Activation, Conv, Positions};
+use crate::masks::{gate_units, kept_positions, plan_masks, pool_by_patch, MaskGenerator, Pooled, UnitGate};
 use crate::ExecError;
 
 /// The architecture and masking of an exported ConvLSTM.
@@ -112,8 +112,17 @@ impl ConvLstmExec {
             plan_masks(plan, &self.generator, x, (batch, per_sample), (t_in, h, w), keep, &mut macs);
         if matches!(plan, MaskPlan::Dynamic) {
             let keep = s.masking.unit_keep();
+            // Every gate reads the last input frame's encoding: pooled once for all of them.
+            let pooled: Vec<Pooled> = match keep {
+                Some(_) => last_low
+                    .iter()
+                    .zip(&importance)
+                    .map(|(f, sc)| pool_by_patch(f, s.hidden, (lh, lw, cell_px, wpatch), sc))
+                    .collect(),
+                None => Vec::new(),
+            };
             for gate in &self.gates {
-                let kept = gate_units(gate, &last_low, &importance, (lh, lw, cell_px, wpatch), keep);
+                let kept = gate_units(gate, batch, &pooled, low, keep);
                 for ((m, u), mc) in masks.iter_mut().zip(kept).zip(macs.iter_mut()) {
                     if s.masking.model_mask {
                         *mc += gate.macs(low);
@@ -228,16 +237,8 @@ impl ConvLstmExec {
         for (i, z) in base.iter_mut().enumerate() {
             z.iter_mut().zip(&last_low[sample_of(i)]).for_each(|(a, b)| *a += b);
         }
-        let up = run_per_sample(&base, (lh, lw), |_| &self.dec_up, |_| Positions::all(lh, lw), Activation::Gelu);
-        let maps: Vec<Vec<f32>> = up
-            .iter()
-            .enumerate()
-            .map(|(i, rows)| {
-                let mut m = full[frame_of(sample_of(i), t_in - 1)].clone();
-                depth_to_space_add(rows, (lh, lw), s.stride, (hp, wp), &mut m);
-                m
-            })
-            .collect();
+        let mut maps: Vec<Vec<f32>> = (0..base.len()).map(|i| full[frame_of(sample_of(i), t_in - 1)].clone()).collect();
+        add_upsampled(&self.dec_up, &base, (lh, lw), s.stride, (hp, wp), Activation::Gelu, &mut maps);
         let delta = run_per_sample(&maps, (hp, wp), |_| &self.dec_out, |_| Positions::all(hp, wp), Activation::None);
         let mut prediction = vec![0.0; batch * s.t_out * c * h * w];
         for (i, d) in delta.iter().enumerate() {

@@ -14,6 +14,9 @@
 const LANES: usize = 8;
 /// Output channels per chunk: four vectors.
 const CHUNK: usize = 4 * LANES;
+/// Largest packed chunk weight read whole per block of positions: room in a 48 KiB L1 data
+/// cache for the windows and outputs too.
+const L1_WEIGHT_BYTES: usize = 32 * 1024;
 
 /// Output channels `col0..col0 + cols` of a layer: weights `[rows, vectors * LANES]`, zero past
 /// `cols`, and the bias the same way.
@@ -46,14 +49,28 @@ pub(crate) fn pack(weight: &[f32], bias: &[f32], rows: usize, cout: usize) -> Ve
         .collect()
 }
 
-/// `out[p] = bias + sum_r windows[p * parts + r] . weight rows r * len .. (r + 1) * len` for every
-/// position p: `windows` holds `parts` slices of `len` floats per position (a kernel row each),
-/// `out` is `[positions, cout]` row-major.
-pub(crate) fn windows_times_weights(chunks: &[Chunk], windows: &[&[f32]], parts: usize, len: usize, out: &mut [f32]) {
+/// One output position's input window: `parts` runs of `len` floats (one per kernel row),
+/// `stride` floats apart in `data`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Window<'a> {
+    pub data: &'a [f32],
+    pub stride: usize,
+}
+
+/// `out[p] = bias + sum_r (part r of windows[p]) . weight rows r * len .. (r + 1) * len` for every
+/// position p; `out` is `[positions, cout]` row-major.
+pub(crate) fn windows_times_weights(
+    chunks: &[Chunk],
+    windows: &[Window<'_>],
+    parts: usize,
+    len: usize,
+    out: &mut [f32],
+) {
     let cout: usize = chunks.iter().map(|c| c.cols).sum();
-    let positions = windows.len() / parts;
     assert!(
-        windows.len() == positions * parts && windows.iter().all(|w| w.len() >= len) && out.len() == positions * cout,
+        parts > 0
+            && windows.iter().all(|w| w.data.len() >= (parts - 1) * w.stride + len)
+            && out.len() == windows.len() * cout,
         "conv kernel operands do not match"
     );
     for chunk in chunks {
@@ -68,13 +85,13 @@ pub(crate) fn windows_times_weights(chunks: &[Chunk], windows: &[&[f32]], parts:
 }
 
 /// The plain reference of the vector kernel (same sums, without fused multiply-adds).
-fn plain_chunk(chunk: &Chunk, windows: &[&[f32]], parts: usize, len: usize, cout: usize, out: &mut [f32]) {
+fn plain_chunk(chunk: &Chunk, windows: &[Window<'_>], parts: usize, len: usize, cout: usize, out: &mut [f32]) {
     let width = chunk.vectors * LANES;
-    for (p, row) in out.chunks_exact_mut(cout).enumerate() {
+    for (window, row) in windows.iter().zip(out.chunks_exact_mut(cout)) {
         let acc = &mut row[chunk.col0..chunk.col0 + chunk.cols];
         acc.copy_from_slice(&chunk.bias[..chunk.cols]);
-        for (r, window) in windows[p * parts..(p + 1) * parts].iter().enumerate() {
-            for (j, &x) in window[..len].iter().enumerate() {
+        for r in 0..parts {
+            for (j, &x) in window.data[r * window.stride..][..len].iter().enumerate() {
                 let w = &chunk.weight[(r * len + j) * width..][..chunk.cols];
                 acc.iter_mut().zip(w).for_each(|(a, &w)| *a += x * w);
             }
@@ -90,10 +107,10 @@ mod avx2 {
         _mm256_maskstore_ps, _mm256_set1_epi32, _mm256_setr_epi32, _mm256_storeu_ps,
     };
 
-    use super::{Chunk, LANES};
+    use super::{Chunk, Window, L1_WEIGHT_BYTES, LANES};
 
     /// One chunk over all positions: blocks of `P` positions, the rest one at a time.
-    pub(super) fn chunk(chunk: &Chunk, windows: &[&[f32]], parts: usize, len: usize, cout: usize, out: &mut [f32]) {
+    pub(super) fn chunk(chunk: &Chunk, windows: &[Window<'_>], parts: usize, len: usize, cout: usize, out: &mut [f32]) {
         // SAFETY (all calls below): the caller detected AVX2 and FMA on this CPU.
         unsafe {
             match chunk.vectors {
@@ -105,13 +122,14 @@ mod avx2 {
         }
     }
 
-    /// Part by part (one kernel row of weights at a time, so that slice of the packed weight
-    /// stays in the L1 cache for all positions), the positions in blocks of `P`, summing into
-    /// `out` in place.
+    /// The positions in blocks of `P`, summing into `out` in place: all parts of a window in
+    /// one pass when the chunk's packed weight fits the L1 cache with room to spare, else part
+    /// by part (one kernel row of weights at a time, so that that slice stays in L1 for all
+    /// positions, with the accumulators going through `out` between parts).
     #[target_feature(enable = "avx2,fma")]
     fn blocks<const P: usize, const V: usize>(
         chunk: &Chunk,
-        windows: &[&[f32]],
+        windows: &[Window<'_>],
         parts: usize,
         len: usize,
         cout: usize,
@@ -123,46 +141,60 @@ mod avx2 {
         let tail = chunk.cols - (V - 1) * LANES;
         let mask = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
         let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(tail as i32), mask);
-        for r in 0..parts {
-            let weight = &chunk.weight[r * len * width..(r + 1) * len * width];
+        let together = parts * len * width * std::mem::size_of::<f32>() <= L1_WEIGHT_BYTES;
+        let (step, passes) = if together { (parts, 1) } else { (1, parts) };
+        for pass in 0..passes {
+            let r0 = pass * step;
+            let weight = &chunk.weight[r0 * len * width..(r0 + step) * len * width];
             let mut p = 0;
             while p < positions {
                 let n = if p + P <= positions { P } else { 1 };
-                let x: [&[f32]; P] = std::array::from_fn(|i| windows[(p + i.min(n - 1)) * parts + r]);
+                // Parts r0.. of each window: checked in bounds by `windows_times_weights`.
+                let w: [Window<'_>; P] = std::array::from_fn(|i| windows[p + i.min(n - 1)]);
+                let x: [*const f32; P] = std::array::from_fn(|i| w[i].data[r0 * w[i].stride..].as_ptr());
+                let strides: [usize; P] = std::array::from_fn(|i| w[i].stride);
                 let rows = &mut out[p * cout + chunk.col0..(p + n - 1) * cout + chunk.col0 + chunk.cols];
-                if n == P {
-                    block::<P, V>(weight, &chunk.bias, &x, len, r > 0, (rows, cout, mask));
-                } else {
-                    block::<1, V>(weight, &chunk.bias, &[x[0]], len, r > 0, (rows, cout, mask));
+                // SAFETY: every pointer in `x` starts `step` runs of `len` readable floats
+                // `strides` apart (see above).
+                unsafe {
+                    if n == P {
+                        block::<P, V>(weight, &chunk.bias, (x, strides, step, len), r0 > 0, (rows, cout, mask));
+                    } else {
+                        let one = ([x[0]], [strides[0]], step, len);
+                        block::<1, V>(weight, &chunk.bias, one, r0 > 0, (rows, cout, mask));
+                    }
                 }
                 p += n;
             }
         }
     }
 
-    /// `rows[p] (+)= x[p][..len] . weight` for `P` positions and `V` vectors of outputs,
-    /// accumulated in registers; starts from the bias unless `accumulate`. `rows` starts at the
-    /// chunk's first column of the first position, rows `stride` apart; the last vector's lanes
-    /// outside `mask` are neither read nor written (they belong to the next chunk or row).
+    /// `rows[p] (+)= sum_r x[p][r * strides[p]..][..len] . weight rows r * len.. ` for `P`
+    /// positions, `parts` runs each, and `V` vectors of outputs, accumulated in registers;
+    /// starts from the bias unless `accumulate`. `rows` starts at the chunk's first column of
+    /// the first position, rows `stride` apart; the last vector's lanes outside `mask` are
+    /// neither read nor written (they belong to the next chunk or row).
+    ///
+    /// # Safety
+    /// Every `x[p]` must start `parts` runs of `len` readable floats, `strides[p]` apart.
     #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    fn block<const P: usize, const V: usize>(
+    #[inline(never)]
+    unsafe fn block<const P: usize, const V: usize>(
         weight: &[f32],
         bias: &[f32],
-        x: &[&[f32]; P],
-        len: usize,
+        (xp, strides, parts, len): ([*const f32; P], [usize; P], usize, usize),
         accumulate: bool,
         (rows, stride, mask): (&mut [f32], usize, __m256i),
     ) {
         let width = V * LANES;
-        assert!(weight.len() >= len * width && bias.len() >= width && x.iter().all(|x| x.len() >= len));
+        assert!(weight.len() >= parts * len * width && bias.len() >= width);
         assert!(rows.len() > (P - 1) * stride + (V - 1) * LANES);
-        let w = weight.as_ptr();
         let out = rows.as_mut_ptr();
-        // SAFETY: the assertions above bound every offset read below (weight rows `j < len` of
-        // `width` floats, `len` floats of each window); the output vectors are full ones inside
-        // `rows` except the last of each row, which is masked to the lanes `rows` holds (the
-        // caller cuts `rows` to end at the last position's last column of the chunk).
+        // SAFETY: the assertions above bound every weight and bias offset read below (rows
+        // `r * len + j` of `width` floats), the caller every window read; the output vectors
+        // are full ones inside `rows` except the last of each row, which is masked to the
+        // lanes `rows` holds (the caller cuts `rows` to end at the last position's last column
+        // of the chunk).
         unsafe {
             let mut acc: [[__m256; V]; P] = std::array::from_fn(|p| {
                 std::array::from_fn(|v| match (accumulate, v + 1 == V) {
@@ -171,14 +203,17 @@ mod avx2 {
                     (true, true) => _mm256_maskload_ps(out.add(p * stride + v * LANES), mask),
                 })
             });
-            let xp: [*const f32; P] = std::array::from_fn(|p| x[p].as_ptr());
-            for j in 0..len {
-                let wj = w.add(j * width);
-                let wv: [__m256; V] = std::array::from_fn(|v| _mm256_loadu_ps(wj.add(v * LANES)));
-                for p in 0..P {
-                    let xv = _mm256_broadcast_ss(&*xp[p].add(j));
-                    for v in 0..V {
-                        acc[p][v] = _mm256_fmadd_ps(xv, wv[v], acc[p][v]);
+            for r in 0..parts {
+                let xp: [*const f32; P] = std::array::from_fn(|p| xp[p].add(r * strides[p]));
+                let w = weight.as_ptr().add(r * len * width);
+                for j in 0..len {
+                    let wj = w.add(j * width);
+                    let wv: [__m256; V] = std::array::from_fn(|v| _mm256_loadu_ps(wj.add(v * LANES)));
+                    for p in 0..P {
+                        let xv = _mm256_broadcast_ss(&*xp[p].add(j));
+                        for v in 0..V {
+                            acc[p][v] = _mm256_fmadd_ps(xv, wv[v], acc[p][v]);
+                        }
                     }
                 }
             }
@@ -204,16 +239,20 @@ mod tests {
     #[test]
     fn vector_kernel_matches_the_plain_one_for_every_chunk_width() {
         // Output widths covering 1-4 vectors, partial vectors and several chunks; position
-        // counts that leave remainders after the register blocks.
-        for cout in [1, 8, 13, 20, 32, 33, 64, 70] {
+        // counts that leave remainders after the register blocks; short windows (all parts in
+        // one pass) and long ones (weights past `L1_WEIGHT_BYTES`: part by part).
+        let shapes = [1, 8, 13, 20, 32, 33, 64, 70].into_iter().flat_map(|c| [(c, 7), (c, 130)]);
+        for (cout, len) in shapes {
             for positions in [1, 5, 13] {
-                let (parts, len) = (3, 7);
+                let parts = 3;
                 let weight = pseudo(parts * len * cout, 3);
                 let bias = pseudo(cout, 5);
                 let chunks = pack(&weight, &bias, parts * len, cout);
                 let data = pseudo(positions * parts * len + 11, 9);
                 // Overlapping windows, as a convolution reads them.
-                let windows: Vec<&[f32]> = (0..positions * parts).map(|i| &data[i * 2..i * 2 + len]).collect();
+                let windows: Vec<Window<'_>> = (0..positions)
+                    .map(|i| Window { data: &data[i * 2..i * 2 + (parts - 1) * 3 + len], stride: 3 })
+                    .collect();
                 let mut fast = vec![0.0; positions * cout];
                 windows_times_weights(&chunks, &windows, parts, len, &mut fast);
                 let mut plain = vec![0.0; positions * cout];
@@ -229,7 +268,7 @@ mod tests {
                         let mut acc = bias[co];
                         for r in 0..parts {
                             for j in 0..len {
-                                acc += windows[p * parts + r][j] * weight[(r * len + j) * cout + co];
+                                acc += windows[p].data[r * 3 + j] * weight[(r * len + j) * cout + co];
                             }
                         }
                         assert!((plain[p * cout + co] - acc).abs() < 1e-5);

@@ -2,9 +2,11 @@
 //! (or 1x1) convolution over a list of output positions (windows read in place, see `fma`),
 //! GELU, sigmoid.
 
+use std::sync::{Mutex, PoisonError};
+
 use rayon::prelude::*;
 
-use crate::fma::{pack, windows_times_weights, Chunk};
+use crate::fma::{pack, windows_times_weights, Chunk, Window};
 
 /// Output positions processed per task: one im2col tile and one GEMM.
 pub const TILE: usize = 64;
@@ -131,51 +133,52 @@ impl Conv {
     }
 
     /// Output rows `[positions.len(), cout]` for one sample's input `[h, w, cin]`, one tile: each
-    /// position's window is read in place, one slice of `k * cin` floats per kernel row (see
-    /// `fma`); only kernel rows that cross the left or right edge are copied, zero-filled, into
-    /// a per-thread buffer, and those above or below the map read a zero row. The activation
-    /// runs while the rows are in cache.
+    /// position's window is read in place, `k` runs of `k * cin` contiguous floats one input row
+    /// apart (see `fma`); only windows that reach past the map's edge are copied, zero-filled,
+    /// into a per-thread buffer. The activation runs while the rows are in cache.
     fn tile(&self, input: &[f32], h: usize, w: usize, positions: Positions<'_>, act: Activation, out: &mut [f32]) {
         let (_, wo) = self.out_size(h, w);
-        let (k, cin, pad) = (self.k, self.cin, self.pad as isize);
-        let len = k * cin;
+        let (k, cin, pad) = (self.k, self.cin, self.pad);
+        let (len, row) = (k * cin, w * cin);
+        // The window of an output position whose taps all lie inside the map starts here.
+        let inside = |oy: usize, ox: usize| -> Option<usize> {
+            let (y0, x0) = ((oy * self.stride).checked_sub(pad)?, (ox * self.stride).checked_sub(pad)?);
+            (y0 + k <= h && x0 + k <= w).then_some((y0 * w + x0) * cin)
+        };
         EDGE_WINDOWS.with_borrow_mut(|edge| {
-            // Room for the zero row and one copy per kernel row; every float used is written below.
-            let room = (positions.len() * k + 1) * len;
+            // Room for one full window per position; every float used is written below.
+            let room = positions.len() * k * len;
             if edge.len() < room {
                 edge.resize(room, 0.0);
             }
-            let (zero, mut free) = edge.split_at_mut(len);
-            zero.fill(0.0);
-            let zero: &[f32] = zero;
-            let mut windows: Vec<&[f32]> = Vec::with_capacity(positions.len() * k);
+            let mut free = &mut edge[..];
+            let mut windows = Vec::with_capacity(positions.len());
+            let mut last: Option<(usize, usize, usize)> = None;
             for p in 0..positions.len() {
                 let pos = positions.get(p);
-                let (oy, ox) = (pos / wo, pos % wo);
-                let x0 = (ox * self.stride) as isize - pad;
-                let inside = x0 >= 0 && x0 as usize + k <= w;
-                for ky in 0..k {
-                    let iy = (oy * self.stride + ky) as isize - pad;
-                    if iy < 0 || iy as usize >= h {
-                        windows.push(zero);
-                    } else if inside {
-                        let at = (iy as usize * w + x0 as usize) * cin;
-                        windows.push(&input[at..at + len]);
-                    } else {
-                        let (copy, rest) = std::mem::take(&mut free).split_at_mut(len);
-                        free = rest;
-                        for (kx, tap) in copy.chunks_exact_mut(cin).enumerate() {
-                            let ix = x0 + kx as isize;
-                            if ix >= 0 && (ix as usize) < w {
-                                let src = (iy as usize * w + ix as usize) * cin;
-                                tap.copy_from_slice(&input[src..src + cin]);
-                            } else {
-                                tap.fill(0.0);
-                            }
+                // Dense tiles are runs of positions: step to the next one without dividing.
+                let (oy, ox) = match last {
+                    Some((prev, y, x)) if pos == prev + 1 && x + 1 < wo => (y, x + 1),
+                    _ => (pos / wo, pos % wo),
+                };
+                last = Some((pos, oy, ox));
+                if let Some(at) = inside(oy, ox) {
+                    windows.push(Window { data: &input[at..at + (k - 1) * row + len], stride: row });
+                    continue;
+                }
+                let (copy, rest) = std::mem::take(&mut free).split_at_mut(k * len);
+                free = rest;
+                for (ky, copy_row) in copy.chunks_exact_mut(len).enumerate() {
+                    let iy = (oy * self.stride + ky).checked_sub(pad).filter(|&iy| iy < h);
+                    for (kx, tap) in copy_row.chunks_exact_mut(cin).enumerate() {
+                        let ix = (ox * self.stride + kx).checked_sub(pad).filter(|&ix| ix < w);
+                        match (iy, ix) {
+                            (Some(iy), Some(ix)) => tap.copy_from_slice(&input[(iy * w + ix) * cin..][..cin]),
+                            _ => tap.fill(0.0),
                         }
-                        windows.push(copy);
                     }
                 }
+                windows.push(Window { data: copy, stride: len });
             }
             windows_times_weights(&self.packed, &windows, k, len, out);
         });
@@ -186,8 +189,7 @@ impl Conv {
 }
 
 thread_local! {
-    /// The zero row and the zero-filled copies of the current tile's edge windows, reused
-    /// across tiles and calls.
+    /// Zero-filled copies of the current tile's edge windows, reused across tiles and calls.
     static EDGE_WINDOWS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
@@ -280,9 +282,47 @@ pub fn run_per_sample<'c, 'p>(
         .enumerate()
         .map(|(b, input)| Job { conv: conv(b), input, h, w, positions: positions(b), act })
         .collect();
-    let mut outputs: Vec<Vec<f32>> = jobs.iter().map(|j| vec![0.0; j.positions.len() * j.conv.cout]).collect();
+    // Every output float is written by its tile, so stale buffer contents never show.
+    let mut outputs: Vec<Vec<f32>> = jobs.iter().map(|j| map_buffer(j.positions.len() * j.conv.cout)).collect();
     run_jobs(&jobs, &mut outputs);
     outputs
+}
+
+/// Feature-map buffers handed back by finished layers (`recycle`), reused by later ones
+/// (`map_buffer`): a forward pass would otherwise zero tens of MB that it is about to
+/// overwrite (`memset` was 5% of the 384x384 CNN's sparse forward).
+static SPARE_MAPS: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
+
+/// Spare buffers kept at most (a CNN forward holds about ten maps at a time).
+const SPARE_LIMIT: usize = 16;
+
+/// A buffer of `n` floats with **unspecified contents**: the caller must write every float
+/// before reading it. The smallest spare buffer that holds `n` floats, else a new one.
+pub fn map_buffer(n: usize) -> Vec<f32> {
+    let mut spare = SPARE_MAPS.lock().unwrap_or_else(PoisonError::into_inner);
+    let best = spare.iter().enumerate().filter(|(_, v)| v.capacity() >= n).min_by_key(|(_, v)| v.capacity());
+    let mut v = match best.map(|(i, _)| i) {
+        Some(i) => spare.swap_remove(i),
+        None => Vec::new(),
+    };
+    drop(spare);
+    if v.len() >= n {
+        v.truncate(n);
+    } else {
+        v.resize(n, 0.0);
+    }
+    v
+}
+
+/// Hands a feature map that is no longer needed back for `map_buffer`; beyond `SPARE_LIMIT`
+/// spare buffers the smallest is dropped, so the large maps stay.
+pub fn recycle(v: Vec<f32>) {
+    let mut spare = SPARE_MAPS.lock().unwrap_or_else(PoisonError::into_inner);
+    spare.push(v);
+    if spare.len() > SPARE_LIMIT {
+        let smallest = (0..spare.len()).min_by_key(|&i| spare[i].capacity()).expect("not empty");
+        spare.swap_remove(smallest);
+    }
 }
 
 /// Adds the rows of a transposed convolution with kernel = stride `st` computed as a 1x1 conv
@@ -307,20 +347,55 @@ pub fn depth_to_space_add(rows: &[f32], (h2, w2): (usize, usize), st: usize, (h,
     }
 }
 
+/// `maps[i] += depth_to_space(act(up(inputs[i])))` for a transposed convolution whose kernel
+/// equals its stride `st`, held as the 1x1 conv `up` (see `depth_to_space_add`): one
+/// low-resolution row at a time, rows of all maps in parallel, so the upsampled rows never exist
+/// as a whole map (at 384x384 that map is 19 MB, written and read back once per forward).
+pub fn add_upsampled(
+    up: &Conv,
+    inputs: &[Vec<f32>],
+    (h2, w2): (usize, usize),
+    st: usize,
+    (h, w): (usize, usize),
+    act: Activation,
+    maps: &mut [Vec<f32>],
+) {
+    let c = up.cout / (st * st);
+    debug_assert!(maps.iter().all(|m| m.len() == h * w * c) && h.div_ceil(st) <= h2);
+    let rows: Vec<(&Vec<f32>, usize, &mut [f32])> = inputs
+        .iter()
+        .zip(maps.iter_mut())
+        .flat_map(|(input, map)| map.chunks_mut(st * w * c).enumerate().map(move |(y, dst)| (input, y, dst)))
+        .collect();
+    rows.into_par_iter().filter(|(_, y, _)| *y < h2).for_each(|(input, y, dst)| {
+        let mut out = map_buffer(w2 * up.cout);
+        for (t, chunk) in out.chunks_mut(TILE * up.cout).enumerate() {
+            let start = y * w2 + t * TILE;
+            up.tile(input, h2, w2, Positions::Range(start, start + chunk.len() / up.cout), act, chunk);
+        }
+        depth_to_space_add(&out, (1, w2), st, (dst.len() / (w * c), w), dst);
+        recycle(out);
+    });
+}
+
 /// `dst[j * rows + i] = src[i * cols + j]`: the row-major `rows x cols` matrix `src` transposed,
 /// a block of 64 columns at a time so that reads and writes both stay in cache (a plain loop
-/// over one side strides through megabytes on the other at 384x384).
+/// over one side strides through megabytes on the other at 384x384), blocks in parallel.
 pub fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
     const BLOCK: usize = 64;
     assert!(src.len() >= rows * cols && dst.len() >= rows * cols, "transpose operand too short");
-    for j0 in (0..cols).step_by(BLOCK) {
-        let j1 = (j0 + BLOCK).min(cols);
+    if rows == 0 {
+        return;
+    }
+    dst[..rows * cols].par_chunks_mut(BLOCK * rows).enumerate().for_each(|(b, block)| {
+        let j0 = b * BLOCK;
+        let j1 = j0 + block.len() / rows;
         for i in 0..rows {
             for (j, &v) in (j0..j1).zip(&src[i * cols + j0..i * cols + j1]) {
-                dst[j * rows + i] = v;
+                block[(j - j0) * rows + i] = v;
             }
         }
-    }
+    });
 }
 
 /// `erf(x)` in f32 as a branch-free rational function of x (the approximation Eigen and

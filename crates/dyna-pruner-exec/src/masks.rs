@@ -114,54 +114,13 @@ impl UnitGate {
                 *zc += s * f;
             }
         }
-        self.scores_pooled(z, mass, pixels)
+        self.scores_pooled(&Pooled { weighted: z, mass }, pixels)
     }
 
-    /// Unit scores from a layer input `[h, w, cin]` whose S is constant on `cell x cell` squares
-    /// (`importance`, `wp` squares per row): each square's features are summed first and
-    /// weighted once, rows of squares in parallel.
-    pub fn scores_by_patch(
-        &self,
-        features: &[f32],
-        (h, w, cell, wp): (usize, usize, usize, usize),
-        importance: &[f32],
-    ) -> Vec<f32> {
-        let cin = self.cin;
-        let (z, mass) = (0..h.div_ceil(cell))
-            .into_par_iter()
-            .map(|py| {
-                let (mut z, mut mass) = (vec![0.0f32; cin], 0.0f32);
-                let mut square = vec![0.0f32; cin];
-                for px in 0..w.div_ceil(cell) {
-                    square.fill(0.0);
-                    let (ys, xs) = (py * cell..((py + 1) * cell).min(h), px * cell..((px + 1) * cell).min(w));
-                    for y in ys.clone() {
-                        for f in features[(y * w + xs.start) * cin..(y * w + xs.end) * cin].chunks_exact(cin) {
-                            square.iter_mut().zip(f).for_each(|(a, f)| *a += f);
-                        }
-                    }
-                    let s = importance[py * wp + px];
-                    mass += s * (ys.len() * xs.len()) as f32;
-                    z.iter_mut().zip(&square).for_each(|(z, q)| *z += s * q);
-                }
-                (z, mass)
-            })
-            .reduce(
-                || (vec![0.0f32; cin], 0.0),
-                |(mut a, ma), (b, mb)| {
-                    a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                    (a, ma + mb)
-                },
-            );
-        self.scores_pooled(z, mass, h * w)
-    }
-
-    /// Unit scores from `sum(S f)` over the layer input's pixels and `sum(S)`.
-    fn scores_pooled(&self, mut z: Vec<f32>, mass: f32, pixels: usize) -> Vec<f32> {
-        for zc in &mut z {
-            *zc /= mass + 1e-6;
-        }
-        z.push(mass / pixels as f32);
+    /// Unit scores from a layer input pooled over its `pixels`.
+    pub fn scores_pooled(&self, pooled: &Pooled, pixels: usize) -> Vec<f32> {
+        let mut z: Vec<f32> = pooled.weighted.iter().map(|v| v / (pooled.mass + 1e-6)).collect();
+        z.push(pooled.mass / pixels as f32);
         let mut logits = self.bias.clone();
         for (i, zi) in z.iter().enumerate() {
             for (l, wv) in logits.iter_mut().zip(&self.weight[i * self.units..(i + 1) * self.units]) {
@@ -174,6 +133,51 @@ impl UnitGate {
     pub fn macs(&self, pixels: usize) -> u64 {
         (pixels * self.cin + (self.cin + 1) * self.units) as u64
     }
+}
+
+/// A gate's input pooled over a layer input's pixels: `sum(S f)` per channel and `sum(S)`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pooled {
+    pub weighted: Vec<f32>,
+    pub mass: f32,
+}
+
+/// Pools a layer input `[h, w, cin]` whose S is constant on `cell x cell` squares
+/// (`importance`, `wp` squares per row): each square's features are summed first and weighted
+/// once, rows of squares in parallel.
+pub fn pool_by_patch(
+    features: &[f32],
+    cin: usize,
+    (h, w, cell, wp): (usize, usize, usize, usize),
+    importance: &[f32],
+) -> Pooled {
+    let (weighted, mass) = (0..h.div_ceil(cell))
+        .into_par_iter()
+        .map(|py| {
+            let (mut z, mut mass) = (vec![0.0f32; cin], 0.0f32);
+            let mut square = vec![0.0f32; cin];
+            for px in 0..w.div_ceil(cell) {
+                square.fill(0.0);
+                let (ys, xs) = (py * cell..((py + 1) * cell).min(h), px * cell..((px + 1) * cell).min(w));
+                for y in ys.clone() {
+                    for f in features[(y * w + xs.start) * cin..(y * w + xs.end) * cin].chunks_exact(cin) {
+                        square.iter_mut().zip(f).for_each(|(a, f)| *a += f);
+                    }
+                }
+                let s = importance[py * wp + px];
+                mass += s * (ys.len() * xs.len()) as f32;
+                z.iter_mut().zip(&square).for_each(|(z, q)| *z += s * q);
+            }
+            (z, mass)
+        })
+        .reduce(
+            || (vec![0.0f32; cin], 0.0),
+            |(mut a, ma), (b, mb)| {
+                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                (a, ma + mb)
+            },
+        );
+    Pooled { weighted, mass }
 }
 
 /// The masks a plan starts from, before any layer: none (`Dense`), the given ones, or the model's
@@ -240,24 +244,20 @@ pub fn kept_positions(patches: &[usize], wp: usize, cell: usize, (h2, w2): (usiz
     (pos.len() < h2 * w2).then_some(pos)
 }
 
-/// The kept units of one layer per sample: top-k at `unit_keep` of the gate's scores on the layer
-/// input `features[b]` (`[h2, w2, cin]`) pooled with S (`importance[b]`, `wp` patches per row of
-/// `cell x cell` feature pixels); all units when `None`.
+/// The kept units of one layer for each of `batch` samples: top-k at `unit_keep` of the gate's
+/// scores on each sample's pooled layer input (`pooled[b]`, over `pixels`); all units when
+/// `None` (then `pooled` is not read).
 pub fn gate_units(
     gate: &UnitGate,
-    features: &[Vec<f32>],
-    importance: &[Vec<f32>],
-    (h2, w2, cell, wp): (usize, usize, usize, usize),
+    batch: usize,
+    pooled: &[Pooled],
+    pixels: usize,
     unit_keep: Option<f32>,
 ) -> Vec<Vec<usize>> {
-    (0..features.len())
-        .into_par_iter()
+    (0..batch)
         .map(|b| match unit_keep {
             None => (0..gate.units).collect(),
-            Some(keep) => {
-                let scores = gate.scores_by_patch(&features[b], (h2, w2, cell, wp), &importance[b]);
-                top_k(&scores, kept_count(keep, gate.units))
-            }
+            Some(keep) => top_k(&gate.scores_pooled(&pooled[b], pixels), kept_count(keep, gate.units)),
         })
         .collect()
 }
@@ -275,7 +275,7 @@ mod tests {
         let gate = UnitGate { weight: pseudo((cin + 1) * units, 1), bias: pseudo(units, 2), cin, units };
         let features = pseudo(h * w * cin, 3);
         let importance: Vec<f32> = pseudo(h.div_ceil(cell) * wp, 4).iter().map(|v| v.abs()).collect();
-        let fast = gate.scores_by_patch(&features, (h, w, cell, wp), &importance);
+        let fast = gate.scores_pooled(&pool_by_patch(&features, cin, (h, w, cell, wp), &importance), h * w);
         let plain = gate.scores(&features, h * w, |p| importance[(p / w / cell) * wp + (p % w) / cell]);
         for (a, b) in fast.iter().zip(&plain) {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");
