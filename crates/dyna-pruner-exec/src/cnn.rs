@@ -6,7 +6,10 @@ use std::borrow::Cow;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::kernels::{add_upsampled, map_buffer, recycle, run_per_sample, transpose_into, Activation, Conv, Positions};
+use crate::kernels::{
+    add_upsampled, map_buffer, recycle, run_jobs_into_maps, run_per_sample, transpose_into, Activation, Conv, Job,
+    Positions,
+};
 use crate::masks::{gate_units, kept_positions, plan_masks, pool_by_patch, MaskGenerator, Pooled, UnitGate};
 use crate::ExecError;
 
@@ -84,10 +87,13 @@ pub struct Output {
     pub macs: Vec<u64>,
 }
 
-/// The unit gates' pooled translator map per sample (`masks::Pooled`), updated in place as
-/// blocks add their updates, so that no gate re-reads the whole map.
+/// The unit gates' pooled translator map per sample (`masks::Pooled`), kept up to date without
+/// re-reading the whole map: a block changes the map only at the kept positions, so the sum over
+/// the other positions is pooled once and each update re-reads only the kept rows.
 struct GateInput<'a> {
     pooled: Vec<Pooled>,
+    /// Per sample: the pooled sum over the positions no block changes (all of S's mass).
+    fixed: Vec<Pooled>,
     importance: &'a [Vec<f32>],
     /// The map's `(h2, w2)`, the feature pixels per patch side and the patches per row.
     grid: (usize, usize, usize, usize),
@@ -95,52 +101,72 @@ struct GateInput<'a> {
 }
 
 impl<'a> GateInput<'a> {
-    fn new(z: &[Vec<f32>], channels: usize, importance: &'a [Vec<f32>], grid: (usize, usize, usize, usize)) -> Self {
-        let pooled = z.iter().zip(importance).map(|(zb, sc)| pool_by_patch(zb, channels, grid, sc)).collect();
-        GateInput { pooled, importance, grid, channels }
+    fn new(
+        z: &[Vec<f32>],
+        channels: usize,
+        importance: &'a [Vec<f32>],
+        grid: (usize, usize, usize, usize),
+        patches: &[SampleMasks],
+        positions: &[Option<Vec<u32>>],
+    ) -> Self {
+        let fixed = (0..z.len())
+            .map(|b| {
+                let mass = pool_by_patch(&z[b], channels, grid, &importance[b]).mass;
+                let weighted = match &positions[b] {
+                    // S of the kept patches set to zero: the sum over the rest.
+                    Some(_) => {
+                        let mut rest = importance[b].clone();
+                        patches[b].patches.iter().for_each(|&p| rest[p] = 0.0);
+                        pool_by_patch(&z[b], channels, grid, &rest).weighted
+                    }
+                    None => vec![0.0; channels],
+                };
+                Pooled { weighted, mass }
+            })
+            .collect();
+        let mut input = GateInput { pooled: Vec::new(), fixed, importance, grid, channels };
+        input.update(z, positions);
+        input
     }
 
-    /// S at position `p` of sample `b`'s map.
-    fn importance_at(&self, b: usize, p: usize) -> f32 {
+    /// Pools the maps again after a block changed them at `positions`.
+    fn update(&mut self, z: &[Vec<f32>], positions: &[Option<Vec<u32>>]) {
         let (_, w2, cell, wp) = self.grid;
-        self.importance[b][(p / w2 / cell) * wp + (p % w2) / cell]
-    }
-
-    /// Sample `b`'s map gained updates whose S-weighted sum is `weighted` (empty: none).
-    fn add(&mut self, b: usize, weighted: &[f32]) {
-        self.pooled[b].weighted.iter_mut().zip(weighted).for_each(|(z, u)| *z += u);
-    }
-
-    /// Sample `b`'s map changed everywhere: pools it again.
-    fn repool(&mut self, b: usize, z: &[f32]) {
-        self.pooled[b] = pool_by_patch(z, self.channels, self.grid, &self.importance[b]);
+        let hid = self.channels;
+        self.pooled = (0..z.len())
+            .map(|b| {
+                let sc = &self.importance[b];
+                let kept = match &positions[b] {
+                    None => pool_by_patch(&z[b], hid, self.grid, sc).weighted,
+                    Some(list) => list
+                        .par_chunks(ROWS_PER_TASK)
+                        .map(|part| {
+                            let mut sum = vec![0.0f32; hid];
+                            for &p in part {
+                                let p = p as usize;
+                                let s = sc[(p / w2 / cell) * wp + (p % w2) / cell];
+                                sum.iter_mut().zip(&z[b][p * hid..(p + 1) * hid]).for_each(|(a, f)| *a += s * f);
+                            }
+                            sum
+                        })
+                        .reduce(
+                            || vec![0.0; hid],
+                            |mut a, b| {
+                                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                                a
+                            },
+                        ),
+                };
+                let fixed = &self.fixed[b];
+                let weighted = fixed.weighted.iter().zip(&kept).map(|(a, b)| a + b).collect();
+                Pooled { weighted, mass: fixed.mass }
+            })
+            .collect();
     }
 }
 
-/// Positions per piece of `kept_rows`: enough work per task to outweigh its hand-off.
-const ROWS_PER_PIECE: usize = 1024;
-
-/// The rows (`width` floats each) of `map` at the ascending positions `list`, cut into disjoint
-/// pieces that can be worked on in parallel: `(i0, part, piece, first)` where `part` is
-/// `list[i0..]`'s next up to `ROWS_PER_PIECE` positions and `piece` holds map rows `first..`
-/// through the last of them.
-fn kept_rows<'a>(
-    mut map: &'a mut [f32],
-    width: usize,
-    list: &'a [u32],
-) -> Vec<(usize, &'a [u32], &'a mut [f32], usize)> {
-    let mut pieces = Vec::new();
-    let mut start = 0; // the map row `map` starts at
-    for (k, part) in list.chunks(ROWS_PER_PIECE).enumerate() {
-        let (first, last) = (part[0] as usize, part[part.len() - 1] as usize);
-        let (_, rest) = std::mem::take(&mut map).split_at_mut((first - start) * width);
-        let (piece, rest) = rest.split_at_mut((last + 1 - first) * width);
-        map = rest;
-        start = last + 1;
-        pieces.push((k * ROWS_PER_PIECE, part, piece, first));
-    }
-    pieces
-}
+/// Kept positions per parallel task when pooling the kept rows.
+const ROWS_PER_TASK: usize = 1024;
 
 /// A CNN ready to run.
 #[derive(Debug, Clone)]
@@ -206,18 +232,22 @@ impl CnnExec {
         // The unit gates' pooled input per sample, when they run: pooled once here, then kept up
         // to date from each block's updates (they change only the kept positions).
         let unit_keep = s.masking.unit_keep().filter(|_| matches!(plan, MaskPlan::Dynamic));
-        let mut gate_input = unit_keep.map(|_| GateInput::new(&z, s.hidden, &importance, (h2, w2, cell, wp)));
+        let grid = (h2, w2, cell, wp);
+        let mut gate_input = unit_keep.map(|_| GateInput::new(&z, s.hidden, &importance, grid, &masks, &positions));
         // Each sample's hidden map of the current block, reused across blocks (see sparse_block).
         let mut hidden_maps = vec![Vec::new(); batch];
         for (l, (conv1, conv2)) in self.blocks.iter().enumerate() {
             if masks.is_empty() {
+                // conv2's rows are added straight into the residual stream, as in the sparse
+                // blocks (so that all-ones masks give the same floats).
                 let hidden = dense_layer(conv1, &z, h2, w2, Activation::Gelu);
-                let update = dense_layer(conv2, &hidden, h2, w2, Activation::None);
+                let all = Positions::all(h2, w2);
+                let second: Vec<Job<'_>> = (hidden.iter())
+                    .map(|input| Job { conv: conv2, input, h: h2, w: w2, positions: all, act: Activation::None })
+                    .collect();
+                run_jobs_into_maps(&second, &mut z, true);
+                drop(second);
                 hidden.into_iter().for_each(recycle);
-                for (zb, ub) in z.iter_mut().zip(update) {
-                    zb.iter_mut().zip(&ub).for_each(|(a, b)| *a += b);
-                    recycle(ub);
-                }
                 for m in &mut macs {
                     *m += (h2 * w2) as u64 * (conv1.macs_per_position() + conv2.macs_per_position());
                 }
@@ -278,7 +308,7 @@ impl CnnExec {
         l: usize,
         conv1: &Conv,
         conv2: &Conv,
-        (z, hidden_maps, mut gate_input): (&mut [Vec<f32>], &mut [Vec<f32>], Option<&mut GateInput<'_>>),
+        (z, hidden_maps, gate_input): (&mut [Vec<f32>], &mut [Vec<f32>], Option<&mut GateInput<'_>>),
         masks: &[SampleMasks],
         positions: &[Option<Vec<u32>>],
         (h2, w2): (usize, usize),
@@ -301,74 +331,41 @@ impl CnnExec {
             Some(list) => Positions::List(list),
             None => Positions::all(h2, w2),
         };
-        let hidden = run_per_sample(z, (h2, w2), |b| &selected[b].0, pos_of, Activation::Gelu);
         // Hidden maps: zero at pruned positions, so conv2 reads no pruned work. The kept
         // positions are the same in every block, so a map is zeroed only when first used (or
         // when its unit count changes) and later blocks overwrite just the kept positions.
-        for (b, rows) in hidden.into_iter().enumerate() {
-            match &positions[b] {
-                None => recycle(std::mem::replace(&mut hidden_maps[b], rows)),
-                Some(list) => {
-                    let k = selected[b].0.cout;
-                    let map = &mut hidden_maps[b];
-                    if map.len() != h2 * w2 * k {
-                        map.clear();
-                        map.resize(h2 * w2 * k, 0.0);
-                    }
-                    kept_rows(map, k, list).into_par_iter().for_each(|(i0, part, piece, first)| {
-                        for (i, &p) in part.iter().enumerate() {
-                            let src = &rows[(i0 + i) * k..(i0 + i + 1) * k];
-                            piece[(p as usize - first) * k..][..k].iter_mut().zip(src).for_each(|(a, b)| *a = *b);
-                        }
-                    });
-                    recycle(rows);
-                }
+        for (map, (conv1, _)) in hidden_maps.iter_mut().zip(&selected) {
+            if map.len() != h2 * w2 * conv1.cout {
+                map.clear();
+                map.resize(h2 * w2 * conv1.cout, 0.0);
             }
         }
-        let update = run_per_sample(hidden_maps, (h2, w2), |b| &selected[b].1, pos_of, Activation::None);
-        let hid = self.spec.hidden;
-        for b in 0..z.len() {
-            let n = pos_of(b).len() as u64;
-            macs[b] += n * (selected[b].0.macs_per_position() + selected[b].1.macs_per_position());
-            match &positions[b] {
-                None => {
-                    z[b].iter_mut().zip(&update[b]).for_each(|(a, u)| *a += u);
-                    if let Some(g) = gate_input.as_deref_mut() {
-                        g.repool(b, &z[b]);
-                    }
-                }
-                Some(list) => {
-                    let gates = gate_input.as_deref();
-                    // Each piece's addition to the gates' pooled sums, summed after.
-                    let pooled_update = kept_rows(&mut z[b], hid, list)
-                        .into_par_iter()
-                        .map(|(i0, part, piece, first)| {
-                            let mut sum = vec![0.0f32; if gates.is_some() { hid } else { 0 }];
-                            for (i, &p) in part.iter().enumerate() {
-                                let u = &update[b][(i0 + i) * hid..(i0 + i + 1) * hid];
-                                let row = &mut piece[(p as usize - first) * hid..][..hid];
-                                row.iter_mut().zip(u).for_each(|(a, u)| *a += u);
-                                if let Some(g) = gates {
-                                    let s = g.importance_at(b, p as usize);
-                                    sum.iter_mut().zip(u).for_each(|(z, u)| *z += s * u);
-                                }
-                            }
-                            sum
-                        })
-                        .reduce(Vec::new, |mut a, b| {
-                            if a.is_empty() {
-                                return b;
-                            }
-                            a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                            a
-                        });
-                    if let Some(g) = gate_input.as_deref_mut() {
-                        g.add(b, &pooled_update);
-                    }
-                }
-            }
+        // conv1 writes its rows straight into the hidden maps, conv2 adds its rows straight into
+        // the residual stream, at the kept positions only.
+        let (h, w) = (h2, w2);
+        let first: Vec<Job<'_>> = (0..z.len())
+            .map(|b| Job { conv: &selected[b].0, input: &z[b], h, w, positions: pos_of(b), act: Activation::Gelu })
+            .collect();
+        run_jobs_into_maps(&first, hidden_maps, false);
+        drop(first);
+        let second: Vec<Job<'_>> = (0..z.len())
+            .map(|b| Job {
+                conv: &selected[b].1,
+                input: &hidden_maps[b],
+                h,
+                w,
+                positions: pos_of(b),
+                act: Activation::None,
+            })
+            .collect();
+        run_jobs_into_maps(&second, z, true);
+        drop(second);
+        for (b, (mc, (conv1, conv2))) in macs.iter_mut().zip(&selected).enumerate() {
+            *mc += pos_of(b).len() as u64 * (conv1.macs_per_position() + conv2.macs_per_position());
         }
-        update.into_iter().for_each(recycle);
+        if let Some(g) = gate_input {
+            g.update(z, positions);
+        }
     }
 
     /// MACs of the layers no mask touches, as the trainer's `Cnn::macs` counts them.

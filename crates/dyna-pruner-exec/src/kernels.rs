@@ -6,7 +6,7 @@ use std::sync::{Mutex, PoisonError};
 
 use rayon::prelude::*;
 
-use crate::fma::{pack, windows_times_weights, Chunk, Window};
+use crate::fma::{pack, windows_times_weights, Chunk, Rows, Window};
 
 /// Output positions processed per task: one im2col tile and one GEMM.
 pub const TILE: usize = 64;
@@ -135,8 +135,8 @@ impl Conv {
     /// Output rows `[positions.len(), cout]` for one sample's input `[h, w, cin]`, one tile: each
     /// position's window is read in place, `k` runs of `k * cin` contiguous floats one input row
     /// apart (see `fma`); only windows that reach past the map's edge are copied, zero-filled,
-    /// into a per-thread buffer. The activation runs while the rows are in cache.
-    fn tile(&self, input: &[f32], h: usize, w: usize, positions: Positions<'_>, act: Activation, out: &mut [f32]) {
+    /// into a per-thread buffer. The activation is applied by the kernel on the way out.
+    fn tile(&self, input: &[f32], h: usize, w: usize, positions: Positions<'_>, act: Activation, out: Rows<'_>) {
         let (_, wo) = self.out_size(h, w);
         let (k, cin, pad) = (self.k, self.cin, self.pad);
         let (len, row) = (k * cin, w * cin);
@@ -180,11 +180,9 @@ impl Conv {
                 }
                 windows.push(Window { data: copy, stride: len });
             }
-            windows_times_weights(&self.packed, &windows, k, len, out);
+            let gelu = act == Activation::Gelu;
+            windows_times_weights(&self.packed, &windows, k, len, Rows { gelu, ..out });
         });
-        if act == Activation::Gelu {
-            gelu_slice(out);
-        }
     }
 }
 
@@ -264,7 +262,38 @@ pub fn run_jobs(jobs: &[Job<'_>], outputs: &mut [Vec<f32>]) {
     tasks.into_par_iter().for_each(|(job, t, chunk)| {
         let start = t * TILE;
         let end = start + chunk.len() / job.conv.cout;
-        job.conv.tile(job.input, job.h, job.w, job.positions.slice(start, end), job.act, chunk);
+        let rows = Rows { data: chunk, at: None, add: false, gelu: false };
+        job.conv.tile(job.input, job.h, job.w, job.positions.slice(start, end), job.act, rows);
+    });
+}
+
+/// Runs every job tile by tile, all tiles of all jobs in parallel, writing job j's row of each
+/// position straight into the map `maps[j]` (`[positions of the output, cout]`) at that
+/// position, or adding it there with `add`; the map's other rows are left as they are. Job
+/// positions must be ascending (a list, or a range).
+pub fn run_jobs_into_maps(jobs: &[Job<'_>], maps: &mut [Vec<f32>], add: bool) {
+    let mut tasks = Vec::new();
+    for (job, map) in jobs.iter().zip(maps.iter_mut()) {
+        let cout = job.conv.cout;
+        // Tiles of ascending positions own disjoint, ascending ranges of map rows.
+        let mut rest = &mut map[..];
+        let mut first_free = 0;
+        for start in (0..job.positions.len()).step_by(TILE) {
+            let positions = job.positions.slice(start, (start + TILE).min(job.positions.len()));
+            let (first, last) = (positions.get(0), positions.get(positions.len() - 1));
+            let (_, tail) = std::mem::take(&mut rest).split_at_mut((first - first_free) * cout);
+            let (piece, tail) = tail.split_at_mut((last + 1 - first) * cout);
+            rest = tail;
+            first_free = last + 1;
+            tasks.push((job, positions, piece, first));
+        }
+    }
+    tasks.into_par_iter().for_each(|(job, positions, piece, first)| {
+        let at = match positions {
+            Positions::Range(..) => None,
+            Positions::List(list) => Some((list, first)),
+        };
+        job.conv.tile(job.input, job.h, job.w, positions, job.act, Rows { data: piece, at, add, gelu: false });
     });
 }
 
@@ -371,7 +400,8 @@ pub fn add_upsampled(
         let mut out = map_buffer(w2 * up.cout);
         for (t, chunk) in out.chunks_mut(TILE * up.cout).enumerate() {
             let start = y * w2 + t * TILE;
-            up.tile(input, h2, w2, Positions::Range(start, start + chunk.len() / up.cout), act, chunk);
+            let positions = Positions::Range(start, start + chunk.len() / up.cout);
+            up.tile(input, h2, w2, positions, act, Rows { data: chunk, at: None, add: false, gelu: false });
         }
         depth_to_space_add(&out, (1, w2), st, (dst.len() / (w * c), w), dst);
         recycle(out);

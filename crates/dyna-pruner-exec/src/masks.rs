@@ -48,9 +48,10 @@ impl MaskGenerator {
         let prev = (t > 1).then(|| &x[(t - 2) * frame..(t - 1) * frame]);
         let per_cell = stats_per_channel(self.motion) * c;
         let mut stats = vec![0.0f32; hp * wp * per_cell];
-        for py in 0..hp {
+        // Rows of patches in parallel (one sample's statistics read its whole last two frames).
+        stats.par_chunks_mut(wp * per_cell).enumerate().for_each(|(py, stats_row)| {
             for px in 0..wp {
-                let cell = &mut stats[(py * wp + px) * per_cell..(py * wp + px + 1) * per_cell];
+                let cell = &mut stats_row[px * per_cell..(px + 1) * per_cell];
                 for ch in 0..c {
                     let (mut sum, mut max, mut n) = (0.0f32, f32::NEG_INFINITY, 0usize);
                     let (mut abs_diff, mut diff) = (0.0f32, 0.0f32);
@@ -73,7 +74,7 @@ impl MaskGenerator {
                     }
                 }
             }
-        }
+        });
         let conv = |conv: &Conv, input: &[f32], act: Activation| {
             let mut out = vec![vec![0.0; hp * wp * conv.cout]];
             run_jobs(&[Job { conv, input, h: hp, w: wp, positions: Positions::all(hp, wp), act }], &mut out);
