@@ -2,13 +2,15 @@
 //! AVX2 + FMA code where the CPU has it and a plain loop otherwise.
 //!
 //! A 3x3 convolution's input window at one output position is three runs of `3 * cin`
-//! contiguous floats in a channels-last map (one per kernel row), so no im2col copy is needed:
-//! the kernel takes, per position, one slice per kernel row and multiplies it by that row's
-//! weights. Output channels are split into chunks of at most 32 (four 8-lane vectors), each
-//! with its weights packed and zero-padded to whole vectors, so a layer keeping 20 of 64 units
-//! runs at 20/24 of the lanes instead of falling off a GEMM library's tuned shapes. Several
-//! positions share each weight load (the register block); the packed weights are read once per
-//! block, the window values are broadcast.
+//! contiguous floats in a channels-last map (one per kernel row, one input row apart), so no
+//! im2col copy is needed: the kernel takes, per position, a `Window` (a slice and the stride
+//! between its runs) and multiplies run r by kernel row r's weights. Output channels are split
+//! into chunks of at most 32 (four 8-lane vectors), each with its weights packed and
+//! zero-padded to whole vectors, so a layer keeping 20 of 64 units runs at 20/24 of the lanes
+//! instead of falling off a GEMM library's tuned shapes. Several positions share each weight
+//! load (the register block); the window values are broadcast. The output rows go where `Rows`
+//! says: a compact block, or scattered rows of a map (overwritten or added to), optionally
+//! through GELU.
 
 use crate::kernels::gelu_in_place;
 
