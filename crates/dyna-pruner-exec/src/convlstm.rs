@@ -1,7 +1,7 @@
 //! The dynamic ConvLSTM encoder-forecaster (see the trainer's `backbones/convlstm.rs`) on plain
 //! kernels: dense encoder and decoder; at every step each cell computes its gates only at the
-//! kept positions and for the kept hidden channels (one kernel call per tile over `[input, h]`), and
-//! updates the state there; elsewhere the state carries over.
+//! kept positions and for the kept hidden channels (one kernel call per tile over
+//! `[input, h]`), and updates the state there; elsewhere the state carries over.
 
 use std::borrow::Cow;
 
