@@ -28,8 +28,9 @@ pub use vit::{VitExec, VitSpec};
 
 /// Makes glibc keep freed memory for reuse instead of handing it back to the OS: a forward pass
 /// allocates and frees several feature maps of tens of MB, which glibc otherwise maps fresh
-/// (and the kernel zeroes page by page) on every call. At 384x384 this took the CNN's sparse
-/// forward from about 103 to 87 ms (10 forwards, `perf stat`: 110 000 -> 17 000 page faults).
+/// (and the kernel zeroes page by page) on every call. At 384x384, batch 1, kept 0.3 (commit
+/// ec1fd76, two runs of 10 forwards each way under `perf stat`) the CNN's sparse forward took
+/// 88 and 94 ms with it, 104 and 109 ms without; page faults 17 000 against 110 000.
 /// A process-wide policy, so binaries call it once at start; no-op off glibc.
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
