@@ -10,7 +10,9 @@ use crate::kernels::{
     add_upsampled, map_buffer, recycle, run_jobs_into_maps, run_per_sample, transpose_into, Activation, Conv, Job,
     Positions,
 };
-use crate::masks::{gate_units, kept_positions, plan_masks, pool_by_patch, MaskGenerator, Pooled, UnitGate};
+use crate::masks::{
+    gate_units, importance_mass, kept_positions, plan_masks, pool_by_patch, MaskGenerator, Pooled, UnitGate,
+};
 use crate::ExecError;
 
 /// The architecture and masking of an exported CNN (mirrors the trainer's `Architecture`).
@@ -111,7 +113,6 @@ impl<'a> GateInput<'a> {
     ) -> Self {
         let fixed = (0..z.len())
             .map(|b| {
-                let mass = pool_by_patch(&z[b], channels, grid, &importance[b]).mass;
                 let weighted = match &positions[b] {
                     // S of the kept patches set to zero: the sum over the rest.
                     Some(_) => {
@@ -121,7 +122,7 @@ impl<'a> GateInput<'a> {
                     }
                     None => vec![0.0; channels],
                 };
-                Pooled { weighted, mass }
+                Pooled { weighted, mass: importance_mass(grid, &importance[b]) }
             })
             .collect();
         let mut input = GateInput { pooled: Vec::new(), fixed, importance, grid, channels };
@@ -290,11 +291,7 @@ impl CnnExec {
             let last = &x[b * per_sample + (t - 1) * c * h * w..b * per_sample + t * c * h * w];
             let dst = &mut prediction[b * out_c * h * w..(b + 1) * out_c * h * w];
             transpose_into(&delta[b], h * w, out_c, dst);
-            dst.par_chunks_mut(16_384).enumerate().for_each(|(i, chunk)| {
-                let at = i * 16_384 % (c * h * w);
-                // A chunk may run past the end of a frame: the last frame repeats.
-                chunk.iter_mut().zip(last[at..].iter().chain(last.iter().cycle())).for_each(|(a, l)| *a += l);
-            });
+            dst.par_chunks_mut(c * h * w).for_each(|frame| frame.iter_mut().zip(last).for_each(|(a, l)| *a += l));
         }
         delta.into_iter().for_each(recycle);
         Ok(Output { prediction, masks, macs })

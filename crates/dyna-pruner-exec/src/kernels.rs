@@ -135,8 +135,8 @@ impl Conv {
     /// Output rows `[positions.len(), cout]` for one sample's input `[h, w, cin]`, one tile: each
     /// position's window is read in place, `k` runs of `k * cin` contiguous floats one input row
     /// apart (see `fma`); only windows that reach past the map's edge are copied, zero-filled,
-    /// into a per-thread buffer. The activation is applied by the kernel on the way out.
-    fn tile(&self, input: &[f32], h: usize, w: usize, positions: Positions<'_>, act: Activation, out: Rows<'_>) {
+    /// into a per-thread buffer. `out` says where the rows go and whether GELU follows.
+    fn tile(&self, input: &[f32], h: usize, w: usize, positions: Positions<'_>, out: Rows<'_>) {
         let (_, wo) = self.out_size(h, w);
         let (k, cin, pad) = (self.k, self.cin, self.pad);
         let (len, row) = (k * cin, w * cin);
@@ -180,8 +180,7 @@ impl Conv {
                 }
                 windows.push(Window { data: copy, stride: len });
             }
-            let gelu = act == Activation::Gelu;
-            windows_times_weights(&self.packed, &windows, k, len, Rows { gelu, ..out });
+            windows_times_weights(&self.packed, &windows, k, len, out);
         });
     }
 }
@@ -262,8 +261,8 @@ pub fn run_jobs(jobs: &[Job<'_>], outputs: &mut [Vec<f32>]) {
     tasks.into_par_iter().for_each(|(job, t, chunk)| {
         let start = t * TILE;
         let end = start + chunk.len() / job.conv.cout;
-        let rows = Rows { data: chunk, at: None, add: false, gelu: false };
-        job.conv.tile(job.input, job.h, job.w, job.positions.slice(start, end), job.act, rows);
+        let rows = Rows { data: chunk, at: None, add: false, gelu: job.act == Activation::Gelu };
+        job.conv.tile(job.input, job.h, job.w, job.positions.slice(start, end), rows);
     });
 }
 
@@ -293,7 +292,8 @@ pub fn run_jobs_into_maps(jobs: &[Job<'_>], maps: &mut [Vec<f32>], add: bool) {
             Positions::Range(..) => None,
             Positions::List(list) => Some((list, first)),
         };
-        job.conv.tile(job.input, job.h, job.w, positions, job.act, Rows { data: piece, at, add, gelu: false });
+        let gelu = job.act == Activation::Gelu;
+        job.conv.tile(job.input, job.h, job.w, positions, Rows { data: piece, at, add, gelu });
     });
 }
 
@@ -397,11 +397,13 @@ pub fn add_upsampled(
         .flat_map(|(input, map)| map.chunks_mut(st * w * c).enumerate().map(move |(y, dst)| (input, y, dst)))
         .collect();
     rows.into_par_iter().filter(|(_, y, _)| *y < h2).for_each(|(input, y, dst)| {
+        // One row's tiles run here in turn: the rows already keep every thread busy.
         let mut out = map_buffer(w2 * up.cout);
         for (t, chunk) in out.chunks_mut(TILE * up.cout).enumerate() {
             let start = y * w2 + t * TILE;
             let positions = Positions::Range(start, start + chunk.len() / up.cout);
-            up.tile(input, h2, w2, positions, act, Rows { data: chunk, at: None, add: false, gelu: false });
+            let rows = Rows { data: chunk, at: None, add: false, gelu: act == Activation::Gelu };
+            up.tile(input, h2, w2, positions, rows);
         }
         depth_to_space_add(&out, (1, w2), st, (dst.len() / (w * c), w), dst);
         recycle(out);

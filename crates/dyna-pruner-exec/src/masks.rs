@@ -152,33 +152,45 @@ pub fn pool_by_patch(
     (h, w, cell, wp): (usize, usize, usize, usize),
     importance: &[f32],
 ) -> Pooled {
-    let (weighted, mass) = (0..h.div_ceil(cell))
+    let weighted = (0..h.div_ceil(cell))
         .into_par_iter()
         .map(|py| {
-            let (mut z, mut mass) = (vec![0.0f32; cin], 0.0f32);
+            let mut z = vec![0.0f32; cin];
             let mut square = vec![0.0f32; cin];
             for px in 0..w.div_ceil(cell) {
                 square.fill(0.0);
-                let (ys, xs) = (py * cell..((py + 1) * cell).min(h), px * cell..((px + 1) * cell).min(w));
-                for y in ys.clone() {
+                let xs = px * cell..((px + 1) * cell).min(w);
+                for y in py * cell..((py + 1) * cell).min(h) {
                     for f in features[(y * w + xs.start) * cin..(y * w + xs.end) * cin].chunks_exact(cin) {
                         square.iter_mut().zip(f).for_each(|(a, f)| *a += f);
                     }
                 }
                 let s = importance[py * wp + px];
-                mass += s * (ys.len() * xs.len()) as f32;
                 z.iter_mut().zip(&square).for_each(|(z, q)| *z += s * q);
             }
-            (z, mass)
+            z
         })
         .reduce(
-            || (vec![0.0f32; cin], 0.0),
-            |(mut a, ma), (b, mb)| {
+            || vec![0.0f32; cin],
+            |mut a, b| {
                 a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                (a, ma + mb)
+                a
             },
         );
-    Pooled { weighted, mass }
+    Pooled { weighted, mass: importance_mass((h, w, cell, wp), importance) }
+}
+
+/// `sum(S)` over the pixels of an `h x w` map whose S is constant on `cell x cell` squares
+/// (`importance`, `wp` squares per row; the last row and column of squares may be cut short).
+pub fn importance_mass((h, w, cell, wp): (usize, usize, usize, usize), importance: &[f32]) -> f32 {
+    let side = |i: usize, n: usize| (((i + 1) * cell).min(n) - i * cell) as f32;
+    let mut mass = 0.0f32;
+    for py in 0..h.div_ceil(cell) {
+        for px in 0..w.div_ceil(cell) {
+            mass += importance[py * wp + px] * side(py, h) * side(px, w);
+        }
+    }
+    mass
 }
 
 /// The masks a plan starts from, before any layer: none (`Dense`), the given ones, or the model's
