@@ -332,9 +332,10 @@ impl CnnExec {
         // positions are the same in every block, so a map is zeroed only when first used (or
         // when its unit count changes) and later blocks overwrite just the kept positions.
         for (map, (conv1, _)) in hidden_maps.iter_mut().zip(&selected) {
-            if map.len() != h2 * w2 * conv1.cout {
-                map.clear();
-                map.resize(h2 * w2 * conv1.cout, 0.0);
+            let n = h2 * w2 * conv1.cout;
+            if map.len() != n {
+                recycle(std::mem::replace(map, map_buffer(n)));
+                map.fill(0.0);
             }
         }
         // conv1 writes its rows straight into the hidden maps, conv2 adds its rows straight into

@@ -411,12 +411,33 @@ pub fn add_upsampled(
 }
 
 /// `dst[j * rows + i] = src[i * cols + j]`: the row-major `rows x cols` matrix `src` transposed,
-/// a block of 64 columns at a time so that reads and writes both stay in cache (a plain loop
-/// over one side strides through megabytes on the other at 384x384), blocks in parallel.
+/// in parallel blocks that keep reads and writes in cache (a plain loop over one side strides
+/// through megabytes on the other at 384x384): blocks of 64 columns, or with fewer columns
+/// (a prediction's few output channels), blocks of rows across all of them.
 pub fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
     const BLOCK: usize = 64;
+    const ROW_BLOCK: usize = 4096;
     assert!(src.len() >= rows * cols && dst.len() >= rows * cols, "transpose operand too short");
-    if rows == 0 {
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    if cols < BLOCK {
+        // Per block of rows, its segment of every column's output row.
+        let mut blocks: Vec<Vec<&mut [f32]>> = (0..rows.div_ceil(ROW_BLOCK)).map(|_| Vec::new()).collect();
+        for plane in dst[..rows * cols].chunks_mut(rows) {
+            for (block, segment) in blocks.iter_mut().zip(plane.chunks_mut(ROW_BLOCK)) {
+                block.push(segment);
+            }
+        }
+        blocks.into_par_iter().enumerate().for_each(|(b, mut segments)| {
+            let i0 = b * ROW_BLOCK;
+            let n = segments[0].len();
+            for (k, row) in src[i0 * cols..(i0 + n) * cols].chunks_exact(cols).enumerate() {
+                for (segment, &v) in segments.iter_mut().zip(row) {
+                    segment[k] = v;
+                }
+            }
+        });
         return;
     }
     dst[..rows * cols].par_chunks_mut(BLOCK * rows).enumerate().for_each(|(b, block)| {
@@ -597,7 +618,7 @@ mod tests {
 
     #[test]
     fn blocked_transpose_matches_the_definition() {
-        for (rows, cols) in [(1, 1), (3, 130), (130, 3), (8, 64), (65, 129)] {
+        for (rows, cols) in [(1, 1), (3, 130), (130, 3), (8, 64), (65, 129), (9000, 8), (8192, 1)] {
             let src = pseudo(rows * cols, 11);
             let mut dst = vec![0.0; rows * cols];
             transpose_into(&src, rows, cols, &mut dst);
