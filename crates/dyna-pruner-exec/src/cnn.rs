@@ -97,6 +97,9 @@ struct GateInput<'a> {
     /// Per sample: the pooled sum over the positions no block changes (all of S's mass).
     fixed: Vec<Pooled>,
     importance: &'a [Vec<f32>],
+    /// Per sample with kept positions: S at each of them, in their order (looked up once: the
+    /// lookup's divisions cost more than the pooling itself).
+    kept_importance: Vec<Vec<f32>>,
     /// The map's `(h2, w2)`, the feature pixels per patch side and the patches per row.
     grid: (usize, usize, usize, usize),
     channels: usize,
@@ -111,6 +114,7 @@ impl<'a> GateInput<'a> {
         patches: &[SampleMasks],
         positions: &[Option<Vec<u32>>],
     ) -> Self {
+        let (_, w2, cell, wp) = grid;
         let fixed = (0..z.len())
             .map(|b| {
                 let weighted = match &positions[b] {
@@ -125,27 +129,30 @@ impl<'a> GateInput<'a> {
                 Pooled { weighted, mass: importance_mass(grid, &importance[b]) }
             })
             .collect();
-        let mut input = GateInput { pooled: Vec::new(), fixed, importance, grid, channels };
+        let kept_importance = (importance.iter().zip(positions))
+            .map(|(sc, list)| {
+                let list = list.as_deref().unwrap_or_default();
+                list.iter().map(|&p| sc[(p as usize / w2 / cell) * wp + (p as usize % w2) / cell]).collect()
+            })
+            .collect();
+        let mut input = GateInput { pooled: Vec::new(), fixed, importance, kept_importance, grid, channels };
         input.update(z, positions);
         input
     }
 
     /// Pools the maps again after a block changed them at `positions`.
     fn update(&mut self, z: &[Vec<f32>], positions: &[Option<Vec<u32>>]) {
-        let (_, w2, cell, wp) = self.grid;
         let hid = self.channels;
         self.pooled = (0..z.len())
             .map(|b| {
-                let sc = &self.importance[b];
                 let kept = match &positions[b] {
-                    None => pool_by_patch(&z[b], hid, self.grid, sc).weighted,
-                    Some(list) => list
-                        .par_chunks(ROWS_PER_TASK)
-                        .map(|part| {
+                    None => pool_by_patch(&z[b], hid, self.grid, &self.importance[b]).weighted,
+                    Some(list) => (list.par_chunks(ROWS_PER_TASK))
+                        .zip(self.kept_importance[b].par_chunks(ROWS_PER_TASK))
+                        .map(|(part, s_part)| {
                             let mut sum = vec![0.0f32; hid];
-                            for &p in part {
+                            for (&p, &s) in part.iter().zip(s_part) {
                                 let p = p as usize;
-                                let s = sc[(p / w2 / cell) * wp + (p % w2) / cell];
                                 sum.iter_mut().zip(&z[b][p * hid..(p + 1) * hid]).for_each(|(a, f)| *a += s * f);
                             }
                             sum
@@ -335,7 +342,7 @@ impl CnnExec {
             let n = h2 * w2 * conv1.cout;
             if map.len() != n {
                 recycle(std::mem::replace(map, map_buffer(n)));
-                map.fill(0.0);
+                map.par_chunks_mut(1 << 16).for_each(|part| part.fill(0.0));
             }
         }
         // conv1 writes its rows straight into the hidden maps, conv2 adds its rows straight into
