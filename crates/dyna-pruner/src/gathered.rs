@@ -168,13 +168,9 @@ impl<B: Backend> KeptRows<B> {
             .flat_map(|(dy, dx)| (0..3).flat_map(move |ky| (0..3).map(move |kx| ((dy + ky) * cols + dx + kx) as i64)))
             .collect();
         let taps = Tensor::<B, 1, Int>::from_ints(taps.as_slice(), &device).reshape([1, 1, cc * 9]);
-        let corner = corner.reshape([b, k, 1]);
-        let windows = (corner.clone() + taps).reshape([b * k * cc * 9]);
-        // A pixel's own row is its window's centre tap.
-        let centre: Vec<i64> =
-            (0..cell).flat_map(|dy| (0..cell).map(move |dx| ((dy + 1) * cols + dx + 1) as i64)).collect();
-        let kept_pixels = (corner + Tensor::<B, 1, Int>::from_ints(centre.as_slice(), &device).reshape([1, 1, cc]))
-            .reshape([b * k * cc]);
+        let windows = (corner.reshape([b, k, 1]) + taps).reshape([b * k * cc * 9]);
+        // A pixel's own row is its window's centre tap (tap 4 of 9).
+        let kept_pixels = windows.clone().reshape([b * k * cc, 9]).narrow(1, 4, 1).reshape([b * k * cc]);
         // Each patch's rank among the sample's kept ones, -1 if pruned (and for the sentinel).
         let ranks = Tensor::<B, 1, Int>::arange(1..k as i64 + 1, &device).reshape([1, k]).repeat_dim(0, b);
         let rank = Tensor::<B, 2, Int>::full([b, grid.patches + 1], -1, &device)
