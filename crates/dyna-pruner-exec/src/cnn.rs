@@ -11,7 +11,8 @@ use crate::kernels::{
     Positions,
 };
 use crate::masks::{
-    gate_units, importance_mass, kept_positions, plan_masks, pool_by_patch, MaskGenerator, Pooled, UnitGate,
+    gate_units, importance_mass, kept_positions, plan_masks, pool_by_patch, sum_vectors, MaskGenerator, Pooled,
+    UnitGate,
 };
 use crate::ExecError;
 
@@ -157,13 +158,7 @@ impl<'a> GateInput<'a> {
                             }
                             sum
                         })
-                        .reduce(
-                            || vec![0.0; hid],
-                            |mut a, b| {
-                                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                                a
-                            },
-                        ),
+                        .reduce(|| vec![0.0; hid], sum_vectors),
                 };
                 let fixed = &self.fixed[b];
                 let weighted = fixed.weighted.iter().zip(&kept).map(|(a, b)| a + b).collect();

@@ -170,14 +170,14 @@ pub fn pool_by_patch(
             }
             z
         })
-        .reduce(
-            || vec![0.0f32; cin],
-            |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                a
-            },
-        );
+        .reduce(|| vec![0.0f32; cin], sum_vectors);
     Pooled { weighted, mass: importance_mass((h, w, cell, wp), importance) }
+}
+
+/// Element-wise sum, for reducing partial pooled sums.
+pub(crate) fn sum_vectors(mut a: Vec<f32>, b: Vec<f32>) -> Vec<f32> {
+    a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+    a
 }
 
 /// `sum(S)` over the pixels of an `h x w` map whose S is constant on `cell x cell` squares
