@@ -187,7 +187,7 @@ fn bench_backbone(arch: &Architecture, sizes: &[(usize, usize)], plan: &BenchPla
             // The dense path and every fraction's sparse path, timed in the same rounds.
             let mut sparse = Vec::new();
             for &f in &plan.fractions {
-                let masking = Masking { mode: MaskMode::Both, data_keep: f, unit_keep: f };
+                let masking = Masking::top_k(MaskMode::Both, f, f);
                 let exec = export::executor(&model, arch, masking);
                 let macs = exec.forward(&x, batch, h, w, MaskPlan::Dynamic)?.macs.iter().sum::<u64>();
                 sparse.push((f, exec, macs as f64 / batch as f64));

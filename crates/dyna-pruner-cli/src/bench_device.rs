@@ -106,7 +106,7 @@ pub fn run<B: Backend>(
             });
             let torch_dense_ms = torch_ms(size, batch);
             for &f in &plan.fractions {
-                let masking = Masking { mode: MaskMode::Both, data_keep: f, unit_keep: f };
+                let masking = Masking::top_k(MaskMode::Both, f, f);
                 // On this device: the sparse path against the masked-dense reference under the masks
                 // it chose. (The gates' pooled sums round differently from the reference's, so
                 // near-tied unit scores can rank apart here; the choice itself is tested on the CPU.)

@@ -310,6 +310,7 @@ generator_width = 4
 [method]
 mode = "both"
 data_keep = 0.5
+data_rule = "batch"
 unit_keep = 0.5
 [train]
 epochs = 1
@@ -330,4 +331,11 @@ out = "{}"
     assert!((0.0..=1.0).contains(&csi), "csi_m {csi}");
     assert!(r["persistence"]["metrics"]["csi/16"].as_f64().unwrap() > 0.1, "rain in the KNMI frames");
     assert_eq!(samples["shape"], serde_json::json!([92 - 4, 2, 1, 95, 87]));
+    // The batch rule: a threshold on S calibrated on the training windows, so the number of
+    // kept patches differs between samples (rainy ones keep more).
+    let tau = json(&dir.join("convlstm/checkpoint.json"))["masking"]["data_threshold"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&tau), "threshold {tau}");
+    let kept: Vec<f64> =
+        samples["samples"].as_array().unwrap().iter().map(|s| s["kept_patch_fraction"].as_f64().unwrap()).collect();
+    assert!(kept.iter().any(|&k| k != kept[0]), "per-sample counts: {kept:?}");
 }

@@ -11,8 +11,8 @@ use crate::kernels::{
     Positions,
 };
 use crate::masks::{
-    gate_units, importance_mass, kept_positions, plan_masks, pool_by_patch, sum_vectors, MaskGenerator, Pooled,
-    UnitGate,
+    gate_units, importance_mass, kept_positions, plan_masks, pool_by_patch, sum_vectors, MaskGenerator, PatchRule,
+    Pooled, UnitGate,
 };
 use crate::ExecError;
 
@@ -45,12 +45,20 @@ pub struct MaskSpec {
     pub model_mask: bool,
     pub data_keep: f32,
     pub unit_keep: f32,
+    /// When set, the DataMask keeps the patches with `S >= data_threshold` instead of the top
+    /// `data_keep` of each sample.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_threshold: Option<f32>,
 }
 
 impl MaskSpec {
-    /// The DataMask's keep ratio when it is active.
-    pub fn data_keep(&self) -> Option<f32> {
-        self.data_mask.then_some(self.data_keep)
+    /// How the DataMask picks patches, when it is active.
+    pub fn patch_rule(&self) -> Option<PatchRule> {
+        let rule = match self.data_threshold {
+            Some(tau) => PatchRule::Threshold(tau),
+            None => PatchRule::TopK(self.data_keep),
+        };
+        self.data_mask.then_some(rule)
     }
 
     /// The ModelMask's keep ratio when it is active.
@@ -226,7 +234,7 @@ impl CnnExec {
         // The DataMask and the importance map S per sample.
         let cell = s.patch / s.stride;
         let wp = w.div_ceil(s.patch);
-        let keep = s.masking.data_keep();
+        let keep = s.masking.patch_rule();
         let (mut masks, importance) =
             plan_masks(plan, &self.generator, x, (batch, per_sample), (t, h, w), keep, &mut macs);
         let positions: Vec<Option<Vec<u32>>> =

@@ -107,7 +107,7 @@ impl ConvLstmExec {
         // Masks: kept patches once, kept units of each cell from its gate on the last frame's features.
         let cell_px = s.patch / s.stride;
         let wpatch = w.div_ceil(s.patch);
-        let keep = s.masking.data_keep();
+        let keep = s.masking.patch_rule();
         let (mut masks, importance) =
             plan_masks(plan, &self.generator, x, (batch, per_sample), (t_in, h, w), keep, &mut macs);
         if matches!(plan, MaskPlan::Dynamic) {

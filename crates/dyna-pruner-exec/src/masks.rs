@@ -1,5 +1,5 @@
-//! The method at inference on plain slices: mask generator (importance S), DataMask (top-k
-//! patches) and unit gates (top-k units), mirroring the trainer's `method` module.
+//! The method at inference on plain slices: mask generator (importance S), DataMask (top-k or
+//! thresholded patches) and unit gates (top-k units), mirroring the trainer's `method` module.
 
 use rayon::prelude::*;
 
@@ -18,6 +18,26 @@ pub fn top_k(scores: &[f32], k: usize) -> Vec<usize> {
     order.truncate(k);
     order.sort_unstable();
     order
+}
+
+/// How the DataMask picks a sample's patches from its importance map S.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum PatchRule {
+    /// The top `ceil(keep * N)` (as the trainer's per-sample rule).
+    TopK(f32),
+    /// Those with `S >= tau` (as the trainer's calibrated batch rule): a count per sample,
+    /// possibly none.
+    Threshold(f32),
+}
+
+impl PatchRule {
+    /// The kept patch indices, ascending.
+    pub fn select(self, scores: &[f32]) -> Vec<usize> {
+        match self {
+            PatchRule::TopK(keep) => top_k(scores, kept_count(keep, scores.len())),
+            PatchRule::Threshold(tau) => (0..scores.len()).filter(|&i| scores[i] >= tau).collect(),
+        }
+    }
 }
 
 /// Per-patch statistics per channel the generator reads: mean, max, mean |diff| of the last
@@ -194,7 +214,7 @@ pub fn importance_mass((h, w, cell, wp): (usize, usize, usize, usize), importanc
 }
 
 /// The masks a plan starts from, before any layer: none (`Dense`), the given ones, or the model's
-/// own DataMask (`Dynamic`: kept patches at `data_keep`, all when `None`; unit lists are added
+/// own DataMask (`Dynamic`: kept patches by `data_rule`, all when `None`; unit lists are added
 /// layer by layer) with each sample's importance map, adding the generator's MACs to `macs`.
 pub fn plan_masks(
     plan: MaskPlan<'_>,
@@ -202,7 +222,7 @@ pub fn plan_masks(
     x: &[f32],
     (batch, per_sample): (usize, usize),
     (t, h, w): (usize, usize, usize),
-    data_keep: Option<f32>,
+    data_rule: Option<PatchRule>,
     macs: &mut [u64],
 ) -> (Vec<SampleMasks>, Vec<Vec<f32>>) {
     match plan {
@@ -210,7 +230,7 @@ pub fn plan_masks(
         MaskPlan::Given(m) => (m.to_vec(), Vec::new()),
         MaskPlan::Dynamic => {
             macs.iter_mut().for_each(|m| *m += generator.macs(h, w));
-            sample_patches(generator, x, (batch, per_sample), (t, h, w), data_keep)
+            sample_patches(generator, x, (batch, per_sample), (t, h, w), data_rule)
                 .into_iter()
                 .map(|(sc, patches)| (SampleMasks { patches, units: Vec::new() }, sc))
                 .unzip()
@@ -219,22 +239,21 @@ pub fn plan_masks(
 }
 
 /// The DataMask of a batch `x` (`per_sample` values each, `[t, c, h, w]`): per sample the
-/// importance S and the kept patches, top-k at `data_keep` (all patches when `None`).
+/// importance S and the kept patches by `data_rule` (all patches when `None`).
 fn sample_patches(
     generator: &MaskGenerator,
     x: &[f32],
     (batch, per_sample): (usize, usize),
     (t, h, w): (usize, usize, usize),
-    data_keep: Option<f32>,
+    data_rule: Option<PatchRule>,
 ) -> Vec<(Vec<f32>, Vec<usize>)> {
     (0..batch)
         .into_par_iter()
         .map(|b| {
             let (sc, hp, wp) = generator.importance(&x[b * per_sample..(b + 1) * per_sample], t, h, w);
-            let n = hp * wp;
-            let patches = match data_keep {
-                Some(keep) => top_k(&sc, kept_count(keep, n)),
-                None => (0..n).collect(),
+            let patches = match data_rule {
+                Some(rule) => rule.select(&sc),
+                None => (0..hp * wp).collect(),
             };
             (sc, patches)
         })

@@ -213,8 +213,8 @@ impl VitExec {
             (MaskPlan::Given(_), Some(m)) => Some(m.clone()),
             _ => {
                 let sc = importance.as_ref().expect("dynamic");
-                let patches = match s.masking.data_keep() {
-                    Some(keep) => top_k(sc, kept_count(keep, n)),
+                let patches = match s.masking.patch_rule() {
+                    Some(rule) => rule.select(sc),
                     None => (0..n).collect(),
                 };
                 Some(SampleMasks { patches, units: Vec::new() })
@@ -328,7 +328,8 @@ fn attention_head(layer: &Layer, normed: &[f32], k: usize, d: usize, dh: usize, 
     }
     let mut logits = vec![0.0f32; k * k];
     matmul(&mut logits, &q, &kt, k, dh, k, false);
-    for row in logits.chunks_mut(k) {
+    // `max(1)`: a thresholded DataMask may keep no token at all (then there are no rows).
+    for row in logits.chunks_mut(k.max(1)) {
         let max = row.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
         let mut sum = 0.0;
         for v in row.iter_mut() {

@@ -167,13 +167,28 @@ impl Default for ModelConfig {
     }
 }
 
+/// How the DataMask's patch budget is shared between samples while training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataRule {
+    /// Every sample keeps its own top `ceil(data_keep * N)` patches, at inference too.
+    #[default]
+    PerSample,
+    /// The batch keeps its top `data_keep` of all its samples' patches, so a sample with more
+    /// important patches keeps more of them; at inference a threshold on S, calibrated on the
+    /// training windows to keep `data_keep` of their patches, does the same per sample.
+    Batch,
+}
+
 /// The pruning method's targets and loss weights.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MethodConfig {
     pub mode: MaskMode,
-    /// Final fraction of patches kept by the DataMask.
+    /// Final fraction of patches kept by the DataMask (per sample, or on average: `data_rule`).
     pub data_keep: f32,
+    /// How that fraction is shared between samples.
+    pub data_rule: DataRule,
     /// Final fraction of units kept by the ModelMask.
     pub unit_keep: f32,
     /// Weight lambda of the FLOPs-budget loss.
@@ -189,6 +204,7 @@ impl Default for MethodConfig {
         MethodConfig {
             mode: MaskMode::Dense,
             data_keep: 1.0,
+            data_rule: DataRule::PerSample,
             unit_keep: 1.0,
             budget_weight: 1.0,
             warmup_epochs: 1.0,
@@ -411,6 +427,13 @@ impl RunConfig {
             return Err(bad("model.patch", m.patch.to_string(), &format!("a multiple of model.stride = {}", m.stride)));
         }
         fraction("method.data_keep", me.data_keep)?;
+        if me.data_rule == DataRule::Batch && !me.mode.data() {
+            return Err(bad(
+                "method.data_rule",
+                "\"batch\"".into(),
+                "\"per_sample\" unless method.mode has the DataMask (data or both)",
+            ));
+        }
         fraction("method.unit_keep", me.unit_keep)?;
         non_negative("method.budget_weight", me.budget_weight)?;
         non_negative("method.warmup_epochs", me.warmup_epochs)?;
@@ -443,6 +466,9 @@ mod tests {
         assert!(cfg.validate().unwrap_err().to_string().contains("multiple of model.stride"));
         let cfg: RunConfig = toml::from_str("[data]\ntrain = [\"2013-02-30\", \"2014-01-01\"]\n").unwrap();
         assert!(cfg.validate().unwrap_err().to_string().contains("data.train"));
+        let cfg: RunConfig = toml::from_str("[method]\nmode = \"model\"\ndata_rule = \"batch\"\n").unwrap();
+        assert!(cfg.validate().unwrap_err().to_string().contains("method.data_rule"));
+        assert!(toml::from_str::<RunConfig>("[method]\ndata_rule = \"global\"\n").is_err());
     }
 
     #[test]

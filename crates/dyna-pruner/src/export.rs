@@ -51,6 +51,7 @@ pub fn export<B: Backend>(model: &DynamicModel<B>, arch: &Architecture, masking:
         model_mask: masking.mode.model(),
         data_keep: masking.data_keep,
         unit_keep: masking.unit_keep,
+        data_threshold: masking.data_threshold,
     };
     let cnn = match &model.backbone {
         Backbone::Cnn(cnn) => cnn,
@@ -335,17 +336,27 @@ mod tests {
     #[test]
     fn executor_masks_and_macs_match_the_trainer() {
         let mut rng = StdRng::seed_from_u64(11);
-        for case in 0..9 {
+        // Cases 0-5: per-sample top-k; 6-8: a threshold at the batch's median S (counts differ
+        // per sample); 9-11: a threshold above every S (no patch kept at all).
+        for case in 0..12 {
             let arch = match case % 3 {
                 0 => random_arch(&mut rng),
                 1 => random_vit(&mut rng),
                 _ => random_convlstm(&mut rng),
             };
             let model = arch.init::<B>(&Default::default());
-            let masking = Masking { mode: MaskMode::Both, data_keep: 0.5, unit_keep: 0.4 };
-            let exec = executor(&model, &arch, masking);
             let (batch, h, w) = (3, rng.random_range(6..=16), rng.random_range(6..=16));
             let (x, xt) = input(&mut rng, &arch, batch, h, w);
+            let mut masking = Masking::top_k(MaskMode::Both, 0.5, 0.4);
+            if case >= 6 {
+                // Midway between two neighbouring scores: the executor's S differs from the
+                // trainer's in the last bits, which must not move a patch across the threshold.
+                let mut s = model.mask_generator.forward(xt.clone()).into_data().to_vec::<f32>().unwrap();
+                s.sort_by(|a, b| a.total_cmp(b));
+                let median = (s[s.len() / 2 - 1] + s[s.len() / 2]) / 2.0;
+                masking.data_threshold = Some(if case < 9 { median } else { 1.5 });
+            }
+            let exec = executor(&model, &arch, masking);
             let out = exec.forward(&x, batch, h, w, MaskPlan::Dynamic).unwrap();
             let fwd = model.forward(xt, masking);
             // Masks: the trainer's hard DataMask and unit masks as index lists.
@@ -380,7 +391,7 @@ mod tests {
         for (i, random) in makers.into_iter().enumerate() {
             let arch = random(&mut rng);
             let model = arch.init::<B>(&Default::default());
-            let masking = Masking { mode: MaskMode::Both, data_keep: 0.5, unit_keep: 0.5 };
+            let masking = Masking::top_k(MaskMode::Both, 0.5, 0.5);
             let path = dir.join(format!("model{i}.safetensors"));
             write(&path, &model, &arch, masking).unwrap();
             let loaded = dyna_pruner_exec::format::load(&path).unwrap();

@@ -244,7 +244,8 @@ impl<B: Backend> DynamicModel<B> {
     /// - output: `[batch, t_out, channels, height, width]`
     ///
     /// # Panics
-    /// If the backbone is not the CNN.
+    /// If the backbone is not the CNN, or if `masks` asks for a thresholded DataMask (its count
+    /// varies per sample; this path gathers the same count from every sample).
     pub fn forward_gathered(&self, x: Tensor<B, 5>, masks: GatheredMasks<B>) -> (Tensor<B, 5>, IndexMasks<B>) {
         let cnn = cnn_of(self);
         let b = x.dims()[0];
@@ -254,6 +255,7 @@ impl<B: Backend> DynamicModel<B> {
         let (importance, IndexMasks { patches, mut units }) = match masks {
             GatheredMasks::Given(m) => (None, m),
             GatheredMasks::Method(masking) => {
+                assert!(masking.data_threshold.is_none(), "the gathered GPU path runs top-k DataMasks only");
                 let s = self.mask_generator.forward(x.clone()).reshape([b, grid.patches]);
                 let k = kept_count(masking.data_keep, grid.patches);
                 (Some((s.clone(), masking)), IndexMasks { patches: top_k_indices(s, k), units: Vec::new() })
@@ -359,11 +361,11 @@ mod tests {
             let mut fixed = FixedMasks::new(&masks, (h.div_ceil(patch), w.div_ceil(patch)), &units, patch, &device);
             close(got, model.forward_masked(x.clone(), &mut fixed), &format!("case {case}: given masks"));
             // The method's own masks: the same as the trainer's forward at these keep ratios.
-            let masking = Masking { mode: MaskMode::Both, data_keep: 0.4, unit_keep: 0.6 };
+            let masking = Masking::top_k(MaskMode::Both, 0.4, 0.6);
             let (got, _) = model.forward_gathered(x.clone(), GatheredMasks::Method(masking));
             close(got, model.forward(x.clone(), masking).prediction, &format!("case {case}: method masks"));
             // Everything kept: the dense forward.
-            let all = Masking { mode: MaskMode::Both, data_keep: 1.0, unit_keep: 1.0 };
+            let all = Masking::top_k(MaskMode::Both, 1.0, 1.0);
             close(
                 model.forward_gathered(x.clone(), GatheredMasks::Method(all)).0,
                 model.forward(x, Masking::DENSE).prediction,

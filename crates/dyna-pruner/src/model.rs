@@ -204,7 +204,7 @@ mod tests {
             let model = arch_of(kind, patch, stride).init::<CpuBackend>(&device);
             let x = input::<CpuBackend>(3, h, w, &device);
             let dense = model.forward(x.clone(), Masking::DENSE).prediction;
-            let ones = Masking { mode: MaskMode::Both, data_keep: 1.0, unit_keep: 1.0 };
+            let ones = Masking::top_k(MaskMode::Both, 1.0, 1.0);
             let masked = model.forward(x, ones).prediction;
             assert_eq!(dense.dims(), [3, 2, 2, h, w]);
             let (a, b): (Vec<f32>, Vec<f32>) =
@@ -218,7 +218,7 @@ mod tests {
         let device = Default::default();
         // 16x8 frame, patch 2, stride 2: 8x4 = 32 patches, each one feature pixel.
         let model = arch(2, 2).init::<CpuBackend>(&device);
-        let masking = Masking { mode: MaskMode::Both, data_keep: 0.25, unit_keep: 0.5 };
+        let masking = Masking::top_k(MaskMode::Both, 0.25, 0.5);
         let out = model.forward(input::<CpuBackend>(4, 16, 8, &device), masking);
         assert_eq!(out.fractions.len(), 2);
         for f in &out.fractions {
@@ -233,7 +233,7 @@ mod tests {
     fn gradient_reaches_the_mask_generator_and_gates() {
         let device = Default::default();
         let model = arch(2, 2).init::<TrainBackend>(&device);
-        let masking = Masking { mode: MaskMode::Both, data_keep: 0.5, unit_keep: 0.5 };
+        let masking = Masking::top_k(MaskMode::Both, 0.5, 0.5);
         let out = model.forward(input::<TrainBackend>(2, 8, 8, &device), masking);
         let grads = out.prediction.powi_scalar(2).mean().backward();
         let g = model.mask_generator.head.weight.grad(&grads).expect("mask generator gets a gradient");
@@ -247,7 +247,7 @@ mod tests {
         let device = Default::default();
         let model = arch(4, 2).init::<CpuBackend>(&device);
         let x = input::<CpuBackend>(1, 16, 16, &device);
-        let one = Masking { mode: MaskMode::Both, data_keep: 1e-3, unit_keep: 1e-3 };
+        let one = Masking::top_k(MaskMode::Both, 1e-3, 1e-3);
         let out = model.forward(x, one);
         let s: Vec<f32> = out.fractions[0].hard.0.clone().into_data().to_vec().unwrap();
         let u: Vec<f32> = out.fractions[0].hard.1.clone().into_data().to_vec().unwrap();

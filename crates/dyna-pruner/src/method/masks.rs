@@ -1,4 +1,5 @@
-//! Hard top-k masks and the straight-through estimator shared by the DataMask and the ModelMask.
+//! Hard top-k and threshold masks and the straight-through estimator shared by the DataMask and
+//! the ModelMask.
 
 use burn::prelude::*;
 use burn::tensor::IndexingUpdateOp;
@@ -64,6 +65,27 @@ pub fn top_k_ste<B: Backend>(scores: Tensor<B, 2>, ratio: f32) -> Tensor<B, 2> {
     straight_through(hard, scores)
 }
 
+/// Hard `scores >= tau` with straight-through gradients to `scores`: a count that varies per row.
+///
+/// # Shapes
+/// - scores: any, in [0, 1]
+/// - output: the same, 0/1 in the forward pass
+pub fn threshold_ste<B: Backend, const D: usize>(scores: Tensor<B, D>, tau: f32) -> Tensor<B, D> {
+    let hard = scores.clone().detach().greater_equal_elem(tau).float();
+    straight_through(hard, scores)
+}
+
+/// The threshold that keeps `kept_count(ratio, n)` of the `n` scores: the value of that rank,
+/// highest first (ties at it are all kept by `>=`). `None` when `scores` is empty or not finite.
+pub fn quantile_threshold(mut scores: Vec<f32>, ratio: f32) -> Option<f32> {
+    if scores.is_empty() || scores.iter().any(|s| !s.is_finite()) {
+        return None;
+    }
+    let k = kept_count(ratio, scores.len());
+    let (_, value, _) = scores.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+    Some(*value)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,6 +130,24 @@ mod tests {
         }
         let tied = Tensor::<B, 2>::from_floats([[0.5, 1.0, 0.5, 1.0, 0.2]], &device);
         assert_eq!(ints(top_k_indices(tied, 3)), vec![1, 3, 0]);
+    }
+
+    #[test]
+    fn quantile_threshold_keeps_the_ratio_and_all_ties() {
+        let scores = vec![0.1, 0.9, 0.5, 0.7, 0.3, 0.5, 0.2, 0.8, 0.6, 0.4];
+        assert_eq!(quantile_threshold(scores.clone(), 0.3), Some(0.7));
+        assert_eq!(quantile_threshold(scores.clone(), 1.0), Some(0.1));
+        assert_eq!(quantile_threshold(scores.clone(), 0.0), Some(0.9));
+        // Rank 6 is one of two tied 0.5s: both pass `>=`.
+        assert_eq!(quantile_threshold(scores, 0.6), Some(0.5));
+        assert_eq!(quantile_threshold(Vec::new(), 0.5), None);
+        assert_eq!(quantile_threshold(vec![0.2, f32::NAN], 0.5), None);
+        let device = Default::default();
+        let s = Tensor::<B, 2>::from_floats([[0.9, 0.2, 0.6], [0.1, 0.65, 0.7]], &device).require_grad();
+        let m = threshold_ste(s.clone(), 0.6);
+        assert_eq!(m.clone().into_data().to_vec::<f32>().unwrap(), vec![1.0, 0.0, 1.0, 0.0, 1.0, 1.0]);
+        let grads = m.sum().backward();
+        assert_eq!(s.grad(&grads).unwrap().into_data().to_vec::<f32>().unwrap(), vec![1.0; 6]);
     }
 
     #[test]

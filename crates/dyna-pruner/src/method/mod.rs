@@ -41,14 +41,25 @@ impl MaskMode {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Masking {
     pub mode: MaskMode,
-    /// Fraction of patches kept by the DataMask.
+    /// Fraction of patches kept by the DataMask: the top `ceil(data_keep * N)` of every sample,
+    /// or, with `data_threshold`, the mean fraction that threshold was calibrated to keep.
     pub data_keep: f32,
     /// Fraction of units kept by the ModelMask in every prunable layer.
     pub unit_keep: f32,
+    /// When set, the DataMask keeps the patches with `S >= data_threshold`: a count that varies
+    /// per sample (rainy samples keep more patches than dry ones). Absent in checkpoints from
+    /// before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_threshold: Option<f32>,
 }
 
 impl Masking {
-    pub const DENSE: Masking = Masking { mode: MaskMode::Dense, data_keep: 1.0, unit_keep: 1.0 };
+    pub const DENSE: Masking = Masking::top_k(MaskMode::Dense, 1.0, 1.0);
+
+    /// Masks keeping a fixed fraction of each sample's patches and of each layer's units.
+    pub const fn top_k(mode: MaskMode, data_keep: f32, unit_keep: f32) -> Masking {
+        Masking { mode, data_keep, unit_keep, data_threshold: None }
+    }
 }
 
 /// The masks of one prunable layer. `None` keeps everything.
@@ -115,8 +126,12 @@ impl<'a, B: Backend> DynamicMasks<'a, B> {
     pub fn new(importance: Tensor<B, 3>, gates: &'a [UnitGate<B>], masking: Masking, patch: usize) -> Self {
         let [b, hp, wp] = importance.dims();
         let data_mask = if masking.mode.data() {
-            let flat = importance.clone().reshape([b, hp * wp]);
-            masks::top_k_ste(flat, masking.data_keep).reshape([b, hp, wp])
+            match masking.data_threshold {
+                Some(tau) => masks::threshold_ste(importance.clone(), tau),
+                None => {
+                    masks::top_k_ste(importance.clone().reshape([b, hp * wp]), masking.data_keep).reshape([b, hp, wp])
+                }
+            }
         } else {
             importance.ones_like()
         };

@@ -17,13 +17,14 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
-use crate::config::DataFormat;
-use crate::config::Plan;
-use crate::data::{self, Domain, Horizon, MinMaxScaler, Scaler, Splits, ZScoreScaler};
+use crate::config::{DataFormat, DataRule, Plan};
+use crate::data::{self, Domain, Horizon, MinMaxScaler, Scaler, Splits, WindowSet, ZScoreScaler};
 use crate::error::{Error, Result};
 use crate::eval::{evaluate, Scoring};
 use crate::method::budget::{annealed, budget_loss};
+use crate::method::masks::quantile_threshold;
 use crate::method::{MaskMode, Masking};
+use crate::model::DynamicModel;
 use checkpoint::{CheckpointMeta, Provenance, Recorder};
 
 /// Receives progress of a training run.
@@ -169,12 +170,9 @@ pub fn train<B: AutodiffBackend>(
     let mode = cfg.method.mode;
     let masking_at = |step: usize| {
         let progress = if warmup_steps == 0 { 1.0 } else { step as f32 / warmup_steps as f32 };
-        Masking {
-            mode,
-            data_keep: annealed(cfg.method.data_keep, progress),
-            unit_keep: annealed(cfg.method.unit_keep, progress),
-        }
+        Masking::top_k(mode, annealed(cfg.method.data_keep, progress), annealed(cfg.method.unit_keep, progress))
     };
+    let batch_rule = cfg.method.data_rule == DataRule::Batch;
     let mac_model = model.mac_model(splits.train.height, splits.train.width);
     let missing_data = *splits.train.domain() == Domain::Radar;
     // Weather: the training period's mean frame, stored with every saved checkpoint for the ACC.
@@ -213,11 +211,18 @@ pub fn train<B: AutodiffBackend>(
         let mut loss_sum = 0.0;
         for (s, chunk) in order.chunks(batch).enumerate() {
             let step = (epoch - 1) * steps_per_epoch + s;
-            let masking = masking_at(step);
+            let mut masking = masking_at(step);
             let (x, y) = match cfg.train.crop {
                 0 => splits.train.batch::<B>(chunk, &scaler, device),
                 crop => splits.train.batch_crops::<B>(chunk, (crop, cfg.train.augment), &mut crop_rng, &scaler, device),
             };
+            if batch_rule {
+                // The batch's own quantile of S: its top `data_keep` of all patches pass.
+                let scores = model.mask_generator.forward(x.clone()).detach().into_data();
+                let scores = scores.to_vec::<f32>().expect("f32 importance");
+                let threshold = quantile_threshold(scores, masking.data_keep);
+                masking.data_threshold = Some(threshold.ok_or_else(|| non_finite_importance(out, epoch))?);
+            }
             let teacher_pred = teacher
                 .as_ref()
                 .filter(|_| cfg.method.distill_weight > 0.0)
@@ -249,7 +254,11 @@ pub fn train<B: AutodiffBackend>(
             model = optim.step(lr, model, grads);
             progress.step(s + 1, value);
         }
-        let end_masking = masking_at(epoch * steps_per_epoch);
+        let mut end_masking = masking_at(epoch * steps_per_epoch);
+        if batch_rule {
+            let threshold = calibrate_threshold(&model.valid(), &splits.train, &scaler, end_masking.data_keep, device);
+            end_masking.data_threshold = Some(threshold.ok_or_else(|| non_finite_importance(out, epoch))?);
+        }
         let scoring = Scoring { scaler: &scaler, climatology: None };
         let val = evaluate(&model.valid(), &splits.val, scoring, end_masking, 256, device, &mut |d, t| {
             progress.validating(d, t)
@@ -274,7 +283,13 @@ pub fn train<B: AutodiffBackend>(
         if best {
             state.best_epoch = epoch;
             state.best_val_mse = val_mse;
-            let meta = meta_for::<B>(plan, architecture.clone(), scaler.clone(), climatology.clone(), &splits, &state);
+            let me = &cfg.method;
+            let masking = Masking {
+                data_threshold: end_masking.data_threshold,
+                ..Masking::top_k(me.mode, me.data_keep, me.unit_keep)
+            };
+            let arch = architecture.clone();
+            let meta = meta_for::<B>(plan, arch, scaler.clone(), climatology.clone(), &splits, &state, masking);
             checkpoint::save(out, &model, &meta, &plan.config)?;
         }
         save_resume(out, &model, &optim, &state)?;
@@ -291,6 +306,7 @@ fn meta_for<B: Backend>(
     climatology: Option<Vec<f32>>,
     splits: &Splits,
     state: &ResumeState,
+    masking: Masking,
 ) -> CheckpointMeta {
     let cfg = &plan.config;
     let train_windows = splits.train.len();
@@ -298,7 +314,7 @@ fn meta_for<B: Backend>(
         architecture,
         scaler,
         climatology,
-        masking: Masking { mode: cfg.method.mode, data_keep: cfg.method.data_keep, unit_keep: cfg.method.unit_keep },
+        masking,
         provenance: Provenance {
             seed: cfg.train.seed,
             commit: checkpoint::current_commit(),
@@ -312,6 +328,33 @@ fn meta_for<B: Backend>(
             data_files: cfg.data.files.clone(),
             init_from: cfg.train.init_from.clone(),
         },
+    }
+}
+
+/// The DataMask threshold that keeps `data_keep` of all patches of `windows` (whole frames):
+/// the inference form of [`DataRule::Batch`], computed with `model`'s mask generator. `None`
+/// when there are no windows or S is not finite.
+pub fn calibrate_threshold<B: Backend>(
+    model: &DynamicModel<B>,
+    windows: &WindowSet,
+    scaler: &Scaler,
+    data_keep: f32,
+    device: &B::Device,
+) -> Option<f32> {
+    let indices: Vec<usize> = (0..windows.len()).collect();
+    let mut scores = Vec::new();
+    for chunk in indices.chunks(64) {
+        let (x, _) = windows.batch::<B>(chunk, scaler, device);
+        scores.extend(model.mask_generator.forward(x).into_data().to_vec::<f32>().expect("f32 importance"));
+    }
+    quantile_threshold(scores, data_keep)
+}
+
+fn non_finite_importance(out: &Path, epoch: usize) -> Error {
+    Error::BadValues {
+        path: out.to_path_buf(),
+        field: "importance S".into(),
+        detail: format!("not finite in epoch {epoch}, so no DataMask threshold; lower train.lr"),
     }
 }
 
