@@ -197,6 +197,10 @@ pub struct MethodConfig {
     pub warmup_epochs: f32,
     /// Weight of `mse(prediction, teacher prediction)` when `train.init_from` is set.
     pub distill_weight: f32,
+    /// Weight of the supervision of S by the patches whose targets hold signal (0: off).
+    pub mask_target_weight: f32,
+    /// A patch holds signal when a target value exceeds this (scaled units: VIL / 255 for radar).
+    pub mask_target_level: f32,
 }
 
 impl Default for MethodConfig {
@@ -209,6 +213,8 @@ impl Default for MethodConfig {
             budget_weight: 1.0,
             warmup_epochs: 1.0,
             distill_weight: 1.0,
+            mask_target_weight: 0.0,
+            mask_target_level: 0.0,
         }
     }
 }
@@ -438,6 +444,10 @@ impl RunConfig {
         non_negative("method.budget_weight", me.budget_weight)?;
         non_negative("method.warmup_epochs", me.warmup_epochs)?;
         non_negative("method.distill_weight", me.distill_weight)?;
+        non_negative("method.mask_target_weight", me.mask_target_weight)?;
+        if !me.mask_target_level.is_finite() {
+            return Err(bad("method.mask_target_level", me.mask_target_level.to_string(), "a finite level"));
+        }
         in_range("train.epochs", t.epochs, 1, 100_000)?;
         in_range("train.batch_size", t.batch_size, 1, 4096)?;
         in_range("train.window_stride", t.window_stride, 1, 10_000)?;

@@ -1,4 +1,5 @@
-//! The FLOPs-budget loss and the annealing of the keep ratios.
+//! The method's losses: the FLOPs budget and the optional supervision of S; the annealing of the
+//! keep ratios.
 
 use burn::prelude::*;
 
@@ -43,6 +44,32 @@ pub fn budget_loss<B: Backend>(
     }
 }
 
+/// Binary cross-entropy between S and the patches whose target frames hold signal: a patch is
+/// a target patch when any of its target values (any frame, channel) exceeds `level` (scaled
+/// units; missing values never do). It teaches the generator where the future holds something
+/// to compute (rain, traffic) instead of leaving that to the straight-through gradient alone.
+///
+/// # Shapes
+/// - importance: S `[batch, hp, wp]` in [0, 1]
+/// - target: `[batch, t_out, channels, height, width]`, `height <= hp * patch`, `width <= wp * patch`
+/// - output: `[1]`
+pub fn mask_target_loss<B: Backend>(
+    importance: Tensor<B, 3>,
+    target: Tensor<B, 5>,
+    patch: usize,
+    level: f32,
+) -> Tensor<B, 1> {
+    let [b, t, c, h, w] = target.dims();
+    let target = target.clone().mask_fill(target.is_nan(), f32::NEG_INFINITY);
+    let peak = target.reshape([b, t * c, h, w]).max_dim(1);
+    let peak = burn::tensor::module::max_pool2d(peak, [patch, patch], [patch, patch], [0, 0], [1, 1], true);
+    let [_, hp, wp] = importance.dims();
+    let wanted = peak.reshape([b, hp, wp]).greater_elem(level).float();
+    let s = importance.clamp(1e-6, 1.0 - 1e-6);
+    let bce = wanted.clone() * s.clone().log() + (wanted.neg() + 1.0) * (s.neg() + 1.0).log();
+    bce.mean().neg()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -53,6 +80,30 @@ mod tests {
         assert_eq!(annealed(0.4, 0.0), 1.0);
         assert!((annealed(0.4, 0.5) - 0.7).abs() < 1e-6);
         assert_eq!(annealed(0.4, 2.0), 0.4);
+    }
+
+    #[test]
+    fn mask_target_marks_patches_with_signal_and_pulls_s_towards_them() {
+        let device = Default::default();
+        // One sample, 2 frames, 3x5 pixels, patch 2: a 2x3 patch grid (the last row and column cut).
+        let mut y = vec![0.0f32; 2 * 3 * 5];
+        y[4] = 0.5; // frame 0, pixel (0, 4): patch (0, 2)
+        y[15 + 2 * 5 + 1] = 0.9; // frame 1, pixel (2, 1): patch (1, 0)
+        y[3] = f32::NAN; // missing, patch (0, 1): not a target
+        let y = Tensor::<TrainBackend, 5>::from_data(TensorData::new(y, [1, 2, 1, 3, 5]), &device);
+        let s =
+            Tensor::<TrainBackend, 3>::from_data(TensorData::new(vec![0.5f32; 6], [1, 2, 3]), &device).require_grad();
+        let loss = mask_target_loss(s.clone(), y.clone(), 2, 0.1);
+        assert!((loss.clone().into_scalar() - std::f32::consts::LN_2).abs() < 1e-5);
+        let g: Vec<f32> = s.grad(&loss.backward()).unwrap().into_data().to_vec().unwrap();
+        let wanted = [false, false, true, true, false, false];
+        for (i, (&gi, &w)) in g.iter().zip(&wanted).enumerate() {
+            assert!(if w { gi < 0.0 } else { gi > 0.0 }, "patch {i}: gradient {gi}");
+        }
+        // Above every value: no target patch at all.
+        let none = mask_target_loss(s.clone(), y, 2, 1.0);
+        let g: Vec<f32> = s.grad(&none.backward()).unwrap().into_data().to_vec().unwrap();
+        assert!(g.iter().all(|&gi| gi > 0.0));
     }
 
     #[test]

@@ -21,7 +21,7 @@ use crate::config::{DataFormat, DataRule, Plan};
 use crate::data::{self, Domain, Horizon, MinMaxScaler, Scaler, Splits, WindowSet, ZScoreScaler};
 use crate::error::{Error, Result};
 use crate::eval::{evaluate, Scoring};
-use crate::method::budget::{annealed, budget_loss};
+use crate::method::budget::{annealed, budget_loss, mask_target_loss};
 use crate::method::masks::quantile_threshold;
 use crate::method::{MaskMode, Masking};
 use crate::model::DynamicModel;
@@ -228,7 +228,11 @@ pub fn train<B: AutodiffBackend>(
                 .filter(|_| cfg.method.distill_weight > 0.0)
                 .map(|(t, m)| Tensor::<B, 5>::from_inner(t.forward(x.clone().inner(), *m).prediction));
             let fwd = model.forward(x, masking);
-            let mut loss = prediction_loss(fwd.prediction.clone(), y, missing_data);
+            let mut loss = prediction_loss(fwd.prediction.clone(), y.clone(), missing_data);
+            if let Some(s) = fwd.importance.clone().filter(|_| cfg.method.mask_target_weight > 0.0) {
+                let supervision = mask_target_loss(s, y, cfg.model.patch, cfg.method.mask_target_level);
+                loss = loss + supervision * cfg.method.mask_target_weight;
+            }
             if let Some(t) = teacher_pred {
                 loss = loss + (fwd.prediction - t).powi_scalar(2).mean() * cfg.method.distill_weight;
             }
