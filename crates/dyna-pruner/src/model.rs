@@ -124,6 +124,17 @@ impl<B: Backend> DynamicModel<B> {
             return Forward { prediction, importance: None, fractions: Vec::new(), data_mask: None };
         }
         let importance = self.mask_generator.forward(x.clone());
+        self.forward_with_importance(x, importance, masking)
+    }
+
+    /// [`Self::forward`] with S already computed by this model's mask generator (the batch
+    /// DataMask rule reads S before choosing the threshold).
+    ///
+    /// # Shapes
+    /// - x: `[batch, t_in, channels, height, width]`
+    /// - importance: `[batch, ceil(height / patch), ceil(width / patch)]`
+    /// - prediction: `[batch, t_out, channels, height, width]`
+    pub fn forward_with_importance(&self, x: Tensor<B, 5>, importance: Tensor<B, 3>, masking: Masking) -> Forward<B> {
         let mut masks = DynamicMasks::new(importance, &self.unit_gates, masking, self.patch);
         let prediction = self.backbone.forward(x, &mut masks);
         Forward {

@@ -216,18 +216,25 @@ pub fn train<B: AutodiffBackend>(
                 0 => splits.train.batch::<B>(chunk, &scaler, device),
                 crop => splits.train.batch_crops::<B>(chunk, (crop, cfg.train.augment), &mut crop_rng, &scaler, device),
             };
-            if batch_rule {
-                // The batch's own quantile of S: its top `data_keep` of all patches pass.
-                let scores = model.mask_generator.forward(x.clone()).detach().into_data();
-                let scores = scores.to_vec::<f32>().expect("f32 importance");
+            // Batch rule: S first, then the batch's own quantile of it (its top `data_keep` of
+            // all patches pass), then the forward on that S.
+            let importance = if batch_rule {
+                let s = model.mask_generator.forward(x.clone());
+                let scores = s.clone().detach().into_data().to_vec::<f32>().expect("f32 importance");
                 let threshold = quantile_threshold(scores, masking.data_keep);
                 masking.data_threshold = Some(threshold.ok_or_else(|| non_finite_importance(out, epoch))?);
-            }
+                Some(s)
+            } else {
+                None
+            };
             let teacher_pred = teacher
                 .as_ref()
                 .filter(|_| cfg.method.distill_weight > 0.0)
                 .map(|(t, m)| Tensor::<B, 5>::from_inner(t.forward(x.clone().inner(), *m).prediction));
-            let fwd = model.forward(x, masking);
+            let fwd = match importance {
+                Some(s) => model.forward_with_importance(x, s, masking),
+                None => model.forward(x, masking),
+            };
             let mut loss = prediction_loss(fwd.prediction.clone(), y.clone(), missing_data);
             if let Some(s) = fwd.importance.clone().filter(|_| cfg.method.mask_target_weight > 0.0) {
                 let supervision = mask_target_loss(s, y, cfg.model.patch, cfg.method.mask_target_level);
