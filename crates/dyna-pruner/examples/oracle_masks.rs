@@ -11,6 +11,7 @@ use dyna_pruner::method::FixedMasks;
 use dyna_pruner::metrics::Metrics;
 use dyna_pruner::train::{checkpoint, prepare_data};
 use dyna_pruner::CpuBackend;
+use dyna_pruner_exec::masks::top_k;
 use dyna_pruner_exec::SampleMasks;
 use std::path::Path;
 
@@ -30,55 +31,52 @@ fn main() {
     let n = hp * wp;
     let units: Vec<usize> = ck.model.backbone.prunable_layers().iter().map(|l| l.units).collect();
     let t_out = ck.meta.architecture.t_out;
+    let k = dyna_pruner::method::masks::kept_count(keep, n);
     // own: the model's top-k of S; oracle: exactly the rainy patches (a count per sample);
     // oracle+S: the rainy patches, topped up by S to the model's count; oracle top-k: the
     // model's count, rainiest patches first.
-    for variant in ["own", "oracle", "oracle+S", "oracle top-k"] {
-        let mut metrics = Metrics::for_windows(w, &scaler, None);
-        let mut kept_sum = 0.0;
-        for i in 0..w.len() {
-            let (x, y) = w.batch::<CpuBackend>(&[i], &scaler, &device);
-            let s: Vec<f32> = ck.model.mask_generator.forward(x.clone()).into_data().to_vec().unwrap();
-            let target = w.target(i);
-            // Rain (VIL >= 16, on the data's own 0-255 scale) per patch over the target frames.
-            let mut rain = vec![0.0f32; n];
-            for t in 0..t_out {
-                for yy in 0..h {
-                    for xx in 0..wd {
-                        let v = target[t * h * wd + yy * wd + xx];
-                        if v >= 16.0 {
-                            rain[(yy / p) * wp + xx / p] += v;
-                        }
+    let variants = ["own", "oracle", "oracle+S", "oracle top-k"];
+    let mut metrics: Vec<Metrics> = variants.iter().map(|_| Metrics::for_windows(w, &scaler, None)).collect();
+    let mut kept_sum = [0.0f64; 4];
+    for i in 0..w.len() {
+        let (x, y) = w.batch::<CpuBackend>(&[i], &scaler, &device);
+        let s: Vec<f32> = ck.model.mask_generator.forward(x.clone()).into_data().to_vec().unwrap();
+        let tgt: Vec<f32> = y.into_data().to_vec().unwrap();
+        let target = w.target(i);
+        // Rain (VIL >= 16, on the data's own 0-255 scale) per patch over the target frames.
+        let mut rain = vec![0.0f32; n];
+        for t in 0..t_out {
+            for yy in 0..h {
+                for xx in 0..wd {
+                    let v = target[t * h * wd + yy * wd + xx];
+                    if v >= 16.0 {
+                        rain[(yy / p) * wp + xx / p] += v;
                     }
                 }
             }
-            let k = dyna_pruner::method::masks::kept_count(keep, n);
-            let by = |score: &dyn Fn(usize) -> f32| {
-                let mut order: Vec<usize> = (0..n).collect();
-                order.sort_by(|&a, &b| score(b).total_cmp(&score(a)));
-                order
-            };
-            let mut patches: Vec<usize> = match variant {
-                "own" => by(&|j| s[j]).into_iter().take(k).collect(),
+        }
+        let rainy = rain.iter().filter(|&&r| r > 0.0).count();
+        // Rainy patches first (rainiest first), then the rest by S.
+        let rain_first: Vec<f32> = (0..n).map(|j| if rain[j] > 0.0 { 2.0 + rain[j] } else { s[j] }).collect();
+        for (v, variant) in variants.iter().enumerate() {
+            let patches = match *variant {
+                "own" => top_k(&s, k),
                 "oracle" => (0..n).filter(|&j| rain[j] > 0.0).collect(),
-                "oracle+S" => by(&|j| if rain[j] > 0.0 { 2.0 + rain[j] } else { s[j] })
-                    .into_iter()
-                    .take(k.max(rain.iter().filter(|&&r| r > 0.0).count()))
-                    .collect(),
-                _ => by(&|j| if rain[j] > 0.0 { 2.0 + rain[j] } else { s[j] }).into_iter().take(k).collect(),
+                "oracle+S" => top_k(&rain_first, k.max(rainy)),
+                _ => top_k(&rain_first, k),
             };
-            patches.sort_unstable();
-            kept_sum += patches.len() as f64 / n as f64;
+            kept_sum[v] += patches.len() as f64 / n as f64;
             let m = vec![SampleMasks { patches, units: units.iter().map(|&u| (0..u).collect()).collect() }];
             let mut fixed = FixedMasks::<CpuBackend>::new(&m, (hp, wp), &units, p, &device);
-            let pred: Vec<f32> = ck.model.forward_masked(x, &mut fixed).into_data().to_vec().unwrap();
-            let tgt: Vec<f32> = y.into_data().to_vec().unwrap();
-            metrics.update(&pred, &tgt);
+            let pred: Vec<f32> = ck.model.forward_masked(x.clone(), &mut fixed).into_data().to_vec().unwrap();
+            metrics[v].update(&pred, &tgt);
         }
-        let r = metrics.finish();
+    }
+    for (v, variant) in variants.iter().enumerate() {
+        let r = metrics[v].finish();
         println!(
             "{variant:>18}: kept {:.3} csi_m {:.4} csi/16 {:.4} csi/74 {:.4} csi/133 {:.4} mse {:.5}",
-            kept_sum / w.len() as f64,
+            kept_sum[v] / w.len() as f64,
             r["csi_m"],
             r["csi/16"],
             r["csi/74"],
