@@ -271,6 +271,7 @@ pub fn train<B: AutodiffBackend>(
             end_masking.data_threshold = Some(threshold.ok_or_else(|| non_finite_importance(out, epoch))?);
         }
         let scoring = Scoring { scaler: &scaler, climatology: None };
+        progress.validating(0, splits.val.len());
         let val = evaluate(&model.valid(), &splits.val, scoring, end_masking, 256, device, &mut |d, t| {
             progress.validating(d, t)
         });
