@@ -11,7 +11,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use dyna_pruner::backbones::BackboneKind;
+use dyna_pruner::backbones::{BackboneKind, DataScope};
 use dyna_pruner::export;
 use dyna_pruner::method::{MaskMode, Masking};
 use dyna_pruner::model::Architecture;
@@ -29,6 +29,8 @@ pub struct BenchPlan {
     pub fractions: Vec<f32>,
     pub runs: usize,
     pub warmup: usize,
+    /// The CNN's DataMask scope (GPU bench).
+    pub data_scope: DataScope,
 }
 
 /// One measured configuration (CPU and GPU benches alike).
@@ -79,6 +81,7 @@ pub fn architecture(kind: BackboneKind) -> Architecture {
             patch: 8,
             generator_width: 16,
             generator_motion: false,
+            data_scope: DataScope::Translator,
         },
         BackboneKind::Vit => Architecture {
             backbone: kind,
@@ -93,6 +96,7 @@ pub fn architecture(kind: BackboneKind) -> Architecture {
             patch: 4,
             generator_width: 16,
             generator_motion: false,
+            data_scope: DataScope::Translator,
         },
         BackboneKind::ConvLstm => Architecture {
             backbone: kind,
@@ -107,6 +111,7 @@ pub fn architecture(kind: BackboneKind) -> Architecture {
             patch: 16,
             generator_width: 16,
             generator_motion: false,
+            data_scope: DataScope::Translator,
         },
     }
 }
@@ -161,7 +166,7 @@ pub fn run(out: &Path, plan: &BenchPlan) -> anyhow::Result<()> {
 fn bench_backbone(arch: &Architecture, sizes: &[(usize, usize)], plan: &BenchPlan) -> anyhow::Result<Vec<Row>> {
     let device = Default::default();
     let model = arch.init::<CpuBackend>(&device);
-    let dense_exec = export::executor(&model, arch, Masking::DENSE);
+    let dense_exec = export::executor(&model, arch, Masking::DENSE)?;
     let name = arch.backbone.name();
     let mut rows = Vec::new();
     println!("\n{arch:?}\n");
@@ -188,7 +193,7 @@ fn bench_backbone(arch: &Architecture, sizes: &[(usize, usize)], plan: &BenchPla
             let mut sparse = Vec::new();
             for &f in &plan.fractions {
                 let masking = Masking::top_k(MaskMode::Both, f, f);
-                let exec = export::executor(&model, arch, masking);
+                let exec = export::executor(&model, arch, masking)?;
                 let macs = exec.forward(&x, batch, h, w, MaskPlan::Dynamic)?.macs.iter().sum::<u64>();
                 sparse.push((f, exec, macs as f64 / batch as f64));
             }

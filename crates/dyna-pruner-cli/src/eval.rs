@@ -185,7 +185,7 @@ pub fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dyna_pruner::backbones::BackboneKind;
+    use dyna_pruner::backbones::{BackboneKind, DataScope};
 
     /// `eval --data` on a SEVIR checkpoint used to read the first path as the catalog and drop
     /// the others without a word.
@@ -208,6 +208,7 @@ mod tests {
             patch: 8,
             generator_width: 4,
             generator_motion: false,
+            data_scope: DataScope::Translator,
         };
         let two = [PathBuf::from("a/CATALOG.csv"), PathBuf::from("b/CATALOG.csv")];
         let err = windows_for(&dir, &arch, &two).unwrap_err().to_string();

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 use device::DeviceArg;
-use dyna_pruner::backbones::BackboneKind;
+use dyna_pruner::backbones::{BackboneKind, DataScope};
 
 #[derive(Parser)]
 #[command(
@@ -110,6 +110,10 @@ enum Command {
         /// With `--device cuda`: also time this PyTorch twin of the dense CNN (scripts/torch_twin.py).
         #[arg(long)]
         torch_twin: Option<PathBuf>,
+        /// With `--device cuda`: the layers the CNN's DataMask prunes, `translator` or `network`
+        /// (also the encoder and decoder).
+        #[arg(long, default_value = "translator", value_parser = parse_scope)]
+        data_scope: DataScope,
     },
     /// Evaluate the shipped dense and dynamic models and persistence on a task's test range:
     /// crowd (TaxiNYC, CNN) or weather (ERA5 t2m, ViT).
@@ -148,6 +152,11 @@ fn parse_backbone(s: &str) -> Result<BackboneKind, String> {
     })
 }
 
+fn parse_scope(s: &str) -> Result<DataScope, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_string()))
+        .map_err(|_| format!("`{s}` is not a DataMask scope (translator, network)"))
+}
+
 fn parse_size(s: &str) -> Result<(usize, usize), String> {
     let bad = || format!("`{s}` is not a frame size HxW with both sides >= 1 (e.g. 32x64)");
     let (h, w) = s.split_once('x').ok_or_else(bad)?;
@@ -172,7 +181,19 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Demo { task, out, retrain, root, device } => demo::run(task, &out, retrain, &root, device),
         Command::Predict { checkpoint, data, out, batch_size } => predict::run(&checkpoint, &data, &out, batch_size),
-        Command::Bench { out, backbones, sizes, vit_sizes, batches, fractions, runs, warmup, device, torch_twin } => {
+        Command::Bench {
+            out,
+            backbones,
+            sizes,
+            vit_sizes,
+            batches,
+            fractions,
+            runs,
+            warmup,
+            device,
+            torch_twin,
+            data_scope,
+        } => {
             if runs == 0
                 || fractions.iter().any(|f| !(*f > 0.0 && *f <= 1.0))
                 || sizes.contains(&0)
@@ -180,8 +201,11 @@ fn main() -> anyhow::Result<()> {
             {
                 anyhow::bail!("bench: --runs >= 1, sizes and batches >= 1, fractions in (0, 1]");
             }
-            let plan = bench::BenchPlan { backbones, sizes, vit_sizes, batches, fractions, runs, warmup };
+            let plan = bench::BenchPlan { backbones, sizes, vit_sizes, batches, fractions, runs, warmup, data_scope };
             match device {
+                DeviceArg::Cpu if data_scope != DataScope::Translator => {
+                    anyhow::bail!("bench: --data-scope network runs on the GPU path only (--device cuda); the CPU executor prunes the translator")
+                }
                 DeviceArg::Cpu => bench::run(&out, &plan),
                 DeviceArg::Cuda => with_backend!(device, |B, T, dev| bench_device::run::<B>(
                     &dev,

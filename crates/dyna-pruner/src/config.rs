@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::backbones::BackboneKind;
+use crate::backbones::{BackboneKind, DataScope};
 use crate::data::timeslots::parse_date;
 use crate::data::{DateRange, SlotFormat, Split};
 use crate::error::{Error, Result};
@@ -149,6 +149,9 @@ pub struct ModelConfig {
     pub generator_width: usize,
     /// The mask generator also reads the signed temporal difference (the direction things move).
     pub generator_motion: bool,
+    /// CNN: which layers the DataMask prunes, `"translator"` (default) or `"network"` (also the
+    /// encoder and decoder; pruned patches then predict persistence).
+    pub data_scope: DataScope,
 }
 
 impl Default for ModelConfig {
@@ -163,6 +166,7 @@ impl Default for ModelConfig {
             patch: 2,
             generator_width: 16,
             generator_motion: false,
+            data_scope: DataScope::Translator,
         }
     }
 }
@@ -291,6 +295,7 @@ impl Plan {
             patch: m.patch,
             generator_width: m.generator_width,
             generator_motion: m.generator_motion,
+            data_scope: m.data_scope,
         }
     }
 }
@@ -432,6 +437,13 @@ impl RunConfig {
         if m.backbone != BackboneKind::Vit && m.patch % m.stride != 0 {
             return Err(bad("model.patch", m.patch.to_string(), &format!("a multiple of model.stride = {}", m.stride)));
         }
+        if m.data_scope == DataScope::Network && m.backbone != BackboneKind::Cnn {
+            return Err(bad(
+                "model.data_scope",
+                "\"network\"".into(),
+                "\"translator\" unless model.backbone = \"cnn\"",
+            ));
+        }
         fraction("method.data_keep", me.data_keep)?;
         if me.data_rule == DataRule::Batch && !me.mode.data() {
             return Err(bad(
@@ -479,6 +491,9 @@ mod tests {
         let cfg: RunConfig = toml::from_str("[method]\nmode = \"model\"\ndata_rule = \"batch\"\n").unwrap();
         assert!(cfg.validate().unwrap_err().to_string().contains("method.data_rule"));
         assert!(toml::from_str::<RunConfig>("[method]\ndata_rule = \"global\"\n").is_err());
+        let cfg: RunConfig = toml::from_str("[model]\nbackbone = \"vit\"\ndata_scope = \"network\"\n").unwrap();
+        assert!(cfg.validate().unwrap_err().to_string().contains("model.data_scope"));
+        assert!(toml::from_str::<RunConfig>("[model]\ndata_scope = \"everything\"\n").is_err());
     }
 
     #[test]

@@ -8,7 +8,7 @@ use burn::prelude::*;
 use dyna_pruner_exec::format::Tensors;
 use dyna_pruner_exec::{CnnSpec, ConvLstmSpec, Exec, MaskSpec, Spec, VitSpec};
 
-use crate::backbones::Backbone;
+use crate::backbones::{Backbone, DataScope};
 use crate::error::{Error, Result};
 use crate::method::Masking;
 use crate::model::{Architecture, DynamicModel};
@@ -130,14 +130,30 @@ pub fn export<B: Backend>(model: &DynamicModel<B>, arch: &Architecture, masking:
     (Spec::Cnn(spec), t)
 }
 
+/// The executor prunes the CNN's translator only; a model whose DataMask also prunes the
+/// encoder and decoder would run there with different masks than it was trained with.
+fn check_executable(arch: &Architecture) -> Result<()> {
+    if arch.data_scope == DataScope::Network {
+        return Err(Error::Config {
+            file: None,
+            field: "model.data_scope".into(),
+            value: "\"network\"".into(),
+            expected: "\"translator\" for the CPU executor (run this model with eval or on the GPU path)".into(),
+        });
+    }
+    Ok(())
+}
+
 /// The executor for `model` (in memory).
-pub fn executor<B: Backend>(model: &DynamicModel<B>, arch: &Architecture, masking: Masking) -> Exec {
+pub fn executor<B: Backend>(model: &DynamicModel<B>, arch: &Architecture, masking: Masking) -> Result<Exec> {
+    check_executable(arch)?;
     let (spec, tensors) = export(model, arch, masking);
-    dyna_pruner_exec::format::from_tensors(spec, &tensors).expect("exported tensors match their spec")
+    Ok(dyna_pruner_exec::format::from_tensors(spec, &tensors).expect("exported tensors match their spec"))
 }
 
 /// Writes the executor file for `model`.
 pub fn write<B: Backend>(path: &Path, model: &DynamicModel<B>, arch: &Architecture, masking: Masking) -> Result<()> {
+    check_executable(arch)?;
     let (spec, tensors) = export(model, arch, masking);
     dyna_pruner_exec::format::save(path, &spec, &tensors)
         .map_err(|e| Error::Checkpoint { path: path.to_path_buf(), detail: e.to_string() })
@@ -147,7 +163,7 @@ pub fn write<B: Backend>(path: &Path, model: &DynamicModel<B>, arch: &Architectu
 mod tests {
     //! The sparse executor against the masked-dense reference forward (the trainer's model).
     use super::*;
-    use crate::backbones::{BackboneKind, SpatioTemporal};
+    use crate::backbones::{BackboneKind, DataScope, SpatioTemporal};
     use crate::method::{FixedMasks, MaskMode};
     use crate::CpuBackend;
     use dyna_pruner_exec::{MaskPlan, SampleMasks};
@@ -172,6 +188,7 @@ mod tests {
             patch: stride * rng.random_range(1..=3),
             generator_width: 4,
             generator_motion: rng.random_bool(0.5),
+            data_scope: DataScope::Translator,
         }
     }
 
@@ -191,6 +208,7 @@ mod tests {
             patch,
             generator_width: 4,
             generator_motion: rng.random_bool(0.5),
+            data_scope: DataScope::Translator,
         }
     }
 
@@ -260,7 +278,7 @@ mod tests {
         case: usize,
     ) {
         let model = arch.init::<B>(&Default::default());
-        let exec = executor(&model, arch, Masking::DENSE);
+        let exec = executor(&model, arch, Masking::DENSE).unwrap();
         let (batch, h, w) = (rng.random_range(1..=3), rng.random_range(sides.clone()), rng.random_range(sides));
         let what = format!("case {case}: {arch:?} batch {batch} {h}x{w}");
         let (x, xt) = input(rng, arch, batch, h, w);
@@ -315,7 +333,7 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(7);
         let arch = Architecture { stride: 2, patch: 4, ..random_arch(&mut rng) };
         let model = arch.init::<B>(&Default::default());
-        let exec = executor(&model, &arch, Masking::DENSE);
+        let exec = executor(&model, &arch, Masking::DENSE).unwrap();
         let (batch, h, w) = (2, 13, 10);
         let (x, xt) = input(&mut rng, &arch, batch, h, w);
         let dense = exec.forward(&x, batch, h, w, MaskPlan::Dense).unwrap();
@@ -356,7 +374,7 @@ mod tests {
                 let median = (s[s.len() / 2 - 1] + s[s.len() / 2]) / 2.0;
                 masking.data_threshold = Some(if case < 9 { median } else { 1.5 });
             }
-            let exec = executor(&model, &arch, masking);
+            let exec = executor(&model, &arch, masking).unwrap();
             let out = exec.forward(&x, batch, h, w, MaskPlan::Dynamic).unwrap();
             let fwd = model.forward(xt, masking);
             // Masks: the trainer's hard DataMask and unit masks as index lists.
@@ -395,7 +413,7 @@ mod tests {
             let path = dir.join(format!("model{i}.safetensors"));
             write(&path, &model, &arch, masking).unwrap();
             let loaded = dyna_pruner_exec::format::load(&path).unwrap();
-            let exec = executor(&model, &arch, masking);
+            let exec = executor(&model, &arch, masking).unwrap();
             assert_eq!(std::mem::discriminant(&loaded), std::mem::discriminant(&exec));
             let (x, _) = input(&mut rng, &arch, 2, 9, 11);
             let want = exec.forward(&x, 2, 9, 11, MaskPlan::Dynamic).unwrap();

@@ -23,9 +23,15 @@
 //! The unit gates read the map's S-weighted sum over all pixels: it is pooled once, then each
 //! block adds its update's S-weighted sum over the kept pixels (nothing else changes).
 //!
-//! The encoder and decoder are the model's own layers (Burn's `conv2d`), as in the dense
-//! forward this path is timed against. Its reference is the framework's masked-dense forward
-//! (tests here, on the CPU backend; `dyna-pruner bench --device cuda` checks it on the GPU).
+//! Under `DataScope::Translator` the encoder and decoder are the model's own layers (Burn's
+//! `conv2d`), as in the dense forward this path is timed against. Under `DataScope::Network`
+//! they too run at the kept patches' pixels only: the first conv on im2col rows of the input's
+//! kept pixels, the strided conv on the windows those rows cover (zero elsewhere), the
+//! transposed conv as one matmul per kept translator pixel, and the last conv as per-tap
+//! products summed over each kept pixel's window (8 output channels: far fewer floats than
+//! im2col rows of its 32 input channels); the change is scattered back onto the last frame.
+//! The reference is the framework's masked-dense forward (tests here, on the CPU backend;
+//! `dyna-pruner bench --device cuda` checks it on the GPU).
 
 use burn::prelude::*;
 use burn::tensor::activation::gelu;
@@ -33,7 +39,7 @@ use burn::tensor::ops::PadMode;
 use burn::tensor::IndexingUpdateOp;
 
 use crate::backbones::cnn::{Cnn, MaskedBlock};
-use crate::backbones::Backbone;
+use crate::backbones::{Backbone, DataScope};
 use crate::method::masks::{kept_count, top_k_indices};
 use crate::method::Masking;
 use crate::model::DynamicModel;
@@ -147,6 +153,7 @@ struct KeptRows<B: Backend> {
     pixel_patch: Tensor<B, 1, Int>,
     /// The map rows of the kept patches' pixels, in cell order: `[batch * kept * cell^2]`.
     kept_pixels: Tensor<B, 1, Int>,
+    grid: Grid,
 }
 
 impl<B: Backend> KeptRows<B> {
@@ -181,8 +188,42 @@ impl<B: Backend> KeptRows<B> {
             rank.clone().mul_scalar(cc as i64) + pixel_local.reshape([1, pixels]) + sample.mul_scalar((k * cc) as i64);
         let back = Tensor::full([b, pixels], zero_row, &device).mask_where(rank.greater_equal_elem(0), row);
         let back = back.reshape([b * pixels]);
-        KeptRows { buffer_windows: back.clone().select(0, windows.clone()), windows, back, pixel_patch, kept_pixels }
+        KeptRows {
+            buffer_windows: back.clone().select(0, windows.clone()),
+            windows,
+            back,
+            pixel_patch,
+            kept_pixels,
+            grid,
+        }
     }
+}
+
+/// Per kept pixel of the `low` grid (in [`KeptRows`]' order) and 3x3 tap of a convolution with
+/// `stride`, the row of the padded full-resolution map (`full`, of the same patches) it reads:
+/// `[batch * kept * cell^2 * 9]`.
+fn strided_windows<B: Backend>(patches: &Tensor<B, 2, Int>, full: Grid, low: Grid, stride: usize) -> Tensor<B, 1, Int> {
+    let [b, k] = patches.dims();
+    let device = patches.device();
+    let (cell, cols, patch) = (low.cell, full.cols, full.cell);
+    let sample = Tensor::<B, 1, Int>::arange(0..b as i64, &device).reshape([b, 1]);
+    let corner = patches.clone().div_scalar(full.wp as i64).mul_scalar((patch * cols) as i64)
+        + patches.clone().remainder_scalar(full.wp as i64).mul_scalar(patch as i64)
+        + sample.mul_scalar(full.pixels() as i64);
+    let taps: Vec<i64> = (0..cell)
+        .flat_map(|dy| (0..cell).map(move |dx| (dy, dx)))
+        .flat_map(|(dy, dx)| {
+            (0..3).flat_map(move |ky| (0..3).map(move |kx| ((stride * dy + ky) * cols + stride * dx + kx) as i64))
+        })
+        .collect();
+    let taps = Tensor::<B, 1, Int>::from_ints(taps.as_slice(), &device).reshape([1, 1, cell * cell * 9]);
+    (corner.reshape([b, k, 1]) + taps).reshape([b * k * cell * cell * 9])
+}
+
+/// A 3x3 conv's weight `[out, in, 3, 3]` as im2col rows `[9 * in, out]`, in (ky, kx, channel) order.
+fn im2col_weight<B: Backend>(weight: Tensor<B, 4>) -> Tensor<B, 2> {
+    let [out, inp, _, _] = weight.dims();
+    weight.permute([2, 3, 1, 0]).reshape([9 * inp, out])
 }
 
 /// Appends a zero row: `[n, c]` -> `[n + 1, c]`.
@@ -228,6 +269,91 @@ impl<B: Backend> MaskedBlock<B> {
     }
 }
 
+/// The encoder's output: dense maps, or (`DataScope::Network`) rows of the kept pixels only.
+enum Encoded<B: Backend> {
+    /// The skip map `[batch, hidden, h, w]`.
+    Dense(Tensor<B, 4>),
+    /// The full-resolution kept rows and the skip map at them, `[batch * kept * patch^2, hidden]`.
+    Kept(KeptRows<B>, Tensor<B, 2>),
+}
+
+impl<B: Backend> Cnn<B> {
+    /// The encoder at the kept pixels only (`DataScope::Network`): the skip map's rows at the
+    /// full-resolution kept pixels and the translator input's at the low-resolution ones.
+    ///
+    /// # Shapes
+    /// - x: `[batch, t_in, channels, h, w]`
+    /// - output: `[batch * kept * patch^2, hidden]`, `[batch * kept * cell^2, hidden]`
+    fn encode_kept(
+        &self,
+        x: Tensor<B, 5>,
+        full: &KeptRows<B>,
+        low: Grid,
+        patches: &Tensor<B, 2, Int>,
+    ) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        let [b, t, c, h, w] = x.dims();
+        let fg = full.grid;
+        let bias = |conv: &burn::nn::conv::Conv2d<B>| {
+            conv.bias.as_ref().expect("convs have a bias").val().reshape([1, self.hidden])
+        };
+        let input = x
+            .reshape([b, t * c, h, w])
+            .pad((1, fg.cols - 1 - w, 1, fg.rows - 1 - h), PadMode::Constant(0.0))
+            .permute([0, 2, 3, 1])
+            .reshape([b * fg.pixels(), t * c]);
+        let n = full.kept_pixels.dims()[0];
+        let cols = input.select(0, full.windows.clone()).reshape([n, 9 * t * c]);
+        let skip = gelu(cols.matmul(im2col_weight(self.enc_in.weight.val())) + bias(&self.enc_in));
+        let reads = full.back.clone().select(0, strided_windows(patches, fg, low, self.stride));
+        let n_low = reads.dims()[0] / 9;
+        let cols = with_zero_row(skip.clone()).select(0, reads).reshape([n_low, 9 * self.hidden]);
+        let z = gelu(cols.matmul(im2col_weight(self.enc_down.weight.val())) + bias(&self.enc_down));
+        (skip, z)
+    }
+
+    /// The decoder at the kept pixels only (`DataScope::Network`): the change there, added to
+    /// the last input frame (which pruned pixels keep).
+    ///
+    /// # Shapes
+    /// - z: the translator output at the low-resolution kept pixels `[batch * kept * cell^2, hidden]`
+    /// - skip: `[batch * kept * patch^2, hidden]`; x: the input `[batch, t_in, channels, h, w]`
+    /// - output: `[batch, t_out, channels, h, w]`
+    fn decode_kept(&self, z: Tensor<B, 2>, skip: Tensor<B, 2>, x: Tensor<B, 5>, full: &KeptRows<B>) -> Tensor<B, 5> {
+        let [b, t, c, h, w] = x.dims();
+        let [n, hid] = skip.dims();
+        let s = self.stride;
+        let up = match &self.dec_up {
+            // Each kept translator pixel becomes its stride x stride block of full-resolution
+            // pixels, reordered into the full-resolution kept pixels' order (patch, row, column).
+            Some(up) => {
+                let weight = up.weight.val().permute([0, 2, 3, 1]).reshape([hid, s * s * hid]);
+                let bias = up.bias.as_ref().expect("convs have a bias").val().reshape([1, 1, hid]);
+                let blocks = gelu(z.matmul(weight).reshape([n / (s * s), s * s, hid]) + bias);
+                let cell = full.grid.cell / s;
+                blocks.reshape([n / (cell * cell * s * s), cell, cell, s, s, hid]).swap_dims(2, 3).reshape([n, hid])
+            }
+            None => z,
+        };
+        // The last conv as per-tap products of each source pixel, summed over each window.
+        let out_c = self.t_out * self.channels;
+        let weight = self.dec_out.weight.val().permute([1, 2, 3, 0]).reshape([hid, 9 * out_c]);
+        let products = with_zero_row((up + skip).matmul(weight)).reshape([(n + 1) * 9, out_c]);
+        let device = x.device();
+        let tap = Tensor::<B, 1, Int>::arange(0..9, &device).reshape([1, 9]).repeat_dim(0, n).reshape([n * 9]);
+        let reads = full.buffer_windows.clone().mul_scalar(9) + tap;
+        let bias = self.dec_out.bias.as_ref().expect("convs have a bias").val().reshape([1, out_c]);
+        let delta = products.select(0, reads).reshape([n, 9, out_c]).sum_dim(1).reshape([n, out_c]) + bias;
+        let delta = with_zero_row(delta).select(0, full.back.clone());
+        let delta = delta
+            .reshape([b, full.grid.rows, full.grid.cols, out_c])
+            .slice([0..b, 1..1 + h, 1..1 + w, 0..out_c])
+            .permute([0, 3, 1, 2])
+            .reshape([b, self.t_out, self.channels, h, w]);
+        let last = x.narrow(1, t - 1, 1).reshape([b, 1, c, h, w]);
+        last.expand([b, self.t_out, self.channels, h, w]) + delta
+    }
+}
+
 fn cnn_of<B: Backend>(model: &DynamicModel<B>) -> &Cnn<B> {
     match &model.backbone {
         Backbone::Cnn(cnn) => cnn,
@@ -248,9 +374,8 @@ impl<B: Backend> DynamicModel<B> {
     /// varies per sample; this path gathers the same count from every sample).
     pub fn forward_gathered(&self, x: Tensor<B, 5>, masks: GatheredMasks<B>) -> (Tensor<B, 5>, IndexMasks<B>) {
         let cnn = cnn_of(self);
-        let b = x.dims()[0];
-        let (skip, z) = cnn.encode(x.clone());
-        let [_, c, h2, w2] = z.dims();
+        let [b, _, _, h, w] = x.dims();
+        let (c, h2, w2) = (cnn.hidden, h.div_ceil(cnn.stride), w.div_ceil(cnn.stride));
         let grid = Grid::new(h2, w2, self.patch / cnn.stride);
         let (importance, IndexMasks { patches, mut units }) = match masks {
             GatheredMasks::Given(m) => (None, m),
@@ -262,8 +387,21 @@ impl<B: Backend> DynamicModel<B> {
             }
         };
         let kept = KeptRows::new(&patches, grid);
-        let pad = (1, grid.cols - 1 - w2, 1, grid.rows - 1 - h2);
-        let mut map = z.pad(pad, PadMode::Constant(0.0)).permute([0, 2, 3, 1]).reshape([b * grid.pixels(), c]);
+        let (encoded, mut map) = match cnn.data_scope {
+            DataScope::Translator => {
+                let (skip, z) = cnn.encode(x.clone(), None);
+                let pad = (1, grid.cols - 1 - w2, 1, grid.rows - 1 - h2);
+                (
+                    Encoded::Dense(skip),
+                    z.pad(pad, PadMode::Constant(0.0)).permute([0, 2, 3, 1]).reshape([b * grid.pixels(), c]),
+                )
+            }
+            DataScope::Network => {
+                let full = KeptRows::new(&patches, Grid::new(h, w, self.patch));
+                let (skip, z) = cnn.encode_kept(x.clone(), &full, grid, &patches);
+                (Encoded::Kept(full, skip), with_zero_row(z).select(0, kept.back.clone()))
+            }
+        };
         // The unit gates' input: the S-weighted sum of the map over its pixels and S's mass. The
         // blocks change the map only at the kept pixels, so it is pooled in full once and then
         // kept up to date from each block's update there (a full pooling per block was 0.45 ms
@@ -290,16 +428,21 @@ impl<B: Backend> DynamicModel<B> {
                 *weighted = weighted.clone() + (update.reshape([b, n, c]) * s_kept.clone()).sum_dim(1).reshape([b, c]);
             }
         }
-        let z =
-            map.reshape([b, grid.rows, grid.cols, c]).slice([0..b, 1..1 + h2, 1..1 + w2, 0..c]).permute([0, 3, 1, 2]);
-        (cnn.decode(z, skip, x), IndexMasks { patches, units })
+        let prediction = match encoded {
+            Encoded::Dense(skip) => {
+                let z = map.reshape([b, grid.rows, grid.cols, c]).slice([0..b, 1..1 + h2, 1..1 + w2, 0..c]);
+                cnn.decode(z.permute([0, 3, 1, 2]), skip, x, None)
+            }
+            Encoded::Kept(full, skip) => cnn.decode_kept(map.select(0, kept.kept_pixels), skip, x, &full),
+        };
+        (prediction, IndexMasks { patches, units })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backbones::BackboneKind;
+    use crate::backbones::{BackboneKind, DataScope};
     use crate::method::{FixedMasks, MaskMode};
     use crate::model::Architecture;
     use crate::CpuBackend;
@@ -325,6 +468,7 @@ mod tests {
             patch,
             generator_width: 4,
             generator_motion: false,
+            data_scope: DataScope::Translator,
         }
     }
 
@@ -339,10 +483,12 @@ mod tests {
     fn gathered_forward_matches_the_masked_dense_reference() {
         let mut rng = StdRng::seed_from_u64(5);
         let device = Default::default();
-        for (case, (stride, patch, h, w)) in
-            [(2usize, 4usize, 13usize, 10usize), (2, 2, 9, 9), (1, 3, 8, 11), (2, 8, 17, 12)].into_iter().enumerate()
+        let shapes = [(2usize, 4usize, 13usize, 10usize), (2, 2, 9, 9), (1, 3, 8, 11), (2, 8, 17, 12)];
+        let scopes = [DataScope::Translator, DataScope::Network];
+        for (case, ((stride, patch, h, w), data_scope)) in
+            shapes.into_iter().flat_map(|shape| scopes.map(|scope| (shape, scope))).enumerate()
         {
-            let a = arch(stride, patch);
+            let a = Architecture { data_scope, ..arch(stride, patch) };
             let model = a.init::<B>(&device);
             let batch = 3;
             let x = Tensor::<B, 5>::random([batch, 3, 2, h, w], Distribution::Uniform(0.0, 1.0), &device);

@@ -9,6 +9,9 @@ use crate::method::masks::kept_count;
 pub struct MacModel {
     /// Backbone layers no mask touches (encoder, decoder).
     pub backbone_fixed: u64,
+    /// Backbone layers only the DataMask prunes (the CNN's encoder and decoder under
+    /// `DataScope::Network`): they scale with the kept positions, those of prunable layer 0.
+    pub backbone_spatial: u64,
     /// Dense MACs of each prunable layer that scale with kept positions x kept units.
     pub layers: Vec<u64>,
     /// Dense MACs of each prunable layer that scale with kept positions^2 x kept units
@@ -21,7 +24,10 @@ pub struct MacModel {
 impl MacModel {
     /// The dense backbone, masks off (no mask generator runs).
     pub fn dense(&self) -> u64 {
-        self.backbone_fixed + self.layers.iter().sum::<u64>() + self.pairwise.iter().sum::<u64>()
+        self.backbone_fixed
+            + self.backbone_spatial
+            + self.layers.iter().sum::<u64>()
+            + self.pairwise.iter().sum::<u64>()
     }
 
     /// MACs of prunable layer `l` at kept fractions `(space, units)`.
@@ -34,15 +40,19 @@ impl MacModel {
     pub fn dynamic(&self, fractions: &[(f32, f32)]) -> f64 {
         let pruned: f64 =
             fractions.iter().enumerate().map(|(l, &(space, units))| self.layer(l, space as f64, units as f64)).sum();
-        (self.backbone_fixed + self.method) as f64 + pruned
+        let space = fractions.first().map_or(1.0, |&(space, _)| space as f64);
+        (self.backbone_fixed + self.method) as f64 + self.backbone_spatial as f64 * space + pruned
     }
 
-    /// MACs of the dynamic model relative to `backbone_fixed + method + sum(layers)` when every
+    /// MACs of the dynamic model relative to `backbone_fixed + method + backbone_spatial +
+    /// sum(layers)` when every
     /// layer keeps `space x units` (the budget loss's target, on the same scale as its estimate).
     pub fn budget_fraction(&self, space: f32, units: f32) -> f32 {
         let always = (self.backbone_fixed + self.method) as f64;
-        let kept: f64 = (0..self.layers.len()).map(|l| self.layer(l, space as f64, units as f64)).sum();
-        let all: f64 = (0..self.layers.len()).map(|l| self.layer(l, 1.0, 1.0)).sum();
+        let spatial = self.backbone_spatial as f64;
+        let kept: f64 = spatial * space as f64
+            + (0..self.layers.len()).map(|l| self.layer(l, space as f64, units as f64)).sum::<f64>();
+        let all: f64 = spatial + (0..self.layers.len()).map(|l| self.layer(l, 1.0, 1.0)).sum::<f64>();
         ((always + kept) / (always + all)) as f32
     }
 
@@ -60,7 +70,13 @@ mod tests {
 
     #[test]
     fn dynamic_scales_prunable_layers_only() {
-        let m = MacModel { backbone_fixed: 100, layers: vec![400, 400], pairwise: vec![0, 0], method: 10 };
+        let m = MacModel {
+            backbone_fixed: 100,
+            backbone_spatial: 0,
+            layers: vec![400, 400],
+            pairwise: vec![0, 0],
+            method: 10,
+        };
         assert_eq!(m.dense(), 900);
         assert_eq!(m.dynamic(&[(1.0, 1.0), (1.0, 1.0)]), 910.0);
         assert_eq!(m.dynamic(&[(0.5, 0.5), (1.0, 0.25)]), 310.0);
@@ -68,8 +84,17 @@ mod tests {
     }
 
     #[test]
+    fn spatial_cost_scales_with_the_first_layers_kept_positions() {
+        let m =
+            MacModel { backbone_fixed: 100, backbone_spatial: 200, layers: vec![400], pairwise: vec![0], method: 10 };
+        assert_eq!(m.dense(), 700);
+        assert_eq!(m.dynamic(&[(0.25, 0.5)]), 110.0 + 50.0 + 50.0);
+        assert!((m.budget_fraction(0.25, 0.5) - (110.0 + 50.0 + 50.0) / 710.0).abs() < 1e-6);
+    }
+
+    #[test]
     fn pairwise_cost_scales_with_the_square_of_kept_positions() {
-        let m = MacModel { backbone_fixed: 0, layers: vec![100], pairwise: vec![80], method: 0 };
+        let m = MacModel { backbone_fixed: 0, backbone_spatial: 0, layers: vec![100], pairwise: vec![80], method: 0 };
         assert_eq!(m.dense(), 180);
         assert_eq!(m.dynamic(&[(0.5, 0.5)]), 100.0 * 0.25 + 80.0 * 0.125);
     }

@@ -5,7 +5,7 @@ use burn::prelude::*;
 use crate::backbones::cnn::CnnConfig;
 use crate::backbones::convlstm::ConvLstmConfig;
 use crate::backbones::vit::VitConfig;
-use crate::backbones::{Backbone, BackboneKind, SpatioTemporal};
+use crate::backbones::{Backbone, BackboneKind, DataScope, SpatioTemporal};
 use crate::macs::MacModel;
 use crate::method::mask_generator::{MaskGenerator, MaskGeneratorConfig, UnitGate, UnitGateConfig};
 use crate::method::{DynamicMasks, LayerFractions, Masking, NoMasks};
@@ -32,6 +32,9 @@ pub struct Architecture {
     /// ([`MaskGeneratorConfig::motion`]); absent in checkpoints from before it existed.
     #[serde(default)]
     pub generator_motion: bool,
+    /// CNN: which layers the DataMask prunes; absent in checkpoints from before it existed.
+    #[serde(default)]
+    pub data_scope: DataScope,
 }
 
 fn default_heads() -> usize {
@@ -68,11 +71,13 @@ impl Architecture {
             .init(device)
     }
 
-    /// The same architecture with `other`'s mask generator.
+    /// The same architecture with `other`'s mask generator and DataMask scope (the parts a dense
+    /// checkpoint leaves open for the dynamic model fine-tuned from it).
     pub fn with_generator_of(&self, other: &Architecture) -> Architecture {
         Architecture {
             generator_width: other.generator_width,
             generator_motion: other.generator_motion,
+            data_scope: other.data_scope,
             ..self.clone()
         }
     }
@@ -85,6 +90,7 @@ impl Architecture {
                     .with_units(self.units)
                     .with_blocks(self.blocks)
                     .with_stride(self.stride)
+                    .with_data_scope(self.data_scope)
                     .init(device),
             ),
             BackboneKind::Vit => Backbone::Vit(
@@ -166,6 +172,7 @@ impl<B: Backend> DynamicModel<B> {
             .sum();
         MacModel {
             backbone_fixed: macs.fixed,
+            backbone_spatial: macs.spatial,
             layers: macs.layers,
             pairwise: macs.pairwise,
             method: self.mask_generator.macs(height, width) + gates,
@@ -198,6 +205,7 @@ mod tests {
             patch,
             generator_width: 4,
             generator_motion: false,
+            data_scope: DataScope::Translator,
         }
     }
 
@@ -251,6 +259,42 @@ mod tests {
         assert!(g.abs().sum().into_scalar() > 0.0);
         let g = model.unit_gates[0].linear.weight.grad(&grads).expect("unit gate gets a gradient");
         assert!(g.abs().sum().into_scalar() > 0.0);
+    }
+
+    #[test]
+    fn network_scope_predicts_persistence_at_pruned_patches_only() {
+        let device = Default::default();
+        let a = Architecture { data_scope: DataScope::Network, ..arch(4, 2) };
+        let model = a.init::<CpuBackend>(&device);
+        let (h, w) = (12, 8);
+        let x = input::<CpuBackend>(2, h, w, &device);
+        let out = model.forward(x.clone(), Masking::top_k(MaskMode::Both, 0.5, 0.5));
+        let kept: Vec<f32> = out.data_mask.unwrap().into_data().to_vec().unwrap();
+        let pred: Vec<f32> = out.prediction.into_data().to_vec().unwrap();
+        let x: Vec<f32> = x.into_data().to_vec().unwrap();
+        let (mut changed, plane) = (0, h * w);
+        for b in 0..2 {
+            for t in 0..2 {
+                for c in 0..2 {
+                    for p in 0..plane {
+                        let patch = (p / w / 4) * 2 + (p % w) / 4;
+                        let got = pred[((b * 2 + t) * 2 + c) * plane + p];
+                        let last = x[((b * 3 + 2) * 2 + c) * plane + p];
+                        if kept[b * 6 + patch] == 0.0 {
+                            assert_eq!(got, last, "pruned pixel {p} of sample {b} is not its last frame");
+                        } else if got != last {
+                            changed += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert!(changed > 0, "kept patches are computed");
+        let macs = model.mac_model(h, w);
+        assert_eq!(macs.backbone_fixed, 0);
+        assert!(macs.backbone_spatial > 0);
+        let err = crate::export::executor(&model, &a, Masking::DENSE).expect_err("the executor refuses it");
+        assert!(err.to_string().contains("model.data_scope"), "{err}");
     }
 
     #[test]

@@ -6,6 +6,9 @@
 //! first encoder layer predicts the change from the last input frame. In a masked block, F runs
 //! only on kept positions (its hidden map is zero elsewhere, so the second conv reads no halo of
 //! pruned work) and only with kept hidden filters; pruned positions take the identity path.
+//! Under [`DataScope::Network`] the encoder's maps and the decoder's change are also zero off
+//! the kept patches (a convolution reads zeros there), so those layers too compute kept patches
+//! only, and pruned patches predict their last input frame.
 //! No normalization layers: batch- or group-statistics would couple kept and pruned positions.
 
 use burn::nn::conv::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig};
@@ -13,7 +16,7 @@ use burn::nn::PaddingConfig2d;
 use burn::prelude::*;
 use burn::tensor::activation::gelu;
 
-use super::{BackboneMacs, PrunableLayer, SpatioTemporal};
+use super::{BackboneMacs, DataScope, PrunableLayer, SpatioTemporal};
 use crate::method::MaskSource;
 
 /// Configuration of [`Cnn`].
@@ -37,6 +40,9 @@ pub struct CnnConfig {
     /// Encoder stride (1 or 2): the translator runs at 1/stride of the input resolution.
     #[config(default = 2)]
     pub stride: usize,
+    /// Which layers the DataMask prunes.
+    #[config(default = "DataScope::Translator")]
+    pub data_scope: DataScope,
 }
 
 impl CnnConfig {
@@ -73,6 +79,7 @@ impl CnnConfig {
             hidden: self.hidden,
             units: self.units,
             stride: self.stride,
+            data_scope: self.data_scope,
         }
     }
 }
@@ -118,18 +125,43 @@ pub struct Cnn<B: Backend> {
     pub(crate) hidden: usize,
     units: usize,
     pub(crate) stride: usize,
+    #[module(skip)]
+    pub(crate) data_scope: DataScope,
+}
+
+/// The DataMask at the encoder's and decoder's resolutions (`DataScope::Network`).
+pub(crate) struct OuterMasks<B: Backend> {
+    /// `[batch, 1, h, w]`.
+    pub(crate) full: Tensor<B, 4>,
+    /// `[batch, 1, ceil(h / stride), ceil(w / stride)]`.
+    pub(crate) low: Tensor<B, 4>,
 }
 
 impl<B: Backend> Cnn<B> {
+    /// The DataMask at the encoder's and decoder's resolutions, when it prunes them.
+    pub(crate) fn outer_masks(&self, masks: &mut dyn MaskSource<B>, h: usize, w: usize) -> Option<OuterMasks<B>> {
+        if self.data_scope != DataScope::Network {
+            return None;
+        }
+        let s = self.stride;
+        Some(OuterMasks { full: masks.space_mask(h, w, 1)?, low: masks.space_mask(h.div_ceil(s), w.div_ceil(s), s)? })
+    }
+
     /// The encoder: the skip map at full resolution and the translator's input.
     ///
     /// # Shapes
     /// - x: `[batch, t_in, channels, h, w]`
     /// - output: skip `[batch, hidden, h, w]`, z `[batch, hidden, ceil(h / stride), ceil(w / stride)]`
-    pub(crate) fn encode(&self, x: Tensor<B, 5>) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    pub(crate) fn encode(&self, x: Tensor<B, 5>, outer: Option<&OuterMasks<B>>) -> (Tensor<B, 4>, Tensor<B, 4>) {
         let [b, t, c, h, w] = x.dims();
-        let skip = gelu(self.enc_in.forward(x.reshape([b, t * c, h, w])));
-        let z = gelu(self.enc_down.forward(skip.clone()));
+        let mut skip = gelu(self.enc_in.forward(x.reshape([b, t * c, h, w])));
+        if let Some(m) = outer {
+            skip = skip * m.full.clone();
+        }
+        let mut z = gelu(self.enc_down.forward(skip.clone()));
+        if let Some(m) = outer {
+            z = z * m.low.clone();
+        }
         (skip, z)
     }
 
@@ -138,7 +170,13 @@ impl<B: Backend> Cnn<B> {
     /// # Shapes
     /// - z: `[batch, hidden, h2, w2]`; skip: `[batch, hidden, h, w]`; x: the input `[batch, t_in, c, h, w]`
     /// - output: `[batch, t_out, channels, h, w]`
-    pub(crate) fn decode(&self, mut z: Tensor<B, 4>, skip: Tensor<B, 4>, x: Tensor<B, 5>) -> Tensor<B, 5> {
+    pub(crate) fn decode(
+        &self,
+        mut z: Tensor<B, 4>,
+        skip: Tensor<B, 4>,
+        x: Tensor<B, 5>,
+        outer: Option<&OuterMasks<B>>,
+    ) -> Tensor<B, 5> {
         let [b, t, c, h, w] = x.dims();
         if let Some(up) = &self.dec_up {
             z = gelu(up.forward(z));
@@ -147,7 +185,15 @@ impl<B: Backend> Cnn<B> {
                 z = z.slice([0..b, 0..self.hidden, 0..h, 0..w]);
             }
         }
-        let delta = self.dec_out.forward(z + skip).reshape([b, self.t_out, self.channels, h, w]);
+        let mut features = z + skip;
+        if let Some(m) = outer {
+            features = features * m.full.clone();
+        }
+        let mut delta = self.dec_out.forward(features);
+        if let Some(m) = outer {
+            delta = delta * m.full.clone();
+        }
+        let delta = delta.reshape([b, self.t_out, self.channels, h, w]);
         let last = x.narrow(1, t - 1, 1).reshape([b, 1, c, h, w]);
         last.expand([b, self.t_out, self.channels, h, w]) + delta
     }
@@ -155,12 +201,14 @@ impl<B: Backend> Cnn<B> {
 
 impl<B: Backend> SpatioTemporal<B> for Cnn<B> {
     fn forward(&self, x: Tensor<B, 5>, masks: &mut dyn MaskSource<B>) -> Tensor<B, 5> {
-        let (skip, mut z) = self.encode(x.clone());
+        let [_, _, _, h, w] = x.dims();
+        let outer = self.outer_masks(masks, h, w);
+        let (skip, mut z) = self.encode(x.clone(), outer.as_ref());
         for (l, block) in self.blocks.iter().enumerate() {
             let m = masks.layer_masks(l, &z, self.stride);
             z = block.forward(z, m.space, m.units);
         }
-        self.decode(z, skip, x)
+        self.decode(z, skip, x, outer.as_ref())
     }
 
     fn prunable_layers(&self) -> Vec<PrunableLayer> {
@@ -176,8 +224,11 @@ impl<B: Backend> SpatioTemporal<B> for Cnn<B> {
         let out_c = (self.t_out * self.channels) as u64;
         let s2 = (self.stride * self.stride) as u64;
         let up = if self.dec_up.is_some() { low * s2 * hid * hid } else { 0 };
+        let outer = full * 9 * t_in_c * hid + low * 9 * hid * hid + up + full * 9 * hid * out_c;
+        let network = self.data_scope == DataScope::Network;
         BackboneMacs {
-            fixed: full * 9 * t_in_c * hid + low * 9 * hid * hid + up + full * 9 * hid * out_c,
+            fixed: if network { 0 } else { outer },
+            spatial: if network { outer } else { 0 },
             layers: vec![low * 9 * 2 * hid * units; self.blocks.len()],
             pairwise: vec![0; self.blocks.len()],
         }

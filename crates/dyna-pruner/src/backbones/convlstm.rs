@@ -223,7 +223,7 @@ impl<B: Backend> SpatioTemporal<B> for ConvLstm<B> {
                 low * 9 * 4 * units * (input + (t_in + t_out) * units)
             })
             .collect();
-        BackboneMacs { fixed: encoder + decoder, layers, pairwise: vec![0; self.cells.len()] }
+        BackboneMacs { fixed: encoder + decoder, spatial: 0, layers, pairwise: vec![0; self.cells.len()] }
     }
 }
 

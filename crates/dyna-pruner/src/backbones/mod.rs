@@ -40,6 +40,20 @@ impl BackboneKind {
     }
 }
 
+/// Which layers of the CNN the DataMask prunes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataScope {
+    /// The translator's blocks only: the encoder and decoder see every pixel, and pruned
+    /// patches take the identity path through the translator (METHOD.md, section 4).
+    #[default]
+    Translator,
+    /// Every layer: the encoder's feature maps are zero off the kept patches (so a sparse
+    /// executor computes them there only), the translator as above, and the decoder's change
+    /// is zero off them, so pruned patches predict their last input frame (persistence).
+    Network,
+}
+
 /// One layer whose positions (DataMask) and units (ModelMask) can be pruned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PrunableLayer {
@@ -51,11 +65,14 @@ pub struct PrunableLayer {
     pub stride: usize,
 }
 
-/// Dense MACs per sample: the part no mask touches, and each prunable layer's, split into the
+/// Dense MACs per sample: the part no mask touches, the part only the DataMask prunes, and each prunable layer's, split into the
 /// part linear in the kept positions and the part over pairs of kept positions (attention).
 #[derive(Debug, Clone, PartialEq)]
 pub struct BackboneMacs {
     pub fixed: u64,
+    /// Layers that only the DataMask prunes: scale with the kept positions (the CNN's encoder
+    /// and decoder under [`DataScope::Network`]).
+    pub spatial: u64,
     /// Scales with kept positions x kept units.
     pub layers: Vec<u64>,
     /// Scales with kept positions^2 x kept units.

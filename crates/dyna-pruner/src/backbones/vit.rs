@@ -221,7 +221,7 @@ impl<B: Backend> SpatioTemporal<B> for Vit<B> {
             layers.extend([n * 4 * d * d, n * 2 * d * mlp]);
             pairwise.extend([n * n * 2 * d, 0]);
         }
-        BackboneMacs { fixed: n * (cells_in as u64 * d + d * cells_out as u64), layers, pairwise }
+        BackboneMacs { fixed: n * (cells_in as u64 * d + d * cells_out as u64), spatial: 0, layers, pairwise }
     }
 }
 
@@ -238,6 +238,10 @@ mod tests {
     impl MaskSource<CpuBackend> for KeepTokens {
         fn layer_masks(&mut self, _: usize, _: &Tensor<CpuBackend, 4>, _: usize) -> LayerMasks<CpuBackend> {
             LayerMasks { space: Some(self.0.clone()), units: None }
+        }
+
+        fn space_mask(&mut self, _: usize, _: usize, _: usize) -> Option<Tensor<CpuBackend, 4>> {
+            Some(self.0.clone())
         }
     }
 

@@ -15,9 +15,9 @@ pub fn annealed(target: f32, progress: f32) -> f32 {
 }
 
 /// `(F(M) / F_dense - rho_target)^2`, averaged over the batch, where F(M) is the expected MACs
-/// from the soft masks: `always + sum_l (macs_l + pairwise_l * space_l) * space_l * units_l`
-/// (`always`: the layers no mask touches plus the method's own cost) and F_dense the same at
-/// all-ones masks.
+/// from the soft masks: `always + spatial * space_0 + sum_l (macs_l + pairwise_l * space_l) *
+/// space_l * units_l` (`always`: the layers no mask touches plus the method's own cost;
+/// `spatial`: the layers only the DataMask prunes) and F_dense the same at all-ones masks.
 ///
 /// `soft_fractions[l]` holds the per-sample soft kept fractions `(space, units)` of layer l,
 /// each `[batch]`; `rho_target` is the fraction implied by the current keep ratios
@@ -28,8 +28,11 @@ pub fn budget_loss<B: Backend>(
     rho_target: f32,
 ) -> Tensor<B, 1> {
     let always_macs = (mac_model.backbone_fixed + mac_model.method) as f64;
-    let dense = always_macs + (0..mac_model.layers.len()).map(|l| mac_model.layer(l, 1.0, 1.0)).sum::<f64>();
-    let mut expected: Option<Tensor<B, 1>> = None;
+    let spatial = mac_model.backbone_spatial as f64;
+    let dense = always_macs + spatial + (0..mac_model.layers.len()).map(|l| mac_model.layer(l, 1.0, 1.0)).sum::<f64>();
+    // The layers only the DataMask prunes follow layer 0's kept positions.
+    let mut expected: Option<Tensor<B, 1>> =
+        soft_fractions.first().filter(|_| spatial > 0.0).map(|(space, _)| space.clone() * (spatial / dense) as f32);
     for (l, (space, units)) in soft_fractions.iter().enumerate() {
         let (linear, pairwise) = (mac_model.layers[l] as f64 / dense, mac_model.pairwise[l] as f64 / dense);
         let term = (space.clone() * pairwise as f32 + linear as f32) * space.clone() * units.clone();
@@ -112,7 +115,7 @@ mod tests {
         let s = Tensor::<TrainBackend, 1>::from_floats([0.5, 0.5], &device).require_grad();
         let u = Tensor::<TrainBackend, 1>::from_floats([1.0, 1.0], &device);
         // fixed 20, layer 80: expected fraction 0.2 + 0.8 * 0.5 = 0.6
-        let m = MacModel { backbone_fixed: 15, layers: vec![80], pairwise: vec![0], method: 5 };
+        let m = MacModel { backbone_fixed: 15, backbone_spatial: 0, layers: vec![80], pairwise: vec![0], method: 5 };
         let on = budget_loss(&m, &[(s.clone(), u.clone())], 0.6);
         assert!(on.into_scalar().abs() < 1e-12);
         let off = budget_loss(&m, &[(s.clone(), u)], 0.4);

@@ -75,6 +75,11 @@ pub trait MaskSource<B: Backend> {
     /// Masks for prunable layer `layer`, whose input `features` (`[batch, c, h, w]`) sits at
     /// `stride` input pixels per feature pixel.
     fn layer_masks(&mut self, layer: usize, features: &Tensor<B, 4>, stride: usize) -> LayerMasks<B>;
+
+    /// The DataMask alone, `[batch, 1, h, w]` at `stride` input pixels per pixel, for layers it
+    /// prunes without units (the CNN's encoder and decoder under `DataScope::Network`); `None`
+    /// when the DataMask is off.
+    fn space_mask(&mut self, h: usize, w: usize, stride: usize) -> Option<Tensor<B, 4>>;
 }
 
 /// The dense model: no masks anywhere.
@@ -83,6 +88,10 @@ pub struct NoMasks;
 impl<B: Backend> MaskSource<B> for NoMasks {
     fn layer_masks(&mut self, _: usize, _: &Tensor<B, 4>, _: usize) -> LayerMasks<B> {
         LayerMasks { space: None, units: None }
+    }
+
+    fn space_mask(&mut self, _: usize, _: usize, _: usize) -> Option<Tensor<B, 4>> {
+        None
     }
 }
 
@@ -174,6 +183,11 @@ impl<B: Backend> MaskSource<B> for DynamicMasks<'_, B> {
         self.fractions.push(LayerFractions { soft: (soft_s, soft_u), hard: (hard_s, hard_u), unit_mask });
         LayerMasks { space, units }
     }
+
+    fn space_mask(&mut self, h: usize, w: usize, stride: usize) -> Option<Tensor<B, 4>> {
+        let mode = self.masking.mode;
+        mode.data().then(|| patches_to_pixels(self.data_mask.clone(), self.patch / stride, h, w))
+    }
 }
 
 /// Masks given per sample as kept patch and unit lists, e.g. to run the reference forward with
@@ -221,5 +235,9 @@ impl<B: Backend> MaskSource<B> for FixedMasks<B> {
             space: Some(patches_to_pixels(self.data.clone(), self.patch / stride, h, w)),
             units: Some(self.units[layer].clone()),
         }
+    }
+
+    fn space_mask(&mut self, h: usize, w: usize, stride: usize) -> Option<Tensor<B, 4>> {
+        Some(patches_to_pixels(self.data.clone(), self.patch / stride, h, w))
     }
 }
