@@ -42,10 +42,11 @@ pub fn top_k_indices<B: Backend>(scores: Tensor<B, 2>, k: usize) -> Tensor<B, 2,
         (scores.clone().reshape([b, 1, n]).expand([b, n, n]), scores.reshape([b, n, 1]).expand([b, n, n]));
     let before = index.clone().reshape([1, 1, n]).lower(index.clone().reshape([1, n, 1])).expand([b, n, n]);
     let ahead = others.clone().greater(own.clone()).bool_or(others.equal(own).bool_and(before));
-    let rank = ahead.int().sum_dim(2).reshape([b, 1, n]).expand([b, k, n]);
-    let wanted = Tensor::<B, 1, Int>::arange(0..k as i64, &device).reshape([1, k, 1]).expand([b, k, n]);
-    let owner = rank.equal(wanted).int() * index.reshape([1, 1, n]).expand([b, k, n]);
-    owner.sum_dim(2).reshape([b, k])
+    let rank = ahead.int().sum_dim(2).reshape([b, n]);
+    // Each index written at its rank (a permutation, so every slot gets exactly one), then the
+    // first k slots.
+    let index = index.reshape([1, n]).expand([b, n]);
+    Tensor::<B, 2, Int>::zeros([b, n], &device).scatter(1, rank, index, IndexingUpdateOp::Add).narrow(1, 0, k)
 }
 
 /// Straight-through estimator: the forward value is exactly `hard`, the gradient flows to `soft`.
