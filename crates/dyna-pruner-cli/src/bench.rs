@@ -166,7 +166,7 @@ pub fn run(out: &Path, plan: &BenchPlan) -> anyhow::Result<()> {
 fn bench_backbone(arch: &Architecture, sizes: &[(usize, usize)], plan: &BenchPlan) -> anyhow::Result<Vec<Row>> {
     let device = Default::default();
     let model = arch.init::<CpuBackend>(&device);
-    let dense_exec = export::executor(&model, arch, Masking::DENSE)?;
+    let dense_exec = export::executor(&model, arch, Masking::DENSE);
     let name = arch.backbone.name();
     let mut rows = Vec::new();
     println!("\n{arch:?}\n");
@@ -193,7 +193,7 @@ fn bench_backbone(arch: &Architecture, sizes: &[(usize, usize)], plan: &BenchPla
             let mut sparse = Vec::new();
             for &f in &plan.fractions {
                 let masking = Masking::top_k(MaskMode::Both, f, f);
-                let exec = export::executor(&model, arch, masking)?;
+                let exec = export::executor(&model, arch, masking);
                 let macs = exec.forward(&x, batch, h, w, MaskPlan::Dynamic)?.macs.iter().sum::<u64>();
                 sparse.push((f, exec, macs as f64 / batch as f64));
             }

@@ -18,7 +18,7 @@ use crate::progress::eval_bar;
 pub fn run(checkpoint_dir: &Path, files: &[PathBuf], out: &Path, batch_size: usize) -> anyhow::Result<()> {
     let ck = checkpoint::load::<CpuBackend>(checkpoint_dir, &Default::default())?;
     let (arch, scaler) = (&ck.meta.architecture, &ck.meta.scaler);
-    let exec = export::executor(&ck.model, arch, ck.meta.masking)?;
+    let exec = export::executor(&ck.model, arch, ck.meta.masking);
     let windows = crate::eval::windows_for(checkpoint_dir, arch, files)?;
     let layer_units = exec.layer_units();
     let plan =

@@ -1,5 +1,7 @@
 //! The dynamic SimVP-style CNN (see the trainer's `backbones/cnn.rs`) on plain kernels:
-//! dense encoder and decoder, translator blocks computed only at kept positions with kept units.
+//! translator blocks computed only at kept positions with kept units; the encoder and decoder
+//! dense, or (`DataScope::Network`) at the kept positions too, with pruned patches predicting
+//! their last input frame.
 
 use std::borrow::Cow;
 
@@ -16,6 +18,20 @@ use crate::masks::{
 };
 use crate::ExecError;
 
+/// Which layers of the CNN the DataMask prunes (the trainer's `model.data_scope`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataScope {
+    /// The translator's blocks only: the encoder and decoder see every pixel, and pruned
+    /// patches take the identity path through the translator (METHOD.md, section 4).
+    #[default]
+    Translator,
+    /// Every layer: the encoder's feature maps are zero off the kept patches (so a sparse
+    /// executor computes them there only), the translator as above, and the decoder's change
+    /// is zero off them, so pruned patches predict their last input frame (persistence).
+    Network,
+}
+
 /// The architecture and masking of an exported CNN (mirrors the trainer's `Architecture`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CnnSpec {
@@ -27,6 +43,9 @@ pub struct CnnSpec {
     pub blocks: usize,
     pub stride: usize,
     pub patch: usize,
+    /// Absent in files from before it existed (the translator).
+    #[serde(default)]
+    pub data_scope: DataScope,
     /// The mask generator's width and the inference masking.
     #[serde(flatten)]
     pub masking: MaskSpec,
@@ -199,6 +218,62 @@ fn dense_layer(conv: &Conv, inputs: &[Vec<f32>], h: usize, w: usize, act: Activa
     run_per_sample(inputs, (h, w), |_| conv, |_| Positions::all(ho, wo), act)
 }
 
+/// Runs one conv per sample at `positions[b]` (all positions where `None`) into a fresh map
+/// that is zero at the other positions.
+fn layer_at(
+    conv: &Conv,
+    inputs: &[Vec<f32>],
+    (h, w): (usize, usize),
+    positions: &[Option<Vec<u32>>],
+    act: Activation,
+) -> Vec<Vec<f32>> {
+    let (ho, wo) = conv.out_size(h, w);
+    let mut maps: Vec<Vec<f32>> = (0..inputs.len())
+        .map(|_| {
+            let mut m = map_buffer(ho * wo * conv.cout);
+            m.par_chunks_mut(1 << 16).for_each(|part| part.fill(0.0));
+            m
+        })
+        .collect();
+    let jobs: Vec<Job<'_>> = (inputs.iter().zip(positions))
+        .map(|(input, list)| {
+            let positions = list.as_deref().map_or(Positions::all(ho, wo), Positions::List);
+            Job { conv, input, h, w, positions, act }
+        })
+        .collect();
+    run_jobs_into_maps(&jobs, &mut maps, false);
+    maps
+}
+
+/// `add_upsampled` at the translator positions `positions[b]` only (all where `None`): GELU of
+/// the transposed conv `up` there, added into the `stride x stride` pixels each produces.
+fn add_upsampled_at(
+    up: &Conv,
+    inputs: &[Vec<f32>],
+    (h2, w2): (usize, usize),
+    st: usize,
+    (h, w): (usize, usize),
+    positions: &[Option<Vec<u32>>],
+    maps: &mut [Vec<f32>],
+) {
+    let c = up.cout / (st * st);
+    let pos_of = |b: usize| positions[b].as_deref().map_or(Positions::all(h2, w2), Positions::List);
+    let rows = run_per_sample(inputs, (h2, w2), |_| up, pos_of, Activation::Gelu);
+    maps.par_iter_mut().zip(&rows).enumerate().for_each(|(b, (map, rows))| {
+        let kept = pos_of(b);
+        for i in 0..kept.len() {
+            let (y2, x2) = (kept.get(i) / w2, kept.get(i) % w2);
+            for (tap, src) in rows[i * up.cout..(i + 1) * up.cout].chunks(c).enumerate() {
+                let (y, x) = (y2 * st + tap / st, x2 * st + tap % st);
+                if y < h && x < w {
+                    map[(y * w + x) * c..(y * w + x + 1) * c].iter_mut().zip(src).for_each(|(a, v)| *a += v);
+                }
+            }
+        }
+    });
+    rows.into_iter().for_each(recycle);
+}
+
 impl CnnExec {
     /// Feature-map size of the translator.
     fn low(&self, h: usize, w: usize) -> (usize, usize) {
@@ -225,13 +300,9 @@ impl CnnExec {
                 v
             })
             .collect();
-        let skip = dense_layer(&self.enc_in, &inputs, h, w, Activation::Gelu);
-        inputs.into_iter().for_each(recycle);
         let (h2, w2) = self.low(h, w);
-        let mut z = dense_layer(&self.enc_down, &skip, h, w, Activation::Gelu);
-        let mut macs = vec![self.fixed_macs(h, w); batch];
-
-        // The DataMask and the importance map S per sample.
+        // The DataMask and the importance map S per sample (from the input frames alone).
+        let mut macs = vec![0; batch];
         let cell = s.patch / s.stride;
         let wp = w.div_ceil(s.patch);
         let keep = s.masking.patch_rule();
@@ -239,6 +310,28 @@ impl CnnExec {
             plan_masks(plan, &self.generator, x, (batch, per_sample), (t, h, w), keep, &mut macs);
         let positions: Vec<Option<Vec<u32>>> =
             masks.iter().map(|m| kept_positions(&m.patches, wp, cell, (h2, w2))).collect();
+        // Under the network scope (with masks), the encoder and decoder run at the kept
+        // positions too.
+        let network = s.data_scope == DataScope::Network && !masks.is_empty();
+        let outer: Option<Vec<Option<Vec<u32>>>> =
+            network.then(|| masks.iter().map(|m| kept_positions(&m.patches, wp, s.patch, (h, w))).collect());
+        let (skip, mut z) = match &outer {
+            None => {
+                let skip = dense_layer(&self.enc_in, &inputs, h, w, Activation::Gelu);
+                let z = dense_layer(&self.enc_down, &skip, h, w, Activation::Gelu);
+                macs.iter_mut().for_each(|m| *m += self.fixed_macs(h, w));
+                (skip, z)
+            }
+            Some(full) => {
+                let skip = layer_at(&self.enc_in, &inputs, (h, w), full, Activation::Gelu);
+                let z = layer_at(&self.enc_down, &skip, (h, w), &positions, Activation::Gelu);
+                for (b, m) in macs.iter_mut().enumerate() {
+                    *m += self.outer_macs(h, w, full[b].as_ref().map(Vec::len), positions[b].as_ref().map(Vec::len));
+                }
+                (skip, z)
+            }
+        };
+        inputs.into_iter().for_each(recycle);
 
         // The unit gates' pooled input per sample, when they run: pooled once here, then kept up
         // to date from each block's updates (they change only the kept positions).
@@ -283,16 +376,22 @@ impl CnnExec {
 
         // The decoder map: the skip map plus the upsampled translator output.
         let mut d = skip;
-        match &self.dec_up {
-            Some(up) => add_upsampled(up, &z, (h2, w2), s.stride, (h, w), Activation::Gelu, &mut d),
-            None => {
+        match (&self.dec_up, &outer) {
+            (Some(up), None) => add_upsampled(up, &z, (h2, w2), s.stride, (h, w), Activation::Gelu, &mut d),
+            (Some(up), Some(_)) => add_upsampled_at(up, &z, (h2, w2), s.stride, (h, w), &positions, &mut d),
+            (None, _) => {
                 for (db, zb) in d.iter_mut().zip(&z) {
                     db.iter_mut().zip(zb).for_each(|(a, b)| *a += b);
                 }
             }
         }
         z.into_iter().for_each(recycle);
-        let delta = dense_layer(&self.dec_out, &d, h, w, Activation::None);
+        let delta = match &outer {
+            None => dense_layer(&self.dec_out, &d, h, w, Activation::None),
+            // The decoder's input is already zero off the kept positions: the skip map and the
+            // translator's map are, and the upsampling adds at the kept positions only.
+            Some(full) => layer_at(&self.dec_out, &d, (h, w), full, Activation::None),
+        };
         d.into_iter().for_each(recycle);
         let out_c = s.t_out * c;
         // Every float is written by the transpose.
@@ -376,12 +475,19 @@ impl CnnExec {
         }
     }
 
-    /// MACs of the layers no mask touches, as the trainer's `Cnn::macs` counts them.
+    /// MACs of the encoder and decoder, as the trainer's `Cnn::macs` counts them.
     pub fn fixed_macs(&self, h: usize, w: usize) -> u64 {
+        self.outer_macs(h, w, None, None)
+    }
+
+    /// MACs of the encoder and decoder computed at `full` full-resolution and `low` translator
+    /// positions (all where `None`).
+    fn outer_macs(&self, h: usize, w: usize, full: Option<usize>, low: Option<usize>) -> u64 {
         let (h2, w2) = self.low(h, w);
-        let up = self.dec_up.as_ref().map_or(0, |u| (h2 * w2) as u64 * u.macs_per_position());
-        (h * w) as u64 * (self.enc_in.macs_per_position() + self.dec_out.macs_per_position())
-            + (h2 * w2) as u64 * self.enc_down.macs_per_position()
+        let (full, low) = (full.unwrap_or(h * w) as u64, low.unwrap_or(h2 * w2) as u64);
+        let up = self.dec_up.as_ref().map_or(0, |u| low * u.macs_per_position());
+        full * (self.enc_in.macs_per_position() + self.dec_out.macs_per_position())
+            + low * self.enc_down.macs_per_position()
             + up
     }
 }

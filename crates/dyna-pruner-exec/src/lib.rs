@@ -22,7 +22,7 @@ pub(crate) fn pseudo(n: usize, seed: u32) -> Vec<f32> {
     (0..n).map(|i| (((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 1000) as f32 / 500.0 - 1.0).collect()
 }
 
-pub use cnn::{CnnExec, CnnSpec, MaskPlan, MaskSpec, Output, SampleMasks};
+pub use cnn::{CnnExec, CnnSpec, DataScope, MaskPlan, MaskSpec, Output, SampleMasks};
 pub use convlstm::{ConvLstmExec, ConvLstmSpec};
 pub use vit::{VitExec, VitSpec};
 

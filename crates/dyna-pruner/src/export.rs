@@ -8,7 +8,7 @@ use burn::prelude::*;
 use dyna_pruner_exec::format::Tensors;
 use dyna_pruner_exec::{CnnSpec, ConvLstmSpec, Exec, MaskSpec, Spec, VitSpec};
 
-use crate::backbones::{Backbone, DataScope};
+use crate::backbones::Backbone;
 use crate::error::{Error, Result};
 use crate::method::Masking;
 use crate::model::{Architecture, DynamicModel};
@@ -125,35 +125,20 @@ pub fn export<B: Backend>(model: &DynamicModel<B>, arch: &Architecture, masking:
         blocks: arch.blocks,
         stride: arch.stride,
         patch: arch.patch,
+        data_scope: arch.data_scope,
         masking: masks,
     };
     (Spec::Cnn(spec), t)
 }
 
-/// The executor prunes the CNN's translator only; a model whose DataMask also prunes the
-/// encoder and decoder would run there with different masks than it was trained with.
-fn check_executable(arch: &Architecture) -> Result<()> {
-    if arch.data_scope == DataScope::Network {
-        return Err(Error::Config {
-            file: None,
-            field: "model.data_scope".into(),
-            value: "\"network\"".into(),
-            expected: "\"translator\" for the CPU executor (run this model with eval or on the GPU path)".into(),
-        });
-    }
-    Ok(())
-}
-
 /// The executor for `model` (in memory).
-pub fn executor<B: Backend>(model: &DynamicModel<B>, arch: &Architecture, masking: Masking) -> Result<Exec> {
-    check_executable(arch)?;
+pub fn executor<B: Backend>(model: &DynamicModel<B>, arch: &Architecture, masking: Masking) -> Exec {
     let (spec, tensors) = export(model, arch, masking);
-    Ok(dyna_pruner_exec::format::from_tensors(spec, &tensors).expect("exported tensors match their spec"))
+    dyna_pruner_exec::format::from_tensors(spec, &tensors).expect("exported tensors match their spec")
 }
 
 /// Writes the executor file for `model`.
 pub fn write<B: Backend>(path: &Path, model: &DynamicModel<B>, arch: &Architecture, masking: Masking) -> Result<()> {
-    check_executable(arch)?;
     let (spec, tensors) = export(model, arch, masking);
     dyna_pruner_exec::format::save(path, &spec, &tensors)
         .map_err(|e| Error::Checkpoint { path: path.to_path_buf(), detail: e.to_string() })
@@ -262,6 +247,10 @@ mod tests {
         model.forward_masked(x, &mut fixed).into_data().to_vec().unwrap()
     }
 
+    fn random_network_cnn(rng: &mut StdRng) -> Architecture {
+        Architecture { data_scope: DataScope::Network, ..random_arch(rng) }
+    }
+
     fn random_convlstm(rng: &mut StdRng) -> Architecture {
         let stride = [1, 2, 4][rng.random_range(0..3)];
         let patch = stride * rng.random_range(1..=2);
@@ -278,7 +267,7 @@ mod tests {
         case: usize,
     ) {
         let model = arch.init::<B>(&Default::default());
-        let exec = executor(&model, arch, Masking::DENSE).unwrap();
+        let exec = executor(&model, arch, Masking::DENSE);
         let (batch, h, w) = (rng.random_range(1..=3), rng.random_range(sides.clone()), rng.random_range(sides));
         let what = format!("case {case}: {arch:?} batch {batch} {h}x{w}");
         let (x, xt) = input(rng, arch, batch, h, w);
@@ -319,6 +308,35 @@ mod tests {
     }
 
     #[test]
+    fn network_scope_executor_matches_the_masked_dense_reference_on_random_models_and_masks() {
+        check_random_models(2029, random_network_cnn, 5..=17);
+    }
+
+    #[test]
+    fn network_scope_executor_predictions_and_macs_match_the_trainer() {
+        let mut rng = StdRng::seed_from_u64(13);
+        for case in 0..4 {
+            let arch = random_network_cnn(&mut rng);
+            let model = arch.init::<B>(&Default::default());
+            // Whole patches: the trainer's MAC model scales the encoder and decoder by the
+            // translator's kept fraction, which then equals the full resolution's.
+            let (h, w) = (arch.patch * rng.random_range(2..=5), arch.patch * rng.random_range(2..=5));
+            let (x, xt) = input(&mut rng, &arch, 2, h, w);
+            let masking = Masking::top_k(MaskMode::Both, 0.5, 0.4);
+            let out = executor(&model, &arch, masking).forward(&x, 2, h, w, MaskPlan::Dynamic).unwrap();
+            let fwd = model.forward(xt, masking);
+            let want: Vec<f32> = fwd.prediction.into_data().to_vec().unwrap();
+            assert_close(&out.prediction, &want, &format!("case {case}: {arch:?} {h}x{w}"));
+            let costs = crate::eval::sample_costs(&model.mac_model(h, w), &fwd.fractions, 2);
+            for (got, c) in out.macs.iter().zip(&costs) {
+                assert!((*got as f64 - c.macs).abs() <= 1e-6 * c.macs, "case {case}: {got} vs {}", c.macs);
+            }
+            let dense = model.mac_model(h, w).dense() as f64;
+            assert!(costs.iter().all(|c| c.macs < 0.8 * dense), "case {case}: half the patches kept");
+        }
+    }
+
+    #[test]
     fn vit_executor_matches_the_masked_dense_reference_on_random_models_and_masks() {
         check_random_models(2027, random_vit, 3..=13);
     }
@@ -333,7 +351,7 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(7);
         let arch = Architecture { stride: 2, patch: 4, ..random_arch(&mut rng) };
         let model = arch.init::<B>(&Default::default());
-        let exec = executor(&model, &arch, Masking::DENSE).unwrap();
+        let exec = executor(&model, &arch, Masking::DENSE);
         let (batch, h, w) = (2, 13, 10);
         let (x, xt) = input(&mut rng, &arch, batch, h, w);
         let dense = exec.forward(&x, batch, h, w, MaskPlan::Dense).unwrap();
@@ -374,7 +392,7 @@ mod tests {
                 let median = (s[s.len() / 2 - 1] + s[s.len() / 2]) / 2.0;
                 masking.data_threshold = Some(if case < 9 { median } else { 1.5 });
             }
-            let exec = executor(&model, &arch, masking).unwrap();
+            let exec = executor(&model, &arch, masking);
             let out = exec.forward(&x, batch, h, w, MaskPlan::Dynamic).unwrap();
             let fwd = model.forward(xt, masking);
             // Masks: the trainer's hard DataMask and unit masks as index lists.
@@ -413,7 +431,7 @@ mod tests {
             let path = dir.join(format!("model{i}.safetensors"));
             write(&path, &model, &arch, masking).unwrap();
             let loaded = dyna_pruner_exec::format::load(&path).unwrap();
-            let exec = executor(&model, &arch, masking).unwrap();
+            let exec = executor(&model, &arch, masking);
             assert_eq!(std::mem::discriminant(&loaded), std::mem::discriminant(&exec));
             let (x, _) = input(&mut rng, &arch, 2, 9, 11);
             let want = exec.forward(&x, 2, 9, 11, MaskPlan::Dynamic).unwrap();

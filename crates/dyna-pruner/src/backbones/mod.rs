@@ -40,19 +40,9 @@ impl BackboneKind {
     }
 }
 
-/// Which layers of the CNN the DataMask prunes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DataScope {
-    /// The translator's blocks only: the encoder and decoder see every pixel, and pruned
-    /// patches take the identity path through the translator (METHOD.md, section 4).
-    #[default]
-    Translator,
-    /// Every layer: the encoder's feature maps are zero off the kept patches (so a sparse
-    /// executor computes them there only), the translator as above, and the decoder's change
-    /// is zero off them, so pruned patches predict their last input frame (persistence).
-    Network,
-}
+/// Which layers of the CNN the DataMask prunes (defined beside the executor, which reads it
+/// from exported files).
+pub use dyna_pruner_exec::DataScope;
 
 /// One layer whose positions (DataMask) and units (ModelMask) can be pruned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
