@@ -377,6 +377,9 @@ impl<B: Backend> DynamicModel<B> {
         let [b, _, _, h, w] = x.dims();
         let (c, h2, w2) = (cnn.hidden, h.div_ceil(cnn.stride), w.div_ceil(cnn.stride));
         let grid = Grid::new(h2, w2, self.patch / cnn.stride);
+        // The dense encoder first, as before the network scope existed: queued after the patch
+        // ranking instead, the same forward took 54 ms instead of 28 on an H100 (batch 32, kept 0.3).
+        let dense = (cnn.data_scope == DataScope::Translator).then(|| cnn.encode(x.clone(), None));
         let (importance, IndexMasks { patches, mut units }) = match masks {
             GatheredMasks::Given(m) => (None, m),
             GatheredMasks::Method(masking) => {
@@ -387,16 +390,15 @@ impl<B: Backend> DynamicModel<B> {
             }
         };
         let kept = KeptRows::new(&patches, grid);
-        let (encoded, mut map) = match cnn.data_scope {
-            DataScope::Translator => {
-                let (skip, z) = cnn.encode(x.clone(), None);
+        let (encoded, mut map) = match dense {
+            Some((skip, z)) => {
                 let pad = (1, grid.cols - 1 - w2, 1, grid.rows - 1 - h2);
                 (
                     Encoded::Dense(skip),
                     z.pad(pad, PadMode::Constant(0.0)).permute([0, 2, 3, 1]).reshape([b * grid.pixels(), c]),
                 )
             }
-            DataScope::Network => {
+            None => {
                 let full = KeptRows::new(&patches, Grid::new(h, w, self.patch));
                 let (skip, z) = cnn.encode_kept(x.clone(), &full, grid, &patches);
                 (Encoded::Kept(full, skip), with_zero_row(z).select(0, kept.back.clone()))
