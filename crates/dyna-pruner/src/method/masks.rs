@@ -37,6 +37,12 @@ pub fn top_k_hard<B: Backend>(scores: Tensor<B, 2>, k: usize) -> Tensor<B, 2> {
 /// - scores: `[batch, n]`
 /// - output: `[batch, k]`
 pub fn top_k_indices<B: Backend>(scores: Tensor<B, 2>, k: usize) -> Tensor<B, 2, Int> {
+    top_k_with_ranks(scores, k).0
+}
+
+/// [`top_k_indices`], and each score's rank in its row `[batch, n]` (0 for the highest, ties to
+/// the lower index): the kept ones are those ranked below k, at their rank in the index list.
+pub fn top_k_with_ranks<B: Backend>(scores: Tensor<B, 2>, k: usize) -> (Tensor<B, 2, Int>, Tensor<B, 2, Int>) {
     let [b, n] = scores.dims();
     let device = scores.device();
     let index = Tensor::<B, 1, Int>::arange(0..n as i64, &device);
@@ -45,10 +51,11 @@ pub fn top_k_indices<B: Backend>(scores: Tensor<B, 2>, k: usize) -> Tensor<B, 2,
         (scores.clone().reshape([b, 1, n]).expand([b, n, n]), scores.reshape([b, n, 1]).expand([b, n, n]));
     let before = index.clone().reshape([1, 1, n]).lower(index.clone().reshape([1, n, 1])).expand([b, n, n]);
     let ahead = others.clone().greater(own.clone()).bool_or(others.equal(own).bool_and(before));
-    let rank = ahead.int().sum_dim(2).reshape([b, 1, n]).expand([b, k, n]);
+    let rank = ahead.int().sum_dim(2).reshape([b, n]);
     let wanted = Tensor::<B, 1, Int>::arange(0..k as i64, &device).reshape([1, k, 1]).expand([b, k, n]);
-    let owner = rank.equal(wanted).int() * index.reshape([1, 1, n]).expand([b, k, n]);
-    owner.sum_dim(2).reshape([b, k])
+    let owner = rank.clone().reshape([b, 1, n]).expand([b, k, n]).equal(wanted).int()
+        * index.reshape([1, 1, n]).expand([b, k, n]);
+    (owner.sum_dim(2).reshape([b, k]), rank)
 }
 
 /// Straight-through estimator: the forward value is exactly `hard`, the gradient flows to `soft`.
