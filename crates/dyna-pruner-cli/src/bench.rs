@@ -29,7 +29,7 @@ pub struct BenchPlan {
     pub fractions: Vec<f32>,
     pub runs: usize,
     pub warmup: usize,
-    /// The CNN's DataMask scope (GPU bench).
+    /// The CNN's DataMask scope.
     pub data_scope: DataScope,
 }
 
@@ -146,7 +146,9 @@ pub fn run(out: &Path, plan: &BenchPlan) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     let mut architectures = Vec::new();
     for &kind in &plan.backbones {
-        let arch = architecture(kind);
+        // The DataMask's scope is the CNN's to choose; the others prune their own layers.
+        let data_scope = if kind == BackboneKind::Cnn { plan.data_scope } else { DataScope::Translator };
+        let arch = Architecture { data_scope, ..architecture(kind) };
         let sizes: Vec<(usize, usize)> = match kind {
             BackboneKind::Cnn | BackboneKind::ConvLstm => plan.sizes.iter().map(|&s| (s, s)).collect(),
             BackboneKind::Vit => plan.vit_sizes.clone(),

@@ -110,8 +110,8 @@ enum Command {
         /// With `--device cuda`: also time this PyTorch twin of the dense CNN (scripts/torch_twin.py).
         #[arg(long)]
         torch_twin: Option<PathBuf>,
-        /// With `--device cuda`: the layers the CNN's DataMask prunes, `translator` or `network`
-        /// (also the encoder and decoder).
+        /// The layers the CNN's DataMask prunes, `translator` or `network` (also the encoder and
+        /// decoder).
         #[arg(long, default_value = "translator", value_parser = parse_scope)]
         data_scope: DataScope,
     },
@@ -203,9 +203,6 @@ fn main() -> anyhow::Result<()> {
             }
             let plan = bench::BenchPlan { backbones, sizes, vit_sizes, batches, fractions, runs, warmup, data_scope };
             match device {
-                DeviceArg::Cpu if data_scope != DataScope::Translator => {
-                    anyhow::bail!("bench: --data-scope network runs on the GPU path only (--device cuda); the CPU executor prunes the translator")
-                }
                 DeviceArg::Cpu => bench::run(&out, &plan),
                 DeviceArg::Cuda => with_backend!(device, |B, T, dev| bench_device::run::<B>(
                     &dev,
