@@ -65,8 +65,9 @@ struct Report {
 
 /// The benchmarked architectures: the crowd CNN's (4 -> 4 frames, 2 channels) with patches of
 /// 8 pixels; a weather ViT (12 -> 12 frames, 1 channel, 4x4-pixel tokens); the radar ConvLSTM's
-/// (6 -> 6 frames, 1 channel, 2 cells at stride 4, patches of 16 pixels).
-pub fn architecture(kind: BackboneKind) -> Architecture {
+/// (6 -> 6 frames, 1 channel, 2 cells at stride 4, patches of 16 pixels). `cnn_scope` is the
+/// CNN's DataMask scope; the others prune their own layers.
+pub fn architecture(kind: BackboneKind, cnn_scope: DataScope) -> Architecture {
     match kind {
         BackboneKind::Cnn => Architecture {
             backbone: kind,
@@ -81,7 +82,7 @@ pub fn architecture(kind: BackboneKind) -> Architecture {
             patch: 8,
             generator_width: 16,
             generator_motion: false,
-            data_scope: DataScope::Translator,
+            data_scope: cnn_scope,
         },
         BackboneKind::Vit => Architecture {
             backbone: kind,
@@ -146,9 +147,7 @@ pub fn run(out: &Path, plan: &BenchPlan) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     let mut architectures = Vec::new();
     for &kind in &plan.backbones {
-        // The DataMask's scope is the CNN's to choose; the others prune their own layers.
-        let data_scope = if kind == BackboneKind::Cnn { plan.data_scope } else { DataScope::Translator };
-        let arch = Architecture { data_scope, ..architecture(kind) };
+        let arch = architecture(kind, plan.data_scope);
         let sizes: Vec<(usize, usize)> = match kind {
             BackboneKind::Cnn | BackboneKind::ConvLstm => plan.sizes.iter().map(|&s| (s, s)).collect(),
             BackboneKind::Vit => plan.vit_sizes.clone(),

@@ -77,7 +77,7 @@ pub fn run<B: Backend>(
     plan: &BenchPlan,
     torch_twin: Option<&Path>,
 ) -> anyhow::Result<()> {
-    let arch = Architecture { data_scope: plan.data_scope, ..architecture(BackboneKind::Cnn) };
+    let arch = architecture(BackboneKind::Cnn, plan.data_scope);
     B::seed(device, 1);
     let model = arch.init::<B>(device);
     let torch = torch_twin.map(|s| run_torch_twin(s, &arch, plan)).transpose()?;
