@@ -20,6 +20,10 @@
 //! 3. every map row selects its update row, or the zero row off the kept patches, and adds it:
 //!    pruned patches keep the identity path.
 //!
+//! Under `DataScope::Network` the map is zero off the kept patches, so it is held as the kept
+//! pixels' rows only: conv1's windows read them plus the zero row, like conv2's, and step 3 is
+//! a plain add (no select over the whole map per block).
+//!
 //! The unit gates read the map's S-weighted sum over all pixels: it is pooled once, then each
 //! block adds its update's S-weighted sum over the kept pixels (nothing else changes).
 //!
@@ -242,6 +246,14 @@ fn im2col_weight<B: Backend>(weight: Tensor<B, 4>) -> Tensor<B, 2> {
     weight.permute([2, 3, 1, 0]).reshape([9 * inp, out])
 }
 
+/// Per sample, the sum of its rows weighted by `s`: rows `[batch * n, C]`, s `[batch, n, 1]` ->
+/// `[batch, C]`.
+fn weighted_sum<B: Backend>(rows: Tensor<B, 2>, s: Tensor<B, 3>) -> Tensor<B, 2> {
+    let [b, n, _] = s.dims();
+    let [_, c] = rows.dims();
+    (rows.reshape([b, n, c]) * s).sum_dim(1).reshape([b, c])
+}
+
 /// Appends a zero row: `[n, c]` -> `[n + 1, c]`.
 fn with_zero_row<B: Backend>(rows: Tensor<B, 2>) -> Tensor<B, 2> {
     let [_, c] = rows.dims();
@@ -250,21 +262,16 @@ fn with_zero_row<B: Backend>(rows: Tensor<B, 2>) -> Tensor<B, 2> {
 }
 
 impl<B: Backend> MaskedBlock<B> {
-    /// The block on kept patches and kept units only.
+    /// The block's update at the kept pixels, on kept units only.
     ///
     /// # Shapes
-    /// - map: `[batch * rows * cols, C]`, the padded channels-last translator map
+    /// - cols: the kept pixels' 3x3 windows of the map, `[batch * kept * cell^2, 9 C]`
     /// - units: `[batch, kept units]`
-    /// - output: like `map`; and the update added at the kept pixels, `[batch * kept * cell^2, C]`
-    fn forward_gathered(
-        &self,
-        map: Tensor<B, 2>,
-        kept: &KeptRows<B>,
-        units: &Tensor<B, 2, Int>,
-    ) -> (Tensor<B, 2>, Tensor<B, 2>) {
-        let [_, c] = map.dims();
+    /// - output: `[batch * kept * cell^2, C]`
+    fn update_gathered(&self, cols: Tensor<B, 2>, kept: &KeptRows<B>, units: &Tensor<B, 2, Int>) -> Tensor<B, 2> {
+        let [n, c9] = cols.dims();
+        let c = c9 / 9;
         let [b, ku] = units.dims();
-        let n = kept.buffer_windows.dims()[0] / 9;
         let [all_units, _, _, _] = self.conv1.weight.dims();
         let units = units.clone().reshape([b * ku]);
         // Weights as im2col rows per unit, in (ky, kx, channel) order, then each sample's kept units.
@@ -277,20 +284,43 @@ impl<B: Backend> MaskedBlock<B> {
             .reshape([b, 9 * ku, c]);
         let b2 = self.conv2.bias.as_ref().expect("convs have a bias").val().reshape([1, 1, c]);
 
-        let cols1 = map.clone().select(0, kept.windows.clone()).reshape([b, n / b, 9 * c]);
-        let hidden = gelu(cols1.matmul(w1) + b1.reshape([b, 1, ku])).reshape([n, ku]);
+        let hidden = gelu(cols.reshape([b, n / b, 9 * c]).matmul(w1) + b1.reshape([b, 1, ku])).reshape([n, ku]);
         let cols2 = with_zero_row(hidden).select(0, kept.buffer_windows.clone()).reshape([b, n / b, 9 * ku]);
-        let update = (cols2.matmul(w2) + b2).reshape([n, c]);
-        (map + with_zero_row(update.clone()).select(0, kept.back.clone()), update)
+        (cols2.matmul(w2) + b2).reshape([n, c])
     }
 }
 
-/// The encoder's output: dense maps, or (`DataScope::Network`) rows of the kept pixels only.
+/// The encoder's output, which fixes how the translator map is held between blocks.
 enum Encoded<B: Backend> {
-    /// The skip map `[batch, hidden, h, w]`.
+    /// `DataScope::Translator`: the skip map `[batch, hidden, h, w]`; the translator map holds
+    /// every padded pixel's row, `[batch * rows * cols, hidden]` (pruned patches keep the
+    /// encoder's values, which kept pixels' windows read).
     Dense(Tensor<B, 4>),
-    /// The full-resolution kept rows and the skip map at them, `[batch * kept * patch^2, hidden]`.
+    /// `DataScope::Network`: the full-resolution kept rows and the skip map at them,
+    /// `[batch * kept * patch^2, hidden]`; the translator map holds the kept pixels' rows only,
+    /// `[batch * kept * cell^2, hidden]`, as it is zero elsewhere (no scatter back per block).
     Kept(KeptRows<B>, Tensor<B, 2>),
+}
+
+impl<B: Backend> Encoded<B> {
+    /// The kept pixels' 3x3 windows of the translator map, `[batch * kept * cell^2, 9 hidden]`.
+    fn windows(&self, map: &Tensor<B, 2>, kept: &KeptRows<B>) -> Tensor<B, 2> {
+        let [_, c] = map.dims();
+        let n = kept.kept_pixels.dims()[0];
+        let rows = match self {
+            Encoded::Dense(_) => map.clone().select(0, kept.windows.clone()),
+            Encoded::Kept(..) => with_zero_row(map.clone()).select(0, kept.buffer_windows.clone()),
+        };
+        rows.reshape([n, 9 * c])
+    }
+
+    /// The map with a block's update `[batch * kept * cell^2, hidden]` added at the kept pixels.
+    fn add(&self, map: Tensor<B, 2>, update: Tensor<B, 2>, kept: &KeptRows<B>) -> Tensor<B, 2> {
+        match self {
+            Encoded::Dense(_) => map + with_zero_row(update).select(0, kept.back.clone()),
+            Encoded::Kept(..) => map + update,
+        }
+    }
 }
 
 impl<B: Backend> Cnn<B> {
@@ -419,7 +449,7 @@ impl<B: Backend> DynamicModel<B> {
             None => {
                 let full = KeptRows::new(&patches, Grid::new(h, w, self.patch), ranks.as_ref());
                 let (skip, z) = cnn.encode_kept(x.clone(), &full, grid, &patches);
-                (Encoded::Kept(full, skip), with_zero_row(z).select(0, kept.back.clone()))
+                (Encoded::Kept(full, skip), z)
             }
         };
         // The unit gates' input: the S-weighted sum of the map over its pixels and S's mass. The
@@ -432,7 +462,11 @@ impl<B: Backend> DynamicModel<B> {
             let s_kept = s.clone().select(0, kept.kept_pixels.clone()).reshape([b, kept.kept_pixels.dims()[0] / b, 1]);
             let s = s.reshape([b, grid.pixels(), 1]);
             let mass = s.clone().sum_dim(1).reshape([b, 1]);
-            let weighted = (map.clone().reshape([b, grid.pixels(), c]) * s).sum_dim(1).reshape([b, c]);
+            // Under the network scope the map holds the kept pixels only (it is zero elsewhere).
+            let weighted = match encoded {
+                Encoded::Dense(_) => weighted_sum(map.clone(), s),
+                Encoded::Kept(..) => weighted_sum(map.clone(), s_kept.clone()),
+            };
             (weighted, s_kept, mass, masking)
         });
         for (l, block) in cnn.blocks.iter().enumerate() {
@@ -441,19 +475,18 @@ impl<B: Backend> DynamicModel<B> {
                 let all = scores.dims()[1];
                 units.push(top_k_indices(scores, kept_count(masking.unit_keep, all)));
             }
-            let (next, update) = block.forward_gathered(map, &kept, &units[l]);
-            map = next;
+            let update = block.update_gathered(encoded.windows(&map, &kept), &kept, &units[l]);
             if let Some((weighted, s_kept, _, _)) = gates.as_mut().filter(|_| l + 1 < cnn.blocks.len()) {
-                let n = s_kept.dims()[1];
-                *weighted = weighted.clone() + (update.reshape([b, n, c]) * s_kept.clone()).sum_dim(1).reshape([b, c]);
+                *weighted = weighted.clone() + weighted_sum(update.clone(), s_kept.clone());
             }
+            map = encoded.add(map, update, &kept);
         }
         let prediction = match encoded {
             Encoded::Dense(skip) => {
                 let z = map.reshape([b, grid.rows, grid.cols, c]).slice([0..b, 1..1 + h2, 1..1 + w2, 0..c]);
                 cnn.decode(z.permute([0, 3, 1, 2]), skip, x, None)
             }
-            Encoded::Kept(full, skip) => cnn.decode_kept(map.select(0, kept.kept_pixels), skip, x, &full),
+            Encoded::Kept(full, skip) => cnn.decode_kept(map, skip, x, &full),
         };
         (prediction, IndexMasks { patches, units })
     }
