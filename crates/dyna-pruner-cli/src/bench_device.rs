@@ -16,7 +16,7 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use dyna_pruner::backbones::BackboneKind;
-use dyna_pruner::gathered::GatheredMasks;
+use dyna_pruner::gathered::{GatheredBackend, GatheredMasks};
 use dyna_pruner::method::{FixedMasks, MaskMode, Masking};
 use dyna_pruner::model::Architecture;
 
@@ -70,7 +70,7 @@ fn run_torch_twin(script: &Path, arch: &Architecture, plan: &BenchPlan) -> anyho
 }
 
 /// The CNN rows on backend `B` (the GPU in practice; any backend works).
-pub fn run<B: Backend>(
+pub fn run<B: GatheredBackend>(
     device: &B::Device,
     device_name: &str,
     out: &Path,

@@ -1,22 +1,28 @@
-//! Sparse execution of the dynamic CNN through framework ops, for GPUs (SBNet/DynConv pattern).
+//! Sparse execution of the dynamic CNN for GPUs (SBNet/DynConv pattern).
 //!
 //! The CPU executor (`dyna-pruner-exec`) runs per-sample work on plain kernels; on a GPU the
 //! work must stay in a few large batched kernels. Top-k keeps the same *number* of patches and
-//! units in every sample, so everything stays dense-batched. Every data movement is a `select`
-//! (one GPU thread per output element): Burn 0.21's CUDA `scatter` and `select_assign` run one
-//! thread per element of the *other* axes and loop over the scattered one; the first version of
-//! this path scattered tiles along the pixel axis that way (with host-sorted top-k and im2col
-//! convs it was 4.5x slower than the dense forward).
+//! units in every sample, so everything stays dense-batched. Data moves by `select` (one GPU
+//! thread per output element): Burn 0.21's CUDA `scatter` and `select_assign` run one thread
+//! per element of the *other* axes and loop over the scattered one.
+//!
+//! The ranking of the patch and unit scores (top-k) goes through [`GatheredBackend`]: its
+//! provided method, pairwise comparisons through framework ops, is the reference the CPU
+//! backend runs; the CUDA backend runs one CubeCL kernel instead (`cuda.rs`), as the framework
+//! ops materialised `[batch, n, n]` comparison tensors (1.5 ms at batch 32 on an H200). A 3x3
+//! conv at gathered pixels selects each pixel's 9 taps (rows of a channels-last buffer, named
+//! by an index table) as im2col rows for one batched matmul. A CubeCL kernel computing it in
+//! place instead (one thread per 4 pixels x 4 units, fp32 on CUDA cores) made the network-scope
+//! forward slower on an H100 (22.5 ms at batch 32, kept 0.3; docs/BENCHMARKS.md).
 //!
 //! The translator map is held channels-last, zero-padded by one pixel and up to whole patches,
 //! as rows `[batch * rows * cols, C]`. Per masked block:
 //!
-//! 1. conv1 runs at the kept patches' pixels only: their 3x3 windows are selected from the map
-//!    as im2col rows `[batch, kept * cell^2, 9 C]` and multiplied by each sample's kept units'
-//!    weights (one batched matmul), then GELU;
-//! 2. conv2 reads a hidden map that is zero off the kept patches: the same windows are selected
-//!    from those hidden rows plus one zero row (where a window leaves the kept patches or the
-//!    frame), and one batched matmul with the kept units' columns gives the update;
+//! 1. conv1 runs at the kept patches' pixels only, with each sample's kept units' weights
+//!    (their im2col rows `[batch, kept * cell^2, 9 C]` times those weights), then GELU;
+//! 2. conv2 reads a hidden map that is zero off the kept patches: the same windows read those
+//!    hidden rows plus one zero row (where a window leaves the kept patches or the frame), with
+//!    the kept units' columns, giving the update;
 //! 3. every map row selects its update row, or the zero row off the kept patches, and adds it:
 //!    pruned patches keep the identity path.
 //!
@@ -29,13 +35,11 @@
 //!
 //! Under `DataScope::Translator` the encoder and decoder are the model's own layers (Burn's
 //! `conv2d`), as in the dense forward this path is timed against. Under `DataScope::Network`
-//! they too run at the kept patches' pixels only: the first conv on im2col rows of the input's
-//! kept pixels, the strided conv on the windows those rows cover (zero elsewhere), the
-//! transposed conv as one matmul per kept translator pixel, and the last conv as per-tap
-//! products summed over each kept pixel's window (8 output channels: far fewer floats than
-//! im2col rows of its 32 input channels); the change is scattered back onto the last frame.
-//! The reference is the framework's masked-dense forward (tests here, on the CPU backend;
-//! `dyna-pruner bench --device cuda` checks it on the GPU).
+//! they too run at the kept patches' pixels only: the first conv at the input's kept pixels,
+//! the strided conv on the windows of the kept skip rows (zero elsewhere), the transposed conv
+//! as one matmul per kept translator pixel, and the last conv as per-tap products summed over
+//! each kept pixel's window; the change is scattered back onto the last frame. The reference is the framework's masked-dense forward
+//! (tests here, on the CPU backend; `dyna-pruner bench --device cuda` checks it on the GPU).
 
 use burn::prelude::*;
 use burn::tensor::activation::gelu;
@@ -44,9 +48,12 @@ use burn::tensor::IndexingUpdateOp;
 
 use crate::backbones::cnn::{Cnn, MaskedBlock};
 use crate::backbones::{Backbone, DataScope};
-use crate::method::masks::{kept_count, top_k_indices, top_k_with_ranks};
+use crate::method::masks::{kept_count, top_k_with_ranks};
 use crate::method::Masking;
 use crate::model::DynamicModel;
+
+#[cfg(feature = "cuda")]
+mod cuda;
 
 /// Kept patches and units of a batch as device index tensors (the same count in every sample).
 pub struct IndexMasks<B: Backend> {
@@ -99,6 +106,44 @@ pub enum GatheredMasks<B: Backend> {
     /// Given index masks.
     Given(IndexMasks<B>),
 }
+
+/// The ranking of the gathered path, which a backend may run as its own kernel. The provided
+/// method is the framework-ops reference (pairwise comparisons), which the CPU backend runs;
+/// the CUDA backend runs one CubeCL kernel (feature `cuda`, `gathered/cuda.rs`), tested
+/// against it.
+pub trait GatheredBackend: Backend {
+    /// Each row's `k` highest scores' indices (highest first, ties to the lower index) and every
+    /// score's rank in its row.
+    ///
+    /// # Shapes
+    /// - scores: `[batch, n]`
+    /// - output: `[batch, k]`, `[batch, n]`
+    fn rank_top_k(scores: Tensor<Self, 2>, k: usize) -> (Tensor<Self, 2, Int>, Tensor<Self, 2, Int>) {
+        top_k_with_ranks(scores, k)
+    }
+}
+
+/// A 3x3 convolution at gathered pixels: each pixel's 9 taps are rows of `source` (named by
+/// `windows`), selected as im2col rows and multiplied by its sample's weights (one batched
+/// matmul), plus its sample's bias. Pixels are in sample order, the same count per sample.
+///
+/// # Shapes
+/// - source: `[rows, C]`; windows: `[pixels * 9]`
+/// - weight: `[batch, 9 C, U]`, rows in (tap, channel) order; bias: `[batch, U]`
+/// - output: `[pixels, U]`
+fn window_conv<B: Backend>(
+    source: Tensor<B, 2>,
+    windows: Tensor<B, 1, Int>,
+    weight: Tensor<B, 3>,
+    bias: Tensor<B, 2>,
+) -> Tensor<B, 2> {
+    let n = windows.dims()[0] / 9;
+    let [b, k, u] = weight.dims();
+    let cols = source.select(0, windows).reshape([b, n / b, k]);
+    (cols.matmul(weight) + bias.reshape([b, 1, u])).reshape([n, u])
+}
+
+impl GatheredBackend for crate::CpuBackend {}
 
 /// The translator map's geometry: `h x w` feature pixels in `cell x cell` patch cells, padded
 /// by one pixel and up to whole cells to `rows x cols`.
@@ -261,32 +306,40 @@ fn with_zero_row<B: Backend>(rows: Tensor<B, 2>) -> Tensor<B, 2> {
     Tensor::cat(vec![rows, zero], 0)
 }
 
-impl<B: Backend> MaskedBlock<B> {
+/// A conv's bias `[out]` for every sample, `[batch, out]` (the layout [`GatheredBackend::window_conv`] takes).
+fn per_sample_bias<B: Backend>(conv: &burn::nn::conv::Conv2d<B>, batch: usize) -> Tensor<B, 2> {
+    let bias = conv.bias.as_ref().expect("convs have a bias").val();
+    let [out] = bias.dims();
+    bias.reshape([1, out]).expand([batch, out])
+}
+
+impl<B: GatheredBackend> MaskedBlock<B> {
     /// The block's update at the kept pixels, on kept units only.
     ///
     /// # Shapes
-    /// - cols: the kept pixels' 3x3 windows of the map, `[batch * kept * cell^2, 9 C]`
+    /// - source, windows: the map's rows and each kept pixel's 9 rows of it, `[batch * kept * cell^2 * 9]`
     /// - units: `[batch, kept units]`
     /// - output: `[batch * kept * cell^2, C]`
-    fn update_gathered(&self, cols: Tensor<B, 2>, kept: &KeptRows<B>, units: &Tensor<B, 2, Int>) -> Tensor<B, 2> {
-        let [n, c9] = cols.dims();
-        let c = c9 / 9;
+    fn update_gathered(
+        &self,
+        (source, windows): (Tensor<B, 2>, Tensor<B, 1, Int>),
+        kept: &KeptRows<B>,
+        units: &Tensor<B, 2, Int>,
+    ) -> Tensor<B, 2> {
+        let [_, c] = source.dims();
         let [b, ku] = units.dims();
         let [all_units, _, _, _] = self.conv1.weight.dims();
         let units = units.clone().reshape([b * ku]);
         // Weights as im2col rows per unit, in (ky, kx, channel) order, then each sample's kept units.
         let kept_rows = |weight: Tensor<B, 4>| weight.reshape([all_units, 9 * c]).select(0, units.clone());
         let w1 = kept_rows(self.conv1.weight.val().permute([0, 2, 3, 1])).reshape([b, ku, 9 * c]).swap_dims(1, 2);
-        let b1 = self.conv1.bias.as_ref().expect("convs have a bias").val().select(0, units.clone());
+        let b1 = self.conv1.bias.as_ref().expect("convs have a bias").val().select(0, units.clone()).reshape([b, ku]);
         let w2 = kept_rows(self.conv2.weight.val().permute([1, 2, 3, 0]))
             .reshape([b, ku, 9, c])
             .swap_dims(1, 2)
             .reshape([b, 9 * ku, c]);
-        let b2 = self.conv2.bias.as_ref().expect("convs have a bias").val().reshape([1, 1, c]);
-
-        let hidden = gelu(cols.reshape([b, n / b, 9 * c]).matmul(w1) + b1.reshape([b, 1, ku])).reshape([n, ku]);
-        let cols2 = with_zero_row(hidden).select(0, kept.buffer_windows.clone()).reshape([b, n / b, 9 * ku]);
-        (cols2.matmul(w2) + b2).reshape([n, c])
+        let hidden = gelu(window_conv(source, windows, w1, b1));
+        window_conv(with_zero_row(hidden), kept.buffer_windows.clone(), w2, per_sample_bias(&self.conv2, b))
     }
 }
 
@@ -303,15 +356,12 @@ enum Encoded<B: Backend> {
 }
 
 impl<B: Backend> Encoded<B> {
-    /// The kept pixels' 3x3 windows of the translator map, `[batch * kept * cell^2, 9 hidden]`.
-    fn windows(&self, map: &Tensor<B, 2>, kept: &KeptRows<B>) -> Tensor<B, 2> {
-        let [_, c] = map.dims();
-        let n = kept.kept_pixels.dims()[0];
-        let rows = match self {
-            Encoded::Dense(_) => map.clone().select(0, kept.windows.clone()),
-            Encoded::Kept(..) => with_zero_row(map.clone()).select(0, kept.buffer_windows.clone()),
-        };
-        rows.reshape([n, 9 * c])
+    /// The rows the kept pixels' 3x3 windows read and, per pixel and tap, which row.
+    fn windows(&self, map: &Tensor<B, 2>, kept: &KeptRows<B>) -> (Tensor<B, 2>, Tensor<B, 1, Int>) {
+        match self {
+            Encoded::Dense(_) => (map.clone(), kept.windows.clone()),
+            Encoded::Kept(..) => (with_zero_row(map.clone()), kept.buffer_windows.clone()),
+        }
     }
 
     /// The map with a block's update `[batch * kept * cell^2, hidden]` added at the kept pixels.
@@ -323,7 +373,7 @@ impl<B: Backend> Encoded<B> {
     }
 }
 
-impl<B: Backend> Cnn<B> {
+impl<B: GatheredBackend> Cnn<B> {
     /// The encoder at the kept pixels only (`DataScope::Network`): the skip map's rows at the
     /// full-resolution kept pixels and the translator input's at the low-resolution ones.
     ///
@@ -339,21 +389,21 @@ impl<B: Backend> Cnn<B> {
     ) -> (Tensor<B, 2>, Tensor<B, 2>) {
         let [b, t, c, h, w] = x.dims();
         let fg = full.grid;
-        let bias = |conv: &burn::nn::conv::Conv2d<B>| {
-            conv.bias.as_ref().expect("convs have a bias").val().reshape([1, self.hidden])
-        };
         let input = x
             .reshape([b, t * c, h, w])
             .pad((1, fg.cols - 1 - w, 1, fg.rows - 1 - h), PadMode::Constant(0.0))
             .permute([0, 2, 3, 1])
             .reshape([b * fg.pixels(), t * c]);
-        let n = full.kept_pixels.dims()[0];
-        let cols = input.select(0, full.windows.clone()).reshape([n, 9 * t * c]);
-        let skip = gelu(cols.matmul(im2col_weight(self.enc_in.weight.val())) + bias(&self.enc_in));
+        // Both convs share their weights across the batch: one matmul over all kept pixels.
+        let conv = |source: Tensor<B, 2>, windows: Tensor<B, 1, Int>, layer: &burn::nn::conv::Conv2d<B>| {
+            let (n, c) = (windows.dims()[0] / 9, source.dims()[1]);
+            let cols = source.select(0, windows).reshape([n, 9 * c]);
+            let bias = layer.bias.as_ref().expect("convs have a bias").val().reshape([1, self.hidden]);
+            gelu(cols.matmul(im2col_weight(layer.weight.val())) + bias)
+        };
+        let skip = conv(input, full.windows.clone(), &self.enc_in);
         let reads = full.back.clone().select(0, strided_windows(patches, fg, low, self.stride));
-        let n_low = reads.dims()[0] / 9;
-        let cols = with_zero_row(skip.clone()).select(0, reads).reshape([n_low, 9 * self.hidden]);
-        let z = gelu(cols.matmul(im2col_weight(self.enc_down.weight.val())) + bias(&self.enc_down));
+        let z = conv(with_zero_row(skip.clone()), reads, &self.enc_down);
         (skip, z)
     }
 
@@ -380,7 +430,8 @@ impl<B: Backend> Cnn<B> {
             }
             None => z,
         };
-        // The last conv as per-tap products of each source pixel, summed over each window.
+        // The last conv as per-tap products of each source pixel, summed over each window
+        // (8 output channels: far fewer floats than im2col rows of its 32 input channels).
         let out_c = self.t_out * self.channels;
         let weight = self.dec_out.weight.val().permute([1, 2, 3, 0]).reshape([hid, 9 * out_c]);
         // The zero row (taps off the kept pixels) appended to the input: 32 floats, not 72.
@@ -408,7 +459,7 @@ fn cnn_of<B: Backend>(model: &DynamicModel<B>) -> &Cnn<B> {
     }
 }
 
-impl<B: Backend> DynamicModel<B> {
+impl<B: GatheredBackend> DynamicModel<B> {
     /// The CNN's prediction with its translator computed only on kept patches and units,
     /// through selects and batched matmuls; and the masks it used.
     ///
@@ -433,7 +484,7 @@ impl<B: Backend> DynamicModel<B> {
                 assert!(masking.data_threshold.is_none(), "the gathered GPU path runs top-k DataMasks only");
                 let s = self.mask_generator.forward(x.clone()).reshape([b, grid.patches]);
                 let k = kept_count(masking.data_keep, grid.patches);
-                let (patches, ranks) = top_k_with_ranks(s.clone(), k);
+                let (patches, ranks) = B::rank_top_k(s.clone(), k);
                 (Some((s, masking)), Some(ranks), IndexMasks { patches, units: Vec::new() })
             }
         };
@@ -473,7 +524,7 @@ impl<B: Backend> DynamicModel<B> {
             if let Some((weighted, _, mass, masking)) = &gates {
                 let scores = self.unit_gates[l].forward_pooled(weighted.clone(), mass.clone(), h2 * w2);
                 let all = scores.dims()[1];
-                units.push(top_k_indices(scores, kept_count(masking.unit_keep, all)));
+                units.push(B::rank_top_k(scores, kept_count(masking.unit_keep, all)).0);
             }
             let update = block.update_gathered(encoded.windows(&map, &kept), &kept, &units[l]);
             if let Some((weighted, s_kept, _, _)) = gates.as_mut().filter(|_| l + 1 < cnn.blocks.len()) {
