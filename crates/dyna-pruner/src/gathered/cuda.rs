@@ -1,8 +1,9 @@
 //! The CUDA backend's [`GatheredBackend`]: the ranking as one CubeCL kernel.
 //!
-//! Through framework ops the ranking materialises `[batch, n, n]` comparison tensors (Burn
-//! 0.21's fusion does not fuse those broadcasting comparisons: 1.5 ms at batch 32 on an H200
-//! for 2304 patches). Here one thread per score counts the scores ahead of it and, if it is in
+//! Through framework ops the ranking materialises `[batch, n, n]` comparison tensors: 1.5 ms at
+//! batch 32 on an H200 for 2304 patches; written as float 0/1 sums so that fusion could merge
+//! them, 3.8 ms on an H100 (the broadcasting comparisons and casts ran as separate kernels,
+//! docs/BENCHMARKS.md). Here one thread per score counts the scores ahead of it and, if it is in
 //! the top k, writes its index at its rank. The kernel is registered as a custom operation of
 //! the fusion stream, so it queues between fused framework ops like any other. It is tested
 //! against the provided (reference) method (`cargo test --features cuda gathered::cuda` on a GPU

@@ -38,8 +38,9 @@
 //! they too run at the kept patches' pixels only: the first conv at the input's kept pixels,
 //! the strided conv on the windows of the kept skip rows (zero elsewhere), the transposed conv
 //! as one matmul per kept translator pixel, and the last conv as per-tap products summed over
-//! each kept pixel's window; the change is scattered back onto the last frame. The reference is the framework's masked-dense forward
-//! (tests here, on the CPU backend; `dyna-pruner bench --device cuda` checks it on the GPU).
+//! each kept pixel's window; the change is scattered back onto the last frame. The reference is
+//! the framework's masked-dense forward (tests here, on the CPU backend; `dyna-pruner bench
+//! --device cuda` checks it on the GPU).
 
 use burn::prelude::*;
 use burn::tensor::activation::gelu;
