@@ -307,14 +307,7 @@ fn with_zero_row<B: Backend>(rows: Tensor<B, 2>) -> Tensor<B, 2> {
     Tensor::cat(vec![rows, zero], 0)
 }
 
-/// A conv's bias `[out]` for every sample, `[batch, out]` (the layout [`GatheredBackend::window_conv`] takes).
-fn per_sample_bias<B: Backend>(conv: &burn::nn::conv::Conv2d<B>, batch: usize) -> Tensor<B, 2> {
-    let bias = conv.bias.as_ref().expect("convs have a bias").val();
-    let [out] = bias.dims();
-    bias.reshape([1, out]).expand([batch, out])
-}
-
-impl<B: GatheredBackend> MaskedBlock<B> {
+impl<B: Backend> MaskedBlock<B> {
     /// The block's update at the kept pixels, on kept units only.
     ///
     /// # Shapes
@@ -339,8 +332,9 @@ impl<B: GatheredBackend> MaskedBlock<B> {
             .reshape([b, ku, 9, c])
             .swap_dims(1, 2)
             .reshape([b, 9 * ku, c]);
+        let b2 = self.conv2.bias.as_ref().expect("convs have a bias").val().reshape([1, c]).expand([b, c]);
         let hidden = gelu(window_conv(source, windows, w1, b1));
-        window_conv(with_zero_row(hidden), kept.buffer_windows.clone(), w2, per_sample_bias(&self.conv2, b))
+        window_conv(with_zero_row(hidden), kept.buffer_windows.clone(), w2, b2)
     }
 }
 
@@ -374,7 +368,7 @@ impl<B: Backend> Encoded<B> {
     }
 }
 
-impl<B: GatheredBackend> Cnn<B> {
+impl<B: Backend> Cnn<B> {
     /// The encoder at the kept pixels only (`DataScope::Network`): the skip map's rows at the
     /// full-resolution kept pixels and the translator input's at the low-resolution ones.
     ///

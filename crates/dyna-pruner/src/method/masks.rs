@@ -25,23 +25,18 @@ pub fn top_k_hard<B: Backend>(scores: Tensor<B, 2>, k: usize) -> Tensor<B, 2> {
     Tensor::zeros([batch, n], &device).scatter(1, indices, Tensor::ones([batch, k], &device), IndexingUpdateOp::Add)
 }
 
-/// Indices of the `k` highest scores of each row, highest first, ties to the lower index;
-/// computed from pairwise comparisons alone. Burn 0.21's GPU backends have no device sort: their
-/// `topk` reads the tensor back to the host and sorts there, a device sync per call. This costs
-/// `O(n^2)` work per row, cheap for the patch and unit counts of a layer on a GPU. (Writing
-/// each index at its rank with `scatter` instead of the `[batch, k, n]` comparison made the
-/// sparse forward ~18 ms slower at batch 32 on an H200: Burn 0.21's CUDA scatter loops over
-/// the scattered axis in one thread per row.)
+/// Indices of the `k` highest scores of each row, highest first, ties to the lower index; and
+/// each score's rank in its row (0 for the highest): the kept ones are those ranked below k, at
+/// their rank in the index list. Computed from pairwise comparisons alone. Burn 0.21's GPU
+/// backends have no device sort: their `topk` reads the tensor back to the host and sorts
+/// there, a device sync per call. This costs `O(n^2)` work per row. (Writing each index at its
+/// rank with `scatter` instead of the `[batch, k, n]` comparison made the sparse forward ~18 ms
+/// slower at batch 32 on an H200: Burn 0.21's CUDA scatter loops over the scattered axis in one
+/// thread per row.) The reference for `gathered::GatheredBackend::rank_top_k`.
 ///
 /// # Shapes
 /// - scores: `[batch, n]`
-/// - output: `[batch, k]`
-pub fn top_k_indices<B: Backend>(scores: Tensor<B, 2>, k: usize) -> Tensor<B, 2, Int> {
-    top_k_with_ranks(scores, k).0
-}
-
-/// [`top_k_indices`], and each score's rank in its row `[batch, n]` (0 for the highest, ties to
-/// the lower index): the kept ones are those ranked below k, at their rank in the index list.
+/// - output: `[batch, k]`, `[batch, n]`
 pub fn top_k_with_ranks<B: Backend>(scores: Tensor<B, 2>, k: usize) -> (Tensor<B, 2, Int>, Tensor<B, 2, Int>) {
     let [b, n] = scores.dims();
     let device = scores.device();
@@ -135,11 +130,11 @@ mod tests {
         let scores: Tensor<B, 2> = Tensor::random([4, 53], Distribution::Uniform(0.0, 1.0), &device);
         for k in [1, 7, 53] {
             let (_, want) = scores.clone().topk_with_indices(k, 1);
-            let got = top_k_indices(scores.clone(), k);
+            let got = top_k_with_ranks(scores.clone(), k).0;
             assert_eq!(ints(got), ints(want), "k {k}");
         }
         let tied = Tensor::<B, 2>::from_floats([[0.5, 1.0, 0.5, 1.0, 0.2]], &device);
-        assert_eq!(ints(top_k_indices(tied, 3)), vec![1, 3, 0]);
+        assert_eq!(ints(top_k_with_ranks(tied, 3).0), vec![1, 3, 0]);
     }
 
     #[test]
