@@ -94,6 +94,10 @@ pub fn run<B: GatheredBackend>(
     println!("|---|---|---|---|---|---|---|---|---|---|");
     let mut rows = Vec::new();
     let mut rng = StdRng::seed_from_u64(1);
+    // Progress on stderr: on a fresh machine the first warm-up of each shape compiles and
+    // autotunes its kernels, which takes minutes without other output.
+    let start = Instant::now();
+    let progress = |what: String| eprintln!("[{:>4.0} s] {what}", start.elapsed().as_secs_f64());
     for &size in &plan.sizes {
         for &batch in &plan.batches {
             let (h, w) = (size, size);
@@ -101,12 +105,16 @@ pub fn run<B: GatheredBackend>(
             let values: Vec<f32> = (0..shape.iter().product()).map(|_| rng.random_range(0.0..1.0)).collect();
             let x = Tensor::<B, 5>::from_data(TensorData::new(values, shape), device);
             let macs = model.mac_model(h, w);
+            progress(format!(
+                "{size}x{size}, batch {batch}: dense forward (warm-up compiles and autotunes new shapes)"
+            ));
             let dense_ms = median_ms::<B>(device, plan.runs, plan.warmup, || {
                 let _ = model.forward(x.clone(), Masking::DENSE).prediction;
             });
             let torch_dense_ms = torch_ms(size, batch);
             for &f in &plan.fractions {
                 let masking = Masking::top_k(MaskMode::Both, f, f);
+                progress(format!("{size}x{size}, batch {batch}, kept {f:.1}: sparse forward, checked, then timed"));
                 // On this device: the sparse path against the masked-dense reference under the masks
                 // it chose. (The gates' pooled sums round differently from the reference's, so
                 // near-tied unit scores can rank apart here; the choice itself is tested on the CPU.)
