@@ -33,20 +33,33 @@ struct Report {
     rows: Vec<Row>,
 }
 
-/// Median wall time in ms of `f` (followed by a device sync) over `runs` runs after `warmup`.
-fn median_ms<B: Backend>(device: &B::Device, runs: usize, warmup: usize, mut f: impl FnMut()) -> f64 {
+/// Medians over `runs` runs of `f` after `warmup`, in ms.
+struct Timing {
+    /// Until the device sync after `f` returns: the wall time.
+    wall: f64,
+    /// Until `f` returns: the host's share (dispatching work to the device thread; Burn's fusion
+    /// may still hold the last operations, which the sync then runs). Near `wall` means that
+    /// the host, not the GPU, bounds the forward.
+    host: f64,
+}
+
+fn median_ms<B: Backend>(device: &B::Device, runs: usize, warmup: usize, mut f: impl FnMut()) -> Timing {
     let mut time = || {
         let t = Instant::now();
         f();
+        let host = t.elapsed().as_secs_f64() * 1e3;
         B::sync(device).expect("device sync");
-        t.elapsed().as_secs_f64() * 1e3
+        (t.elapsed().as_secs_f64() * 1e3, host)
     };
     for _ in 0..warmup {
         time();
     }
-    let mut times: Vec<f64> = (0..runs).map(|_| time()).collect();
-    times.sort_by(f64::total_cmp);
-    times[times.len() / 2]
+    let (mut wall, mut host): (Vec<f64>, Vec<f64>) = (0..runs).map(|_| time()).unzip();
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Timing { wall: median(&mut wall), host: median(&mut host) }
 }
 
 /// Runs the PyTorch twin for the given sizes and batches; returns its JSON report.
@@ -108,9 +121,11 @@ pub fn run<B: GatheredBackend>(
             progress(format!(
                 "{size}x{size}, batch {batch}: dense forward (warm-up compiles and autotunes new shapes)"
             ));
-            let dense_ms = median_ms::<B>(device, plan.runs, plan.warmup, || {
+            let dense = median_ms::<B>(device, plan.runs, plan.warmup, || {
                 let _ = model.forward(x.clone(), Masking::DENSE).prediction;
             });
+            eprintln!("  dense forward: {:.2} ms, of which {:.2} ms until the call returns", dense.wall, dense.host);
+            let dense_ms = dense.wall;
             let torch_dense_ms = torch_ms(size, batch);
             for &f in &plan.fractions {
                 let masking = Masking::top_k(MaskMode::Both, f, f);
@@ -128,9 +143,10 @@ pub fn run<B: GatheredBackend>(
                 if worst > 1e-3 * scale {
                     anyhow::bail!("{size}x{size}, batch {batch}, kept {f}: the sparse path differs from the masked-dense reference by {worst} (scale {scale})");
                 }
-                let sparse_ms = median_ms::<B>(device, plan.runs, plan.warmup, || {
+                let sparse = median_ms::<B>(device, plan.runs, plan.warmup, || {
                     let _ = model.forward_gathered(x.clone(), GatheredMasks::Method(masking));
                 });
+                let sparse_ms = sparse.wall;
                 let patches = h.div_ceil(arch.patch) * w.div_ceil(arch.patch);
                 let mac_ratio = macs.dense() as f64 / macs.nominal_dynamic(patches, f, arch.units, f);
                 let speedup = dense_ms / sparse_ms;
@@ -156,7 +172,8 @@ pub fn run<B: GatheredBackend>(
                     fmt(torch_dense_ms.map(|t| dense_ms / t))
                 );
                 eprintln!(
-                    "  checked against the masked-dense reference: max |diff| {worst:.2e} (max |value| {scale:.2})"
+                    "  checked against the masked-dense reference: max |diff| {worst:.2e} (max |value| {scale:.2}); sparse forward: {:.2} ms, of which {:.2} ms until the call returns",
+                    sparse.wall, sparse.host
                 );
                 rows.push(row);
             }
