@@ -43,6 +43,7 @@ struct Timing {
     host: f64,
 }
 
+/// Times `f`, each run followed by a device sync: medians over `runs` runs after `warmup`.
 fn median_ms<B: Backend>(device: &B::Device, runs: usize, warmup: usize, mut f: impl FnMut()) -> Timing {
     let mut time = || {
         let t = Instant::now();
