@@ -124,6 +124,8 @@ pub trait GatheredBackend: Backend {
     }
 }
 
+impl GatheredBackend for crate::CpuBackend {}
+
 /// A 3x3 convolution at gathered pixels: each pixel's 9 taps are rows of `source` (named by
 /// `windows`), selected as im2col rows and multiplied by its sample's weights (one batched
 /// matmul), plus its sample's bias. Pixels are in sample order, the same count per sample.
@@ -143,8 +145,6 @@ fn window_conv<B: Backend>(
     let cols = source.select(0, windows).reshape([b, n / b, k]);
     (cols.matmul(weight) + bias.reshape([b, 1, u])).reshape([n, u])
 }
-
-impl GatheredBackend for crate::CpuBackend {}
 
 /// The translator map's geometry: `h x w` feature pixels in `cell x cell` patch cells, padded
 /// by one pixel and up to whole cells to `rows x cols`.
