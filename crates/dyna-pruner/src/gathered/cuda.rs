@@ -22,7 +22,7 @@ use cubecl::cuda::CudaRuntime;
 use cubecl::prelude::{ComputeClient, CubeCount};
 use cubecl::{calculate_cube_count_elemwise, CubeDim};
 
-use kernels::rank_kernel;
+use kernels::{rank_kernel, window_conv_kernel, PIXELS_PER_THREAD, TILE};
 
 use super::GatheredBackend;
 use crate::CudaBackend;
@@ -67,6 +67,146 @@ mod kernels {
             top[row * top.stride(0) + rank * top.stride(1)] = I::cast_from(i);
         }
     }
+
+    /// Pixels per cube of [`window_conv_kernel`]; each thread holds `PIXELS_PER_THREAD` of them
+    /// for 4 units.
+    pub(super) const TILE: usize = 64;
+    pub(super) const PIXELS_PER_THREAD: usize = 4;
+
+    /// A 3x3 convolution at gathered pixels, read in place (implicit GEMM): one cube per `TILE`
+    /// pixels of one sample (`CUBE_POS_X` tile, `CUBE_POS_Y` sample), `TILE / 4` x
+    /// `units / 4` threads, each accumulating 4 pixels x 4 units in registers. Per tap, the
+    /// cube stages its pixels' source rows and the tap's weights in shared memory; the output
+    /// tile goes through shared memory too, so that it is written row by row (coalesced).
+    #[cube(launch)]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn window_conv_kernel<F: Float, I: Int>(
+        source: &Tensor<F>,
+        windows: &Tensor<I>,
+        weight: &Tensor<F>,
+        bias: &Tensor<F>,
+        out: &mut Tensor<F>,
+        per_sample: u32,
+        #[comptime] channels: usize,
+        #[comptime] units: usize,
+        #[comptime] gelu: bool,
+        #[define(F, I)] _dtypes: [StorageType; 2],
+    ) {
+        // An odd row pitch: the 16 pixels a warp reads at once fall in different banks.
+        let pitch = comptime!(channels | 1);
+        let units4 = comptime!(units.div_ceil(4) * 4);
+        let lanes = comptime!(TILE / PIXELS_PER_THREAD);
+        let outputs = comptime!(PIXELS_PER_THREAD * 4);
+        let (tile_taps, tile_values) = comptime!((TILE * 9, TILE * channels));
+        let sample = CUBE_POS_Y as usize;
+        let first = CUBE_POS_X as usize * TILE;
+        let per_sample = per_sample as usize;
+        let base = sample * per_sample + first;
+        let mut count = per_sample - first;
+        if count > TILE {
+            count = TILE;
+        }
+        let threads = (CUBE_DIM_X * CUBE_DIM_Y) as usize;
+        let lid = UNIT_POS as usize;
+        let tx = UNIT_POS_X as usize;
+        let ty = UNIT_POS_Y as usize;
+        let mut weight_base = sample * weight.stride(0);
+        if weight.shape(0) == 1 {
+            weight_base = 0usize;
+        }
+        let mut bias_base = sample * bias.stride(0);
+        if bias.shape(0) == 1 {
+            bias_base = 0usize;
+        }
+
+        let mut rows = SharedMemory::<u32>::new(tile_taps);
+        let mut xs = SharedMemory::<F>::new(comptime!(TILE * pitch));
+        let mut ws = SharedMemory::<F>::new(comptime!(channels * units4));
+        let mut acc = Array::<F>::new(outputs);
+        #[unroll]
+        for i in 0..outputs {
+            acc[i] = F::new(0.0);
+        }
+        // The tile's windows (pixels past the sample's last read row 0; their outputs are dropped).
+        let mut e = lid;
+        while e < tile_taps {
+            let mut row = 0u32;
+            if e < count * 9usize {
+                row = u32::cast_from(windows[(base * 9usize + e) * windows.stride(0)]);
+            }
+            rows[e] = row;
+            e += threads;
+        }
+        for t in 0..9usize {
+            sync_cube();
+            let mut e = lid;
+            while e < tile_values {
+                let p = e / channels;
+                let c = e % channels;
+                let row = rows[p * 9usize + t] as usize;
+                xs[p * pitch + c] = source[row * source.stride(0) + c * source.stride(1)];
+                e += threads;
+            }
+            let mut e = lid;
+            while e < comptime!(channels * units4) {
+                let c = e / units4;
+                let u = e % units4;
+                let mut v = F::new(0.0);
+                if u < units {
+                    v = weight[weight_base + (t * channels + c) * weight.stride(1) + u * weight.stride(2)];
+                }
+                ws[e] = v;
+                e += threads;
+            }
+            sync_cube();
+            #[unroll]
+            for c in 0..channels {
+                let mut a = Array::<F>::new(PIXELS_PER_THREAD);
+                let mut w = Array::<F>::new(4usize);
+                #[unroll]
+                for i in 0..PIXELS_PER_THREAD {
+                    a[i] = xs[(tx + i * lanes) * pitch + c];
+                }
+                #[unroll]
+                for j in 0..4usize {
+                    w[j] = ws[c * units4 + ty * 4usize + j];
+                }
+                #[unroll]
+                for i in 0..PIXELS_PER_THREAD {
+                    #[unroll]
+                    for j in 0..4usize {
+                        acc[i * 4usize + j] += a[i] * w[j];
+                    }
+                }
+            }
+        }
+        // Bias and GELU, then the tile through shared memory, written row by row.
+        let mut os = SharedMemory::<F>::new(comptime!(TILE * units4));
+        #[unroll]
+        for j in 0..4usize {
+            let u = ty * 4usize + j;
+            let mut b = F::new(0.0);
+            if u < units {
+                b = bias[bias_base + u * bias.stride(1)];
+            }
+            #[unroll]
+            for i in 0..PIXELS_PER_THREAD {
+                let mut v = acc[i * 4usize + j] + b;
+                if gelu {
+                    v = v * F::new(0.5) * (F::new(1.0) + F::erf(v * F::new(core::f32::consts::FRAC_1_SQRT_2)));
+                }
+                os[(tx + i * lanes) * units4 + u] = v;
+            }
+        }
+        sync_cube();
+        let mut e = lid;
+        while e < count * units {
+            let p = e / units;
+            let u = e % units;
+            out[(base + p) * out.stride(0) + u * out.stride(1)] = os[p * units4 + u];
+            e += threads;
+        }
+    }
 }
 
 /// An uninitialised contiguous output on `like`'s device.
@@ -98,6 +238,56 @@ fn rank_cube(scores: CubeTensor<CudaRuntime>, k: usize) -> (CubeTensor<CudaRunti
     (ranks, top)
 }
 
+/// [`GatheredBackend::window_conv`] on the GPU: one [`window_conv_kernel`] launch.
+fn window_conv_cube(
+    [source, windows, weight, bias]: [CubeTensor<CudaRuntime>; 4],
+    batch: usize,
+    gelu: bool,
+) -> CubeTensor<CudaRuntime> {
+    let (channels, n) = (source.meta.shape()[1], windows.meta.shape()[0] / 9);
+    let units = weight.meta.shape()[2];
+    let per_sample = n / batch;
+    let out = empty(&source, [n, units], source.dtype);
+    let client = source.client.clone();
+    let dtypes = [source.dtype.into(), windows.dtype.into()];
+    window_conv_kernel::launch(
+        &client,
+        CubeCount::Static(per_sample.div_ceil(TILE) as u32, batch as u32, 1),
+        CubeDim::new_2d((TILE / PIXELS_PER_THREAD) as u32, units.div_ceil(4) as u32),
+        source.into_tensor_arg(),
+        windows.into_tensor_arg(),
+        weight.into_tensor_arg(),
+        bias.into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        per_sample as u32,
+        channels,
+        units,
+        gelu,
+        dtypes,
+    );
+    out
+}
+
+#[derive(Debug)]
+struct WindowConvOp {
+    desc: CustomOpIr,
+    batch: usize,
+    gelu: bool,
+}
+
+impl Operation<Runtime> for WindowConvOp {
+    fn execute(&self, handles: &mut Handles) {
+        let ([source, windows, weight, bias], [out]) = self.desc.as_fixed();
+        let inputs = [
+            handles.get_float_tensor::<Cube>(source),
+            handles.get_int_tensor::<Cube>(windows),
+            handles.get_float_tensor::<Cube>(weight),
+            handles.get_float_tensor::<Cube>(bias),
+        ];
+        handles.register_float_tensor::<Cube>(&out.id, window_conv_cube(inputs, self.batch, self.gelu));
+    }
+}
+
 #[derive(Debug)]
 struct RankOp {
     desc: CustomOpIr,
@@ -126,6 +316,28 @@ impl GatheredBackend for CudaBackend {
         let ranks = Tensor::from_primitive(out.pop().expect("two outputs"));
         (top, ranks)
     }
+
+    fn window_conv(
+        source: Tensor<Self, 2>,
+        windows: Tensor<Self, 1, Int>,
+        weight: Tensor<Self, 3>,
+        bias: Tensor<Self, 2>,
+        batch: usize,
+        gelu: bool,
+    ) -> Tensor<Self, 2> {
+        let (n, units) = (windows.dims()[0] / 9, weight.dims()[2]);
+        let source: FusionTensor<Runtime> = source.into_primitive().tensor();
+        let windows: FusionTensor<Runtime> = windows.into_primitive();
+        let weight: FusionTensor<Runtime> = weight.into_primitive().tensor();
+        let bias: FusionTensor<Runtime> = bias.into_primitive().tensor();
+        let client = source.client.clone();
+        let streams = OperationStreams::with_inputs([&source, &windows, &weight, &bias]);
+        let output = TensorIr::uninit(client.create_empty_handle(), Shape::new([n, units]), source.dtype);
+        let inputs = [source.into_ir(), windows.into_ir(), weight.into_ir(), bias.into_ir()];
+        let desc = CustomOpIr::new("dyna_pruner_window_conv", &inputs, &[output]);
+        let mut out = client.register(streams, OperationIr::Custom(desc.clone()), WindowConvOp { desc, batch, gelu });
+        Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(out.pop().expect("one output")))
+    }
 }
 
 /// These need a CUDA GPU: `cargo test --release --features cuda gathered::cuda` on one.
@@ -153,6 +365,58 @@ mod tests {
                 CudaBackend::rank_top_k(Tensor::from_data(scores.into_data(), &Default::default()), k);
             assert_eq!(ints(cuda_top), ints(top), "top-{k} of [{b}, {n}]");
             assert_eq!(ints(cuda_ranks), ints(ranks), "ranks of [{b}, {n}]");
+        }
+    }
+
+    #[test]
+    fn cuda_window_conv_matches_the_reference() {
+        let mut rng = StdRng::seed_from_u64(4);
+        let cpu = Default::default();
+        let mut uniform = |shape: Vec<usize>| {
+            let values: Vec<f32> = (0..shape.iter().product()).map(|_| rng.random_range(-1.0..1.0)).collect();
+            TensorData::new(values, shape)
+        };
+        // (batch, pixels per sample, channels, units, shared weights): tiles cut short, unit
+        // counts off multiples of 4, the blocks' and the encoder's shapes.
+        for (b, per_sample, c, u, shared) in [
+            (3usize, 100usize, 32usize, 19usize, false),
+            (2, 64, 19, 32, false),
+            (2, 130, 6, 32, true),
+            (1, 7, 5, 3, false),
+        ] {
+            let rows = 3 * per_sample * b + 1;
+            let n = per_sample * b;
+            let windows: Vec<i64> = (0..n * 9).map(|i| ((i * 7919 + 13) % rows) as i64).collect();
+            let wb = if shared { 1 } else { b };
+            let (source, weight, bias) = (uniform(vec![rows, c]), uniform(vec![wb, 9 * c, u]), uniform(vec![wb, u]));
+            for gelu in [false, true] {
+                let reference = CpuBackend::window_conv(
+                    Tensor::from_data(source.clone(), &cpu),
+                    Tensor::from_data(TensorData::new(windows.clone(), [n * 9]), &cpu),
+                    Tensor::from_data(weight.clone(), &cpu),
+                    Tensor::from_data(bias.clone(), &cpu),
+                    b,
+                    gelu,
+                );
+                let gpu = Default::default();
+                let got = CudaBackend::window_conv(
+                    Tensor::from_data(source.clone(), &gpu),
+                    Tensor::from_data(TensorData::new(windows.clone(), [n * 9]), &gpu),
+                    Tensor::from_data(weight.clone(), &gpu),
+                    Tensor::from_data(bias.clone(), &gpu),
+                    b,
+                    gelu,
+                );
+                let (got, want): (Vec<f32>, Vec<f32>) =
+                    (got.into_data().to_vec().unwrap(), reference.into_data().to_vec().unwrap());
+                assert_eq!(got.len(), want.len());
+                let worst = got.iter().zip(&want).fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+                let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+                assert!(
+                    worst < 1e-5 * scale,
+                    "batch {b}, {per_sample} pixels, {c} -> {u}, gelu {gelu}: max |diff| {worst}"
+                );
+            }
         }
     }
 }

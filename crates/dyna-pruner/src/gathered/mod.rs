@@ -43,7 +43,7 @@
 //! --device cuda` checks it on the GPU).
 
 use burn::prelude::*;
-use burn::tensor::activation::gelu;
+use burn::tensor::activation;
 use burn::tensor::ops::PadMode;
 use burn::tensor::IndexingUpdateOp;
 
@@ -122,29 +122,44 @@ pub trait GatheredBackend: Backend {
     fn rank_top_k(scores: Tensor<Self, 2>, k: usize) -> (Tensor<Self, 2, Int>, Tensor<Self, 2, Int>) {
         top_k_with_ranks(scores, k)
     }
+
+    /// A 3x3 convolution at gathered pixels, then GELU if `gelu`: each pixel's 9 taps are rows
+    /// of `source` (named by `windows`), times its sample's weights, plus its sample's bias.
+    /// Pixels are in sample order, the same count per sample; weights and bias with a leading 1
+    /// are shared by every sample. The provided method selects the taps as im2col rows for one
+    /// (batched) matmul; the CUDA backend reads them in place in one kernel.
+    ///
+    /// # Shapes
+    /// - source: `[rows, C]`; windows: `[pixels * 9]`
+    /// - weight: `[batch or 1, 9 C, U]`, rows in (tap, channel) order; bias: `[batch or 1, U]`
+    /// - output: `[pixels, U]`
+    fn window_conv(
+        source: Tensor<Self, 2>,
+        windows: Tensor<Self, 1, Int>,
+        weight: Tensor<Self, 3>,
+        bias: Tensor<Self, 2>,
+        batch: usize,
+        gelu: bool,
+    ) -> Tensor<Self, 2> {
+        let n = windows.dims()[0] / 9;
+        let [wb, k, u] = weight.dims();
+        let [bb, _] = bias.dims();
+        let cols = source.select(0, windows);
+        let out = if wb == 1 && bb == 1 {
+            cols.reshape([n, k]).matmul(weight.reshape([k, u])) + bias
+        } else {
+            let bias = bias.reshape([bb, 1, u]).expand([batch, 1, u]);
+            (cols.reshape([batch, n / batch, k]).matmul(weight.expand([batch, k, u])) + bias).reshape([n, u])
+        };
+        if gelu {
+            activation::gelu(out)
+        } else {
+            out
+        }
+    }
 }
 
 impl GatheredBackend for crate::CpuBackend {}
-
-/// A 3x3 convolution at gathered pixels: each pixel's 9 taps are rows of `source` (named by
-/// `windows`), selected as im2col rows and multiplied by its sample's weights (one batched
-/// matmul), plus its sample's bias. Pixels are in sample order, the same count per sample.
-///
-/// # Shapes
-/// - source: `[rows, C]`; windows: `[pixels * 9]`
-/// - weight: `[batch, 9 C, U]`, rows in (tap, channel) order; bias: `[batch, U]`
-/// - output: `[pixels, U]`
-fn window_conv<B: Backend>(
-    source: Tensor<B, 2>,
-    windows: Tensor<B, 1, Int>,
-    weight: Tensor<B, 3>,
-    bias: Tensor<B, 2>,
-) -> Tensor<B, 2> {
-    let n = windows.dims()[0] / 9;
-    let [b, k, u] = weight.dims();
-    let cols = source.select(0, windows).reshape([b, n / b, k]);
-    (cols.matmul(weight) + bias.reshape([b, 1, u])).reshape([n, u])
-}
 
 /// The translator map's geometry: `h x w` feature pixels in `cell x cell` patch cells, padded
 /// by one pixel and up to whole cells to `rows x cols`.
@@ -307,7 +322,7 @@ fn with_zero_row<B: Backend>(rows: Tensor<B, 2>) -> Tensor<B, 2> {
     Tensor::cat(vec![rows, zero], 0)
 }
 
-impl<B: Backend> MaskedBlock<B> {
+impl<B: GatheredBackend> MaskedBlock<B> {
     /// The block's update at the kept pixels, on kept units only.
     ///
     /// # Shapes
@@ -332,9 +347,9 @@ impl<B: Backend> MaskedBlock<B> {
             .reshape([b, ku, 9, c])
             .swap_dims(1, 2)
             .reshape([b, 9 * ku, c]);
-        let b2 = self.conv2.bias.as_ref().expect("convs have a bias").val().reshape([1, c]).expand([b, c]);
-        let hidden = gelu(window_conv(source, windows, w1, b1));
-        window_conv(with_zero_row(hidden), kept.buffer_windows.clone(), w2, b2)
+        let b2 = self.conv2.bias.as_ref().expect("convs have a bias").val().reshape([1, c]);
+        let hidden = B::window_conv(source, windows, w1, b1, b, true);
+        B::window_conv(with_zero_row(hidden), kept.buffer_windows.clone(), w2, b2, b, false)
     }
 }
 
@@ -350,7 +365,7 @@ enum Encoded<B: Backend> {
     Kept(KeptRows<B>, Tensor<B, 2>),
 }
 
-impl<B: Backend> Encoded<B> {
+impl<B: GatheredBackend> Encoded<B> {
     /// The rows the kept pixels' 3x3 windows read and, per pixel and tap, which row.
     fn windows(&self, map: &Tensor<B, 2>, kept: &KeptRows<B>) -> (Tensor<B, 2>, Tensor<B, 1, Int>) {
         match self {
@@ -368,7 +383,7 @@ impl<B: Backend> Encoded<B> {
     }
 }
 
-impl<B: Backend> Cnn<B> {
+impl<B: GatheredBackend> Cnn<B> {
     /// The encoder at the kept pixels only (`DataScope::Network`): the skip map's rows at the
     /// full-resolution kept pixels and the translator input's at the low-resolution ones.
     ///
@@ -389,12 +404,11 @@ impl<B: Backend> Cnn<B> {
             .pad((1, fg.cols - 1 - w, 1, fg.rows - 1 - h), PadMode::Constant(0.0))
             .permute([0, 2, 3, 1])
             .reshape([b * fg.pixels(), t * c]);
-        // Both convs share their weights across the batch: one matmul over all kept pixels.
+        // Both convs share their weights across the batch.
         let conv = |source: Tensor<B, 2>, windows: Tensor<B, 1, Int>, layer: &burn::nn::conv::Conv2d<B>| {
-            let (n, c) = (windows.dims()[0] / 9, source.dims()[1]);
-            let cols = source.select(0, windows).reshape([n, 9 * c]);
+            let weight = im2col_weight(layer.weight.val()).unsqueeze();
             let bias = layer.bias.as_ref().expect("convs have a bias").val().reshape([1, self.hidden]);
-            gelu(cols.matmul(im2col_weight(layer.weight.val())) + bias)
+            B::window_conv(source, windows, weight, bias, b, true)
         };
         let skip = conv(input, full.windows.clone(), &self.enc_in);
         let reads = full.back.clone().select(0, strided_windows(patches, fg, low, self.stride));
@@ -419,7 +433,7 @@ impl<B: Backend> Cnn<B> {
             Some(up) => {
                 let weight = up.weight.val().permute([0, 2, 3, 1]).reshape([hid, s * s * hid]);
                 let bias = up.bias.as_ref().expect("convs have a bias").val().reshape([1, 1, hid]);
-                let blocks = gelu(z.matmul(weight).reshape([n / (s * s), s * s, hid]) + bias);
+                let blocks = activation::gelu(z.matmul(weight).reshape([n / (s * s), s * s, hid]) + bias);
                 let cell = full.grid.cell / s;
                 blocks.reshape([n / (cell * cell * s * s), cell, cell, s, s, hid]).swap_dims(2, 3).reshape([n, hid])
             }
