@@ -6,28 +6,30 @@
 //! thread per output element): Burn 0.21's CUDA `scatter` and `select_assign` run one thread
 //! per element of the *other* axes and loop over the scattered one.
 //!
-//! The ranking of the patch and unit scores (top-k) goes through [`GatheredBackend`]: its
-//! provided method, pairwise comparisons through framework ops, is the reference the CPU
-//! backend runs; the CUDA backend runs one CubeCL kernel instead (`cuda.rs`), as the framework
-//! ops materialised `[batch, n, n]` comparison tensors (1.5 ms at batch 32 on an H200). A 3x3
-//! conv at gathered pixels selects each pixel's 9 taps (rows of a channels-last buffer, named
-//! by an index table) as im2col rows for one batched matmul. A CubeCL kernel computing it in
-//! place instead (one thread per 4 pixels x 4 units, fp32 on CUDA cores) made the network-scope
-//! forward slower on an H100 (22.5 ms at batch 32, kept 0.3; docs/BENCHMARKS.md).
+//! Two operations go through [`GatheredBackend`], whose provided methods (framework ops) are
+//! the references the CPU backend runs; the CUDA backend runs one CubeCL kernel for each
+//! (`cuda.rs`, tested against them):
+//! - the ranking of the patch and unit scores (top-k): the framework ops materialise
+//!   `[batch, n, n]` comparison tensors (1.5 ms at batch 32 on an H200);
+//! - a 3x3 conv at gathered pixels ([`GatheredBackend::window_conv`]): each pixel's 9 taps are
+//!   rows of a channels-last buffer, named by an index table. The framework ops select them as
+//!   im2col rows for one batched matmul with each sample's kept units' weights; the kernel
+//!   reads the rows and weights in place through shared memory (the im2col rows were 400 MB
+//!   per conv at batch 32, kept 0.3; docs/BENCHMARKS.md has the timings).
 //!
 //! The translator map is held channels-last, zero-padded by one pixel and up to whole patches,
 //! as rows `[batch * rows * cols, C]`. Per masked block:
 //!
-//! 1. conv1 runs at the kept patches' pixels only, with each sample's kept units' weights
-//!    (their im2col rows `[batch, kept * cell^2, 9 C]` times those weights), then GELU;
+//! 1. conv1 runs at the kept patches' pixels only, with each sample's kept units' weights,
+//!    then GELU;
 //! 2. conv2 reads a hidden map that is zero off the kept patches: the same windows read those
-//!    hidden rows plus one zero row (where a window leaves the kept patches or the frame), with
-//!    the kept units' columns, giving the update;
+//!    hidden rows or zeros (where a window leaves the kept patches or the frame), with the kept
+//!    units' input channels, giving the update;
 //! 3. every map row selects its update row, or the zero row off the kept patches, and adds it:
 //!    pruned patches keep the identity path.
 //!
 //! Under `DataScope::Network` the map is zero off the kept patches, so it is held as the kept
-//! pixels' rows only: conv1's windows read them plus the zero row, like conv2's, and step 3 is
+//! pixels' rows only: conv1's windows read them or zeros, like conv2's, and step 3 is
 //! a plain add (no select over the whole map per block).
 //!
 //! The unit gates read the map's S-weighted sum over all pixels: it is pooled once, then each
@@ -52,6 +54,7 @@ use crate::backbones::{Backbone, DataScope};
 use crate::method::masks::{kept_count, top_k_with_ranks};
 use crate::method::Masking;
 use crate::model::DynamicModel;
+use burn::nn::conv::Conv2d;
 
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -124,32 +127,40 @@ pub trait GatheredBackend: Backend {
     }
 
     /// A 3x3 convolution at gathered pixels, then GELU if `gelu`: each pixel's 9 taps are rows
-    /// of `source` (named by `windows`), times its sample's weights, plus its sample's bias.
-    /// Pixels are in sample order, the same count per sample; weights and bias with a leading 1
-    /// are shared by every sample. The provided method selects the taps as im2col rows for one
-    /// (batched) matmul; the CUDA backend reads them in place in one kernel.
+    /// of `source` named by `windows` (the index `rows` reads zeros: taps off the kept pixels or
+    /// outside the frame), times the layer's weights, plus its bias; with kept units, each
+    /// sample's own. Pixels are in sample order, the same count per sample. The provided method
+    /// selects each sample's weights and the taps as im2col rows for one (batched) matmul; the
+    /// CUDA backend reads both in place in one kernel.
     ///
     /// # Shapes
     /// - source: `[rows, C]`; windows: `[pixels * 9]`
-    /// - weight: `[batch or 1, 9 C, U]`, rows in (tap, channel) order; bias: `[batch or 1, U]`
-    /// - output: `[pixels, U]`
-    fn window_conv(
-        source: Tensor<Self, 2>,
-        windows: Tensor<Self, 1, Int>,
-        weight: Tensor<Self, 3>,
-        bias: Tensor<Self, 2>,
-        batch: usize,
-        gelu: bool,
-    ) -> Tensor<Self, 2> {
+    /// - weight: the layer's `[O, I, 3, 3]`; bias: `[O]`
+    /// - output: `[pixels, U]`: `U = O` and `C = I`, or as [`KeptUnits`] says
+    fn window_conv(conv: WindowConv<Self>) -> Tensor<Self, 2> {
+        let WindowConv { source, windows, weight, bias, units, gelu, .. } = conv;
+        let [o, i, _, _] = weight.dims();
         let n = windows.dims()[0] / 9;
-        let [wb, k, u] = weight.dims();
-        let [bb, _] = bias.dims();
-        let cols = source.select(0, windows);
-        let out = if wb == 1 && bb == 1 {
-            cols.reshape([n, k]).matmul(weight.reshape([k, u])) + bias
-        } else {
-            let bias = bias.reshape([bb, 1, u]).expand([batch, 1, u]);
-            (cols.reshape([batch, n / batch, k]).matmul(weight.expand([batch, k, u])) + bias).reshape([n, u])
+        let cols = with_zero_row(source).select(0, windows);
+        let out = match units {
+            KeptUnits::All => {
+                let weight = weight.permute([2, 3, 1, 0]).reshape([9 * i, o]);
+                cols.reshape([n, 9 * i]).matmul(weight) + bias.reshape([1, o])
+            }
+            KeptUnits::Outputs(units) => {
+                let [b, k] = units.dims();
+                let units = units.reshape([b * k]);
+                let weight = weight.permute([0, 2, 3, 1]).reshape([o, 9 * i]).select(0, units.clone());
+                let weight = weight.reshape([b, k, 9 * i]).swap_dims(1, 2);
+                let bias = bias.select(0, units).reshape([b, 1, k]);
+                (cols.reshape([b, n / b, 9 * i]).matmul(weight) + bias).reshape([n, k])
+            }
+            KeptUnits::Inputs(units) => {
+                let [b, k] = units.dims();
+                let weight = weight.permute([1, 2, 3, 0]).reshape([i, 9 * o]).select(0, units.reshape([b * k]));
+                let weight = weight.reshape([b, k, 9, o]).swap_dims(1, 2).reshape([b, 9 * k, o]);
+                (cols.reshape([b, n / b, 9 * k]).matmul(weight) + bias.reshape([1, 1, o])).reshape([n, o])
+            }
         };
         if gelu {
             activation::gelu(out)
@@ -157,6 +168,28 @@ pub trait GatheredBackend: Backend {
             out
         }
     }
+}
+
+/// Which of a conv's units a sample keeps (the same count in every sample).
+pub enum KeptUnits<B: Backend> {
+    /// Every input and output channel.
+    All,
+    /// `[batch, k]`: the output units computed (`U = k`), as in a block's first conv.
+    Outputs(Tensor<B, 2, Int>),
+    /// `[batch, k]`: the input channels read (`C = k`, the rest are zero), as in its second.
+    Inputs(Tensor<B, 2, Int>),
+}
+
+/// The arguments of [`GatheredBackend::window_conv`].
+pub struct WindowConv<B: Backend> {
+    pub source: Tensor<B, 2>,
+    pub windows: Tensor<B, 1, Int>,
+    pub weight: Tensor<B, 4>,
+    pub bias: Tensor<B, 1>,
+    pub units: KeptUnits<B>,
+    /// Samples (pixels are in sample order, the same count per sample).
+    pub batch: usize,
+    pub gelu: bool,
 }
 
 impl GatheredBackend for crate::CpuBackend {}
@@ -209,8 +242,8 @@ struct KeptRows<B: Backend> {
     /// Per kept-patch pixel (in cell order) and 3x3 tap, the map row it reads:
     /// `[batch * kept * cell^2 * 9]`.
     windows: Tensor<B, 1, Int>,
-    /// The same taps as rows of a kept-pixel buffer `[batch * kept * cell^2 + 1, _]` whose last
-    /// row is zero (taps off the kept patches or outside the frame).
+    /// The same taps as rows of a kept-pixel buffer `[batch * kept * cell^2, _]`, or its length
+    /// (a zero row: taps off the kept patches or outside the frame).
     buffer_windows: Tensor<B, 1, Int>,
     /// Per map row, its row in that buffer (the zero row off the kept patches): `[batch * rows * cols]`.
     back: Tensor<B, 1, Int>,
@@ -301,10 +334,16 @@ fn strided_windows<B: Backend>(patches: &Tensor<B, 2, Int>, full: Grid, low: Gri
     (corner.reshape([b, k, 1]) + taps).reshape([b * k * cell * cell * 9])
 }
 
-/// A 3x3 conv's weight `[out, in, 3, 3]` as im2col rows `[9 * in, out]`, in (ky, kx, channel) order.
-fn im2col_weight<B: Backend>(weight: Tensor<B, 4>) -> Tensor<B, 2> {
-    let [out, inp, _, _] = weight.dims();
-    weight.permute([2, 3, 1, 0]).reshape([9 * inp, out])
+/// `layer` (a 3x3 conv) at gathered pixels: [`GatheredBackend::window_conv`].
+fn conv_at<B: GatheredBackend>(
+    layer: &Conv2d<B>,
+    (source, windows): (Tensor<B, 2>, Tensor<B, 1, Int>),
+    units: KeptUnits<B>,
+    batch: usize,
+    gelu: bool,
+) -> Tensor<B, 2> {
+    let bias = layer.bias.as_ref().expect("convs have a bias").val();
+    B::window_conv(WindowConv { source, windows, weight: layer.weight.val(), bias, units, batch, gelu })
 }
 
 /// Per sample, the sum of its rows weighted by `s`: rows `[batch * n, C]`, s `[batch, n, 1]` ->
@@ -335,21 +374,10 @@ impl<B: GatheredBackend> MaskedBlock<B> {
         kept: &KeptRows<B>,
         units: &Tensor<B, 2, Int>,
     ) -> Tensor<B, 2> {
-        let [_, c] = source.dims();
-        let [b, ku] = units.dims();
-        let [all_units, _, _, _] = self.conv1.weight.dims();
-        let units = units.clone().reshape([b * ku]);
-        // Weights as im2col rows per unit, in (ky, kx, channel) order, then each sample's kept units.
-        let kept_rows = |weight: Tensor<B, 4>| weight.reshape([all_units, 9 * c]).select(0, units.clone());
-        let w1 = kept_rows(self.conv1.weight.val().permute([0, 2, 3, 1])).reshape([b, ku, 9 * c]).swap_dims(1, 2);
-        let b1 = self.conv1.bias.as_ref().expect("convs have a bias").val().select(0, units.clone()).reshape([b, ku]);
-        let w2 = kept_rows(self.conv2.weight.val().permute([1, 2, 3, 0]))
-            .reshape([b, ku, 9, c])
-            .swap_dims(1, 2)
-            .reshape([b, 9 * ku, c]);
-        let b2 = self.conv2.bias.as_ref().expect("convs have a bias").val().reshape([1, c]);
-        let hidden = B::window_conv(source, windows, w1, b1, b, true);
-        B::window_conv(with_zero_row(hidden), kept.buffer_windows.clone(), w2, b2, b, false)
+        let b = units.dims()[0];
+        let hidden = conv_at(&self.conv1, (source, windows), KeptUnits::Outputs(units.clone()), b, true);
+        let windows = kept.buffer_windows.clone();
+        conv_at(&self.conv2, (hidden, windows), KeptUnits::Inputs(units.clone()), b, false)
     }
 }
 
@@ -370,7 +398,7 @@ impl<B: GatheredBackend> Encoded<B> {
     fn windows(&self, map: &Tensor<B, 2>, kept: &KeptRows<B>) -> (Tensor<B, 2>, Tensor<B, 1, Int>) {
         match self {
             Encoded::Dense(_) => (map.clone(), kept.windows.clone()),
-            Encoded::Kept(..) => (with_zero_row(map.clone()), kept.buffer_windows.clone()),
+            Encoded::Kept(..) => (map.clone(), kept.buffer_windows.clone()),
         }
     }
 
@@ -404,15 +432,9 @@ impl<B: GatheredBackend> Cnn<B> {
             .pad((1, fg.cols - 1 - w, 1, fg.rows - 1 - h), PadMode::Constant(0.0))
             .permute([0, 2, 3, 1])
             .reshape([b * fg.pixels(), t * c]);
-        // Both convs share their weights across the batch.
-        let conv = |source: Tensor<B, 2>, windows: Tensor<B, 1, Int>, layer: &burn::nn::conv::Conv2d<B>| {
-            let weight = im2col_weight(layer.weight.val()).unsqueeze();
-            let bias = layer.bias.as_ref().expect("convs have a bias").val().reshape([1, self.hidden]);
-            B::window_conv(source, windows, weight, bias, b, true)
-        };
-        let skip = conv(input, full.windows.clone(), &self.enc_in);
+        let skip = conv_at(&self.enc_in, (input, full.windows.clone()), KeptUnits::All, b, true);
         let reads = full.back.clone().select(0, strided_windows(patches, fg, low, self.stride));
-        let z = conv(with_zero_row(skip.clone()), reads, &self.enc_down);
+        let z = conv_at(&self.enc_down, (skip.clone(), reads), KeptUnits::All, b, true);
         (skip, z)
     }
 
@@ -440,7 +462,8 @@ impl<B: GatheredBackend> Cnn<B> {
             None => z,
         };
         // The last conv as per-tap products of each source pixel, summed over each window
-        // (8 output channels: far fewer floats than im2col rows of its 32 input channels).
+        // (8 output channels: far fewer floats than im2col rows of its 32 input channels; a
+        // `window_conv` of 8 outputs keeps a CUDA cube at one warp).
         let out_c = self.t_out * self.channels;
         let weight = self.dec_out.weight.val().permute([1, 2, 3, 0]).reshape([hid, 9 * out_c]);
         // The zero row (taps off the kept pixels) appended to the input: 32 floats, not 72.
