@@ -44,6 +44,7 @@
 //! the framework's masked-dense forward (tests here, on the CPU backend; `dyna-pruner bench
 //! --device cuda` checks it on the GPU).
 
+use burn::nn::conv::Conv2d;
 use burn::prelude::*;
 use burn::tensor::activation;
 use burn::tensor::ops::PadMode;
@@ -54,7 +55,6 @@ use crate::backbones::{Backbone, DataScope};
 use crate::method::masks::{kept_count, top_k_with_ranks};
 use crate::method::Masking;
 use crate::model::DynamicModel;
-use burn::nn::conv::Conv2d;
 
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -131,7 +131,8 @@ pub trait GatheredBackend: Backend {
     /// outside the frame), times the layer's weights, plus its bias; with kept units, each
     /// sample's own. Pixels are in sample order, the same count per sample. The provided method
     /// selects each sample's weights and the taps as im2col rows for one (batched) matmul; the
-    /// CUDA backend reads both in place in one kernel.
+    /// CUDA backend lays the weights out in one kernel and reads them and the taps in place in
+    /// a second (`cuda.rs`).
     ///
     /// # Shapes
     /// - source: `[rows, C]`; windows: `[pixels * 9]`
