@@ -84,10 +84,10 @@ mod kernels {
     /// pixels of one sample (`CUBE_POS_X` tile, `CUBE_POS_Y` sample), `TILE / 4` x
     /// `units / 4` threads, each accumulating 4 pixels x 4 units in registers. Per tap, the
     /// cube stages its pixels' source rows (zeros for the row index `source.shape(0)`) and the
-    /// tap's weights (`weight`: its sample's row, or the only one, of [`kept_weights_kernel`]'s
-    /// layout) in shared memory; the output tile goes through shared memory too, so that it is
-    /// written row by row (coalesced). The bias is the kept output units' (`kept[sample, _]`)
-    /// when `select_outputs`.
+    /// tap's weights (`weight`: its sample's row of [`kept_weights_kernel`]'s layout) in shared
+    /// memory; the output tile goes through shared memory too, so that it is written row by row
+    /// (coalesced). The bias is the kept output units' (`kept[sample, _]`) when
+    /// `select_outputs`.
     #[cube(launch)]
     #[allow(clippy::too_many_arguments)]
     pub(super) fn window_conv_kernel<F: Float, I: Int>(
@@ -124,10 +124,7 @@ mod kernels {
         let ty = UNIT_POS_Y as usize;
         let kept_row = sample * kept.stride(0);
         let source_rows = source.shape(0);
-        let mut weight_row = sample * weight.stride(0);
-        if weight.shape(0) == 1 {
-            weight_row = 0usize;
-        }
+        let weight_row = sample * weight.stride(0);
 
         let mut rows = SharedMemory::<u32>::new(tile_taps);
         let mut xs = SharedMemory::<F>::new(comptime!(TILE * pitch));
@@ -220,8 +217,8 @@ mod kernels {
         }
     }
 
-    /// A conv's weights `[O, I, 3, 3]` laid out for [`window_conv_kernel`]: per sample (or once,
-    /// if neither side is selected), tap by tap, `[channels, units]` rows padded with zeros to
+    /// A conv's weights `[O, I, 3, 3]` laid out for [`window_conv_kernel`]: per row of `kept`
+    /// (a sample; one placeholder row if neither side is selected), tap by tap, `[channels, units]` rows padded with zeros to
     /// whole groups of 4 units, with the sample's kept units (`kept[sample, _]`) as the outputs
     /// when `select_outputs` or the input channels when `select_inputs`. One thread per value.
     #[cube(launch)]
@@ -296,19 +293,19 @@ fn rank_cube(scores: CubeTensor<CudaRuntime>, k: usize) -> (CubeTensor<CudaRunti
 /// selects per `selects` (`[outputs, inputs]`), unread if neither.
 fn window_conv_cube(
     [source, windows, weight, bias, kept]: [CubeTensor<CudaRuntime>; 5],
-    batch: usize,
     selects: [bool; 2],
     gelu: bool,
 ) -> CubeTensor<CudaRuntime> {
     let n = windows.meta.shape()[0] / 9;
     let (channels, kept_units) = (source.meta.shape()[1], kept.meta.shape()[1]);
     let units = if selects[0] { kept_units } else { weight.meta.shape()[0] };
+    // Without kept units no value depends on the sample: the pixels run as one.
+    let batch = kept.meta.shape()[0];
     let per_sample = n / batch;
     let out = empty(&source, [n, units], source.dtype);
     let client = source.client.clone();
     let dtypes = [source.dtype.into(), windows.dtype.into()];
-    let rows = if selects[0] || selects[1] { batch } else { 1 };
-    let laid_out = empty(&source, [rows, 9 * channels * units.div_ceil(4) * 4], source.dtype);
+    let laid_out = empty(&source, [batch, 9 * channels * units.div_ceil(4) * 4], source.dtype);
     let (count, dim) = elementwise(&client, laid_out.meta.shape().iter().product());
     kept_weights_kernel::launch(
         &client,
@@ -347,7 +344,6 @@ fn window_conv_cube(
 #[derive(Debug)]
 struct WindowConvOp {
     desc: CustomOpIr,
-    batch: usize,
     selects: [bool; 2],
     gelu: bool,
 }
@@ -362,7 +358,7 @@ impl Operation<Runtime> for WindowConvOp {
             handles.get_float_tensor::<Cube>(bias),
             handles.get_int_tensor::<Cube>(kept),
         ];
-        let output = window_conv_cube(inputs, self.batch, self.selects, self.gelu);
+        let output = window_conv_cube(inputs, self.selects, self.gelu);
         handles.register_float_tensor::<Cube>(&out.id, output);
     }
 }
@@ -397,12 +393,15 @@ impl GatheredBackend for CudaBackend {
     }
 
     fn window_conv(conv: WindowConv<Self>) -> Tensor<Self, 2> {
-        let WindowConv { source, windows, weight, bias, units, batch, gelu } = conv;
+        let WindowConv { source, windows, weight, bias, units, gelu } = conv;
         let (n, [o, ..]) = (windows.dims()[0] / 9, weight.dims());
         let (kept, selects, units) = match units {
-            // A placeholder the kernel does not read.
+            // A placeholder of one row (one sample) that the kernels do not read.
             KeptUnits::All => (windows.clone().reshape([1, -1]), [false, false], o),
-            KeptUnits::Outputs(kept) => (kept.clone(), [true, false], kept.dims()[1]),
+            KeptUnits::Outputs(kept) => {
+                let k = kept.dims()[1];
+                (kept, [true, false], k)
+            }
             KeptUnits::Inputs(kept) => (kept, [false, true], o),
         };
         let source: FusionTensor<Runtime> = source.into_primitive().tensor();
@@ -413,7 +412,7 @@ impl GatheredBackend for CudaBackend {
         let streams = OperationStreams::with_inputs([&source, &windows, &weight, &bias, &kept]);
         let inputs = [source.into_ir(), windows.into_ir(), weight.into_ir(), bias.into_ir(), kept.into_ir()];
         let desc = CustomOpIr::new("dyna_pruner_window_conv", &inputs, &[output]);
-        let op = WindowConvOp { desc: desc.clone(), batch, selects, gelu };
+        let op = WindowConvOp { desc: desc.clone(), selects, gelu };
         let mut out = client.register(streams, OperationIr::Custom(desc), op);
         Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(out.pop().expect("one output")))
     }
@@ -478,7 +477,6 @@ mod tests {
                 weight: Tensor::from_data(data[1].clone(), &device),
                 bias: Tensor::from_data(data[2].clone(), &device),
                 units: units.into_iter().nth(mode).expect("three modes"),
-                batch: b,
                 gelu: gelu == 1,
             });
             out.into_data().to_vec().unwrap()

@@ -139,7 +139,7 @@ pub trait GatheredBackend: Backend {
     /// - weight: the layer's `[O, I, 3, 3]`; bias: `[O]`
     /// - output: `[pixels, U]`: `U = O` and `C = I`, or as [`KeptUnits`] says
     fn window_conv(conv: WindowConv<Self>) -> Tensor<Self, 2> {
-        let WindowConv { source, windows, weight, bias, units, gelu, .. } = conv;
+        let WindowConv { source, windows, weight, bias, units, gelu } = conv;
         let [o, i, _, _] = weight.dims();
         let n = windows.dims()[0] / 9;
         let cols = with_zero_row(source).select(0, windows);
@@ -188,8 +188,6 @@ pub struct WindowConv<B: Backend> {
     pub weight: Tensor<B, 4>,
     pub bias: Tensor<B, 1>,
     pub units: KeptUnits<B>,
-    /// Samples (pixels are in sample order, the same count per sample).
-    pub batch: usize,
     pub gelu: bool,
 }
 
@@ -340,11 +338,10 @@ fn conv_at<B: GatheredBackend>(
     layer: &Conv2d<B>,
     (source, windows): (Tensor<B, 2>, Tensor<B, 1, Int>),
     units: KeptUnits<B>,
-    batch: usize,
     gelu: bool,
 ) -> Tensor<B, 2> {
     let bias = layer.bias.as_ref().expect("convs have a bias").val();
-    B::window_conv(WindowConv { source, windows, weight: layer.weight.val(), bias, units, batch, gelu })
+    B::window_conv(WindowConv { source, windows, weight: layer.weight.val(), bias, units, gelu })
 }
 
 /// Per sample, the sum of its rows weighted by `s`: rows `[batch * n, C]`, s `[batch, n, 1]` ->
@@ -375,10 +372,9 @@ impl<B: GatheredBackend> MaskedBlock<B> {
         kept: &KeptRows<B>,
         units: &Tensor<B, 2, Int>,
     ) -> Tensor<B, 2> {
-        let b = units.dims()[0];
-        let hidden = conv_at(&self.conv1, (source, windows), KeptUnits::Outputs(units.clone()), b, true);
+        let hidden = conv_at(&self.conv1, (source, windows), KeptUnits::Outputs(units.clone()), true);
         let windows = kept.buffer_windows.clone();
-        conv_at(&self.conv2, (hidden, windows), KeptUnits::Inputs(units.clone()), b, false)
+        conv_at(&self.conv2, (hidden, windows), KeptUnits::Inputs(units.clone()), false)
     }
 }
 
@@ -433,9 +429,9 @@ impl<B: GatheredBackend> Cnn<B> {
             .pad((1, fg.cols - 1 - w, 1, fg.rows - 1 - h), PadMode::Constant(0.0))
             .permute([0, 2, 3, 1])
             .reshape([b * fg.pixels(), t * c]);
-        let skip = conv_at(&self.enc_in, (input, full.windows.clone()), KeptUnits::All, b, true);
+        let skip = conv_at(&self.enc_in, (input, full.windows.clone()), KeptUnits::All, true);
         let reads = full.back.clone().select(0, strided_windows(patches, fg, low, self.stride));
-        let z = conv_at(&self.enc_down, (skip.clone(), reads), KeptUnits::All, b, true);
+        let z = conv_at(&self.enc_down, (skip.clone(), reads), KeptUnits::All, true);
         (skip, z)
     }
 
