@@ -14,8 +14,9 @@ use serde::Serialize;
 use dyna_pruner::backbones::{BackboneKind, DataScope};
 use dyna_pruner::export;
 use dyna_pruner::method::{MaskMode, Masking};
-use dyna_pruner::model::Architecture;
+use dyna_pruner::model::{Architecture, DynamicModel};
 use dyna_pruner::CpuBackend;
+use dyna_pruner_exec::spec::{BackboneSpec, CnnSpec, ConvLstmSpec, Frames, VitSpec};
 use dyna_pruner_exec::MaskPlan;
 
 /// What to measure.
@@ -69,51 +70,21 @@ struct Report {
 /// CNN's DataMask scope; the others prune their own layers.
 pub fn architecture(kind: BackboneKind, cnn_scope: DataScope) -> Architecture {
     match kind {
-        BackboneKind::Cnn => Architecture {
-            backbone: kind,
-            t_in: 4,
-            t_out: 4,
-            channels: 2,
-            hidden: 32,
-            units: 64,
-            blocks: 8,
-            heads: 1,
-            stride: 2,
-            patch: 8,
-            generator_width: 16,
-            generator_motion: false,
-            data_scope: cnn_scope,
-        },
-        BackboneKind::Vit => Architecture {
-            backbone: kind,
-            t_in: 12,
-            t_out: 12,
-            channels: 1,
-            hidden: 128,
-            units: 256,
-            blocks: 6,
-            heads: 8,
-            stride: 4,
-            patch: 4,
-            generator_width: 16,
-            generator_motion: false,
-            data_scope: DataScope::Translator,
-        },
-        BackboneKind::ConvLstm => Architecture {
-            backbone: kind,
-            t_in: 6,
-            t_out: 6,
-            channels: 1,
-            hidden: 32,
-            units: 32,
-            blocks: 2,
-            heads: 1,
-            stride: 4,
-            patch: 16,
-            generator_width: 16,
-            generator_motion: false,
-            data_scope: DataScope::Translator,
-        },
+        BackboneKind::Cnn => Architecture::new(
+            Frames { t_in: 4, t_out: 4, channels: 2 },
+            8,
+            BackboneSpec::Cnn(CnnSpec { hidden: 32, units: 64, blocks: 8, stride: 2, data_scope: cnn_scope }),
+        ),
+        BackboneKind::Vit => Architecture::new(
+            Frames { t_in: 12, t_out: 12, channels: 1 },
+            4,
+            BackboneSpec::Vit(VitSpec { dim: 128, heads: 8, mlp: 256, layers: 6 }),
+        ),
+        BackboneKind::ConvLstm => Architecture::new(
+            Frames { t_in: 6, t_out: 6, channels: 1 },
+            16,
+            BackboneSpec::ConvLstm(ConvLstmSpec { hidden: 32, units: 32, cells: 2, stride: 4 }),
+        ),
     }
 }
 
@@ -166,9 +137,9 @@ pub fn run(out: &Path, plan: &BenchPlan) -> anyhow::Result<()> {
 
 fn bench_backbone(arch: &Architecture, sizes: &[(usize, usize)], plan: &BenchPlan) -> anyhow::Result<Vec<Row>> {
     let device = Default::default();
-    let model = arch.init::<CpuBackend>(&device);
-    let dense_exec = export::executor(&model, arch, Masking::DENSE);
-    let name = arch.backbone.name();
+    let model = DynamicModel::<CpuBackend>::new(arch, &device);
+    let dense_exec = export::executor(&model, Masking::DENSE);
+    let name = arch.kind().name();
     let mut rows = Vec::new();
     println!("\n{arch:?}\n");
     println!(
@@ -178,10 +149,10 @@ fn bench_backbone(arch: &Architecture, sizes: &[(usize, usize)], plan: &BenchPla
     let mut rng = StdRng::seed_from_u64(1);
     for &(h, w) in sizes {
         for &batch in &plan.batches {
-            let n = batch * arch.t_in * arch.channels * h * w;
+            let n = batch * arch.frames.t_in * arch.frames.channels * h * w;
             let x: Vec<f32> = (0..n).map(|_| rng.random_range(0.0..1.0)).collect();
             let dense_macs = dense_exec.forward(&x, batch, h, w, MaskPlan::Dense)?.macs[0] as f64;
-            let shape = [batch, arch.t_in, arch.channels, h, w];
+            let shape = [batch, arch.frames.t_in, arch.frames.channels, h, w];
             let burn_dense_ms = interleaved_medians(
                 plan.runs,
                 plan.warmup,
@@ -194,7 +165,7 @@ fn bench_backbone(arch: &Architecture, sizes: &[(usize, usize)], plan: &BenchPla
             let mut sparse = Vec::new();
             for &f in &plan.fractions {
                 let masking = Masking::top_k(MaskMode::Both, f, f);
-                let exec = export::executor(&model, arch, masking);
+                let exec = export::executor(&model, masking);
                 let macs = exec.forward(&x, batch, h, w, MaskPlan::Dynamic)?.macs.iter().sum::<u64>();
                 sparse.push((f, exec, macs as f64 / batch as f64));
             }

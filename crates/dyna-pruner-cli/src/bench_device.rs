@@ -18,7 +18,8 @@ use serde::Serialize;
 use dyna_pruner::backbones::BackboneKind;
 use dyna_pruner::gathered::{GatheredBackend, GatheredMasks};
 use dyna_pruner::method::{FixedMasks, MaskMode, Masking};
-use dyna_pruner::model::Architecture;
+use dyna_pruner::model::{Architecture, DynamicModel};
+use dyna_pruner_exec::spec::BackboneSpec;
 
 use crate::bench::{architecture, BenchPlan, Row};
 
@@ -65,16 +66,18 @@ fn median_ms<B: Backend>(device: &B::Device, runs: usize, warmup: usize, mut f: 
 
 /// Runs the PyTorch twin for the given sizes and batches; returns its JSON report.
 fn run_torch_twin(script: &Path, arch: &Architecture, plan: &BenchPlan) -> anyhow::Result<serde_json::Value> {
+    let BackboneSpec::Cnn(cnn) = &arch.model.backbone else { anyhow::bail!("the PyTorch twin is a CNN") };
+    let f = arch.frames;
     let list = |v: Vec<String>| v.join(",");
     let out = Command::new("python3")
         .arg(script)
         .args(["--sizes", &list(plan.sizes.iter().map(|s| s.to_string()).collect())])
         .args(["--batches", &list(plan.batches.iter().map(|s| s.to_string()).collect())])
         .args(["--runs", &plan.runs.to_string(), "--warmup", &plan.warmup.max(3).to_string()])
-        .args(["--hidden", &arch.hidden.to_string(), "--units", &arch.units.to_string()])
-        .args(["--blocks", &arch.blocks.to_string(), "--stride", &arch.stride.to_string()])
-        .args(["--t-in", &arch.t_in.to_string(), "--t-out", &arch.t_out.to_string()])
-        .args(["--channels", &arch.channels.to_string()])
+        .args(["--hidden", &cnn.hidden.to_string(), "--units", &cnn.units.to_string()])
+        .args(["--blocks", &cnn.blocks.to_string(), "--stride", &cnn.stride.to_string()])
+        .args(["--t-in", &f.t_in.to_string(), "--t-out", &f.t_out.to_string()])
+        .args(["--channels", &f.channels.to_string()])
         .output()
         .with_context(|| format!("running python3 {}", script.display()))?;
     if !out.status.success() {
@@ -93,7 +96,8 @@ pub fn run<B: GatheredBackend>(
 ) -> anyhow::Result<()> {
     let arch = architecture(BackboneKind::Cnn, plan.data_scope);
     B::seed(device, 1);
-    let model = arch.init::<B>(device);
+    let model = DynamicModel::<B>::new(&arch, device);
+    let BackboneSpec::Cnn(cnn) = &arch.model.backbone else { unreachable!("the GPU bench runs the CNN") };
     let torch = torch_twin.map(|s| run_torch_twin(s, &arch, plan)).transpose()?;
     let torch_ms = |size: usize, batch: usize| -> Option<f64> {
         torch.as_ref()?["rows"].as_array()?.iter().find_map(|r| {
@@ -115,7 +119,7 @@ pub fn run<B: GatheredBackend>(
     for &size in &plan.sizes {
         for &batch in &plan.batches {
             let (h, w) = (size, size);
-            let shape = [batch, arch.t_in, arch.channels, h, w];
+            let shape = [batch, arch.frames.t_in, arch.frames.channels, h, w];
             let values: Vec<f32> = (0..shape.iter().product()).map(|_| rng.random_range(0.0..1.0)).collect();
             let x = Tensor::<B, 5>::from_data(TensorData::new(values, shape), device);
             let macs = model.mac_model(h, w);
@@ -135,9 +139,9 @@ pub fn run<B: GatheredBackend>(
                 // it chose. (The gates' pooled sums round differently from the reference's, so
                 // near-tied unit scores can rank apart here; the choice itself is tested on the CPU.)
                 let (got, used) = model.forward_gathered(x.clone(), GatheredMasks::Method(masking));
-                let grid = (h.div_ceil(arch.patch), w.div_ceil(arch.patch));
-                let units = vec![arch.units; arch.blocks];
-                let mut fixed = FixedMasks::new(&used.to_lists(), grid, &units, arch.patch, device);
+                let grid = arch.patch_grid(h, w);
+                let units = arch.layer_units();
+                let mut fixed = FixedMasks::new(&used.to_lists(), grid, &units, arch.patch(), device);
                 let want = model.forward_masked(x.clone(), &mut fixed);
                 let scale = want.clone().abs().max().into_scalar().elem::<f64>().max(1e-3);
                 let worst = (got - want).abs().max().into_scalar().elem::<f64>();
@@ -148,8 +152,8 @@ pub fn run<B: GatheredBackend>(
                     let _ = model.forward_gathered(x.clone(), GatheredMasks::Method(masking));
                 });
                 let sparse_ms = sparse.wall;
-                let patches = h.div_ceil(arch.patch) * w.div_ceil(arch.patch);
-                let mac_ratio = macs.dense() as f64 / macs.nominal_dynamic(patches, f, arch.units, f);
+                let patches = grid.0 * grid.1;
+                let mac_ratio = macs.dense() as f64 / macs.nominal_dynamic(patches, f, cnn.units, f);
                 let speedup = dense_ms / sparse_ms;
                 let row = Row {
                     backbone: "cnn",

@@ -7,10 +7,11 @@ use std::path::Path;
 use anyhow::Context;
 use serde_json::json;
 
+use dyna_pruner::checkpoint;
 use dyna_pruner::config::{Plan, RunConfig};
 use dyna_pruner::data::Split;
 use dyna_pruner::eval::evaluate_persistence;
-use dyna_pruner::train::{checkpoint, prepare_data, RunControl};
+use dyna_pruner::train::{prepare_data, RunControl};
 
 use crate::device::DeviceArg;
 use crate::eval::{evaluate_checkpoint, table_header, table_metrics, table_row};

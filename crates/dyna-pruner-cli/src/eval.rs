@@ -6,11 +6,11 @@ use anyhow::Context;
 use burn::prelude::Backend;
 use serde_json::json;
 
-use dyna_pruner::config::{DataFormat, RunConfig};
+use dyna_pruner::checkpoint::{self, Checkpoint};
+use dyna_pruner::config::{DataConfig, DataFormat, RunConfig};
 use dyna_pruner::data::{self, Domain, Horizon, WindowSet};
 use dyna_pruner::eval::{evaluate, evaluate_persistence, Evaluation};
 use dyna_pruner::model::Architecture;
-use dyna_pruner::train::checkpoint::{self, Checkpoint};
 use dyna_pruner::train::prepare_data;
 
 use crate::device::DeviceArg;
@@ -33,10 +33,11 @@ pub fn evaluate_checkpoint<B: Backend>(
     result
 }
 
-/// All windows of `files` for the checkpoint in `dir` (of architecture `arch`), read as its
-/// training config reads data (format, slot format, netCDF channels, lead), checking the channels.
-pub fn windows_for(dir: &Path, arch: &Architecture, files: &[PathBuf]) -> anyhow::Result<WindowSet> {
-    let mut d = checkpoint::read_config(dir)?.data;
+/// All windows of `files` for a model of architecture `arch` trained on data read by `data`
+/// (its training config's section: format, slot format, netCDF channels, lead), checking the
+/// channels.
+pub fn windows_for(data: &DataConfig, arch: &Architecture, files: &[PathBuf]) -> anyhow::Result<WindowSet> {
+    let mut d = data.clone();
     d.files = files.to_vec();
     match d.format {
         DataFormat::Netcdf => {
@@ -49,8 +50,7 @@ pub fn windows_for(dir: &Path, arch: &Architecture, files: &[PathBuf]) -> anyhow
             // The given file is a catalog; the HDF5 files sit in `data/` beside it.
             let [catalog] = files else {
                 anyhow::bail!(
-                    "the checkpoint in {} reads SEVIR: give --data exactly one CATALOG.csv (its HDF5 files in data/ beside it), not {} paths",
-                    dir.display(),
+                    "the model reads SEVIR: give --data exactly one CATALOG.csv (its HDF5 files in data/ beside it), not {} paths",
                     files.len()
                 );
             };
@@ -58,8 +58,7 @@ pub fn windows_for(dir: &Path, arch: &Architecture, files: &[PathBuf]) -> anyhow
             d.root = None;
         }
         DataFormat::SyntheticRadar => anyhow::bail!(
-            "the checkpoint in {} was trained on synthetic radar, which has no files; evaluate it with --split val|test",
-            dir.display()
+            "the model was trained on synthetic radar, which has no files; evaluate it with --split val|test"
         ),
         DataFormat::Crowd | DataFormat::Knmi => {}
     }
@@ -68,12 +67,12 @@ pub fn windows_for(dir: &Path, arch: &Architecture, files: &[PathBuf]) -> anyhow
 }
 
 fn check_channels(windows: WindowSet, from: &Path, arch: &Architecture) -> anyhow::Result<WindowSet> {
-    if windows.channels != arch.channels {
+    if windows.channels != arch.frames.channels {
         anyhow::bail!(
-            "{} holds frames with {} channels; the checkpoint expects {}",
+            "{} holds frames with {} channels; the model expects {}",
             from.display(),
             windows.channels,
-            arch.channels
+            arch.frames.channels
         );
     }
     Ok(windows)
@@ -151,7 +150,10 @@ pub fn run(
         let ck = checkpoint::load::<B>(checkpoint_dir, &dev)?;
         let arch = &ck.meta.architecture;
         let (windows, from) = match source {
-            Source::Files(files) => (windows_for(checkpoint_dir, arch, files)?, format!("{} file(s)", files.len())),
+            Source::Files(files) => {
+                let data = checkpoint::read_config(checkpoint_dir)?.data;
+                (windows_for(&data, arch, files)?, format!("{} file(s)", files.len()))
+            }
             Source::Split { split, config } => {
                 let config = config.clone().unwrap_or_else(|| checkpoint_dir.join("config.toml"));
                 let windows = check_channels(split_windows(&config, *split)?, &config, arch)?;
@@ -185,34 +187,18 @@ pub fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dyna_pruner::backbones::{BackboneKind, DataScope};
+    use dyna_pruner_exec::spec::{BackboneSpec, ConvLstmSpec, Frames};
 
     /// `eval --data` on a SEVIR checkpoint used to read the first path as the catalog and drop
     /// the others without a word.
     #[test]
     fn sevir_checkpoints_take_exactly_one_catalog() {
-        let dir = std::env::temp_dir().join(format!("dp-eval-sevir-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
         let config = concat!(env!("CARGO_MANIFEST_DIR"), "/../../configs/radar/sevir_dense.toml");
-        std::fs::copy(config, dir.join("config.toml")).unwrap();
-        let arch = Architecture {
-            backbone: BackboneKind::ConvLstm,
-            t_in: 13,
-            t_out: 12,
-            channels: 1,
-            hidden: 8,
-            units: 8,
-            blocks: 1,
-            heads: 1,
-            stride: 2,
-            patch: 8,
-            generator_width: 4,
-            generator_motion: false,
-            data_scope: DataScope::Translator,
-        };
+        let data = RunConfig::read(Path::new(config)).unwrap().data;
+        let lstm = ConvLstmSpec { hidden: 8, units: 8, cells: 1, stride: 2 };
+        let arch = Architecture::new(Frames { t_in: 13, t_out: 12, channels: 1 }, 8, BackboneSpec::ConvLstm(lstm));
         let two = [PathBuf::from("a/CATALOG.csv"), PathBuf::from("b/CATALOG.csv")];
-        let err = windows_for(&dir, &arch, &two).unwrap_err().to_string();
-        std::fs::remove_dir_all(&dir).unwrap();
+        let err = windows_for(&data, &arch, &two).unwrap_err().to_string();
         assert!(err.contains("exactly one CATALOG.csv") && err.contains("not 2 paths"), "{err}");
     }
 }

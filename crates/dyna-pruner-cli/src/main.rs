@@ -68,11 +68,16 @@ enum Command {
         #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
         device: DeviceArg,
     },
-    /// Run the sparse executor of a checkpoint on data files; writes DIR/predictions.npy,
-    /// DIR/samples.json (per-sample kept fractions and MACs) and DIR/model.safetensors.
+    /// Run the sparse executor of a checkpoint (or of an exported model alone) on data files;
+    /// writes DIR/predictions.npy, DIR/samples.json (per-sample kept fractions and MACs) and,
+    /// from a checkpoint, the exported model DIR/model.safetensors.
     Predict {
+        #[arg(long, required_unless_present = "model", conflicts_with = "model")]
+        checkpoint: Option<PathBuf>,
+        /// An exported model (`model.safetensors` written by `predict --checkpoint`): run through
+        /// the framework-free executor alone.
         #[arg(long)]
-        checkpoint: PathBuf,
+        model: Option<PathBuf>,
         #[arg(long, num_args = 1.., required = true)]
         data: Vec<PathBuf>,
         #[arg(long)]
@@ -180,7 +185,14 @@ fn main() -> anyhow::Result<()> {
             eval::run(&checkpoint, &source, out.as_deref(), batch_size, device)
         }
         Command::Demo { task, out, retrain, root, device } => demo::run(task, &out, retrain, &root, device),
-        Command::Predict { checkpoint, data, out, batch_size } => predict::run(&checkpoint, &data, &out, batch_size),
+        Command::Predict { checkpoint, model, data, out, batch_size } => {
+            let source = match (checkpoint, model) {
+                (Some(dir), _) => predict::ModelSource::Checkpoint(dir),
+                (None, Some(file)) => predict::ModelSource::Exported(file),
+                (None, None) => unreachable!("clap requires --checkpoint or --model"),
+            };
+            predict::run(&source, &data, &out, batch_size)
+        }
         Command::Bench {
             out,
             backbones,

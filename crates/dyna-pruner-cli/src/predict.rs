@@ -1,29 +1,73 @@
 //! `dyna-pruner predict`: the sparse executor on real data; writes the predicted frames (npy, in
 //! physical units), per-sample kept fractions and MACs, and the exported executor model.
+//!
+//! The model comes from a checkpoint (exported on the way, and written beside the predictions)
+//! or from an exported file alone (`--model`): the forward then runs through
+//! `dyna-pruner-exec` only, with the scaler and the data section the file carries.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
 use serde_json::json;
 
+use dyna_pruner::checkpoint;
+use dyna_pruner::config::DataConfig;
 use dyna_pruner::data::npz::npy_bytes;
+use dyna_pruner::data::Scaler;
 use dyna_pruner::export;
-use dyna_pruner::train::checkpoint;
 use dyna_pruner::CpuBackend;
+use dyna_pruner_exec::format::{self, ExportedModel};
 use dyna_pruner_exec::MaskPlan;
 
 use crate::progress::eval_bar;
 
-pub fn run(checkpoint_dir: &Path, files: &[PathBuf], out: &Path, batch_size: usize) -> anyhow::Result<()> {
-    let ck = checkpoint::load::<CpuBackend>(checkpoint_dir, &Default::default())?;
-    let (arch, scaler) = (&ck.meta.architecture, &ck.meta.scaler);
-    let exec = export::executor(&ck.model, arch, ck.meta.masking);
-    let windows = crate::eval::windows_for(checkpoint_dir, arch, files)?;
-    let layer_units = exec.layer_units();
+/// Where the model comes from.
+pub enum ModelSource {
+    Checkpoint(PathBuf),
+    Exported(PathBuf),
+}
+
+/// Metadata keys of an exported model that `predict --model` reads.
+const SCALER: &str = "scaler";
+const DATA: &str = "data";
+
+/// The exported form of a checkpoint, with the scaler and the data section it was trained with.
+fn export_checkpoint(dir: &Path) -> anyhow::Result<ExportedModel> {
+    let ck = checkpoint::load::<CpuBackend>(dir, &Default::default())?;
+    let data = checkpoint::read_config(dir)?.data;
+    let metadata = BTreeMap::from([
+        (SCALER.to_string(), serde_json::to_string(&ck.meta.scaler)?),
+        (DATA.to_string(), serde_json::to_string(&data)?),
+    ]);
+    Ok(export::export(&ck.model, ck.meta.masking, metadata))
+}
+
+/// One metadata entry of an exported model, parsed.
+fn entry<T: serde::de::DeserializeOwned>(model: &ExportedModel, key: &str, path: &Path) -> anyhow::Result<T> {
+    let text = model.metadata.get(key).with_context(|| {
+        format!("{}: no `{key}` in its metadata (export it with `dyna-pruner predict --checkpoint`)", path.display())
+    })?;
+    serde_json::from_str(text).with_context(|| format!("{}: bad `{key}` in its metadata", path.display()))
+}
+
+pub fn run(source: &ModelSource, files: &[PathBuf], out: &Path, batch_size: usize) -> anyhow::Result<()> {
+    let (model, label) = match source {
+        ModelSource::Checkpoint(dir) => (export_checkpoint(dir)?, dir.display().to_string()),
+        ModelSource::Exported(path) => (format::load(path)?, path.display().to_string()),
+    };
+    let from = Path::new(&label);
+    let scaler: Scaler = entry(&model, SCALER, from)?;
+    let data: DataConfig = entry(&model, DATA, from)?;
+    let exec = model.executor()?;
+    let arch = &model.arch;
+    let windows = crate::eval::windows_for(&data, arch, files)?;
+    let layer_units = arch.layer_units();
     let plan =
-        if ck.meta.masking.mode == dyna_pruner::method::MaskMode::Dense { MaskPlan::Dense } else { MaskPlan::Dynamic };
+        if model.masking.mode == dyna_pruner::method::MaskMode::Dense { MaskPlan::Dense } else { MaskPlan::Dynamic };
     let (h, w) = (windows.height, windows.width);
+    let (hp, wp) = arch.patch_grid(h, w);
     let (mut predictions, mut samples) = (Vec::new(), Vec::new());
     let bar = eval_bar("predict", windows.len());
     let started = Instant::now();
@@ -31,11 +75,10 @@ pub fn run(checkpoint_dir: &Path, files: &[PathBuf], out: &Path, batch_size: usi
     for chunk in indices.chunks(batch_size.max(1)) {
         let mut x = Vec::new();
         for &i in chunk {
-            windows.scaled_input_into(i, scaler, &mut x);
+            windows.scaled_input_into(i, &scaler, &mut x);
         }
         let result = exec.forward(&x, chunk.len(), h, w, plan)?;
         predictions.extend(result.prediction.iter().enumerate().map(|(i, &v)| scaler.unscale(i, v)));
-        let patches = h.div_ceil(arch.patch) * w.div_ceil(arch.patch);
         for (j, &i) in chunk.iter().enumerate() {
             let m = result.masks.get(j);
             let kept_units = m.map_or(1.0, |m| {
@@ -45,7 +88,7 @@ pub fn run(checkpoint_dir: &Path, files: &[PathBuf], out: &Path, batch_size: usi
             samples.push(json!({
                 "window": i,
                 "target_date": windows.target_date(i),
-                "kept_patch_fraction": m.map_or(1.0, |m| m.patches.len() as f64 / patches as f64),
+                "kept_patch_fraction": m.map_or(1.0, |m| m.patches.len() as f64 / (hp * wp) as f64),
                 "kept_unit_fraction": kept_units,
                 "macs": result.macs[j],
             }));
@@ -55,22 +98,26 @@ pub fn run(checkpoint_dir: &Path, files: &[PathBuf], out: &Path, batch_size: usi
     bar.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let shape = [windows.len(), arch.t_out, arch.channels, h, w];
+    let shape = [windows.len(), arch.frames.t_out, arch.frames.channels, h, w];
     std::fs::write(out.join("predictions.npy"), npy_bytes(&shape, &predictions)).context("writing predictions.npy")?;
     let report = json!({
-        "checkpoint": checkpoint_dir,
+        "model": label,
         "data": files,
         "shape": shape,
-        "units": "physical (inverse of the checkpoint's scaling)",
+        "units": "physical (inverse of the model's scaling)",
         "seconds": seconds,
         "samples": samples,
     });
     std::fs::write(out.join("samples.json"), serde_json::to_string_pretty(&report)?).context("writing samples.json")?;
-    export::write(&out.join("model.safetensors"), &ck.model, arch, ck.meta.masking)?;
+    let mut written = "predictions.npy, samples.json".to_string();
+    if let ModelSource::Checkpoint(_) = source {
+        format::save(&out.join("model.safetensors"), &model)?;
+        written.push_str(", model.safetensors");
+    }
     let mean_macs =
         samples.iter().map(|s| s["macs"].as_f64().unwrap_or(0.0)).sum::<f64>() / samples.len().max(1) as f64;
     println!(
-        "{} windows in {seconds:.2}s ({:.3} ms/window), mean {:.2}M MACs/window -> {}/predictions.npy, samples.json, model.safetensors",
+        "{} windows in {seconds:.2}s ({:.3} ms/window), mean {:.2}M MACs/window -> {}: {written}",
         samples.len(),
         1e3 * seconds / samples.len().max(1) as f64,
         mean_macs / 1e6,

@@ -2,9 +2,10 @@
 
 use std::path::Path;
 
+use dyna_pruner::checkpoint;
 use dyna_pruner::config::{Plan, RunConfig};
 use dyna_pruner::eval::{evaluate_persistence, Evaluation};
-use dyna_pruner::train::{checkpoint, train, RunControl};
+use dyna_pruner::train::{train, RunControl};
 
 use crate::device::DeviceArg;
 use crate::eval::{evaluate_checkpoint, table_header, table_metrics, table_row};

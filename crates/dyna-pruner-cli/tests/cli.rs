@@ -43,11 +43,14 @@ train = ["2010-01-01", "2010-01-25"]
 val = ["2010-01-25", "2010-02-01"]
 test = ["2010-02-01", "2010-02-10"]
 [model]
+patch = 2
+[model.generator]
+width = 4
+[model.backbone]
+kind = "cnn"
 hidden = 8
 units = 8
 blocks = 2
-patch = 2
-generator_width = 4
 [train]
 epochs = 2
 batch_size = 16
@@ -92,12 +95,11 @@ fn train_then_eval_writes_checkpoint_and_report() {
     // Its mask generator differs from the dense checkpoint's (it also reads the direction of
     // change): the backbone is taken over, the generator starts afresh (issue 4).
     let text = std::fs::read_to_string(&dynamic).unwrap();
-    std::fs::write(&dynamic, text.replace("generator_width = 4", "generator_width = 4\ngenerator_motion = true"))
-        .unwrap();
+    std::fs::write(&dynamic, text.replace("width = 4", "width = 4\nmotion = true")).unwrap();
     let out = run(bin().args(["train", "--config"]).arg(&dynamic));
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stderr(&out).contains("the mask generator starts afresh"));
-    assert_eq!(json(&dir.join("dynamic/checkpoint.json"))["architecture"]["generator_motion"], true);
+    assert_eq!(json(&dir.join("dynamic/checkpoint.json"))["architecture"]["model"]["generator"]["motion"], true);
 
     let report = dir.join("eval.json");
     let out = run(bin()
@@ -236,7 +238,17 @@ fn train_eval_predict(
     let pred = dir.join("pred");
     let out = run(bin().args(["predict", "--checkpoint"]).arg(&ck).arg("--data").arg(data).arg("--out").arg(&pred));
     assert!(out.status.success());
-    (stdout, json(&report), json(&pred.join("samples.json")))
+    // The exported model alone, through the framework-free executor: the same floats.
+    let alone = dir.join("pred-model");
+    let exported = pred.join("model.safetensors");
+    let out = run(bin().args(["predict", "--model"]).arg(&exported).arg("--data").arg(data).arg("--out").arg(&alone));
+    assert!(out.status.success());
+    let npy = |d: &Path| std::fs::read(d.join("predictions.npy")).unwrap();
+    assert!(npy(&pred) == npy(&alone), "predict --model must equal predict --checkpoint bit for bit");
+    let (a, b) = (json(&pred.join("samples.json")), json(&alone.join("samples.json")));
+    assert_eq!(a["samples"], b["samples"], "the same masks and MACs per window");
+    assert!(!alone.join("model.safetensors").exists());
+    (stdout, json(&report), a)
 }
 
 #[test]
@@ -254,13 +266,9 @@ train = ["2019-03-01", "2019-03-19"]
 val = ["2019-03-19", "2019-03-22"]
 test = ["2019-03-22", "2019-04-01"]
 [model]
-backbone = "vit"
-hidden = 8
-units = 8
-blocks = 1
-heads = 2
 patch = 8
-generator_width = 4
+generator = {{ width = 4 }}
+backbone = {{ kind = "vit", dim = 8, mlp = 8, layers = 1, heads = 2 }}
 [method]
 mode = "both"
 data_keep = 0.5
@@ -299,6 +307,7 @@ t_in = 3
 t_out = 2
 val_frames = 10
 test_frames = 12
+# The flat [model] table of older configs still reads.
 [model]
 backbone = "convlstm"
 hidden = 4

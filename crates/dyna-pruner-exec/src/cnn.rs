@@ -5,117 +5,19 @@
 
 use std::borrow::Cow;
 
+use dyna_pruner_spec::{Architecture, CnnSpec, DataScope, Masking};
 use rayon::prelude::*;
-use serde::{Deserialize, Serialize};
 
 use crate::kernels::{
-    add_upsampled, map_buffer, recycle, run_jobs_into_maps, run_per_sample, transpose_into, Activation, Conv, Job,
-    Positions,
+    add_upsampled, run_jobs_into_maps, run_per_sample, transpose_into, Activation, Conv, Job, Positions,
 };
 use crate::masks::{
-    gate_units, importance_mass, kept_positions, plan_masks, pool_by_patch, sum_vectors, MaskGenerator, PatchRule,
-    Pooled, UnitGate,
+    gate_units, importance_mass, kept_positions, plan_masks, pool_by_patch, sum_vectors, MaskGenerator, Pooled,
+    UnitGate,
 };
+use crate::plan::{MaskPlan, Output, SampleMasks};
+use crate::pool::{map_buffer, recycle};
 use crate::ExecError;
-
-/// Which layers of the CNN the DataMask prunes (the trainer's `model.data_scope`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DataScope {
-    /// The translator's blocks only: the encoder and decoder see every pixel, and pruned
-    /// patches take the identity path through the translator (METHOD.md, section 4).
-    #[default]
-    Translator,
-    /// Every layer: the encoder's feature maps are zero off the kept patches (so a sparse
-    /// executor computes them there only), the translator as above, and the decoder's change
-    /// is zero off them, so pruned patches predict their last input frame (persistence).
-    Network,
-}
-
-/// The architecture and masking of an exported CNN (mirrors the trainer's `Architecture`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CnnSpec {
-    pub t_in: usize,
-    pub t_out: usize,
-    pub channels: usize,
-    pub hidden: usize,
-    pub units: usize,
-    pub blocks: usize,
-    pub stride: usize,
-    pub patch: usize,
-    /// Absent in files from before it existed (the translator).
-    #[serde(default)]
-    pub data_scope: DataScope,
-    /// The mask generator's width and the inference masking.
-    #[serde(flatten)]
-    pub masking: MaskSpec,
-}
-
-/// The mask generator's width and the masks an exported model runs with (the same in every spec;
-/// flattened into it, so the file's JSON keeps these as top-level fields).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct MaskSpec {
-    pub generator_width: usize,
-    /// The generator also reads the signed mean temporal difference per patch.
-    #[serde(default)]
-    pub generator_motion: bool,
-    /// Whether the DataMask / ModelMask are active, and their keep ratios.
-    pub data_mask: bool,
-    pub model_mask: bool,
-    pub data_keep: f32,
-    pub unit_keep: f32,
-    /// When set, the DataMask keeps the patches with `S >= data_threshold` instead of the top
-    /// `data_keep` of each sample.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub data_threshold: Option<f32>,
-}
-
-impl MaskSpec {
-    /// How the DataMask picks patches, when it is active.
-    pub fn patch_rule(&self) -> Option<PatchRule> {
-        let rule = match self.data_threshold {
-            Some(tau) => PatchRule::Threshold(tau),
-            None => PatchRule::TopK(self.data_keep),
-        };
-        self.data_mask.then_some(rule)
-    }
-
-    /// The ModelMask's keep ratio when it is active.
-    pub fn unit_keep(&self) -> Option<f32> {
-        self.model_mask.then_some(self.unit_keep)
-    }
-}
-
-/// The kept patches and units of one sample.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SampleMasks {
-    /// Kept patch indices `py * wp + px`, ascending.
-    pub patches: Vec<usize>,
-    /// Kept unit indices of each prunable layer, ascending.
-    pub units: Vec<Vec<usize>>,
-}
-
-/// How to mask a forward pass.
-#[derive(Debug, Clone, Copy)]
-pub enum MaskPlan<'a> {
-    /// The dense backbone: no masks, no mask generator.
-    Dense,
-    /// The model's own masks from its mask generator and gates (its spec's modes and ratios).
-    Dynamic,
-    /// Masks given per sample (e.g. from the training framework, to compare).
-    Given(&'a [SampleMasks]),
-}
-
-/// The result of a forward pass.
-#[derive(Debug, Clone)]
-pub struct Output {
-    /// `[batch, t_out, channels, h, w]`.
-    pub prediction: Vec<f32>,
-    /// Per-sample masks (empty for `MaskPlan::Dense`).
-    pub masks: Vec<SampleMasks>,
-    /// Per-sample MACs actually executed.
-    pub macs: Vec<u64>,
-}
 
 /// The unit gates' pooled translator map per sample (`masks::Pooled`), kept up to date without
 /// re-reading the whole map: a block changes the map only at the kept positions, so the sum over
@@ -201,7 +103,10 @@ const ROWS_PER_TASK: usize = 1024;
 /// A CNN ready to run.
 #[derive(Debug, Clone)]
 pub struct CnnExec {
-    pub spec: CnnSpec,
+    pub arch: Architecture,
+    pub masking: Masking,
+    /// The backbone part of `arch`.
+    pub(crate) spec: CnnSpec,
     pub(crate) enc_in: Conv,
     pub(crate) enc_down: Conv,
     pub(crate) blocks: Vec<(Conv, Conv)>,
@@ -289,8 +194,8 @@ impl CnnExec {
         w: usize,
         plan: MaskPlan<'_>,
     ) -> Result<Output, ExecError> {
-        let s = &self.spec;
-        let (t, c) = (s.t_in, s.channels);
+        let (s, f, patch) = (&self.spec, self.arch.frames, self.arch.model.patch);
+        let (t, c) = (f.t_in, f.channels);
         let per_sample = crate::check_input(x, batch, [t, c, h, w], plan, s.blocks)?;
         // Frames as channels, channels last.
         let inputs: Vec<Vec<f32>> = (0..batch)
@@ -303,9 +208,9 @@ impl CnnExec {
         let (h2, w2) = self.low(h, w);
         // The DataMask and the importance map S per sample (from the input frames alone).
         let mut macs = vec![0; batch];
-        let cell = s.patch / s.stride;
-        let wp = w.div_ceil(s.patch);
-        let keep = s.masking.patch_rule();
+        let cell = patch / s.stride;
+        let wp = w.div_ceil(patch);
+        let keep = self.masking.patch_rule();
         let (mut masks, importance) =
             plan_masks(plan, &self.generator, x, (batch, per_sample), (t, h, w), keep, &mut macs);
         let positions: Vec<Option<Vec<u32>>> =
@@ -314,7 +219,7 @@ impl CnnExec {
         // positions too.
         let network = s.data_scope == DataScope::Network && !masks.is_empty();
         let outer: Option<Vec<Option<Vec<u32>>>> =
-            network.then(|| masks.iter().map(|m| kept_positions(&m.patches, wp, s.patch, (h, w))).collect());
+            network.then(|| masks.iter().map(|m| kept_positions(&m.patches, wp, patch, (h, w))).collect());
         let (skip, mut z) = match &outer {
             None => {
                 let skip = dense_layer(&self.enc_in, &inputs, h, w, Activation::Gelu);
@@ -335,7 +240,7 @@ impl CnnExec {
 
         // The unit gates' pooled input per sample, when they run: pooled once here, then kept up
         // to date from each block's updates (they change only the kept positions).
-        let unit_keep = s.masking.unit_keep().filter(|_| matches!(plan, MaskPlan::Dynamic));
+        let unit_keep = self.masking.unit_keep().filter(|_| matches!(plan, MaskPlan::Dynamic));
         let grid = (h2, w2, cell, wp);
         let mut gate_input = unit_keep.map(|_| GateInput::new(&z, s.hidden, &importance, grid, &masks, &positions));
         // Each sample's hidden map of the current block, reused across blocks (see sparse_block).
@@ -362,7 +267,7 @@ impl CnnExec {
                 let pooled = gate_input.as_ref().map_or(&[][..], |g| &g.pooled[..]);
                 let units = gate_units(gate, batch, pooled, h2 * w2, unit_keep);
                 for ((m, u), mc) in masks.iter_mut().zip(units).zip(macs.iter_mut()) {
-                    if s.masking.model_mask {
+                    if self.masking.mode.model() {
                         *mc += gate.macs(h2 * w2);
                     }
                     m.units.push(u);
@@ -393,7 +298,7 @@ impl CnnExec {
             Some(full) => layer_at(&self.dec_out, &d, (h, w), full, Activation::None),
         };
         d.into_iter().for_each(recycle);
-        let out_c = s.t_out * c;
+        let out_c = f.t_out * c;
         // Every float is written by the transpose.
         let mut prediction = map_buffer(batch * out_c * h * w);
         for b in 0..batch {

@@ -5,29 +5,14 @@
 
 use std::borrow::Cow;
 
+use dyna_pruner_spec::{Architecture, ConvLstmSpec, Masking};
 use rayon::prelude::*;
-use serde::{Deserialize, Serialize};
 
-use crate::cnn::{MaskPlan, MaskSpec, Output};
-use crate::kernels::{add_upsampled, run_per_sample, sigmoid, Activation, Conv, Positions};
+use crate::activation::sigmoid;
+use crate::kernels::{add_upsampled, run_per_sample, Activation, Conv, Positions};
 use crate::masks::{gate_units, kept_positions, plan_masks, pool_by_patch, MaskGenerator, Pooled, UnitGate};
+use crate::plan::{MaskPlan, Output};
 use crate::ExecError;
-
-/// The architecture and masking of an exported ConvLSTM.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ConvLstmSpec {
-    pub t_in: usize,
-    pub t_out: usize,
-    pub channels: usize,
-    pub hidden: usize,
-    pub units: usize,
-    pub cells: usize,
-    pub stride: usize,
-    pub patch: usize,
-    /// The mask generator's width and the inference masking.
-    #[serde(flatten)]
-    pub masking: MaskSpec,
-}
 
 /// One cell's gate convolutions, 3x3, outputs `[i, f, o, g]` x units.
 #[derive(Debug, Clone)]
@@ -41,7 +26,10 @@ pub struct CellConvs {
 /// A ConvLSTM ready to run.
 #[derive(Debug, Clone)]
 pub struct ConvLstmExec {
-    pub spec: ConvLstmSpec,
+    pub arch: Architecture,
+    pub masking: Masking,
+    /// The backbone part of `arch`.
+    pub(crate) spec: ConvLstmSpec,
     pub(crate) enc_in: Conv,
     pub(crate) enc_down: Conv,
     pub(crate) cells: Vec<CellConvs>,
@@ -75,8 +63,8 @@ impl ConvLstmExec {
         w: usize,
         plan: MaskPlan<'_>,
     ) -> Result<Output, ExecError> {
-        let s = &self.spec;
-        let (t_in, c, hid, units) = (s.t_in, s.channels, s.hidden, s.units);
+        let (s, fr, patch) = (&self.spec, self.arch.frames, self.arch.model.patch);
+        let (t_in, c, hid, units) = (fr.t_in, fr.channels, s.hidden, s.units);
         let per_sample = crate::check_input(x, batch, [t_in, c, h, w], plan, s.cells)?;
         let ((hp, wp), (lh, lw)) = self.grids(h, w);
         let low = lh * lw;
@@ -105,13 +93,13 @@ impl ConvLstmExec {
         let mut macs = vec![self.fixed_macs(h, w); batch];
 
         // Masks: kept patches once, kept units of each cell from its gate on the last frame's features.
-        let cell_px = s.patch / s.stride;
-        let wpatch = w.div_ceil(s.patch);
-        let keep = s.masking.patch_rule();
+        let cell_px = patch / s.stride;
+        let wpatch = w.div_ceil(patch);
+        let keep = self.masking.patch_rule();
         let (mut masks, importance) =
             plan_masks(plan, &self.generator, x, (batch, per_sample), (t_in, h, w), keep, &mut macs);
         if matches!(plan, MaskPlan::Dynamic) {
-            let keep = s.masking.unit_keep();
+            let keep = self.masking.unit_keep();
             // Every gate reads the last input frame's encoding: pooled once for all of them.
             let pooled: Vec<Pooled> = match keep {
                 Some(_) => last_low
@@ -124,7 +112,7 @@ impl ConvLstmExec {
             for gate in &self.gates {
                 let kept = gate_units(gate, batch, &pooled, low, keep);
                 for ((m, u), mc) in masks.iter_mut().zip(kept).zip(macs.iter_mut()) {
-                    if s.masking.model_mask {
+                    if self.masking.mode.model() {
                         *mc += gate.macs(low);
                     }
                     m.units.push(u);
@@ -164,8 +152,8 @@ impl ConvLstmExec {
         // The recurrence: states [low, units] per sample and cell.
         let mut hs = vec![vec![vec![0.0f32; low * units]; s.cells]; batch];
         let mut cs = hs.clone();
-        let mut tops: Vec<Vec<Vec<f32>>> = vec![Vec::with_capacity(s.t_out); batch];
-        for t in 0..t_in + s.t_out {
+        let mut tops: Vec<Vec<Vec<f32>>> = vec![Vec::with_capacity(fr.t_out); batch];
+        for t in 0..t_in + fr.t_out {
             for l in 0..s.cells {
                 let with_input = l > 0 || t < t_in;
                 let cin = if l == 0 { hid } else { units };
@@ -231,7 +219,7 @@ impl ConvLstmExec {
 
         // Decoder per sample and forecast step.
         let steps: Vec<Vec<f32>> = tops.into_iter().flatten().collect();
-        let sample_of = |i: usize| i / s.t_out;
+        let sample_of = |i: usize| i / fr.t_out;
         let mut base =
             run_per_sample(&steps, (lh, lw), |_| &self.dec_proj, |_| Positions::all(lh, lw), Activation::None);
         for (i, z) in base.iter_mut().enumerate() {
@@ -240,7 +228,7 @@ impl ConvLstmExec {
         let mut maps: Vec<Vec<f32>> = (0..base.len()).map(|i| full[frame_of(sample_of(i), t_in - 1)].clone()).collect();
         add_upsampled(&self.dec_up, &base, (lh, lw), s.stride, (hp, wp), Activation::Gelu, &mut maps);
         let delta = run_per_sample(&maps, (hp, wp), |_| &self.dec_out, |_| Positions::all(hp, wp), Activation::None);
-        let mut prediction = vec![0.0; batch * s.t_out * c * h * w];
+        let mut prediction = vec![0.0; batch * fr.t_out * c * h * w];
         for (i, d) in delta.iter().enumerate() {
             let b = sample_of(i);
             let last = &x[b * per_sample + (t_in - 1) * c * h * w..b * per_sample + t_in * c * h * w];
@@ -260,9 +248,9 @@ impl ConvLstmExec {
     pub fn fixed_macs(&self, h: usize, w: usize) -> u64 {
         let ((hp, wp), (lh, lw)) = self.grids(h, w);
         let (full, low) = ((hp * wp) as u64, (lh * lw) as u64);
-        let s = &self.spec;
-        s.t_in as u64 * ((h * w) as u64 * self.enc_in.macs_per_position() + low * self.enc_down.macs_per_position())
-            + s.t_out as u64
+        let fr = self.arch.frames;
+        fr.t_in as u64 * ((h * w) as u64 * self.enc_in.macs_per_position() + low * self.enc_down.macs_per_position())
+            + fr.t_out as u64
                 * (low * (self.dec_proj.macs_per_position() + self.dec_up.macs_per_position())
                     + full * self.dec_out.macs_per_position())
     }

@@ -12,7 +12,7 @@
 //! says: a compact block, or scattered rows of a map (overwritten or added to), optionally
 //! through GELU.
 
-use crate::kernels::gelu_in_place;
+use crate::activation::gelu_in_place;
 
 /// Lanes of one vector (AVX2, f32).
 const LANES: usize = 8;
@@ -226,10 +226,10 @@ mod avx2 {
         }
     }
 
-    /// `kernels::gelu_in_place` on eight lanes, with the same operations in the same order as
-    /// its fused-multiply-add form (`kernels::gelu_slice`'s AVX2 path).
+    /// `activation::gelu_in_place` on eight lanes, with the same operations in the same order as
+    /// its fused-multiply-add form (`activation::gelu_slice`'s AVX2 path).
     #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::excessive_precision)] // the published coefficients, as in `kernels::erf`
+    #[allow(clippy::excessive_precision)] // the published coefficients, as in `activation::erf`
     fn gelu_vector(v: __m256) -> __m256 {
         let c = _mm256_set1_ps;
         let x = _mm256_mul_ps(v, c(std::f32::consts::FRAC_1_SQRT_2));

@@ -1,26 +1,52 @@
 //! The exported model file: safetensors with the weights in the training framework's layouts
-//! (conv `[out, in, k, k]`, transposed conv `[in, out, k, k]`, linear `[in, out]`) and the
-//! [`Spec`] as JSON in the metadata key `spec`.
+//! (the names and shapes of [`dyna_pruner_spec::weights`]), the [`Architecture`] and the
+//! inference [`Masking`] as JSON in the metadata keys `architecture` and `masking`, and any
+//! further metadata the writer adds (the trainer adds the scaler and the data config).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
+use dyna_pruner_spec::{
+    stats_per_channel, weights, Architecture, BackboneSpec, CnnSpec, ConvLstmSpec, Masking, VitSpec,
+};
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 
-use crate::cnn::{CnnExec, CnnSpec, MaskSpec};
-use crate::convlstm::{CellConvs, ConvLstmExec, ConvLstmSpec};
+use crate::cnn::CnnExec;
+use crate::convlstm::{CellConvs, ConvLstmExec};
 use crate::kernels::Conv;
-use crate::masks::{stats_per_channel, MaskGenerator, UnitGate};
-use crate::vit::{Layer, Linear, Norm, VitExec, VitSpec};
-use crate::{Exec, ExecError, Spec};
+use crate::masks::{MaskGenerator, UnitGate};
+use crate::vit::{Layer, Linear, Norm, VitExec};
+use crate::{Exec, ExecError};
 
 /// Named tensors: shape and row-major values.
 pub type Tensors = HashMap<String, (Vec<usize>, Vec<f32>)>;
 
-/// Writes `spec` and `tensors` to `path`.
-pub fn save(path: &Path, spec: &Spec, tensors: &Tensors) -> Result<(), ExecError> {
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+/// A model as exported: everything an executor needs, and what the writer noted beside it.
+#[derive(Debug, Clone)]
+pub struct ExportedModel {
+    pub arch: Architecture,
+    pub masking: Masking,
+    pub tensors: Tensors,
+    /// Further metadata entries (not `architecture` or `masking`), e.g. `scaler`, `data`.
+    pub metadata: BTreeMap<String, String>,
+}
+
+const ARCHITECTURE: &str = "architecture";
+const MASKING: &str = "masking";
+
+impl ExportedModel {
+    /// The executor of this model (its tensors checked against the architecture first).
+    pub fn executor(&self) -> Result<Exec, ExecError> {
+        from_tensors(&self.arch, self.masking, &self.tensors)
+    }
+}
+
+/// Writes `model` to `path`, after checking its tensors against its architecture.
+pub fn save(path: &Path, model: &ExportedModel) -> Result<(), ExecError> {
+    check_tensors(&model.arch, &model.tensors)?;
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = model
+        .tensors
         .iter()
         .map(|(n, (shape, v))| (n.clone(), shape.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect()))
         .collect();
@@ -32,30 +58,63 @@ pub fn save(path: &Path, spec: &Spec, tensors: &Tensors) -> Result<(), ExecError
                 .map_err(|e| ExecError::Tensor { name: n.clone(), detail: e.to_string() })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let meta = HashMap::from([("spec".to_string(), serde_json::to_string(spec).expect("spec serializes"))]);
+    let mut meta: HashMap<String, String> = model.metadata.clone().into_iter().collect();
+    meta.insert(ARCHITECTURE.into(), serde_json::to_string(&model.arch).expect("an architecture serializes"));
+    meta.insert(MASKING.into(), serde_json::to_string(&model.masking).expect("a masking serializes"));
     let data = safetensors::serialize(views, Some(meta))
         .map_err(|e| ExecError::Format { path: path.to_path_buf(), detail: e.to_string() })?;
     std::fs::write(path, data).map_err(|source| ExecError::Io { path: path.to_path_buf(), source })
 }
 
-/// Reads an exported model.
-pub fn load(path: &Path) -> Result<Exec, ExecError> {
+/// Reads an exported model (its architecture validated, its tensors checked against it).
+pub fn load(path: &Path) -> Result<ExportedModel, ExecError> {
     let bytes = std::fs::read(path).map_err(|source| ExecError::Io { path: path.to_path_buf(), source })?;
     let fmt = |detail: String| ExecError::Format { path: path.to_path_buf(), detail };
     let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| fmt(e.to_string()))?;
-    let spec_text =
-        meta.metadata().as_ref().and_then(|m| m.get("spec")).ok_or_else(|| fmt("no `spec` in the metadata".into()))?;
-    let spec: Spec = serde_json::from_str(spec_text).map_err(|e| fmt(format!("bad spec: {e}")))?;
+    let mut metadata: BTreeMap<String, String> = meta.metadata().clone().unwrap_or_default().into_iter().collect();
+    if metadata.contains_key("spec") && !metadata.contains_key(ARCHITECTURE) {
+        return Err(fmt(
+            "written by an older dyna-pruner (a `spec` entry): export it again with `dyna-pruner predict`".into(),
+        ));
+    }
+    let mut entry = |key: &str| metadata.remove(key).ok_or_else(|| fmt(format!("no `{key}` in the metadata")));
+    let arch: Architecture =
+        serde_json::from_str(&entry(ARCHITECTURE)?).map_err(|e| fmt(format!("bad `{ARCHITECTURE}`: {e}")))?;
+    let masking: Masking = serde_json::from_str(&entry(MASKING)?).map_err(|e| fmt(format!("bad `{MASKING}`: {e}")))?;
+    arch.validate().map_err(|e| fmt(format!("bad `{ARCHITECTURE}`: {e}")))?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| fmt(e.to_string()))?;
     let mut tensors = Tensors::new();
     for (name, view) in st.tensors() {
         if view.dtype() != Dtype::F32 {
             return Err(ExecError::Tensor { name, detail: format!("has dtype {:?}; expected F32", view.dtype()) });
         }
-        let values = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let values: Vec<f32> =
+            view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        if let Some(bad) = values.iter().find(|v| !v.is_finite()) {
+            return Err(ExecError::Tensor { name, detail: format!("holds a non-finite value ({bad})") });
+        }
         tensors.insert(name, (view.shape().to_vec(), values));
     }
-    from_tensors(spec, &tensors)
+    check_tensors(&arch, &tensors)?;
+    Ok(ExportedModel { arch, masking, tensors, metadata })
+}
+
+/// Checks that `tensors` are exactly the weights of `arch`: each with its shape, none missing,
+/// none extra.
+pub fn check_tensors(arch: &Architecture, tensors: &Tensors) -> Result<(), ExecError> {
+    let expected = weights(arch);
+    for w in &expected {
+        take(tensors, &w.name, &w.shape)?;
+    }
+    if tensors.len() != expected.len() {
+        let mut extra: Vec<&String> = tensors.keys().filter(|n| !expected.iter().any(|w| &w.name == *n)).collect();
+        extra.sort_unstable();
+        return Err(ExecError::Tensor {
+            name: extra.first().map_or_else(String::new, |n| n.to_string()),
+            detail: format!("is not a weight of this {} ({} unexpected tensors)", arch.kind().name(), extra.len()),
+        });
+    }
+    Ok(())
 }
 
 fn take<'a>(tensors: &'a Tensors, name: &str, shape: &[usize]) -> Result<&'a [f32], ExecError> {
@@ -73,25 +132,41 @@ fn conv(t: &Tensors, name: &str, cout: usize, cin: usize, k: usize, stride: usiz
     Ok(Conv::from_oihw(w, b, cout, cin, k, stride, k / 2))
 }
 
-/// Builds an executor from a spec and framework-layout tensors.
-pub fn from_tensors(spec: Spec, t: &Tensors) -> Result<Exec, ExecError> {
-    match spec {
-        Spec::Cnn(s) => cnn_from_tensors(s, t).map(Exec::Cnn),
-        Spec::Vit(s) => vit_from_tensors(s, t).map(Exec::Vit),
-        Spec::ConvLstm(s) => convlstm_from_tensors(s, t).map(Exec::ConvLstm),
-    }
+/// Builds an executor from an architecture, its masking and framework-layout tensors.
+pub fn from_tensors(arch: &Architecture, masking: Masking, t: &Tensors) -> Result<Exec, ExecError> {
+    check_tensors(arch, t)?;
+    let generator = generator(t, arch)?;
+    let gates = arch
+        .prunable_layers()
+        .iter()
+        .enumerate()
+        .map(|(l, layer)| gate(t, l, layer.in_channels, layer.units))
+        .collect::<Result<Vec<_>, ExecError>>()?;
+    let parts = Parts { arch: arch.clone(), masking, generator, gates };
+    Ok(match &arch.model.backbone {
+        BackboneSpec::Cnn(s) => Exec::Cnn(cnn_from_tensors(s, t, parts)?),
+        BackboneSpec::Vit(s) => Exec::Vit(vit_from_tensors(s, t, parts)?),
+        BackboneSpec::ConvLstm(s) => Exec::ConvLstm(convlstm_from_tensors(s, t, parts)?),
+    })
 }
 
-fn generator(t: &Tensors, masks: &MaskSpec, channels: usize, patch: usize) -> Result<MaskGenerator, ExecError> {
-    let width = masks.generator_width;
-    let stats = stats_per_channel(masks.generator_motion);
+/// What every executor holds besides its backbone's weights.
+struct Parts {
+    arch: Architecture,
+    masking: Masking,
+    generator: MaskGenerator,
+    gates: Vec<UnitGate>,
+}
+
+fn generator(t: &Tensors, arch: &Architecture) -> Result<MaskGenerator, ExecError> {
+    let (g, channels) = (arch.model.generator, arch.frames.channels);
     Ok(MaskGenerator {
-        conv1: conv(t, "generator.conv1", width, stats * channels, 3, 1)?,
-        conv2: conv(t, "generator.conv2", width, width, 3, 1)?,
-        head: conv(t, "generator.head", 1, width, 1, 1)?,
-        patch,
+        conv1: conv(t, "generator.conv1", g.width, stats_per_channel(g.motion) * channels, 3, 1)?,
+        conv2: conv(t, "generator.conv2", g.width, g.width, 3, 1)?,
+        head: conv(t, "generator.head", 1, g.width, 1, 1)?,
+        patch: arch.model.patch,
         channels,
-        motion: masks.generator_motion,
+        motion: g.motion,
     })
 }
 
@@ -120,14 +195,9 @@ fn norm(t: &Tensors, name: &str, dim: usize) -> Result<Norm, ExecError> {
     })
 }
 
-fn vit_from_tensors(spec: VitSpec, t: &Tensors) -> Result<VitExec, ExecError> {
-    let (d, cell) = (spec.dim, spec.patch * spec.patch);
-    if spec.heads == 0 || d % spec.heads != 0 {
-        return Err(ExecError::Tensor {
-            name: "spec".into(),
-            detail: format!("{} heads do not divide dim {d}", spec.heads),
-        });
-    }
+fn vit_from_tensors(spec: &VitSpec, t: &Tensors, p: Parts) -> Result<VitExec, ExecError> {
+    let (d, f, patch) = (spec.dim, p.arch.frames, p.arch.model.patch);
+    let cell = patch * patch;
     let layers = (0..spec.layers)
         .map(|l| {
             let name = |part: &str| format!("layers.{l}.{part}");
@@ -141,17 +211,16 @@ fn vit_from_tensors(spec: VitSpec, t: &Tensors) -> Result<VitExec, ExecError> {
             })
         })
         .collect::<Result<Vec<_>, ExecError>>()?;
-    let gates = (0..2 * spec.layers)
-        .map(|l| gate(t, l, d, if l % 2 == 0 { spec.heads } else { spec.mlp }))
-        .collect::<Result<Vec<_>, ExecError>>()?;
     Ok(VitExec {
-        embed: linear(t, "embed", spec.t_in * spec.channels * cell, d)?,
+        embed: linear(t, "embed", f.t_in * f.channels * cell, d)?,
         layers,
         norm: norm(t, "norm", d)?,
-        head: linear(t, "head", d, spec.t_out * spec.channels * cell)?,
-        generator: generator(t, &spec.masking, spec.channels, spec.patch)?,
-        gates,
-        spec,
+        head: linear(t, "head", d, f.t_out * f.channels * cell)?,
+        generator: p.generator,
+        gates: p.gates,
+        spec: spec.clone(),
+        arch: p.arch,
+        masking: p.masking,
     })
 }
 
@@ -175,8 +244,8 @@ fn transposed_as_1x1(t: &Tensors, name: &str, c: usize, st: usize) -> Result<Con
     Ok(Conv::new(1, 1, 0, c, cout, weight, bias))
 }
 
-fn convlstm_from_tensors(spec: ConvLstmSpec, t: &Tensors) -> Result<ConvLstmExec, ExecError> {
-    let (hid, units, c, st) = (spec.hidden, spec.units, spec.channels, spec.stride);
+fn convlstm_from_tensors(spec: &ConvLstmSpec, t: &Tensors, p: Parts) -> Result<ConvLstmExec, ExecError> {
+    let (hid, units, c, st) = (spec.hidden, spec.units, p.arch.frames.channels, spec.stride);
     let cells = (0..spec.cells)
         .map(|l| {
             let cin = if l == 0 { hid } else { units };
@@ -198,7 +267,6 @@ fn convlstm_from_tensors(spec: ConvLstmSpec, t: &Tensors) -> Result<ConvLstmExec
         .collect::<Result<Vec<_>, ExecError>>()?;
     let down_w = take(t, "enc_down.weight", &[hid, hid, st, st])?;
     let down_b = take(t, "enc_down.bias", &[hid])?;
-    let gates = (0..spec.cells).map(|l| gate(t, l, hid, units)).collect::<Result<Vec<_>, ExecError>>()?;
     Ok(ConvLstmExec {
         enc_in: conv(t, "enc_in", hid, c, 3, 1)?,
         enc_down: Conv::from_oihw(down_w, down_b, hid, hid, st, st, 0),
@@ -206,14 +274,16 @@ fn convlstm_from_tensors(spec: ConvLstmSpec, t: &Tensors) -> Result<ConvLstmExec
         dec_proj: conv(t, "dec_proj", hid, units, 1, 1)?,
         dec_up: transposed_as_1x1(t, "dec_up", hid, st)?,
         dec_out: conv(t, "dec_out", c, hid, 3, 1)?,
-        generator: generator(t, &spec.masking, c, spec.patch)?,
-        gates,
-        spec,
+        generator: p.generator,
+        gates: p.gates,
+        spec: spec.clone(),
+        arch: p.arch,
+        masking: p.masking,
     })
 }
 
-fn cnn_from_tensors(spec: CnnSpec, t: &Tensors) -> Result<CnnExec, ExecError> {
-    let (hid, units, c) = (spec.hidden, spec.units, spec.channels);
+fn cnn_from_tensors(spec: &CnnSpec, t: &Tensors, p: Parts) -> Result<CnnExec, ExecError> {
+    let (hid, units, f) = (spec.hidden, spec.units, p.arch.frames);
     let blocks = (0..spec.blocks)
         .map(|l| {
             Ok((
@@ -224,15 +294,16 @@ fn cnn_from_tensors(spec: CnnSpec, t: &Tensors) -> Result<CnnExec, ExecError> {
         .collect::<Result<Vec<_>, ExecError>>()?;
     let st = spec.stride;
     let dec_up = if st > 1 { Some(transposed_as_1x1(t, "dec_up", hid, st)?) } else { None };
-    let gates = (0..spec.blocks).map(|l| gate(t, l, hid, units)).collect::<Result<Vec<_>, ExecError>>()?;
     Ok(CnnExec {
-        enc_in: conv(t, "enc_in", hid, spec.t_in * c, 3, 1)?,
+        enc_in: conv(t, "enc_in", hid, f.t_in * f.channels, 3, 1)?,
         enc_down: conv(t, "enc_down", hid, hid, 3, st)?,
         blocks,
         dec_up,
-        dec_out: conv(t, "dec_out", spec.t_out * c, hid, 3, 1)?,
-        generator: generator(t, &spec.masking, c, spec.patch)?,
-        gates,
-        spec,
+        dec_out: conv(t, "dec_out", f.t_out * f.channels, hid, 3, 1)?,
+        generator: p.generator,
+        gates: p.gates,
+        spec: spec.clone(),
+        arch: p.arch,
+        masking: p.masking,
     })
 }

@@ -1,12 +1,11 @@
 //! Plain f32 kernels over channels-last (`[h, w, c]`) feature maps: a safe GEMM wrapper, 3x3
 //! (or 1x1) convolution over a list of output positions (windows read in place, see `fma`),
-//! GELU, sigmoid.
-
-use std::sync::{Mutex, PoisonError};
+//! scheduled tile by tile over all samples, and the transposed convolution's upsampling.
 
 use rayon::prelude::*;
 
 use crate::fma::{pack, windows_times_weights, Chunk, Rows, Window};
+use crate::pool::{map_buffer, recycle};
 
 /// Output positions processed per task (one tile: one window list, one kernel call per chunk).
 pub const TILE: usize = 64;
@@ -317,43 +316,6 @@ pub fn run_per_sample<'c, 'p>(
     outputs
 }
 
-/// Feature-map buffers handed back by finished layers (`recycle`), reused by later ones
-/// (`map_buffer`): a forward pass would otherwise zero tens of MB that it is about to
-/// overwrite (`memset` was 5% of the 384x384 CNN's sparse forward).
-static SPARE_MAPS: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
-
-/// Spare buffers kept at most (a CNN forward holds about ten maps at a time).
-const SPARE_LIMIT: usize = 16;
-
-/// A buffer of `n` floats with **unspecified contents**: the caller must write every float
-/// before reading it. The smallest spare buffer that holds `n` floats, else a new one.
-pub fn map_buffer(n: usize) -> Vec<f32> {
-    let mut spare = SPARE_MAPS.lock().unwrap_or_else(PoisonError::into_inner);
-    let best = spare.iter().enumerate().filter(|(_, v)| v.capacity() >= n).min_by_key(|(_, v)| v.capacity());
-    let mut v = match best.map(|(i, _)| i) {
-        Some(i) => spare.swap_remove(i),
-        None => Vec::new(),
-    };
-    drop(spare);
-    if v.len() >= n {
-        v.truncate(n);
-    } else {
-        v.resize(n, 0.0);
-    }
-    v
-}
-
-/// Hands a feature map that is no longer needed back for `map_buffer`; beyond `SPARE_LIMIT`
-/// spare buffers the smallest is dropped, so the large maps stay.
-pub fn recycle(v: Vec<f32>) {
-    let mut spare = SPARE_MAPS.lock().unwrap_or_else(PoisonError::into_inner);
-    spare.push(v);
-    if spare.len() > SPARE_LIMIT {
-        let smallest = (0..spare.len()).min_by_key(|&i| spare[i].capacity()).expect("not empty");
-        spare.swap_remove(smallest);
-    }
-}
-
 /// Adds the rows of a transposed convolution with kernel = stride `st` computed as a 1x1 conv
 /// (`[h2 * w2, st * st * c]`, taps `(ky, kx)` outer, channels inner) into the `[h, w, c]` map
 /// `out` at the pixels they produce, cropped to `h x w`. Adding in place (the decoders add a
@@ -451,75 +413,6 @@ pub fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
     });
 }
 
-/// `erf(x)` in f32 as a branch-free rational function of x (the approximation Eigen and
-/// TensorFlow use for f32): within 5e-7 of `libm::erff` and about 15x faster, which matters
-/// because GELU runs on every feature-map element.
-#[inline(always)]
-pub fn erf(x: f32) -> f32 {
-    erf_with(x, |a, b, c| a * b + c)
-}
-
-/// [`erf`] with its multiply-adds done by `madd(a, b, c) = a * b + c` (fused or not).
-#[inline(always)]
-#[allow(clippy::excessive_precision)] // the published coefficients, rounded by the compiler
-fn erf_with(x: f32, madd: impl Fn(f32, f32, f32) -> f32) -> f32 {
-    let x = x.clamp(-4.0, 4.0);
-    let x2 = x * x;
-    let mut p = madd(x2, -2.726_142_2e-10, 2.770_681_4e-8);
-    p = madd(x2, p, -2.101_024e-6);
-    p = madd(x2, p, -5.692_506_4e-5);
-    p = madd(x2, p, -7.349_906_3e-4);
-    p = madd(x2, p, -2.954_600_1e-3);
-    p = madd(x2, p, -1.609_603_3e-2);
-    let mut q = madd(x2, -1.456_607_2e-5, -2.133_740_6e-4);
-    q = madd(x2, q, -1.682_827e-3);
-    q = madd(x2, q, -7.373_329_3e-3);
-    q = madd(x2, q, -1.426_473_9e-2);
-    x * p / q
-}
-
-/// `0.5 x (1 + erf(x / sqrt 2))`, the exact GELU the training framework uses.
-#[inline(always)]
-pub fn gelu_in_place(v: &mut f32) {
-    *v = 0.5 * *v * (1.0 + erf(*v * std::f32::consts::FRAC_1_SQRT_2));
-}
-
-/// GELU over a slice, vectorized with AVX2 and fused multiply-adds where the CPU has them (the
-/// default x86-64 target only allows SSE2: AVX2 alone ran 1.6x faster on cache-resident data on
-/// the project's Xeon, the fused multiply-adds took a 4.7 M-value map from 2.25 to 1.6 ms on
-/// 2 threads). The fused path rounds the polynomial's steps once instead of twice: within 1e-6
-/// of `gelu_in_place` (tested). The convolutions apply the same GELU in their kernel (`fma`);
-/// this one serves the ViT.
-pub fn gelu_slice(values: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: `gelu_avx2` only requires AVX2 and FMA, which were just detected on this CPU.
-        #[allow(unsafe_code)]
-        unsafe {
-            gelu_avx2(values)
-        };
-        return;
-    }
-    values.iter_mut().for_each(gelu_in_place);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn gelu_avx2(values: &mut [f32]) {
-    for v in values.iter_mut() {
-        *v = 0.5 * *v * (1.0 + erf_with(*v * std::f32::consts::FRAC_1_SQRT_2, f32::mul_add));
-    }
-}
-
-/// GELU over a whole map, in parallel.
-pub fn gelu(values: &mut [f32]) {
-    values.par_chunks_mut(16_384).for_each(gelu_slice);
-}
-
-pub fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -554,13 +447,6 @@ mod tests {
     }
 
     #[test]
-    fn fast_erf_matches_libm() {
-        let worst =
-            (-6000..=6000).map(|i| i as f32 / 1000.0).map(|x| (erf(x) - libm::erff(x)).abs()).fold(0.0, f32::max);
-        assert!(worst < 1e-6, "{worst}");
-    }
-
-    #[test]
     fn tiled_conv_matches_direct_conv() {
         // Output widths of one partial vector, three vectors less four lanes (20 kept units of
         // 64) and two chunks; windows crossing every edge; stride 2; 1x1.
@@ -590,18 +476,6 @@ mod tests {
                 let p = p as usize;
                 assert_eq!(&rows[0][i * cout..(i + 1) * cout], &out[0][p * cout..(p + 1) * cout]);
             }
-        }
-    }
-
-    #[test]
-    fn vectorized_gelu_matches_the_scalar_one() {
-        let xs: Vec<f32> = (-5000..5000).map(|i| i as f32 / 700.0).chain([0.0, -0.0, 1e-30, 9.0]).collect();
-        let mut fast = xs.clone();
-        gelu_slice(&mut fast);
-        for (x, y) in xs.iter().zip(&fast) {
-            let mut reference = *x;
-            gelu_in_place(&mut reference);
-            assert!((reference - y).abs() <= 1e-6 * (1.0 + reference.abs()), "gelu({x}): {y} vs {reference}");
         }
     }
 

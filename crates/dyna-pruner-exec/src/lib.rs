@@ -6,14 +6,23 @@
 //! back and pruned positions take the identity path. The dense forward of the same model through
 //! the same kernels is the fair dense baseline. No deep-learning framework: plain f32 slices,
 //! AVX2 + FMA intrinsics (plain loops where the CPU lacks them), the `gemm` crate for the ViT's
-//! matrix products, rayon. Models come from an exported file (`format`), written by the trainer.
+//! matrix products, rayon. Models come from an exported file (`format`), written by the trainer;
+//! their architecture and masking are the shared spec (`dyna-pruner-spec`).
+//!
+//! Modules, leaves first: `activation` and `pool` (no crate imports), `fma` (the register-blocked
+//! kernel), `kernels` (convolution scheduling, GEMM, upsampling), `plan` (the types a forward
+//! takes and returns), `masks` (mask generator, DataMask, unit gates), one file per backbone,
+//! `format` (the exported file).
 
+mod activation;
 pub mod cnn;
 pub mod convlstm;
 mod fma;
 pub mod format;
 pub mod kernels;
 pub mod masks;
+pub mod plan;
+pub mod pool;
 pub mod vit;
 
 /// Deterministic test values in [-1, 1).
@@ -22,16 +31,17 @@ pub(crate) fn pseudo(n: usize, seed: u32) -> Vec<f32> {
     (0..n).map(|i| (((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 1000) as f32 / 500.0 - 1.0).collect()
 }
 
-pub use cnn::{CnnExec, CnnSpec, DataScope, MaskPlan, MaskSpec, Output, SampleMasks};
-pub use convlstm::{ConvLstmExec, ConvLstmSpec};
-pub use vit::{VitExec, VitSpec};
+pub use cnn::CnnExec;
+pub use convlstm::ConvLstmExec;
+pub use dyna_pruner_spec as spec;
+pub use format::ExportedModel;
+pub use plan::{MaskPlan, Output, SampleMasks};
+pub use vit::VitExec;
 
 /// Makes glibc keep freed memory for reuse instead of handing it back to the OS: a forward pass
 /// allocates and frees several feature maps of tens of MB, which glibc otherwise maps fresh
-/// (and the kernel zeroes page by page) on every call. At 384x384, batch 1, kept 0.3 (commit
-/// ec1fd76, two runs of 10 forwards each way under `perf stat`) the CNN's sparse forward took
-/// 88 and 94 ms with it, 104 and 109 ms without; page faults 17 000 against 110 000.
-/// A process-wide policy, so binaries call it once at start; no-op off glibc.
+/// (and the kernel zeroes page by page) on every call. A process-wide policy, so binaries call
+/// it once at start; no-op off glibc.
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: `mallopt` only changes allocator tuning parameters; it is called with valid
@@ -43,15 +53,6 @@ pub fn keep_freed_memory() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, -1);
     }
-}
-
-/// The spec of an exported model of any backbone.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(untagged)]
-pub enum Spec {
-    Cnn(CnnSpec),
-    Vit(VitSpec),
-    ConvLstm(ConvLstmSpec),
 }
 
 /// An exported model of any backbone, ready to run.
@@ -79,12 +80,21 @@ impl Exec {
         }
     }
 
-    /// Units of each prunable layer, in mask order.
-    pub fn layer_units(&self) -> Vec<usize> {
+    /// The model's architecture.
+    pub fn arch(&self) -> &spec::Architecture {
         match self {
-            Exec::Cnn(m) => vec![m.spec.units; m.spec.blocks],
-            Exec::Vit(m) => (0..m.spec.layers).flat_map(|_| [m.spec.heads, m.spec.mlp]).collect(),
-            Exec::ConvLstm(m) => vec![m.spec.units; m.spec.cells],
+            Exec::Cnn(m) => &m.arch,
+            Exec::Vit(m) => &m.arch,
+            Exec::ConvLstm(m) => &m.arch,
+        }
+    }
+
+    /// The masks the model runs with under [`MaskPlan::Dynamic`].
+    pub fn masking(&self) -> spec::Masking {
+        match self {
+            Exec::Cnn(m) => m.masking,
+            Exec::Vit(m) => m.masking,
+            Exec::ConvLstm(m) => m.masking,
         }
     }
 }

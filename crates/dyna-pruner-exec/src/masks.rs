@@ -1,50 +1,12 @@
 //! The method at inference on plain slices: mask generator (importance S), DataMask (top-k or
 //! thresholded patches) and unit gates (top-k units), mirroring the trainer's `method` module.
 
+use dyna_pruner_spec::{kept_count, stats_per_channel, top_k, PatchRule};
 use rayon::prelude::*;
 
-use crate::cnn::{MaskPlan, SampleMasks};
-use crate::kernels::{run_jobs, sigmoid, Activation, Conv, Job, Positions};
-
-/// Number kept out of `total` at ratio `ratio`: `ceil(ratio * total)`, at least 1 (as the trainer).
-pub fn kept_count(ratio: f32, total: usize) -> usize {
-    ((ratio as f64 * total as f64 - 1e-6).ceil() as usize).clamp(1, total)
-}
-
-/// Indices of the `k` largest scores (ties: lower index first), sorted ascending.
-pub fn top_k(scores: &[f32], k: usize) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..scores.len()).collect();
-    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
-    order.truncate(k);
-    order.sort_unstable();
-    order
-}
-
-/// How the DataMask picks a sample's patches from its importance map S.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum PatchRule {
-    /// The top `ceil(keep * N)` (as the trainer's per-sample rule).
-    TopK(f32),
-    /// Those with `S >= tau` (as the trainer's calibrated batch rule): a count per sample,
-    /// possibly none.
-    Threshold(f32),
-}
-
-impl PatchRule {
-    /// The kept patch indices, ascending.
-    pub fn select(self, scores: &[f32]) -> Vec<usize> {
-        match self {
-            PatchRule::TopK(keep) => top_k(scores, kept_count(keep, scores.len())),
-            PatchRule::Threshold(tau) => (0..scores.len()).filter(|&i| scores[i] >= tau).collect(),
-        }
-    }
-}
-
-/// Per-patch statistics per channel the generator reads: mean, max, mean |diff| of the last
-/// two frames, and with `motion` the signed mean diff (as the trainer's generator).
-pub fn stats_per_channel(motion: bool) -> usize {
-    3 + usize::from(motion)
-}
+use crate::activation::sigmoid;
+use crate::kernels::{run_jobs, Activation, Conv, Job, Positions};
+use crate::plan::{MaskPlan, SampleMasks};
 
 /// The mask generator: per-patch statistics -> 3x3 conv -> GELU -> 3x3 conv -> GELU -> 1x1 -> sigmoid.
 #[derive(Debug, Clone)]
@@ -312,13 +274,5 @@ mod tests {
         for (a, b) in fast.iter().zip(&plain) {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");
         }
-    }
-
-    #[test]
-    fn top_k_is_exact_and_sorted() {
-        assert_eq!(top_k(&[0.1, 0.9, 0.5, 0.9], 2), vec![1, 3]);
-        assert_eq!(top_k(&[0.3, 0.2, 0.1], 1), vec![0]);
-        assert_eq!(kept_count(0.3, 10), 3);
-        assert_eq!(kept_count(0.0, 10), 1);
     }
 }

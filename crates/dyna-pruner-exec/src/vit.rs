@@ -4,28 +4,14 @@
 //! back, dropped tokens reach the head unchanged. Samples run in parallel, and so do the heads
 //! of a sample.
 
+use dyna_pruner_spec::{kept_count, top_k, Architecture, Masking, VitSpec};
 use rayon::prelude::*;
-use serde::{Deserialize, Serialize};
 
-use crate::kernels::{gelu, matmul};
-use crate::masks::{kept_count, top_k, MaskGenerator, UnitGate};
-use crate::{ExecError, MaskPlan, MaskSpec, Output, SampleMasks};
-
-/// The architecture and masking of an exported ViT (mirrors the trainer's `Architecture`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct VitSpec {
-    pub t_in: usize,
-    pub t_out: usize,
-    pub channels: usize,
-    pub patch: usize,
-    pub dim: usize,
-    pub heads: usize,
-    pub mlp: usize,
-    pub layers: usize,
-    /// The mask generator's width and the inference masking.
-    #[serde(flatten)]
-    pub masking: MaskSpec,
-}
+use crate::activation::gelu;
+use crate::kernels::matmul;
+use crate::masks::{MaskGenerator, UnitGate};
+use crate::plan::{MaskPlan, Output, SampleMasks};
+use crate::ExecError;
 
 /// The fixed 2-D sine-cosine position code `[hp * wp, dim]` of the token grid: feature i of the
 /// token at (r, c) is sin/cos of r or c (by `i % 4`) at frequency `10000^(-4 (i / 4) / dim)`.
@@ -131,7 +117,10 @@ pub struct Layer {
 /// A ViT ready to run.
 #[derive(Debug, Clone)]
 pub struct VitExec {
-    pub spec: VitSpec,
+    pub arch: Architecture,
+    pub masking: Masking,
+    /// The backbone part of `arch`.
+    pub(crate) spec: VitSpec,
     pub embed: Linear,
     pub layers: Vec<Layer>,
     pub norm: Norm,
@@ -153,10 +142,10 @@ impl VitExec {
         w: usize,
         plan: MaskPlan<'_>,
     ) -> Result<Output, ExecError> {
-        let s = &self.spec;
-        let per_sample = crate::check_input(x, batch, [s.t_in, s.channels, h, w], plan, 2 * s.layers)?;
-        let out_cells = s.t_out * s.channels * h * w;
-        let positions = position_encoding(h.div_ceil(s.patch), w.div_ceil(s.patch), s.dim);
+        let (s, fr, patch) = (&self.spec, self.arch.frames, self.arch.model.patch);
+        let per_sample = crate::check_input(x, batch, [fr.t_in, fr.channels, h, w], plan, 2 * s.layers)?;
+        let out_cells = fr.t_out * fr.channels * h * w;
+        let positions = position_encoding(h.div_ceil(patch), w.div_ceil(patch), s.dim);
         let results: Vec<(Vec<f32>, Option<SampleMasks>, u64)> = (0..batch)
             .into_par_iter()
             .map(|b| {
@@ -188,8 +177,8 @@ impl VitExec {
         given: Option<&SampleMasks>,
         positions: &[f32],
     ) -> (Vec<f32>, Option<SampleMasks>, u64) {
-        let s = &self.spec;
-        let (p, tc, d) = (s.patch, s.t_in * s.channels, s.dim);
+        let (s, fr, patch) = (&self.spec, self.arch.frames, self.arch.model.patch);
+        let (p, tc, d) = (patch, fr.t_in * fr.channels, s.dim);
         let (hp, wp) = (h.div_ceil(p), w.div_ceil(p));
         let n = hp * wp;
         // Patchify (zero padding), embed, add positions.
@@ -206,14 +195,14 @@ impl VitExec {
 
         let importance = matches!(plan, MaskPlan::Dynamic).then(|| {
             macs += self.generator.macs(h, w);
-            self.generator.importance(x, s.t_in, h, w).0
+            self.generator.importance(x, fr.t_in, h, w).0
         });
         let mut masks = match (plan, given) {
             (MaskPlan::Dense, _) => None,
             (MaskPlan::Given(_), Some(m)) => Some(m.clone()),
             _ => {
                 let sc = importance.as_ref().expect("dynamic");
-                let patches = match s.masking.patch_rule() {
+                let patches = match self.masking.patch_rule() {
                     Some(rule) => rule.select(sc),
                     None => (0..n).collect(),
                 };
@@ -258,8 +247,8 @@ impl VitExec {
         }
         // Head on every token, unpatchify, add to the last input frame.
         let out = self.head.forward(&self.norm.forward(&z), n);
-        let (t_out, c) = (s.t_out, s.channels);
-        let last = &x[(s.t_in - 1) * c * h * w..];
+        let (t_out, c) = (fr.t_out, fr.channels);
+        let last = &x[(fr.t_in - 1) * c * h * w..];
         let cell_out = t_out * c * p * p;
         let mut prediction = vec![0.0f32; t_out * c * h * w];
         for (i, v) in prediction.iter_mut().enumerate() {
@@ -285,7 +274,7 @@ impl VitExec {
     ) -> Vec<usize> {
         let Some(m) = masks else { return (0..total).collect() };
         if let Some(sc) = importance {
-            let units = match self.spec.masking.unit_keep() {
+            let units = match self.masking.unit_keep() {
                 Some(keep) => {
                     let gate = &self.gates[layer];
                     *macs += gate.macs(n);
@@ -300,7 +289,7 @@ impl VitExec {
 
     /// Fixed MACs (embedding and head) for frames of `h x w`, as the trainer counts them.
     pub fn fixed_macs(&self, h: usize, w: usize) -> u64 {
-        let n = (h.div_ceil(self.spec.patch) * w.div_ceil(self.spec.patch)) as u64;
+        let n = (h.div_ceil(self.arch.model.patch) * w.div_ceil(self.arch.model.patch)) as u64;
         n * (self.embed.inputs * self.embed.outputs + self.head.inputs * self.head.outputs) as u64
     }
 }

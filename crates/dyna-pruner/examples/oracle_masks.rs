@@ -5,13 +5,13 @@
 //!
 //! `cargo run --release -p dyna-pruner --example oracle_masks -- CHECKPOINT RUN.toml`
 //! (defaults: models/radar/synthetic_dynamic, configs/radar/synthetic_dynamic.toml).
-use dyna_pruner::backbones::SpatioTemporal;
+use dyna_pruner::checkpoint;
 use dyna_pruner::config::RunConfig;
 use dyna_pruner::method::FixedMasks;
 use dyna_pruner::metrics::Metrics;
-use dyna_pruner::train::{checkpoint, prepare_data};
+use dyna_pruner::train::prepare_data;
 use dyna_pruner::CpuBackend;
-use dyna_pruner_exec::masks::top_k;
+use dyna_pruner_exec::spec::top_k;
 use dyna_pruner_exec::SampleMasks;
 use std::path::Path;
 
@@ -26,11 +26,11 @@ fn main() {
     let keep = ck.meta.masking.data_keep;
     let w = &splits.test;
     assert_eq!(w.channels, 1, "radar data: one VIL channel");
-    let (h, wd, p) = (w.height, w.width, ck.meta.architecture.patch);
+    let (h, wd, p) = (w.height, w.width, ck.meta.architecture.patch());
     let (hp, wp) = (h.div_ceil(p), wd.div_ceil(p));
     let n = hp * wp;
-    let units: Vec<usize> = ck.model.backbone.prunable_layers().iter().map(|l| l.units).collect();
-    let t_out = ck.meta.architecture.t_out;
+    let units = ck.meta.architecture.layer_units();
+    let t_out = ck.meta.architecture.frames.t_out;
     let k = dyna_pruner::method::masks::kept_count(keep, n);
     // own: the model's top-k of S; oracle: exactly the rainy patches (a count per sample);
     // oracle+S: the rainy patches, topped up by S to the model's count; oracle top-k: the

@@ -1,175 +1,17 @@
 //! Run configuration: TOML with every field defaulted, validated up front into a [`Plan`].
-//! A bad value is reported with its field, the value and the allowed range.
+//! Each section checks itself; a bad value is reported with its field, the value and the
+//! allowed range. The `[model]` section is the shared spec's [`ModelSpec`] (a flat table of
+//! older configs reads too, see `dyna_pruner_spec::legacy`).
 
 use std::path::{Path, PathBuf};
 
+use dyna_pruner_spec::{Architecture, Frames, ModelSpec};
 use serde::{Deserialize, Serialize};
 
-use crate::backbones::{BackboneKind, DataScope};
-use crate::data::timeslots::parse_date;
-use crate::data::{DateRange, SlotFormat, Split};
-use crate::error::{Error, Result};
+pub use crate::data::config::{ChannelSpec, DataConfig, DataFormat, SyntheticRadarConfig};
+use crate::data::Split;
+use crate::error::{bad_value, fraction, in_range, non_negative, Error, Result};
 use crate::method::MaskMode;
-use crate::model::Architecture;
-
-/// What kind of files `data.files` are.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DataFormat {
-    /// Crowd flow: ST-ResNet HDF5 files (`data` + `date`) or one OpenSTL `dataset.npz`.
-    #[default]
-    Crowd,
-    /// Gridded netCDF-3/4 variables on a lat/lon grid (ERA5, WeatherBench), one channel each.
-    Netcdf,
-    /// KNMI 5-minute radar composites, one HDF5 file per frame (`data.files`: files or directories).
-    Knmi,
-    /// SEVIR `vil` events: `data.catalog` (CATALOG.csv) and the HDF5 files it names under `data.root`.
-    Sevir,
-    /// Seeded synthetic radar (`data.synthetic`), for tests and benchmarks at any size.
-    SyntheticRadar,
-}
-
-/// The synthetic radar data set (`data.format = "synthetic_radar"`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct SyntheticRadarConfig {
-    /// Independent runs, one per day from 2020-01-01.
-    pub sequences: usize,
-    /// Frames per run.
-    pub frames: usize,
-    /// Frame side in pixels.
-    pub size: usize,
-    pub seed: u64,
-}
-
-impl Default for SyntheticRadarConfig {
-    fn default() -> Self {
-        SyntheticRadarConfig { sequences: 200, frames: 12, size: 64, seed: 7 }
-    }
-}
-
-/// One channel of netCDF data: a variable, at one value of each dimension other than time,
-/// latitude and longitude (e.g. `level = 850`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ChannelSpec {
-    /// Variable name inside the files (`t2m`, `z`, `t`).
-    pub var: String,
-    /// WeatherBench directory of the variable under `data.root` (`2m_temperature`,
-    /// `temperature_850`); without it the variable is read from `data.files`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dir: Option<String>,
-    /// Coordinate value to take on each extra dimension, e.g. `{ level = 850 }`.
-    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
-    pub select: std::collections::BTreeMap<String, f64>,
-}
-
-/// Where the data comes from and how it is cut.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct DataConfig {
-    pub format: DataFormat,
-    /// Crowd: HDF5 files (merged) or one OpenSTL `dataset.npz`. netCDF: files holding every
-    /// channel without a `dir`, concatenated in time. Relative to the working directory.
-    pub files: Vec<PathBuf>,
-    pub slot_format: SlotFormat,
-    /// netCDF: the channels, stacked in this order.
-    pub channels: Vec<ChannelSpec>,
-    /// netCDF, WeatherBench layout: the directory holding one directory per variable, each with
-    /// yearly files `*_{year}_*.nc`.
-    pub root: Option<PathBuf>,
-    /// netCDF, WeatherBench layout: the years to read.
-    pub years: Vec<i32>,
-    /// SEVIR: the catalog (CATALOG.csv); the files it names are under `data.root` (default: the
-    /// catalog's directory joined with `data`).
-    pub catalog: Option<PathBuf>,
-    /// KNMI: average `pool x pool` pixel blocks (1: full 1 km resolution).
-    pub pool: usize,
-    /// Synthetic radar: the generated data set.
-    pub synthetic: SyntheticRadarConfig,
-    pub t_in: usize,
-    pub t_out: usize,
-    /// Time steps from the last input frame to the first target (1: the next frame; 72 with
-    /// hourly data and `t_out = 1`: WeatherBench's 3-day forecast).
-    pub lead: usize,
-    /// `[from, to)` as `YYYY-MM-DD`.
-    pub train: [String; 2],
-    pub val: [String; 2],
-    pub test: [String; 2],
-    /// npz only: the last fraction of the training windows used for validation.
-    pub val_fraction: f32,
-    /// When > 0: split by position in time instead of dates; the last `test_frames` frames are
-    /// the test set and the `val_frames` before them validation.
-    pub val_frames: usize,
-    pub test_frames: usize,
-}
-
-impl Default for DataConfig {
-    fn default() -> Self {
-        let taxi = |y: u32| PathBuf::from(format!("data/taxinyc/NYC{y}_Taxi_M16x8_T60_InOut.h5"));
-        DataConfig {
-            format: DataFormat::Crowd,
-            files: vec![taxi(10), taxi(11), taxi(12), taxi(13)],
-            slot_format: SlotFormat::Auto,
-            channels: Vec::new(),
-            root: None,
-            years: Vec::new(),
-            catalog: None,
-            pool: 1,
-            synthetic: SyntheticRadarConfig::default(),
-            t_in: 4,
-            t_out: 4,
-            lead: 1,
-            train: ["2010-01-01".into(), "2013-01-01".into()],
-            val: ["2013-01-01".into(), "2013-07-01".into()],
-            test: ["2013-07-01".into(), "2014-01-01".into()],
-            val_fraction: 0.1,
-            val_frames: 0,
-            test_frames: 0,
-        }
-    }
-}
-
-/// The backbone and the patch grid.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ModelConfig {
-    pub backbone: BackboneKind,
-    /// CNN, ConvLSTM: feature-map width; ViT: token width.
-    pub hidden: usize,
-    /// CNN: hidden filters per block; ViT: MLP hidden units per layer; ConvLSTM: state channels.
-    pub units: usize,
-    /// CNN: translator blocks; ViT: encoder layers; ConvLSTM: stacked cells.
-    pub blocks: usize,
-    /// ViT: attention heads per layer (a divisor of `hidden`).
-    pub heads: usize,
-    /// CNN (1 or 2), ConvLSTM: encoder stride (the ViT's tokens sit at `patch`).
-    pub stride: usize,
-    pub patch: usize,
-    pub generator_width: usize,
-    /// The mask generator also reads the signed temporal difference (the direction things move).
-    pub generator_motion: bool,
-    /// CNN: which layers the DataMask prunes, `"translator"` (default) or `"network"` (also the
-    /// encoder and decoder; pruned patches then predict persistence).
-    pub data_scope: DataScope,
-}
-
-impl Default for ModelConfig {
-    fn default() -> Self {
-        ModelConfig {
-            backbone: BackboneKind::Cnn,
-            hidden: 64,
-            units: 128,
-            blocks: 6,
-            heads: 4,
-            stride: 2,
-            patch: 2,
-            generator_width: 16,
-            generator_motion: false,
-            data_scope: DataScope::Translator,
-        }
-    }
-}
 
 /// How the DataMask's patch budget is shared between samples while training.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -260,12 +102,58 @@ impl Default for TrainConfig {
     }
 }
 
+impl MethodConfig {
+    /// Checks every field of the section.
+    pub fn validate(&self) -> Result<()> {
+        fraction("method.data_keep", self.data_keep)?;
+        fraction("method.unit_keep", self.unit_keep)?;
+        if self.data_rule == DataRule::Batch && !self.mode.data() {
+            return Err(bad_value(
+                "method.data_rule",
+                "\"batch\"",
+                "\"per_sample\" unless method.mode has the DataMask (data or both)",
+            ));
+        }
+        non_negative("method.budget_weight", self.budget_weight)?;
+        non_negative("method.warmup_epochs", self.warmup_epochs)?;
+        non_negative("method.distill_weight", self.distill_weight)?;
+        non_negative("method.mask_target_weight", self.mask_target_weight)?;
+        if !self.mask_target_level.is_finite() {
+            return Err(bad_value("method.mask_target_level", self.mask_target_level, "a finite level"));
+        }
+        Ok(())
+    }
+}
+
+impl TrainConfig {
+    /// Checks every field of the section; `patch` is the model's (crops hold whole patches).
+    pub fn validate(&self, patch: usize) -> Result<()> {
+        in_range("train.epochs", self.epochs, 1, 100_000)?;
+        in_range("train.batch_size", self.batch_size, 1, 4096)?;
+        in_range("train.window_stride", self.window_stride, 1, 10_000)?;
+        if !(self.lr.is_finite() && self.lr > 0.0 && self.lr <= 1.0) {
+            return Err(bad_value("train.lr", self.lr, "a learning rate in (0, 1]"));
+        }
+        if self.crop > 0 {
+            in_range("train.crop", self.crop, patch, 4096)?;
+            if self.crop % patch != 0 {
+                return Err(bad_value("train.crop", self.crop, format!("a multiple of model.patch = {patch}")));
+            }
+        }
+        if self.augment && self.crop == 0 {
+            return Err(bad_value("train.augment", "true", "train.crop > 0 (rotations need square crops)"));
+        }
+        Ok(())
+    }
+}
+
 /// A whole run configuration (`dyna-pruner train --config FILE`).
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RunConfig {
     pub data: DataConfig,
-    pub model: ModelConfig,
+    #[serde(deserialize_with = "dyna_pruner_spec::legacy::model_spec")]
+    pub model: ModelSpec,
     pub method: MethodConfig,
     pub train: TrainConfig,
 }
@@ -280,36 +168,15 @@ pub struct Plan {
 impl Plan {
     /// The model architecture for data with `channels` channels per frame.
     pub fn architecture(&self, channels: usize) -> Architecture {
-        let (d, m) = (&self.config.data, &self.config.model);
-        Architecture {
-            backbone: m.backbone,
-            t_in: d.t_in,
-            t_out: d.t_out,
-            channels,
-            hidden: m.hidden,
-            units: m.units,
-            blocks: m.blocks,
-            heads: m.heads,
-            // The ViT's prunable layers sit on the token grid.
-            stride: if m.backbone == BackboneKind::Vit { m.patch } else { m.stride },
-            patch: m.patch,
-            generator_width: m.generator_width,
-            generator_motion: m.generator_motion,
-            data_scope: m.data_scope,
-        }
+        let d = &self.config.data;
+        Architecture { frames: Frames { t_in: d.t_in, t_out: d.t_out, channels }, model: self.config.model.clone() }
     }
 }
 
 impl RunConfig {
     /// Reads and validates a TOML file.
     pub fn load(path: &Path) -> Result<Plan> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let config: RunConfig = toml::from_str(&text).map_err(|e| Error::Format {
-            path: path.to_path_buf(),
-            format: "TOML run config",
-            detail: e.to_string(),
-        })?;
-        config.validate().map_err(|e| match e {
+        Self::read(path)?.validate().map_err(|e| match e {
             Error::Config { field, value, expected, .. } => {
                 Error::Config { file: Some(path.to_path_buf()), field, value, expected }
             }
@@ -317,155 +184,26 @@ impl RunConfig {
         })
     }
 
+    /// Reads a TOML file without validating it.
+    pub fn read(path: &Path) -> Result<RunConfig> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        toml::from_str(&text).map_err(|e| Error::Format {
+            path: path.to_path_buf(),
+            format: "TOML run config",
+            detail: e.to_string(),
+        })
+    }
+
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("a RunConfig always serializes")
     }
 
-    /// Checks every field against its allowed range.
+    /// Checks every section, then what crosses sections.
     pub fn validate(self) -> Result<Plan> {
-        let bad = |field: &str, value: String, expected: &str| Error::Config {
-            file: None,
-            field: field.into(),
-            value,
-            expected: expected.into(),
-        };
-        let in_range = |field: &str, v: usize, lo: usize, hi: usize| {
-            if (lo..=hi).contains(&v) {
-                Ok(())
-            } else {
-                Err(bad(field, v.to_string(), &format!("an integer in {lo}..={hi}")))
-            }
-        };
-        let fraction = |field: &str, v: f32| {
-            if v > 0.0 && v <= 1.0 {
-                Ok(())
-            } else {
-                Err(bad(field, v.to_string(), "a fraction in (0, 1]"))
-            }
-        };
-        let non_negative = |field: &str, v: f32| {
-            if v.is_finite() && v >= 0.0 {
-                Ok(())
-            } else {
-                Err(bad(field, v.to_string(), "a finite number >= 0"))
-            }
-        };
-        let (d, m, me, t) = (&self.data, &self.model, &self.method, &self.train);
-        match d.format {
-            DataFormat::Crowd if d.files.is_empty() => {
-                return Err(bad("data.files", "[]".into(), "at least one HDF5 or npz file"));
-            }
-            DataFormat::Netcdf => {
-                if d.channels.is_empty() {
-                    return Err(bad("data.channels", "[]".into(), "at least one { var = \"...\" }"));
-                }
-                let in_dirs = d.channels.iter().filter(|c| c.dir.is_some()).count();
-                if in_dirs > 0 && (d.root.is_none() || d.years.is_empty()) {
-                    return Err(bad(
-                        "data.root/data.years",
-                        format!("root {:?}, years {:?}", d.root, d.years),
-                        "a root directory and at least one year when a channel names a `dir`",
-                    ));
-                }
-                if in_dirs < d.channels.len() && d.files.is_empty() {
-                    return Err(bad("data.files", "[]".into(), "netCDF files holding the channels without a `dir`"));
-                }
-            }
-            DataFormat::Knmi if d.files.is_empty() => {
-                return Err(bad("data.files", "[]".into(), "KNMI HDF5 files or directories holding them"));
-            }
-            DataFormat::Sevir if d.catalog.is_none() => {
-                return Err(bad("data.catalog", "none".into(), "the path of SEVIR's CATALOG.csv"));
-            }
-            DataFormat::SyntheticRadar => {
-                let g = &d.synthetic;
-                in_range("data.synthetic.sequences", g.sequences, 3, 100_000)?;
-                in_range("data.synthetic.frames", g.frames, 2, 1000)?;
-                in_range("data.synthetic.size", g.size, 8, 384)?;
-            }
-            DataFormat::Crowd | DataFormat::Knmi | DataFormat::Sevir => {}
-        }
-        in_range("data.pool", d.pool, 1, 64)?;
-        if t.crop > 0 {
-            in_range("train.crop", t.crop, m.patch, 4096)?;
-            if t.crop % m.patch != 0 {
-                return Err(bad("train.crop", t.crop.to_string(), &format!("a multiple of model.patch = {}", m.patch)));
-            }
-        }
-        if t.augment && t.crop == 0 {
-            return Err(bad("train.augment", "true".into(), "train.crop > 0 (rotations need square crops)"));
-        }
-        in_range("data.t_in", d.t_in, 2, 64)?;
-        in_range("data.t_out", d.t_out, 1, 64)?;
-        in_range("data.lead", d.lead, 1, 10_000)?;
-        fraction("data.val_fraction", d.val_fraction)?;
-        let range = |field: &str, [from, to]: &[String; 2]| -> Result<DateRange> {
-            let date = |s: &str| {
-                parse_date(s)
-                    .map(|(y, mo, da)| (y * 10_000 + mo * 100 + da) as u32)
-                    .ok_or_else(|| bad(field, format!("{from:?}..{to:?}"), "two dates YYYY-MM-DD, from before to"))
-            };
-            let r = DateRange { from: date(from)?, to: date(to)? };
-            if r.from < r.to {
-                Ok(r)
-            } else {
-                Err(bad(field, format!("{from:?}..{to:?}"), "two dates YYYY-MM-DD, from before to"))
-            }
-        };
-        let split = if d.test_frames > 0 {
-            if d.val_frames == 0 {
-                return Err(bad("data.val_frames", "0".into(), "> 0 when data.test_frames is set"));
-            }
-            Split::LastFrames { val: d.val_frames, test: d.test_frames }
-        } else {
-            Split::Dates([range("data.train", &d.train)?, range("data.val", &d.val)?, range("data.test", &d.test)?])
-        };
-        in_range("model.hidden", m.hidden, 1, 1024)?;
-        in_range("model.units", m.units, 1, 4096)?;
-        in_range("model.blocks", m.blocks, 1, 64)?;
-        in_range("model.heads", m.heads, 1, 64)?;
-        if m.backbone == BackboneKind::Vit && m.hidden % m.heads != 0 {
-            return Err(bad("model.heads", m.heads.to_string(), &format!("a divisor of model.hidden = {}", m.hidden)));
-        }
-        match m.backbone {
-            BackboneKind::Cnn => in_range("model.stride", m.stride, 1, 2)?,
-            BackboneKind::ConvLstm => in_range("model.stride", m.stride, 1, 16)?,
-            BackboneKind::Vit => {}
-        }
-        in_range("model.patch", m.patch, 1, 256)?;
-        in_range("model.generator_width", m.generator_width, 1, 256)?;
-        if m.backbone != BackboneKind::Vit && m.patch % m.stride != 0 {
-            return Err(bad("model.patch", m.patch.to_string(), &format!("a multiple of model.stride = {}", m.stride)));
-        }
-        if m.data_scope == DataScope::Network && m.backbone != BackboneKind::Cnn {
-            return Err(bad(
-                "model.data_scope",
-                "\"network\"".into(),
-                "\"translator\" unless model.backbone = \"cnn\"",
-            ));
-        }
-        fraction("method.data_keep", me.data_keep)?;
-        if me.data_rule == DataRule::Batch && !me.mode.data() {
-            return Err(bad(
-                "method.data_rule",
-                "\"batch\"".into(),
-                "\"per_sample\" unless method.mode has the DataMask (data or both)",
-            ));
-        }
-        fraction("method.unit_keep", me.unit_keep)?;
-        non_negative("method.budget_weight", me.budget_weight)?;
-        non_negative("method.warmup_epochs", me.warmup_epochs)?;
-        non_negative("method.distill_weight", me.distill_weight)?;
-        non_negative("method.mask_target_weight", me.mask_target_weight)?;
-        if !me.mask_target_level.is_finite() {
-            return Err(bad("method.mask_target_level", me.mask_target_level.to_string(), "a finite level"));
-        }
-        in_range("train.epochs", t.epochs, 1, 100_000)?;
-        in_range("train.batch_size", t.batch_size, 1, 4096)?;
-        in_range("train.window_stride", t.window_stride, 1, 10_000)?;
-        if !(t.lr.is_finite() && t.lr > 0.0 && t.lr <= 1.0) {
-            return Err(bad("train.lr", t.lr.to_string(), "a learning rate in (0, 1]"));
-        }
+        let split = self.data.validate()?;
+        self.model.validate()?;
+        self.method.validate()?;
+        self.train.validate(self.model.patch)?;
         Ok(Plan { config: self, split })
     }
 }
@@ -484,16 +222,18 @@ mod tests {
         let cfg: RunConfig = toml::from_str("[method]\nunit_keep = 1.5\n").unwrap();
         let msg = cfg.validate().unwrap_err().to_string();
         assert!(msg.contains("method.unit_keep") && msg.contains("(0, 1]"), "{msg}");
-        let cfg: RunConfig = toml::from_str("[model]\npatch = 3\nstride = 2\n").unwrap();
-        assert!(cfg.validate().unwrap_err().to_string().contains("multiple of model.stride"));
+        let cfg: RunConfig =
+            toml::from_str("[model]\npatch = 3\n[model.backbone]\nkind = \"cnn\"\nstride = 2\n").unwrap();
+        assert!(cfg.validate().unwrap_err().to_string().contains("multiple of model.backbone.stride"));
         let cfg: RunConfig = toml::from_str("[data]\ntrain = [\"2013-02-30\", \"2014-01-01\"]\n").unwrap();
         assert!(cfg.validate().unwrap_err().to_string().contains("data.train"));
         let cfg: RunConfig = toml::from_str("[method]\nmode = \"model\"\ndata_rule = \"batch\"\n").unwrap();
         assert!(cfg.validate().unwrap_err().to_string().contains("method.data_rule"));
         assert!(toml::from_str::<RunConfig>("[method]\ndata_rule = \"global\"\n").is_err());
-        let cfg: RunConfig = toml::from_str("[model]\nbackbone = \"vit\"\ndata_scope = \"network\"\n").unwrap();
-        assert!(cfg.validate().unwrap_err().to_string().contains("model.data_scope"));
-        assert!(toml::from_str::<RunConfig>("[model]\ndata_scope = \"everything\"\n").is_err());
+        // The DataMask's scope is a CNN field: another backbone has none.
+        let err = toml::from_str::<RunConfig>("[model.backbone]\nkind = \"vit\"\ndata_scope = \"network\"\n");
+        assert!(err.unwrap_err().to_string().contains("data_scope"));
+        assert!(toml::from_str::<RunConfig>("[model.backbone]\ndata_scope = \"everything\"\n").is_err());
     }
 
     #[test]
@@ -515,6 +255,48 @@ mod tests {
     #[test]
     fn unknown_fields_are_rejected() {
         assert!(toml::from_str::<RunConfig>("[train]\nepoch = 3\n").is_err());
+    }
+
+    #[test]
+    fn shipped_checkpoint_configs_in_the_flat_layout_still_read() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models");
+        let mut n = 0;
+        for task in std::fs::read_dir(&root).unwrap() {
+            for model in std::fs::read_dir(task.unwrap().path()).unwrap() {
+                let path = model.unwrap().path().join("config.toml");
+                let cfg = RunConfig::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                // Written back in today's layout, it reads as the same config.
+                assert_eq!(toml::from_str::<RunConfig>(&cfg.config.to_toml()).unwrap(), cfg.config);
+                n += 1;
+            }
+        }
+        assert!(n >= 8, "found {n} checkpoints");
+    }
+
+    /// The committed configs (in today's layout) describe exactly the architectures their
+    /// shipped checkpoints (written in the flat layout) hold.
+    #[test]
+    fn committed_configs_build_the_architectures_of_their_checkpoints() {
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let mut n = 0;
+        for dir in std::fs::read_dir(repo.join("configs")).unwrap() {
+            for file in std::fs::read_dir(dir.unwrap().path()).unwrap() {
+                let plan = RunConfig::load(&file.unwrap().path()).unwrap();
+                let out = repo.join(&plan.config.train.out);
+                if !out.join("checkpoint.json").is_file() {
+                    continue;
+                }
+                let meta = crate::checkpoint::read_meta(&out).unwrap();
+                assert_eq!(
+                    plan.architecture(meta.architecture.frames.channels),
+                    meta.architecture,
+                    "{}",
+                    out.display()
+                );
+                n += 1;
+            }
+        }
+        assert!(n >= 8, "found {n} shipped checkpoints of committed configs");
     }
 
     #[test]

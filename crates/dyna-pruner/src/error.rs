@@ -46,3 +46,37 @@ impl Error {
         Error::Io { path: path.into(), source }
     }
 }
+
+impl From<dyna_pruner_spec::SpecError> for Error {
+    fn from(e: dyna_pruner_spec::SpecError) -> Self {
+        Error::Config { file: None, field: e.field, value: e.value, expected: e.expected }
+    }
+}
+
+/// An invalid config value: its field, the value and what was expected.
+pub(crate) fn bad_value(field: &str, value: impl ToString, expected: impl Into<String>) -> Error {
+    dyna_pruner_spec::SpecError::new(field, value, expected).into()
+}
+
+/// `v` in `lo..=hi`.
+pub(crate) fn in_range(field: &str, v: usize, lo: usize, hi: usize) -> Result<()> {
+    Ok(dyna_pruner_spec::in_range(field, v, lo, hi)?)
+}
+
+/// `v` in (0, 1].
+pub(crate) fn fraction(field: &str, v: f32) -> Result<()> {
+    if v > 0.0 && v <= 1.0 {
+        Ok(())
+    } else {
+        Err(bad_value(field, v, "a fraction in (0, 1]"))
+    }
+}
+
+/// `v` finite and >= 0.
+pub(crate) fn non_negative(field: &str, v: f32) -> Result<()> {
+    if v.is_finite() && v >= 0.0 {
+        Ok(())
+    } else {
+        Err(bad_value(field, v, "a finite number >= 0"))
+    }
+}

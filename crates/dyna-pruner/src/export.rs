@@ -1,146 +1,80 @@
-//! Export of a trained model to the sparse executor (`dyna-pruner-exec`): the weights in the
-//! framework's layouts plus a spec, in memory or as a safetensors file.
+//! Export of a trained model to the sparse executor (`dyna-pruner-exec`): every weight under
+//! the name and in the layout the shared spec lists (`dyna_pruner_spec::weights`), with the
+//! architecture and the inference masking, in memory or as a safetensors file.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
-use burn::module::Param;
+use burn::module::{ModuleVisitor, Param};
 use burn::prelude::*;
-use dyna_pruner_exec::format::Tensors;
-use dyna_pruner_exec::{CnnSpec, ConvLstmSpec, Exec, MaskSpec, Spec, VitSpec};
+use dyna_pruner_exec::format::{self, ExportedModel, Tensors};
+use dyna_pruner_exec::Exec;
 
-use crate::backbones::Backbone;
 use crate::error::{Error, Result};
 use crate::method::Masking;
-use crate::model::{Architecture, DynamicModel};
+use crate::model::DynamicModel;
 
-fn put<B: Backend, const D: usize>(t: &mut Tensors, name: &str, p: &Param<Tensor<B, D>>) {
-    let v = p.val();
-    let shape = v.dims().to_vec();
-    t.insert(name.to_string(), (shape, v.into_data().convert::<f32>().to_vec().expect("f32 weights")));
+/// Collects every float parameter of a model under its module path.
+struct Collect {
+    path: Vec<String>,
+    tensors: Tensors,
 }
 
-fn conv<B: Backend>(t: &mut Tensors, name: &str, c: &burn::nn::conv::Conv2d<B>) {
-    put(t, &format!("{name}.weight"), &c.weight);
-    put(t, &format!("{name}.bias"), c.bias.as_ref().expect("convs have a bias"));
-}
-
-fn linear<B: Backend>(t: &mut Tensors, name: &str, l: &burn::nn::Linear<B>) {
-    put(t, &format!("{name}.weight"), &l.weight);
-    put(t, &format!("{name}.bias"), l.bias.as_ref().expect("linear layers have a bias"));
-}
-
-fn norm<B: Backend>(t: &mut Tensors, name: &str, n: &burn::nn::LayerNorm<B>) {
-    put(t, &format!("{name}.gamma"), &n.gamma);
-    put(t, &format!("{name}.beta"), n.beta.as_ref().expect("layer norms have a beta"));
-}
-
-/// The executor's spec and tensors of `model` with `masking` as its inference masks.
-pub fn export<B: Backend>(model: &DynamicModel<B>, arch: &Architecture, masking: Masking) -> (Spec, Tensors) {
-    let mut t = Tensors::new();
-    let g = &model.mask_generator;
-    conv(&mut t, "generator.conv1", &g.conv1);
-    conv(&mut t, "generator.conv2", &g.conv2);
-    conv(&mut t, "generator.head", &g.head);
-    for (l, gate) in model.unit_gates.iter().enumerate() {
-        linear(&mut t, &format!("gates.{l}"), &gate.linear);
+impl<B: Backend> ModuleVisitor<B> for Collect {
+    fn enter_module(&mut self, name: &str, _container: &str) {
+        self.path.push(name.to_string());
     }
-    let masks = MaskSpec {
-        generator_width: arch.generator_width,
-        generator_motion: arch.generator_motion,
-        data_mask: masking.mode.data(),
-        model_mask: masking.mode.model(),
-        data_keep: masking.data_keep,
-        unit_keep: masking.unit_keep,
-        data_threshold: masking.data_threshold,
-    };
-    let cnn = match &model.backbone {
-        Backbone::Cnn(cnn) => cnn,
-        Backbone::ConvLstm(m) => {
-            conv(&mut t, "enc_in", &m.enc_in);
-            conv(&mut t, "enc_down", &m.enc_down);
-            for (l, cell) in m.cells.iter().enumerate() {
-                conv(&mut t, &format!("cells.{l}.input"), &cell.input);
-                put(&mut t, &format!("cells.{l}.state.weight"), &cell.state.weight);
-            }
-            conv(&mut t, "dec_proj", &m.dec_proj);
-            put(&mut t, "dec_up.weight", &m.dec_up.weight);
-            put(&mut t, "dec_up.bias", m.dec_up.bias.as_ref().expect("bias"));
-            conv(&mut t, "dec_out", &m.dec_out);
-            let spec = ConvLstmSpec {
-                t_in: arch.t_in,
-                t_out: arch.t_out,
-                channels: arch.channels,
-                hidden: arch.hidden,
-                units: arch.units,
-                cells: arch.blocks,
-                stride: arch.stride,
-                patch: arch.patch,
-                masking: masks,
-            };
-            return (Spec::ConvLstm(spec), t);
-        }
-        Backbone::Vit(vit) => {
-            linear(&mut t, "embed", &vit.embed);
-            for (l, layer) in vit.layers.iter().enumerate() {
-                norm(&mut t, &format!("layers.{l}.norm1"), &layer.norm1);
-                linear(&mut t, &format!("layers.{l}.qkv"), &layer.qkv);
-                linear(&mut t, &format!("layers.{l}.proj"), &layer.proj);
-                norm(&mut t, &format!("layers.{l}.norm2"), &layer.norm2);
-                linear(&mut t, &format!("layers.{l}.fc1"), &layer.fc1);
-                linear(&mut t, &format!("layers.{l}.fc2"), &layer.fc2);
-            }
-            norm(&mut t, "norm", &vit.norm);
-            linear(&mut t, "head", &vit.head);
-            let spec = VitSpec {
-                t_in: arch.t_in,
-                t_out: arch.t_out,
-                channels: arch.channels,
-                patch: arch.patch,
-                dim: arch.hidden,
-                heads: arch.heads,
-                mlp: arch.units,
-                layers: arch.blocks,
-                masking: masks,
-            };
-            return (Spec::Vit(spec), t);
-        }
-    };
-    conv(&mut t, "enc_in", &cnn.enc_in);
-    conv(&mut t, "enc_down", &cnn.enc_down);
-    for (l, block) in cnn.blocks.iter().enumerate() {
-        conv(&mut t, &format!("blocks.{l}.conv1"), &block.conv1);
-        conv(&mut t, &format!("blocks.{l}.conv2"), &block.conv2);
+
+    fn exit_module(&mut self, _name: &str, _container: &str) {
+        self.path.pop();
     }
-    if let Some(up) = &cnn.dec_up {
-        put(&mut t, "dec_up.weight", &up.weight);
-        put(&mut t, "dec_up.bias", up.bias.as_ref().expect("bias"));
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let v = param.val();
+        let shape = v.dims().to_vec();
+        let values = v.into_data().convert::<f32>().to_vec().expect("f32 weights");
+        self.tensors.insert(spec_name(&self.path), (shape, values));
     }
-    conv(&mut t, "dec_out", &cnn.dec_out);
-    let spec = CnnSpec {
-        t_in: arch.t_in,
-        t_out: arch.t_out,
-        channels: arch.channels,
-        hidden: arch.hidden,
-        units: arch.units,
-        blocks: arch.blocks,
-        stride: arch.stride,
-        patch: arch.patch,
-        data_scope: arch.data_scope,
-        masking: masks,
+}
+
+/// The exported name of the parameter at a module path: the mask generator is `generator`,
+/// the unit gates `gates.{l}`, the backbone's layers sit at the top (`enc_in`, `blocks.0.conv1`).
+fn spec_name(path: &[String]) -> String {
+    let parts: Vec<&str> = path.iter().map(String::as_str).collect();
+    let rest: Vec<&str> = match parts.as_slice() {
+        ["mask_generator", rest @ ..] => std::iter::once("generator").chain(rest.iter().copied()).collect(),
+        ["unit_gates", l, "linear", rest @ ..] => ["gates", l].into_iter().chain(rest.iter().copied()).collect(),
+        ["backbone", _variant, rest @ ..] => rest.to_vec(),
+        other => other.to_vec(),
     };
-    (Spec::Cnn(spec), t)
+    rest.join(".")
+}
+
+/// The exported form of `model` with `masking` as its inference masks; `metadata` is stored
+/// beside it (e.g. the scaler and the data config the CLI needs to read data for it).
+pub fn export<B: Backend>(
+    model: &DynamicModel<B>,
+    masking: Masking,
+    metadata: BTreeMap<String, String>,
+) -> ExportedModel {
+    let mut collect = Collect { path: Vec::new(), tensors: Tensors::new() };
+    model.visit(&mut collect);
+    ExportedModel { arch: model.arch.clone(), masking, tensors: collect.tensors, metadata }
 }
 
 /// The executor for `model` (in memory).
-pub fn executor<B: Backend>(model: &DynamicModel<B>, arch: &Architecture, masking: Masking) -> Exec {
-    let (spec, tensors) = export(model, arch, masking);
-    dyna_pruner_exec::format::from_tensors(spec, &tensors).expect("exported tensors match their spec")
+pub fn executor<B: Backend>(model: &DynamicModel<B>, masking: Masking) -> Exec {
+    export(model, masking, BTreeMap::new()).executor().expect("an exported model matches its architecture")
 }
 
 /// Writes the executor file for `model`.
-pub fn write<B: Backend>(path: &Path, model: &DynamicModel<B>, arch: &Architecture, masking: Masking) -> Result<()> {
-    let (spec, tensors) = export(model, arch, masking);
-    dyna_pruner_exec::format::save(path, &spec, &tensors)
+pub fn write<B: Backend>(
+    path: &Path,
+    model: &DynamicModel<B>,
+    masking: Masking,
+    metadata: BTreeMap<String, String>,
+) -> Result<()> {
+    format::save(path, &export(model, masking, metadata))
         .map_err(|e| Error::Checkpoint { path: path.to_path_buf(), detail: e.to_string() })
 }
 
@@ -148,58 +82,59 @@ pub fn write<B: Backend>(path: &Path, model: &DynamicModel<B>, arch: &Architectu
 mod tests {
     //! The sparse executor against the masked-dense reference forward (the trainer's model).
     use super::*;
-    use crate::backbones::{BackboneKind, DataScope, SpatioTemporal};
     use crate::method::{FixedMasks, MaskMode};
+    use crate::model::Architecture;
     use crate::CpuBackend;
     use dyna_pruner_exec::{MaskPlan, SampleMasks};
+    use dyna_pruner_spec::{BackboneSpec, CnnSpec, ConvLstmSpec, DataScope, Frames, GeneratorSpec, VitSpec};
     use rand::rngs::StdRng;
     use rand::seq::index::sample;
     use rand::{Rng, SeedableRng};
 
     type B = CpuBackend;
 
-    fn random_arch(rng: &mut StdRng) -> Architecture {
+    fn random_frames(rng: &mut StdRng) -> Frames {
+        Frames { t_in: rng.random_range(2..=4), t_out: rng.random_range(1..=3), channels: rng.random_range(1..=2) }
+    }
+
+    fn random_generator(rng: &mut StdRng) -> GeneratorSpec {
+        GeneratorSpec { width: 4, motion: rng.random_bool(0.5) }
+    }
+
+    fn random_cnn(rng: &mut StdRng, data_scope: DataScope) -> Architecture {
         let stride = rng.random_range(1..=2);
-        Architecture {
-            backbone: BackboneKind::Cnn,
-            t_in: rng.random_range(2..=4),
-            t_out: rng.random_range(1..=3),
-            channels: rng.random_range(1..=2),
+        let frames = random_frames(rng);
+        let cnn = CnnSpec {
             hidden: rng.random_range(3..=8),
             units: rng.random_range(2..=9),
             blocks: rng.random_range(1..=3),
-            heads: 1,
             stride,
-            patch: stride * rng.random_range(1..=3),
-            generator_width: 4,
-            generator_motion: rng.random_bool(0.5),
-            data_scope: DataScope::Translator,
-        }
+            data_scope,
+        };
+        let patch = stride * rng.random_range(1..=3);
+        Architecture::new(frames, patch, BackboneSpec::Cnn(cnn)).with_generator(random_generator(rng))
+    }
+
+    fn random_arch(rng: &mut StdRng) -> Architecture {
+        random_cnn(rng, DataScope::Translator)
     }
 
     fn random_vit(rng: &mut StdRng) -> Architecture {
         let heads = rng.random_range(1..=3);
         let patch = rng.random_range(1..=3);
-        Architecture {
-            backbone: BackboneKind::Vit,
-            t_in: rng.random_range(2..=4),
-            t_out: rng.random_range(1..=3),
-            channels: rng.random_range(1..=2),
-            hidden: heads * rng.random_range(4..=6),
-            units: rng.random_range(2..=9),
-            blocks: rng.random_range(1..=3),
+        let frames = random_frames(rng);
+        let vit = VitSpec {
+            dim: heads * rng.random_range(4..=6),
+            mlp: rng.random_range(2..=9),
+            layers: rng.random_range(1..=3),
             heads,
-            stride: patch,
-            patch,
-            generator_width: 4,
-            generator_motion: rng.random_bool(0.5),
-            data_scope: DataScope::Translator,
-        }
+        };
+        Architecture::new(frames, patch, BackboneSpec::Vit(vit)).with_generator(random_generator(rng))
     }
 
     /// Random masks: per sample some patches, per prunable layer some units.
     fn random_masks(rng: &mut StdRng, model: &DynamicModel<B>, batch: usize, patches: usize) -> Vec<SampleMasks> {
-        let layers = model.backbone.prunable_layers();
+        let layers = model.arch.prunable_layers();
         (0..batch)
             .map(|_| {
                 let kept = rng.random_range(1..=patches);
@@ -220,10 +155,10 @@ mod tests {
     }
 
     fn input(rng: &mut StdRng, arch: &Architecture, batch: usize, h: usize, w: usize) -> (Vec<f32>, Tensor<B, 5>) {
-        let n = batch * arch.t_in * arch.channels * h * w;
+        let f = arch.frames;
+        let n = batch * f.t_in * f.channels * h * w;
         let x: Vec<f32> = (0..n).map(|_| rng.random_range(0.0..1.0)).collect();
-        let t =
-            Tensor::from_data(TensorData::new(x.clone(), [batch, arch.t_in, arch.channels, h, w]), &Default::default());
+        let t = Tensor::from_data(TensorData::new(x.clone(), [batch, f.t_in, f.channels, h, w]), &Default::default());
         (x, t)
     }
 
@@ -241,20 +176,27 @@ mod tests {
         h: usize,
         w: usize,
     ) -> Vec<f32> {
-        let grid = (h.div_ceil(arch.patch), w.div_ceil(arch.patch));
-        let units: Vec<usize> = model.backbone.prunable_layers().iter().map(|l| l.units).collect();
-        let mut fixed = FixedMasks::new(masks, grid, &units, arch.patch, &Default::default());
+        let grid = arch.patch_grid(h, w);
+        let units: Vec<usize> = model.arch.layer_units();
+        let mut fixed = FixedMasks::new(masks, grid, &units, arch.patch(), &Default::default());
         model.forward_masked(x, &mut fixed).into_data().to_vec().unwrap()
     }
 
     fn random_network_cnn(rng: &mut StdRng) -> Architecture {
-        Architecture { data_scope: DataScope::Network, ..random_arch(rng) }
+        random_cnn(rng, DataScope::Network)
     }
 
     fn random_convlstm(rng: &mut StdRng) -> Architecture {
         let stride = [1, 2, 4][rng.random_range(0..3)];
         let patch = stride * rng.random_range(1..=2);
-        Architecture { backbone: BackboneKind::ConvLstm, stride, patch, ..random_arch(rng) }
+        let frames = random_frames(rng);
+        let lstm = ConvLstmSpec {
+            hidden: rng.random_range(3..=8),
+            units: rng.random_range(2..=9),
+            cells: rng.random_range(1..=3),
+            stride,
+        };
+        Architecture::new(frames, patch, BackboneSpec::ConvLstm(lstm)).with_generator(random_generator(rng))
     }
 
     /// For one random model: random masks against the masked-dense reference, the executor's
@@ -266,19 +208,20 @@ mod tests {
         sides: std::ops::RangeInclusive<usize>,
         case: usize,
     ) {
-        let model = arch.init::<B>(&Default::default());
-        let exec = executor(&model, arch, Masking::DENSE);
+        let model = DynamicModel::<B>::new(arch, &Default::default());
+        let exec = executor(&model, Masking::DENSE);
         let (batch, h, w) = (rng.random_range(1..=3), rng.random_range(sides.clone()), rng.random_range(sides));
         let what = format!("case {case}: {arch:?} batch {batch} {h}x{w}");
         let (x, xt) = input(rng, arch, batch, h, w);
-        let n = h.div_ceil(arch.patch) * w.div_ceil(arch.patch);
+        let (hp, wp) = arch.patch_grid(h, w);
+        let n = hp * wp;
         let masks = random_masks(rng, &model, batch, n);
         let out = exec.forward(&x, batch, h, w, MaskPlan::Given(&masks)).unwrap();
         assert_close(&out.prediction, &reference(&model, arch, xt.clone(), &masks, h, w), &what);
         let dense = exec.forward(&x, batch, h, w, MaskPlan::Dense).unwrap();
         let burn_dense: Vec<f32> = model.forward(xt.clone(), Masking::DENSE).prediction.into_data().to_vec().unwrap();
         assert_close(&dense.prediction, &burn_dense, &format!("{what}: dense"));
-        let layer_units: Vec<usize> = model.backbone.prunable_layers().iter().map(|l| l.units).collect();
+        let layer_units: Vec<usize> = model.arch.layer_units();
         let all = vec![
             SampleMasks {
                 patches: (0..n).collect(),
@@ -317,13 +260,13 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(13);
         for case in 0..4 {
             let arch = random_network_cnn(&mut rng);
-            let model = arch.init::<B>(&Default::default());
+            let model = DynamicModel::<B>::new(&arch, &Default::default());
             // Whole patches: the trainer's MAC model scales the encoder and decoder by the
             // translator's kept fraction, which then equals the full resolution's.
-            let (h, w) = (arch.patch * rng.random_range(2..=5), arch.patch * rng.random_range(2..=5));
+            let (h, w) = (arch.patch() * rng.random_range(2..=5), arch.patch() * rng.random_range(2..=5));
             let (x, xt) = input(&mut rng, &arch, 2, h, w);
             let masking = Masking::top_k(MaskMode::Both, 0.5, 0.4);
-            let out = executor(&model, &arch, masking).forward(&x, 2, h, w, MaskPlan::Dynamic).unwrap();
+            let out = executor(&model, masking).forward(&x, 2, h, w, MaskPlan::Dynamic).unwrap();
             let fwd = model.forward(xt, masking);
             let want: Vec<f32> = fwd.prediction.into_data().to_vec().unwrap();
             assert_close(&out.prediction, &want, &format!("case {case}: {arch:?} {h}x{w}"));
@@ -349,21 +292,24 @@ mod tests {
     #[test]
     fn all_ones_masks_equal_the_dense_forward_and_one_patch_one_unit_works() {
         let mut rng = StdRng::seed_from_u64(7);
-        let arch = Architecture { stride: 2, patch: 4, ..random_arch(&mut rng) };
-        let model = arch.init::<B>(&Default::default());
-        let exec = executor(&model, &arch, Masking::DENSE);
+        let mut arch = random_arch(&mut rng);
+        arch.model.patch = 4;
+        let BackboneSpec::Cnn(cnn) = &mut arch.model.backbone else { unreachable!() };
+        cnn.stride = 2;
+        let (units, blocks) = (cnn.units, cnn.blocks);
+        let model = DynamicModel::<B>::new(&arch, &Default::default());
+        let exec = executor(&model, Masking::DENSE);
         let (batch, h, w) = (2, 13, 10);
         let (x, xt) = input(&mut rng, &arch, batch, h, w);
         let dense = exec.forward(&x, batch, h, w, MaskPlan::Dense).unwrap();
         let burn_dense: Vec<f32> = model.forward(xt.clone(), Masking::DENSE).prediction.into_data().to_vec().unwrap();
         assert_close(&dense.prediction, &burn_dense, "dense");
         let n = h.div_ceil(4) * w.div_ceil(4);
-        let all =
-            vec![SampleMasks { patches: (0..n).collect(), units: vec![(0..arch.units).collect(); arch.blocks] }; batch];
+        let all = vec![SampleMasks { patches: (0..n).collect(), units: vec![(0..units).collect(); blocks] }; batch];
         let ones = exec.forward(&x, batch, h, w, MaskPlan::Given(&all)).unwrap();
         assert_eq!(ones.prediction, dense.prediction, "all-ones masks must reproduce the dense path exactly");
         assert_eq!(ones.macs, dense.macs);
-        let one = vec![SampleMasks { patches: vec![n - 1], units: vec![vec![0]; arch.blocks] }; batch];
+        let one = vec![SampleMasks { patches: vec![n - 1], units: vec![vec![0]; blocks] }; batch];
         let out = exec.forward(&x, batch, h, w, MaskPlan::Given(&one)).unwrap();
         assert_close(&out.prediction, &reference(&model, &arch, xt, &one, h, w), "one patch, one unit");
         assert!(out.macs[0] < dense.macs[0]);
@@ -380,7 +326,7 @@ mod tests {
                 1 => random_vit(&mut rng),
                 _ => random_convlstm(&mut rng),
             };
-            let model = arch.init::<B>(&Default::default());
+            let model = DynamicModel::<B>::new(&arch, &Default::default());
             let (batch, h, w) = (3, rng.random_range(6..=16), rng.random_range(6..=16));
             let (x, xt) = input(&mut rng, &arch, batch, h, w);
             let mut masking = Masking::top_k(MaskMode::Both, 0.5, 0.4);
@@ -392,7 +338,7 @@ mod tests {
                 let median = (s[s.len() / 2 - 1] + s[s.len() / 2]) / 2.0;
                 masking.data_threshold = Some(if case < 9 { median } else { 1.5 });
             }
-            let exec = executor(&model, &arch, masking);
+            let exec = executor(&model, masking);
             let out = exec.forward(&x, batch, h, w, MaskPlan::Dynamic).unwrap();
             let fwd = model.forward(xt, masking);
             // Masks: the trainer's hard DataMask and unit masks as index lists.
@@ -426,12 +372,15 @@ mod tests {
         let makers: [fn(&mut StdRng) -> Architecture; 3] = [random_arch, random_vit, random_convlstm];
         for (i, random) in makers.into_iter().enumerate() {
             let arch = random(&mut rng);
-            let model = arch.init::<B>(&Default::default());
+            let model = DynamicModel::<B>::new(&arch, &Default::default());
             let masking = Masking::top_k(MaskMode::Both, 0.5, 0.5);
             let path = dir.join(format!("model{i}.safetensors"));
-            write(&path, &model, &arch, masking).unwrap();
-            let loaded = dyna_pruner_exec::format::load(&path).unwrap();
-            let exec = executor(&model, &arch, masking);
+            write(&path, &model, masking, BTreeMap::new()).unwrap();
+            let file = dyna_pruner_exec::format::load(&path).unwrap();
+            assert_eq!(file.arch, arch);
+            assert_eq!(file.masking, masking);
+            let loaded = file.executor().unwrap();
+            let exec = executor(&model, masking);
             assert_eq!(std::mem::discriminant(&loaded), std::mem::discriminant(&exec));
             let (x, _) = input(&mut rng, &arch, 2, 9, 11);
             let want = exec.forward(&x, 2, 9, 11, MaskPlan::Dynamic).unwrap();

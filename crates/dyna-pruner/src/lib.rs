@@ -6,6 +6,7 @@
 //! See docs/ARCHITECTURE.md.
 
 pub mod backbones;
+pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod error;

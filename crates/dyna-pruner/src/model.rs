@@ -2,44 +2,12 @@
 
 use burn::prelude::*;
 
-use crate::backbones::cnn::CnnConfig;
-use crate::backbones::convlstm::ConvLstmConfig;
-use crate::backbones::vit::VitConfig;
-use crate::backbones::{Backbone, BackboneKind, DataScope, SpatioTemporal};
+use crate::backbones::{Backbone, SpatioTemporal};
 use crate::macs::MacModel;
-use crate::method::mask_generator::{MaskGenerator, MaskGeneratorConfig, UnitGate, UnitGateConfig};
+use crate::method::mask_generator::{MaskGenerator, UnitGate, UnitGateConfig};
 use crate::method::{DynamicMasks, LayerFractions, Masking, NoMasks};
 
-/// Architecture of a [`DynamicModel`]: which backbone, its sizes, and the patch size.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Architecture {
-    pub backbone: BackboneKind,
-    pub t_in: usize,
-    pub t_out: usize,
-    pub channels: usize,
-    pub hidden: usize,
-    pub units: usize,
-    pub blocks: usize,
-    /// ViT: attention heads per layer.
-    #[serde(default = "default_heads")]
-    pub heads: usize,
-    pub stride: usize,
-    /// Patch side in input pixels (a multiple of `stride`).
-    pub patch: usize,
-    /// Hidden width of the mask generator.
-    pub generator_width: usize,
-    /// The mask generator also reads the direction of the last temporal change
-    /// ([`MaskGeneratorConfig::motion`]); absent in checkpoints from before it existed.
-    #[serde(default)]
-    pub generator_motion: bool,
-    /// CNN: which layers the DataMask prunes; absent in checkpoints from before it existed.
-    #[serde(default)]
-    pub data_scope: DataScope,
-}
-
-fn default_heads() -> usize {
-    4
-}
+pub use dyna_pruner_spec::Architecture;
 
 /// The output of one forward pass.
 pub struct Forward<B: Backend> {
@@ -59,68 +27,28 @@ pub struct DynamicModel<B: Backend> {
     pub mask_generator: MaskGenerator<B>,
     pub unit_gates: Vec<UnitGate<B>>,
     pub backbone: Backbone<B>,
-    pub(crate) patch: usize,
+    #[module(skip)]
+    pub arch: Architecture,
 }
 
-impl Architecture {
-    /// A freshly initialised mask generator of this architecture.
-    pub fn mask_generator<B: Backend>(&self, device: &B::Device) -> MaskGenerator<B> {
-        MaskGeneratorConfig::new(self.channels, self.patch)
-            .with_width(self.generator_width)
-            .with_motion(self.generator_motion)
-            .init(device)
-    }
-
-    /// The same architecture with `other`'s mask generator and DataMask scope (the parts a dense
-    /// checkpoint leaves open for the dynamic model fine-tuned from it).
-    pub fn with_generator_of(&self, other: &Architecture) -> Architecture {
-        Architecture {
-            generator_width: other.generator_width,
-            generator_motion: other.generator_motion,
-            data_scope: other.data_scope,
-            ..self.clone()
-        }
-    }
-
-    pub fn init<B: Backend>(&self, device: &B::Device) -> DynamicModel<B> {
-        let backbone = match self.backbone {
-            BackboneKind::Cnn => Backbone::Cnn(
-                CnnConfig::new(self.t_in, self.t_out, self.channels)
-                    .with_hidden(self.hidden)
-                    .with_units(self.units)
-                    .with_blocks(self.blocks)
-                    .with_stride(self.stride)
-                    .with_data_scope(self.data_scope)
-                    .init(device),
-            ),
-            BackboneKind::Vit => Backbone::Vit(
-                VitConfig::new(self.t_in, self.t_out, self.channels)
-                    .with_patch(self.patch)
-                    .with_dim(self.hidden)
-                    .with_heads(self.heads)
-                    .with_mlp(self.units)
-                    .with_layers(self.blocks)
-                    .init(device),
-            ),
-            BackboneKind::ConvLstm => Backbone::ConvLstm(
-                ConvLstmConfig::new(self.t_in, self.t_out, self.channels)
-                    .with_hidden(self.hidden)
-                    .with_units(self.units)
-                    .with_cells(self.blocks)
-                    .with_stride(self.stride)
-                    .init(device),
-            ),
-        };
-        let unit_gates = backbone
-            .prunable_layers()
-            .iter()
-            .map(|l| UnitGateConfig::new(l.in_channels, l.units).init(device))
-            .collect();
-        DynamicModel { mask_generator: self.mask_generator(device), unit_gates, backbone, patch: self.patch }
-    }
+/// A freshly initialised mask generator of `arch`.
+pub fn mask_generator<B: Backend>(arch: &Architecture, device: &B::Device) -> MaskGenerator<B> {
+    MaskGenerator::new(arch.frames.channels, arch.model.patch, arch.model.generator, device)
 }
 
 impl<B: Backend> DynamicModel<B> {
+    /// A freshly initialised model of `arch`.
+    pub fn new(arch: &Architecture, device: &B::Device) -> Self {
+        let unit_gates =
+            arch.prunable_layers().iter().map(|l| UnitGateConfig::new(l.in_channels, l.units).init(device)).collect();
+        DynamicModel {
+            mask_generator: mask_generator(arch, device),
+            unit_gates,
+            backbone: Backbone::new(arch, device),
+            arch: arch.clone(),
+        }
+    }
+
     /// # Shapes
     /// - x: `[batch, t_in, channels, height, width]`
     /// - prediction: `[batch, t_out, channels, height, width]`
@@ -141,7 +69,7 @@ impl<B: Backend> DynamicModel<B> {
     /// - importance: `[batch, ceil(height / patch), ceil(width / patch)]`
     /// - prediction: `[batch, t_out, channels, height, width]`
     pub fn forward_with_importance(&self, x: Tensor<B, 5>, importance: Tensor<B, 3>, masking: Masking) -> Forward<B> {
-        let mut masks = DynamicMasks::new(importance, &self.unit_gates, masking, self.patch);
+        let mut masks = DynamicMasks::new(importance, &self.unit_gates, masking, self.arch.model.patch);
         let prediction = self.backbone.forward(x, &mut masks);
         Forward {
             prediction,
@@ -163,7 +91,7 @@ impl<B: Backend> DynamicModel<B> {
     /// The analytical MAC model of this network for frames of `height x width`.
     pub fn mac_model(&self, height: usize, width: usize) -> MacModel {
         let macs = self.backbone.macs(height, width);
-        let layers = self.backbone.prunable_layers();
+        let layers = self.arch.prunable_layers();
         let gates: u64 = self
             .unit_gates
             .iter()
@@ -183,30 +111,26 @@ impl<B: Backend> DynamicModel<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backbones::BackboneKind;
     use crate::method::{MaskMode, Masking};
     use crate::{CpuBackend, TrainBackend};
     use burn::tensor::Distribution;
+    use dyna_pruner_spec::{BackboneSpec, CnnSpec, ConvLstmSpec, DataScope, Frames, GeneratorSpec, VitSpec};
 
     fn arch(patch: usize, stride: usize) -> Architecture {
         arch_of(BackboneKind::Cnn, patch, stride)
     }
 
-    fn arch_of(backbone: BackboneKind, patch: usize, stride: usize) -> Architecture {
-        Architecture {
-            backbone,
-            t_in: 3,
-            t_out: 2,
-            channels: 2,
-            hidden: 8,
-            units: 12,
-            blocks: 2,
-            heads: 2,
-            stride,
-            patch,
-            generator_width: 4,
-            generator_motion: false,
-            data_scope: DataScope::Translator,
-        }
+    fn arch_of(kind: BackboneKind, patch: usize, stride: usize) -> Architecture {
+        let backbone = match kind {
+            BackboneKind::Cnn => {
+                BackboneSpec::Cnn(CnnSpec { hidden: 8, units: 12, blocks: 2, stride, ..CnnSpec::default() })
+            }
+            BackboneKind::Vit => BackboneSpec::Vit(VitSpec { dim: 8, heads: 2, mlp: 12, layers: 2 }),
+            BackboneKind::ConvLstm => BackboneSpec::ConvLstm(ConvLstmSpec { hidden: 8, units: 12, cells: 2, stride }),
+        };
+        Architecture::new(Frames { t_in: 3, t_out: 2, channels: 2 }, patch, backbone)
+            .with_generator(GeneratorSpec { width: 4, motion: false })
     }
 
     fn input<B: Backend>(b: usize, h: usize, w: usize, device: &B::Device) -> Tensor<B, 5> {
@@ -220,7 +144,7 @@ mod tests {
             [(BackboneKind::Cnn, 2, 2, 10, 6), (BackboneKind::Cnn, 4, 2, 9, 7), (BackboneKind::Cnn, 3, 1, 8, 5)];
         let convlstm = [(BackboneKind::ConvLstm, 4, 2, 9, 7), (BackboneKind::ConvLstm, 4, 4, 8, 8)];
         for (kind, patch, stride, h, w) in cases.into_iter().chain(convlstm) {
-            let model = arch_of(kind, patch, stride).init::<CpuBackend>(&device);
+            let model = DynamicModel::<CpuBackend>::new(&arch_of(kind, patch, stride), &device);
             let x = input::<CpuBackend>(3, h, w, &device);
             let dense = model.forward(x.clone(), Masking::DENSE).prediction;
             let ones = Masking::top_k(MaskMode::Both, 1.0, 1.0);
@@ -236,7 +160,7 @@ mod tests {
     fn hard_fractions_match_the_keep_ratios_per_sample() {
         let device = Default::default();
         // 16x8 frame, patch 2, stride 2: 8x4 = 32 patches, each one feature pixel.
-        let model = arch(2, 2).init::<CpuBackend>(&device);
+        let model = DynamicModel::<CpuBackend>::new(&arch(2, 2), &device);
         let masking = Masking::top_k(MaskMode::Both, 0.25, 0.5);
         let out = model.forward(input::<CpuBackend>(4, 16, 8, &device), masking);
         assert_eq!(out.fractions.len(), 2);
@@ -251,7 +175,7 @@ mod tests {
     #[test]
     fn gradient_reaches_the_mask_generator_and_gates() {
         let device = Default::default();
-        let model = arch(2, 2).init::<TrainBackend>(&device);
+        let model = DynamicModel::<TrainBackend>::new(&arch(2, 2), &device);
         let masking = Masking::top_k(MaskMode::Both, 0.5, 0.5);
         let out = model.forward(input::<TrainBackend>(2, 8, 8, &device), masking);
         let grads = out.prediction.powi_scalar(2).mean().backward();
@@ -264,8 +188,11 @@ mod tests {
     #[test]
     fn network_scope_predicts_persistence_at_pruned_patches_only() {
         let device = Default::default();
-        let a = Architecture { data_scope: DataScope::Network, ..arch(4, 2) };
-        let model = a.init::<CpuBackend>(&device);
+        let mut a = arch(4, 2);
+        if let BackboneSpec::Cnn(s) = &mut a.model.backbone {
+            s.data_scope = DataScope::Network;
+        }
+        let model = DynamicModel::<CpuBackend>::new(&a, &device);
         let (h, w) = (12, 8);
         let x = input::<CpuBackend>(2, h, w, &device);
         let out = model.forward(x.clone(), Masking::top_k(MaskMode::Both, 0.5, 0.5));
@@ -298,7 +225,7 @@ mod tests {
     #[test]
     fn a_mask_keeping_one_patch_and_one_unit_works() {
         let device = Default::default();
-        let model = arch(4, 2).init::<CpuBackend>(&device);
+        let model = DynamicModel::<CpuBackend>::new(&arch(4, 2), &device);
         let x = input::<CpuBackend>(1, 16, 16, &device);
         let one = Masking::top_k(MaskMode::Both, 1e-3, 1e-3);
         let out = model.forward(x, one);

@@ -16,73 +16,10 @@ use burn::nn::PaddingConfig2d;
 use burn::prelude::*;
 use burn::tensor::activation::gelu;
 
-use super::{BackboneMacs, DataScope, PrunableLayer, SpatioTemporal};
+use dyna_pruner_spec::{CnnSpec, DataScope, Frames};
+
+use super::{BackboneMacs, SpatioTemporal};
 use crate::method::MaskSource;
-
-/// Configuration of [`Cnn`].
-#[derive(Config, Debug)]
-pub struct CnnConfig {
-    /// Input frames.
-    pub t_in: usize,
-    /// Predicted frames.
-    pub t_out: usize,
-    /// Channels per frame.
-    pub channels: usize,
-    /// Width of the encoder, translator and decoder feature maps.
-    #[config(default = 64)]
-    pub hidden: usize,
-    /// Hidden filters of each translator block: the ModelMask's units.
-    #[config(default = 128)]
-    pub units: usize,
-    /// Translator blocks.
-    #[config(default = 6)]
-    pub blocks: usize,
-    /// Encoder stride (1 or 2): the translator runs at 1/stride of the input resolution.
-    #[config(default = 2)]
-    pub stride: usize,
-    /// Which layers the DataMask prunes.
-    #[config(default = "DataScope::Translator")]
-    pub data_scope: DataScope,
-}
-
-impl CnnConfig {
-    /// The crowd-flow preset (TaxiBJ/TaxiNYC: 4 -> 4 frames of in/out flow).
-    pub fn crowd() -> Self {
-        CnnConfig::new(4, 4, 2)
-    }
-
-    pub fn init<B: Backend>(&self, device: &B::Device) -> Cnn<B> {
-        let conv3 = |i, o, s| {
-            Conv2dConfig::new([i, o], [3, 3])
-                .with_stride([s, s])
-                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
-                .init(device)
-        };
-        let up = (self.stride > 1).then(|| {
-            ConvTranspose2dConfig::new([self.hidden, self.hidden], [self.stride, self.stride])
-                .with_stride([self.stride, self.stride])
-                .init(device)
-        });
-        Cnn {
-            enc_in: conv3(self.t_in * self.channels, self.hidden, 1),
-            enc_down: conv3(self.hidden, self.hidden, self.stride),
-            blocks: (0..self.blocks)
-                .map(|_| MaskedBlock {
-                    conv1: conv3(self.hidden, self.units, 1),
-                    conv2: conv3(self.units, self.hidden, 1),
-                })
-                .collect(),
-            dec_up: up,
-            dec_out: conv3(self.hidden, self.t_out * self.channels, 1),
-            t_out: self.t_out,
-            channels: self.channels,
-            hidden: self.hidden,
-            units: self.units,
-            stride: self.stride,
-            data_scope: self.data_scope,
-        }
-    }
-}
 
 /// `x + M_space * conv2(M_space * (gelu(conv1(x)) * M_units))`.
 #[derive(Module, Debug)]
@@ -120,13 +57,10 @@ pub struct Cnn<B: Backend> {
     pub(crate) blocks: Vec<MaskedBlock<B>>,
     pub(crate) dec_up: Option<ConvTranspose2d<B>>,
     pub(crate) dec_out: Conv2d<B>,
-    pub(crate) t_out: usize,
-    pub(crate) channels: usize,
-    pub(crate) hidden: usize,
-    units: usize,
-    pub(crate) stride: usize,
     #[module(skip)]
-    pub(crate) data_scope: DataScope,
+    pub(crate) frames: Frames,
+    #[module(skip)]
+    pub(crate) spec: CnnSpec,
 }
 
 /// The DataMask at the encoder's and decoder's resolutions (`DataScope::Network`).
@@ -138,12 +72,39 @@ pub(crate) struct OuterMasks<B: Backend> {
 }
 
 impl<B: Backend> Cnn<B> {
+    /// A freshly initialised CNN for `frames` of the given sizes.
+    pub fn new(frames: Frames, spec: &CnnSpec, device: &B::Device) -> Self {
+        let s = spec;
+        let conv3 = |i, o, stride| {
+            Conv2dConfig::new([i, o], [3, 3])
+                .with_stride([stride, stride])
+                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                .init(device)
+        };
+        let up = (s.stride > 1).then(|| {
+            ConvTranspose2dConfig::new([s.hidden, s.hidden], [s.stride, s.stride])
+                .with_stride([s.stride, s.stride])
+                .init(device)
+        });
+        Cnn {
+            enc_in: conv3(frames.t_in * frames.channels, s.hidden, 1),
+            enc_down: conv3(s.hidden, s.hidden, s.stride),
+            blocks: (0..s.blocks)
+                .map(|_| MaskedBlock { conv1: conv3(s.hidden, s.units, 1), conv2: conv3(s.units, s.hidden, 1) })
+                .collect(),
+            dec_up: up,
+            dec_out: conv3(s.hidden, frames.t_out * frames.channels, 1),
+            frames,
+            spec: spec.clone(),
+        }
+    }
+
     /// The DataMask at the encoder's and decoder's resolutions, when it prunes them.
     pub(crate) fn outer_masks(&self, masks: &mut dyn MaskSource<B>, h: usize, w: usize) -> Option<OuterMasks<B>> {
-        if self.data_scope != DataScope::Network {
+        if self.spec.data_scope != DataScope::Network {
             return None;
         }
-        let s = self.stride;
+        let s = self.spec.stride;
         Some(OuterMasks { full: masks.space_mask(h, w, 1)?, low: masks.space_mask(h.div_ceil(s), w.div_ceil(s), s)? })
     }
 
@@ -182,7 +143,7 @@ impl<B: Backend> Cnn<B> {
             z = gelu(up.forward(z));
             let [_, _, zh, zw] = z.dims();
             if (zh, zw) != (h, w) {
-                z = z.slice([0..b, 0..self.hidden, 0..h, 0..w]);
+                z = z.slice([0..b, 0..self.spec.hidden, 0..h, 0..w]);
             }
         }
         let mut features = z + skip;
@@ -193,9 +154,9 @@ impl<B: Backend> Cnn<B> {
         if let Some(m) = outer {
             delta = delta * m.full.clone();
         }
-        let delta = delta.reshape([b, self.t_out, self.channels, h, w]);
+        let delta = delta.reshape([b, self.frames.t_out, self.frames.channels, h, w]);
         let last = x.narrow(1, t - 1, 1).reshape([b, 1, c, h, w]);
-        last.expand([b, self.t_out, self.channels, h, w]) + delta
+        last.expand([b, self.frames.t_out, self.frames.channels, h, w]) + delta
     }
 }
 
@@ -205,27 +166,22 @@ impl<B: Backend> SpatioTemporal<B> for Cnn<B> {
         let outer = self.outer_masks(masks, h, w);
         let (skip, mut z) = self.encode(x.clone(), outer.as_ref());
         for (l, block) in self.blocks.iter().enumerate() {
-            let m = masks.layer_masks(l, &z, self.stride);
+            let m = masks.layer_masks(l, &z, self.spec.stride);
             z = block.forward(z, m.space, m.units);
         }
         self.decode(z, skip, x, outer.as_ref())
     }
 
-    fn prunable_layers(&self) -> Vec<PrunableLayer> {
-        let layer = PrunableLayer { in_channels: self.hidden, units: self.units, stride: self.stride };
-        vec![layer; self.blocks.len()]
-    }
-
     fn macs(&self, height: usize, width: usize) -> BackboneMacs {
         let full = (height * width) as u64;
-        let low = (height.div_ceil(self.stride) * width.div_ceil(self.stride)) as u64;
-        let [hid, units] = [self.hidden as u64, self.units as u64];
+        let low = (height.div_ceil(self.spec.stride) * width.div_ceil(self.spec.stride)) as u64;
+        let [hid, units] = [self.spec.hidden as u64, self.spec.units as u64];
         let t_in_c = self.enc_in.weight.dims()[1] as u64;
-        let out_c = (self.t_out * self.channels) as u64;
-        let s2 = (self.stride * self.stride) as u64;
+        let out_c = (self.frames.t_out * self.frames.channels) as u64;
+        let s2 = (self.spec.stride * self.spec.stride) as u64;
         let up = if self.dec_up.is_some() { low * s2 * hid * hid } else { 0 };
         let outer = full * 9 * t_in_c * hid + low * 9 * hid * hid + up + full * 9 * hid * out_c;
-        let network = self.data_scope == DataScope::Network;
+        let network = self.spec.data_scope == DataScope::Network;
         BackboneMacs {
             fixed: if network { 0 } else { outer },
             spatial: if network { outer } else { 0 },

@@ -20,63 +20,10 @@ use burn::nn::PaddingConfig2d;
 use burn::prelude::*;
 use burn::tensor::activation::{gelu, sigmoid, tanh};
 
-use super::{BackboneMacs, PrunableLayer, SpatioTemporal};
+use dyna_pruner_spec::{ConvLstmSpec, Frames};
+
+use super::{BackboneMacs, SpatioTemporal};
 use crate::method::MaskSource;
-
-/// Configuration of [`ConvLstm`].
-#[derive(Config, Debug)]
-pub struct ConvLstmConfig {
-    pub t_in: usize,
-    pub t_out: usize,
-    pub channels: usize,
-    /// Width of the encoder and decoder feature maps.
-    #[config(default = 32)]
-    pub hidden: usize,
-    /// Hidden (and cell) state channels of every cell: the ModelMask's units.
-    #[config(default = 32)]
-    pub units: usize,
-    /// Stacked cells.
-    #[config(default = 2)]
-    pub cells: usize,
-    /// Input pixels per state pixel (the encoder's patch conv).
-    #[config(default = 4)]
-    pub stride: usize,
-}
-
-impl ConvLstmConfig {
-    /// The radar preset (KNMI / synthetic: 6 -> 6 frames of 5 minutes, one channel).
-    pub fn radar() -> Self {
-        ConvLstmConfig::new(6, 6, 1)
-    }
-
-    pub fn init<B: Backend>(&self, device: &B::Device) -> ConvLstm<B> {
-        let conv = |i, o, k: usize, bias: bool| {
-            Conv2dConfig::new([i, o], [k, k])
-                .with_padding(PaddingConfig2d::Explicit(k / 2, k / 2, k / 2, k / 2))
-                .with_bias(bias)
-                .init(device)
-        };
-        let s = self.stride;
-        ConvLstm {
-            enc_in: conv(self.channels, self.hidden, 3, true),
-            enc_down: Conv2dConfig::new([self.hidden, self.hidden], [s, s]).with_stride([s, s]).init(device),
-            cells: (0..self.cells)
-                .map(|l| Cell {
-                    input: conv(if l == 0 { self.hidden } else { self.units }, 4 * self.units, 3, true),
-                    state: conv(self.units, 4 * self.units, 3, false),
-                })
-                .collect(),
-            dec_proj: conv(self.units, self.hidden, 1, true),
-            dec_up: ConvTranspose2dConfig::new([self.hidden, self.hidden], [s, s]).with_stride([s, s]).init(device),
-            dec_out: conv(self.hidden, self.channels, 3, true),
-            t_in: self.t_in,
-            t_out: self.t_out,
-            hidden: self.hidden,
-            units: self.units,
-            stride: s,
-        }
-    }
-}
 
 /// One ConvLSTM cell: `gates = input(x) + state(h)`, split into input, forget, output gates and
 /// the candidate, each `units` channels.
@@ -132,17 +79,42 @@ pub struct ConvLstm<B: Backend> {
     pub(crate) dec_proj: Conv2d<B>,
     pub(crate) dec_up: ConvTranspose2d<B>,
     pub(crate) dec_out: Conv2d<B>,
-    pub(crate) t_in: usize,
-    pub(crate) t_out: usize,
-    pub(crate) hidden: usize,
-    pub(crate) units: usize,
-    pub(crate) stride: usize,
+    #[module(skip)]
+    pub(crate) frames: Frames,
+    #[module(skip)]
+    pub(crate) spec: ConvLstmSpec,
 }
 
 impl<B: Backend> ConvLstm<B> {
+    /// A freshly initialised ConvLSTM for `frames` of the given sizes.
+    pub fn new(frames: Frames, spec: &ConvLstmSpec, device: &B::Device) -> Self {
+        let conv = |i, o, k: usize, bias: bool| {
+            Conv2dConfig::new([i, o], [k, k])
+                .with_padding(PaddingConfig2d::Explicit(k / 2, k / 2, k / 2, k / 2))
+                .with_bias(bias)
+                .init(device)
+        };
+        let s = spec.stride;
+        ConvLstm {
+            enc_in: conv(frames.channels, spec.hidden, 3, true),
+            enc_down: Conv2dConfig::new([spec.hidden, spec.hidden], [s, s]).with_stride([s, s]).init(device),
+            cells: (0..spec.cells)
+                .map(|l| Cell {
+                    input: conv(if l == 0 { spec.hidden } else { spec.units }, 4 * spec.units, 3, true),
+                    state: conv(spec.units, 4 * spec.units, 3, false),
+                })
+                .collect(),
+            dec_proj: conv(spec.units, spec.hidden, 1, true),
+            dec_up: ConvTranspose2dConfig::new([spec.hidden, spec.hidden], [s, s]).with_stride([s, s]).init(device),
+            dec_out: conv(spec.hidden, frames.channels, 3, true),
+            frames,
+            spec: spec.clone(),
+        }
+    }
+
     /// Frames padded to whole state pixels.
     fn padded(&self, h: usize, w: usize) -> (usize, usize) {
-        (h.div_ceil(self.stride) * self.stride, w.div_ceil(self.stride) * self.stride)
+        (h.div_ceil(self.spec.stride) * self.spec.stride, w.div_ceil(self.spec.stride) * self.spec.stride)
     }
 }
 
@@ -161,20 +133,20 @@ impl<B: Backend> SpatioTemporal<B> for ConvLstm<B> {
         // One set of masks per cell for the whole forward.
         let keep: Vec<Option<Tensor<B, 4>>> = (0..self.cells.len())
             .map(|l| {
-                let m = masks.layer_masks(l, &last_low, self.stride);
-                let units = m.units.map(|u| u.reshape([b, self.units, 1, 1]).expand([b, self.units, lh, lw]));
+                let m = masks.layer_masks(l, &last_low, self.spec.stride);
+                let units = m.units.map(|u| u.reshape([b, self.spec.units, 1, 1]).expand([b, self.spec.units, lh, lw]));
                 match (m.space, units) {
                     (Some(s), Some(u)) => Some(u * s),
-                    (Some(s), None) => Some(s.expand([b, self.units, lh, lw])),
+                    (Some(s), None) => Some(s.expand([b, self.spec.units, lh, lw])),
                     (None, u) => u,
                 }
             })
             .collect();
 
-        let zeros = Tensor::<B, 4>::zeros([b, self.units, lh, lw], &x.device());
+        let zeros = Tensor::<B, 4>::zeros([b, self.spec.units, lh, lw], &x.device());
         let mut states = vec![State { h: zeros.clone(), c: zeros }; self.cells.len()];
-        let mut outputs = Vec::with_capacity(self.t_out);
-        for t in 0..t_in + self.t_out {
+        let mut outputs = Vec::with_capacity(self.frames.t_out);
+        for t in 0..t_in + self.frames.t_out {
             let mut input = (t < t_in).then(|| low.clone().narrow(1, t, 1).reshape([b, hid, lh, lw]));
             for (l, cell) in self.cells.iter().enumerate() {
                 states[l] = cell.step(input, states[l].clone(), keep[l].as_ref());
@@ -186,8 +158,8 @@ impl<B: Backend> SpatioTemporal<B> for ConvLstm<B> {
         }
 
         // Decoder, all forecast steps at once.
-        let n = self.t_out;
-        let top = Tensor::stack::<5>(outputs, 1).reshape([b * n, self.units, lh, lw]);
+        let n = self.frames.t_out;
+        let top = Tensor::stack::<5>(outputs, 1).reshape([b * n, self.spec.units, lh, lw]);
         let base = last_low.unsqueeze_dim::<5>(1).expand([b, n, hid, lh, lw]).reshape([b * n, hid, lh, lw]);
         let up = gelu(self.dec_up.forward(base + self.dec_proj.forward(top)));
         let skip = full.reshape([b, t_in, hid, hp, wp]).narrow(1, t_in - 1, 1);
@@ -197,19 +169,14 @@ impl<B: Backend> SpatioTemporal<B> for ConvLstm<B> {
         last.expand([b, n, c, h, w]) + delta
     }
 
-    fn prunable_layers(&self) -> Vec<PrunableLayer> {
-        let layer = PrunableLayer { in_channels: self.hidden, units: self.units, stride: self.stride };
-        vec![layer; self.cells.len()]
-    }
-
     fn macs(&self, height: usize, width: usize) -> BackboneMacs {
         let (hp, wp) = self.padded(height, width);
         let (frame, full) = ((height * width) as u64, (hp * wp) as u64);
-        let low = full / (self.stride * self.stride) as u64;
-        let [hid, units] = [self.hidden as u64, self.units as u64];
+        let low = full / (self.spec.stride * self.spec.stride) as u64;
+        let [hid, units] = [self.spec.hidden as u64, self.spec.units as u64];
         let c = self.enc_in.weight.dims()[1] as u64;
-        let t_in = self.t_in as u64;
-        let t_out = self.t_out as u64;
+        let t_in = self.frames.t_in as u64;
+        let t_out = self.frames.t_out as u64;
         // Encoder per input frame (the first conv on the frame, the patch conv on the padded
         // map); decoder per output frame (the transposed conv's fan-in per padded-map output is
         // `hidden`; the last conv runs on the padded map).

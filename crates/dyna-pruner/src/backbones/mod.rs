@@ -1,8 +1,9 @@
-//! The backbones the method wraps. [`BackboneKind`] lists them; [`Backbone`] holds one.
+//! The backbones the method wraps. [`BackboneKind`] (in the spec crate) lists them; [`Backbone`]
+//! holds one, built from its [`BackboneSpec`].
 //!
 //! The contract ([`SpatioTemporal`]): map `[batch, t_in, c, h, w]` to `[batch, t_out, c, h, w]`,
 //! ask the [`MaskSource`] for masks at each prunable layer (in the order of
-//! [`SpatioTemporal::prunable_layers`]), apply them so that pruned positions and units cost
+//! [`Architecture::prunable_layers`]), apply them so that pruned positions and units cost
 //! nothing in a sparse executor, and count dense MACs analytically.
 
 pub mod cnn;
@@ -10,50 +11,11 @@ pub mod convlstm;
 pub mod vit;
 
 use burn::prelude::*;
-use serde::{Deserialize, Serialize};
+use dyna_pruner_spec::{Architecture, BackboneSpec};
 
 use crate::method::MaskSource;
 
-/// The backbones that exist.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum BackboneKind {
-    /// SimVP-style CNN: strided conv encoder -> masked residual translator -> decoder.
-    Cnn,
-    /// ViT over patches: token dropping, attention heads and MLP units as units.
-    Vit,
-    /// ConvLSTM encoder-forecaster: state updates only at kept positions, hidden channels as units.
-    #[serde(rename = "convlstm")]
-    ConvLstm,
-}
-
-impl BackboneKind {
-    pub const ALL: [BackboneKind; 3] = [BackboneKind::Cnn, BackboneKind::Vit, BackboneKind::ConvLstm];
-
-    /// The name used in configs and on the command line.
-    pub fn name(self) -> &'static str {
-        match self {
-            BackboneKind::Cnn => "cnn",
-            BackboneKind::Vit => "vit",
-            BackboneKind::ConvLstm => "convlstm",
-        }
-    }
-}
-
-/// Which layers of the CNN the DataMask prunes (defined beside the executor, which reads it
-/// from exported files).
-pub use dyna_pruner_exec::DataScope;
-
-/// One layer whose positions (DataMask) and units (ModelMask) can be pruned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PrunableLayer {
-    /// Channels of the layer input (what the unit gate pools).
-    pub in_channels: usize,
-    /// Prunable units (hidden filters).
-    pub units: usize,
-    /// Input pixels per feature pixel at this layer.
-    pub stride: usize,
-}
+pub use dyna_pruner_spec::{BackboneKind, DataScope, PrunableLayer};
 
 /// Dense MACs per sample: the part no mask touches, the part only the DataMask prunes, and each prunable layer's, split into the
 /// part linear in the kept positions and the part over pairs of kept positions (attention).
@@ -78,9 +40,6 @@ pub trait SpatioTemporal<B: Backend> {
     /// - output: `[batch, t_out, channels, height, width]`
     fn forward(&self, x: Tensor<B, 5>, masks: &mut dyn MaskSource<B>) -> Tensor<B, 5>;
 
-    /// The prunable layers, in the order `forward` asks for their masks.
-    fn prunable_layers(&self) -> Vec<PrunableLayer>;
-
     /// Dense MACs per sample for frames of `height x width`.
     fn macs(&self, height: usize, width: usize) -> BackboneMacs;
 }
@@ -95,6 +54,18 @@ pub enum Backbone<B: Backend> {
     ConvLstm(convlstm::ConvLstm<B>),
 }
 
+impl<B: Backend> Backbone<B> {
+    /// A freshly initialised backbone of `arch`.
+    pub fn new(arch: &Architecture, device: &B::Device) -> Self {
+        let (frames, patch) = (arch.frames, arch.model.patch);
+        match &arch.model.backbone {
+            BackboneSpec::Cnn(s) => Backbone::Cnn(cnn::Cnn::new(frames, s, device)),
+            BackboneSpec::Vit(s) => Backbone::Vit(vit::Vit::new(frames, patch, s, device)),
+            BackboneSpec::ConvLstm(s) => Backbone::ConvLstm(convlstm::ConvLstm::new(frames, s, device)),
+        }
+    }
+}
+
 impl<B: Backend> SpatioTemporal<B> for Backbone<B> {
     fn forward(&self, x: Tensor<B, 5>, masks: &mut dyn MaskSource<B>) -> Tensor<B, 5> {
         match self {
@@ -104,31 +75,11 @@ impl<B: Backend> SpatioTemporal<B> for Backbone<B> {
         }
     }
 
-    fn prunable_layers(&self) -> Vec<PrunableLayer> {
-        match self {
-            Backbone::Cnn(m) => m.prunable_layers(),
-            Backbone::Vit(m) => m.prunable_layers(),
-            Backbone::ConvLstm(m) => m.prunable_layers(),
-        }
-    }
-
     fn macs(&self, height: usize, width: usize) -> BackboneMacs {
         match self {
             Backbone::Cnn(m) => m.macs(height, width),
             Backbone::Vit(m) => m.macs(height, width),
             Backbone::ConvLstm(m) => m.macs(height, width),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn command_line_names_are_the_config_names() {
-        for kind in BackboneKind::ALL {
-            assert_eq!(serde_json::to_string(&kind).unwrap(), format!("\"{}\"", kind.name()));
         }
     }
 }

@@ -13,65 +13,10 @@ use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::{gelu, softmax};
 
-use super::{BackboneMacs, PrunableLayer, SpatioTemporal};
+use dyna_pruner_spec::{Frames, VitSpec};
+
+use super::{BackboneMacs, SpatioTemporal};
 use crate::method::MaskSource;
-
-/// Configuration of [`Vit`].
-#[derive(Config, Debug)]
-pub struct VitConfig {
-    pub t_in: usize,
-    pub t_out: usize,
-    pub channels: usize,
-    /// Patch side in pixels: one token per patch.
-    #[config(default = 4)]
-    pub patch: usize,
-    /// Token width.
-    #[config(default = 64)]
-    pub dim: usize,
-    /// Attention heads per layer (a divisor of `dim`).
-    #[config(default = 4)]
-    pub heads: usize,
-    /// MLP hidden units per layer.
-    #[config(default = 128)]
-    pub mlp: usize,
-    /// Encoder layers.
-    #[config(default = 4)]
-    pub layers: usize,
-}
-
-impl VitConfig {
-    /// The weather preset (WeatherBench/OpenSTL: 12 -> 12 hourly frames of one variable).
-    pub fn weather() -> Self {
-        VitConfig::new(12, 12, 1)
-    }
-
-    pub fn init<B: Backend>(&self, device: &B::Device) -> Vit<B> {
-        let cell = self.patch * self.patch;
-        let linear = |i, o| LinearConfig::new(i, o).init(device);
-        let norm = || LayerNormConfig::new(self.dim).init(device);
-        Vit {
-            embed: linear(self.t_in * self.channels * cell, self.dim),
-            layers: (0..self.layers)
-                .map(|_| EncoderLayer {
-                    norm1: norm(),
-                    qkv: linear(self.dim, 3 * self.dim),
-                    proj: linear(self.dim, self.dim),
-                    norm2: norm(),
-                    fc1: linear(self.dim, self.mlp),
-                    fc2: linear(self.mlp, self.dim),
-                })
-                .collect(),
-            norm: norm(),
-            head: linear(self.dim, self.t_out * self.channels * cell),
-            t_out: self.t_out,
-            channels: self.channels,
-            patch: self.patch,
-            dim: self.dim,
-            heads: self.heads,
-            mlp: self.mlp,
-        }
-    }
-}
 
 /// Pre-norm encoder layer: `x + M_t * Attn(LN x)` then `x + M_t * MLP(LN x)`.
 #[derive(Module, Debug)]
@@ -139,12 +84,11 @@ pub struct Vit<B: Backend> {
     pub(crate) layers: Vec<EncoderLayer<B>>,
     pub(crate) norm: LayerNorm<B>,
     pub(crate) head: Linear<B>,
-    t_out: usize,
-    channels: usize,
+    #[module(skip)]
+    frames: Frames,
     patch: usize,
-    dim: usize,
-    heads: usize,
-    mlp: usize,
+    #[module(skip)]
+    spec: VitSpec,
 }
 
 /// Token map `[batch, tokens, dim]` as a feature map `[batch, dim, hp, wp]` (what the unit gates pool).
@@ -165,6 +109,31 @@ fn gated<B: Backend>(x: Tensor<B, 3>, update: Tensor<B, 3>, keep: Option<&Tensor
 }
 
 impl<B: Backend> Vit<B> {
+    /// A freshly initialised ViT for `frames` of the given sizes, one token per `patch x patch` cell.
+    pub fn new(frames: Frames, patch: usize, spec: &VitSpec, device: &B::Device) -> Self {
+        let cell = patch * patch;
+        let linear = |i, o| LinearConfig::new(i, o).init(device);
+        let norm = || LayerNormConfig::new(spec.dim).init(device);
+        Vit {
+            embed: linear(frames.t_in * frames.channels * cell, spec.dim),
+            layers: (0..spec.layers)
+                .map(|_| EncoderLayer {
+                    norm1: norm(),
+                    qkv: linear(spec.dim, 3 * spec.dim),
+                    proj: linear(spec.dim, spec.dim),
+                    norm2: norm(),
+                    fc1: linear(spec.dim, spec.mlp),
+                    fc2: linear(spec.mlp, spec.dim),
+                })
+                .collect(),
+            norm: norm(),
+            head: linear(spec.dim, frames.t_out * frames.channels * cell),
+            frames,
+            patch,
+            spec: spec.clone(),
+        }
+    }
+
     fn tokens_per_side(&self, h: usize, w: usize) -> (usize, usize) {
         (h.div_ceil(self.patch), w.div_ceil(self.patch))
     }
@@ -181,13 +150,13 @@ impl<B: Backend> SpatioTemporal<B> for Vit<B> {
         let padded =
             x.reshape([b, t * c, h, w]).pad((0, wp * p - w, 0, hp * p - h), burn::tensor::ops::PadMode::Constant(0.0));
         let cells = padded.reshape([b, t * c, hp, p, wp, p]).permute([0, 2, 4, 1, 3, 5]).reshape([b, n, t * c * p * p]);
-        let positions = dyna_pruner_exec::vit::position_encoding(hp, wp, self.dim);
-        let pos = Tensor::<B, 1>::from_floats(positions.as_slice(), &cells.device()).reshape([1, n, self.dim]);
+        let positions = dyna_pruner_exec::vit::position_encoding(hp, wp, self.spec.dim);
+        let pos = Tensor::<B, 1>::from_floats(positions.as_slice(), &cells.device()).reshape([1, n, self.spec.dim]);
         let mut z = self.embed.forward(cells) + pos;
         for (l, layer) in self.layers.iter().enumerate() {
             let m = masks.layer_masks(2 * l, &as_map(&z, hp, wp), p);
             let keep = m.space.map(|s| s.reshape([b, n]));
-            let update = layer.attention(z.clone(), keep.as_ref(), m.units, self.heads);
+            let update = layer.attention(z.clone(), keep.as_ref(), m.units, self.spec.heads);
             z = gated(z, update, keep.as_ref());
             let m = masks.layer_masks(2 * l + 1, &as_map(&z, hp, wp), p);
             let update = layer.mlp(z.clone(), m.units);
@@ -195,23 +164,17 @@ impl<B: Backend> SpatioTemporal<B> for Vit<B> {
         }
         let out = self.head.forward(self.norm.forward(z));
         let delta = out
-            .reshape([b, hp, wp, self.t_out * self.channels, p, p])
+            .reshape([b, hp, wp, self.frames.t_out * self.frames.channels, p, p])
             .permute([0, 3, 1, 4, 2, 5])
-            .reshape([b, self.t_out, self.channels, hp * p, wp * p])
-            .slice([0..b, 0..self.t_out, 0..self.channels, 0..h, 0..w]);
-        last.expand([b, self.t_out, c, h, w]) + delta
-    }
-
-    fn prunable_layers(&self) -> Vec<PrunableLayer> {
-        let attention = PrunableLayer { in_channels: self.dim, units: self.heads, stride: self.patch };
-        let mlp = PrunableLayer { in_channels: self.dim, units: self.mlp, stride: self.patch };
-        self.layers.iter().flat_map(|_| [attention, mlp]).collect()
+            .reshape([b, self.frames.t_out, self.frames.channels, hp * p, wp * p])
+            .slice([0..b, 0..self.frames.t_out, 0..self.frames.channels, 0..h, 0..w]);
+        last.expand([b, self.frames.t_out, c, h, w]) + delta
     }
 
     fn macs(&self, height: usize, width: usize) -> BackboneMacs {
         let (hp, wp) = self.tokens_per_side(height, width);
         let n = (hp * wp) as u64;
-        let [d, mlp] = [self.dim as u64, self.mlp as u64];
+        let [d, mlp] = [self.spec.dim as u64, self.spec.mlp as u64];
         let [cells_in, _] = self.embed.weight.dims();
         let [_, cells_out] = self.head.weight.dims();
         let mut layers = Vec::new();
@@ -248,13 +211,8 @@ mod tests {
     #[test]
     fn dropped_tokens_neither_change_nor_influence() {
         let device = Default::default();
-        let vit = VitConfig::new(3, 2, 1)
-            .with_patch(2)
-            .with_dim(8)
-            .with_heads(2)
-            .with_mlp(6)
-            .with_layers(2)
-            .init::<CpuBackend>(&device);
+        let frames = Frames { t_in: 3, t_out: 2, channels: 1 };
+        let vit = Vit::<CpuBackend>::new(frames, 2, &VitSpec { dim: 8, heads: 2, mlp: 6, layers: 2 }, &device);
         let x: Tensor<CpuBackend, 5> = Tensor::random([1, 3, 1, 6, 5], Distribution::Uniform(-1.0, 1.0), &device);
         // 3x3 tokens; keep tokens 0 and 4
         let mut keep = vec![0.0f32; 9];

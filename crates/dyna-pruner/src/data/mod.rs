@@ -5,6 +5,7 @@
 //! generators for tests and benches (`synthetic`).
 
 pub mod batch;
+pub mod config;
 pub mod crowd_h5;
 pub mod hdf5;
 pub mod netcdf;
@@ -23,8 +24,8 @@ pub use scaling::{MinMaxScaler, Scaler, ZScoreScaler};
 pub use series::{window_len, DateRange, Domain, FrameSeries, LatLonGrid, WindowSet};
 pub use timeslots::SlotFormat;
 
-use crate::config::{DataConfig, DataFormat};
 use crate::error::{Error, Result};
+use config::{DataConfig, DataFormat};
 
 /// What a set of data files holds: a time series (HDF5) or pre-cut windows (npz).
 pub enum Source {

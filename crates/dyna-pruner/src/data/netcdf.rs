@@ -14,7 +14,7 @@ use netcdf_reader::{NcFile, NcSliceInfo, NcSliceInfoElem};
 
 use super::series::{Domain, FrameSeries, LatLonGrid};
 use super::timeslots::{civil_from_days, date_of_days, days_from_civil, parse_date, Stamp};
-use crate::config::{ChannelSpec, DataConfig};
+use crate::data::config::{ChannelSpec, DataConfig};
 use crate::error::{Error, Result};
 
 const TIME: &[&str] = &["time", "valid_time"];
@@ -435,7 +435,7 @@ pub(crate) mod tests {
     }
 
     fn config(files: Vec<PathBuf>, channels: Vec<ChannelSpec>) -> DataConfig {
-        DataConfig { format: crate::config::DataFormat::Netcdf, files, channels, ..DataConfig::default() }
+        DataConfig { format: crate::data::config::DataFormat::Netcdf, files, channels, ..DataConfig::default() }
     }
 
     fn tmp(name: &str) -> PathBuf {

@@ -430,7 +430,7 @@ impl<B: GatheredBackend> Cnn<B> {
             .permute([0, 2, 3, 1])
             .reshape([b * fg.pixels(), t * c]);
         let skip = conv_at(&self.enc_in, (input, full.windows.clone()), KeptUnits::All, true);
-        let reads = full.back.clone().select(0, strided_windows(patches, fg, low, self.stride));
+        let reads = full.back.clone().select(0, strided_windows(patches, fg, low, self.spec.stride));
         let z = conv_at(&self.enc_down, (skip.clone(), reads), KeptUnits::All, true);
         (skip, z)
     }
@@ -445,7 +445,7 @@ impl<B: GatheredBackend> Cnn<B> {
     fn decode_kept(&self, z: Tensor<B, 2>, skip: Tensor<B, 2>, x: Tensor<B, 5>, full: &KeptRows<B>) -> Tensor<B, 5> {
         let [b, t, c, h, w] = x.dims();
         let [n, hid] = skip.dims();
-        let s = self.stride;
+        let s = self.spec.stride;
         let up = match &self.dec_up {
             // Each kept translator pixel becomes its stride x stride block of full-resolution
             // pixels, reordered into the full-resolution kept pixels' order (patch, row, column).
@@ -461,7 +461,7 @@ impl<B: GatheredBackend> Cnn<B> {
         // The last conv as per-tap products of each source pixel, summed over each window
         // (8 output channels: far fewer floats than im2col rows of its 32 input channels; a
         // `window_conv` of 8 outputs keeps a CUDA cube at one warp).
-        let out_c = self.t_out * self.channels;
+        let out_c = self.frames.t_out * self.frames.channels;
         let weight = self.dec_out.weight.val().permute([1, 2, 3, 0]).reshape([hid, 9 * out_c]);
         // The zero row (taps off the kept pixels) appended to the input: 32 floats, not 72.
         let products = with_zero_row(up + skip).matmul(weight).reshape([(n + 1) * 9, out_c]);
@@ -475,9 +475,9 @@ impl<B: GatheredBackend> Cnn<B> {
             .reshape([b, full.grid.rows, full.grid.cols, out_c])
             .slice([0..b, 1..1 + h, 1..1 + w, 0..out_c])
             .permute([0, 3, 1, 2])
-            .reshape([b, self.t_out, self.channels, h, w]);
+            .reshape([b, self.frames.t_out, self.frames.channels, h, w]);
         let last = x.narrow(1, t - 1, 1).reshape([b, 1, c, h, w]);
-        last.expand([b, self.t_out, self.channels, h, w]) + delta
+        last.expand([b, self.frames.t_out, self.frames.channels, h, w]) + delta
     }
 }
 
@@ -502,11 +502,11 @@ impl<B: GatheredBackend> DynamicModel<B> {
     pub fn forward_gathered(&self, x: Tensor<B, 5>, masks: GatheredMasks<B>) -> (Tensor<B, 5>, IndexMasks<B>) {
         let cnn = cnn_of(self);
         let [b, _, _, h, w] = x.dims();
-        let (c, h2, w2) = (cnn.hidden, h.div_ceil(cnn.stride), w.div_ceil(cnn.stride));
-        let grid = Grid::new(h2, w2, self.patch / cnn.stride);
+        let (c, h2, w2) = (cnn.spec.hidden, h.div_ceil(cnn.spec.stride), w.div_ceil(cnn.spec.stride));
+        let grid = Grid::new(h2, w2, self.arch.model.patch / cnn.spec.stride);
         // The dense encoder first, as before the network scope existed: queued after the patch
         // ranking instead, the same forward took 54 ms instead of 28 on an H100 (batch 32, kept 0.3).
-        let dense = (cnn.data_scope == DataScope::Translator).then(|| cnn.encode(x.clone(), None));
+        let dense = (cnn.spec.data_scope == DataScope::Translator).then(|| cnn.encode(x.clone(), None));
         let (importance, ranks, IndexMasks { patches, mut units }) = match masks {
             GatheredMasks::Given(m) => (None, None, m),
             GatheredMasks::Method(masking) => {
@@ -527,7 +527,7 @@ impl<B: GatheredBackend> DynamicModel<B> {
                 )
             }
             None => {
-                let full = KeptRows::new(&patches, Grid::new(h, w, self.patch), ranks.as_ref());
+                let full = KeptRows::new(&patches, Grid::new(h, w, self.arch.model.patch), ranks.as_ref());
                 let (skip, z) = cnn.encode_kept(x.clone(), &full, grid, &patches);
                 (Encoded::Kept(full, skip), z)
             }
@@ -575,35 +575,26 @@ impl<B: GatheredBackend> DynamicModel<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backbones::{BackboneKind, DataScope};
     use crate::method::{FixedMasks, MaskMode};
-    use crate::model::Architecture;
+    use crate::model::{Architecture, DynamicModel};
     use crate::CpuBackend;
     use burn::tensor::Distribution;
     use dyna_pruner_exec::SampleMasks;
+    use dyna_pruner_spec::{BackboneSpec, CnnSpec, DataScope, Frames, GeneratorSpec};
     use rand::rngs::StdRng;
     use rand::seq::index::sample;
     use rand::{Rng, SeedableRng};
 
     type B = CpuBackend;
 
-    fn arch(stride: usize, patch: usize) -> Architecture {
-        Architecture {
-            backbone: BackboneKind::Cnn,
-            t_in: 3,
-            t_out: 2,
-            channels: 2,
-            hidden: 6,
-            units: 7,
-            blocks: 2,
-            heads: 1,
-            stride,
-            patch,
-            generator_width: 4,
-            generator_motion: false,
-            data_scope: DataScope::Translator,
-        }
+    fn arch(stride: usize, patch: usize, data_scope: DataScope) -> Architecture {
+        let cnn = CnnSpec { hidden: 6, units: UNITS, blocks: BLOCKS, stride, data_scope };
+        Architecture::new(Frames { t_in: 3, t_out: 2, channels: 2 }, patch, BackboneSpec::Cnn(cnn))
+            .with_generator(GeneratorSpec { width: 4, motion: false })
     }
+
+    const UNITS: usize = 7;
+    const BLOCKS: usize = 2;
 
     fn close(a: Tensor<B, 5>, b: Tensor<B, 5>, what: &str) {
         let (a, b): (Vec<f32>, Vec<f32>) = (a.into_data().to_vec().unwrap(), b.into_data().to_vec().unwrap());
@@ -621,22 +612,21 @@ mod tests {
         for (case, ((stride, patch, h, w), data_scope)) in
             shapes.into_iter().flat_map(|shape| scopes.map(|scope| (shape, scope))).enumerate()
         {
-            let a = Architecture { data_scope, ..arch(stride, patch) };
-            let model = a.init::<B>(&device);
+            let model = DynamicModel::<B>::new(&arch(stride, patch, data_scope), &device);
             let batch = 3;
             let x = Tensor::<B, 5>::random([batch, 3, 2, h, w], Distribution::Uniform(0.0, 1.0), &device);
             let n = h.div_ceil(patch) * w.div_ceil(patch);
-            let (kp, ku) = (rng.random_range(1..=n), rng.random_range(1..=a.units));
+            let (kp, ku) = (rng.random_range(1..=n), rng.random_range(1..=UNITS));
             let masks: Vec<SampleMasks> = (0..batch)
                 .map(|_| SampleMasks {
                     patches: sample(&mut rng, n, kp).into_vec(),
-                    units: (0..a.blocks).map(|_| sample(&mut rng, a.units, ku).into_vec()).collect(),
+                    units: (0..BLOCKS).map(|_| sample(&mut rng, UNITS, ku).into_vec()).collect(),
                 })
                 .collect();
             let (got, used) =
                 model.forward_gathered(x.clone(), GatheredMasks::Given(IndexMasks::from_lists(&masks, &device)));
             assert_eq!(used.to_lists(), masks, "case {case}: the masks used are the ones given");
-            let units = vec![a.units; a.blocks];
+            let units = vec![UNITS; BLOCKS];
             let mut fixed = FixedMasks::new(&masks, (h.div_ceil(patch), w.div_ceil(patch)), &units, patch, &device);
             close(got, model.forward_masked(x.clone(), &mut fixed), &format!("case {case}: given masks"));
             // The method's own masks: the same as the trainer's forward at these keep ratios.

@@ -6,23 +6,7 @@ use burn::nn::{Linear, LinearConfig, PaddingConfig2d};
 use burn::prelude::*;
 use burn::tensor::activation::{gelu, sigmoid};
 use burn::tensor::module::{avg_pool2d, max_pool2d};
-
-/// Configuration of [`MaskGenerator`].
-#[derive(Config, Debug)]
-pub struct MaskGeneratorConfig {
-    /// Channels per input frame.
-    pub channels: usize,
-    /// Patch side in input pixels.
-    pub patch: usize,
-    /// Width of the generator's hidden layers.
-    #[config(default = 16)]
-    pub width: usize,
-    /// Also read the signed mean of the last temporal difference per patch: positive where
-    /// values arrive, negative where they leave, so S can follow motion (e.g. rain advecting
-    /// into a patch that is clear in the last frame).
-    #[config(default = false)]
-    pub motion: bool,
-}
+use dyna_pruner_spec::{stats_per_channel, GeneratorSpec};
 
 /// Scores each patch from per-patch statistics of the last frame and of the last temporal
 /// difference, with two 3x3 convolutions at patch resolution so neighbours inform each other.
@@ -33,31 +17,27 @@ pub struct MaskGenerator<B: Backend> {
     pub(crate) head: Conv2d<B>,
     channels: usize,
     patch: usize,
-    width: usize,
-    motion: bool,
+    #[module(skip)]
+    spec: GeneratorSpec,
 }
 
-/// Per-patch statistics per input channel: mean and max of the last frame, mean |diff| of the
-/// last two frames, and with `motion` their signed mean diff.
-fn stats_per_channel(motion: bool) -> usize {
-    3 + usize::from(motion)
-}
-
-impl MaskGeneratorConfig {
-    pub fn init<B: Backend>(&self, device: &B::Device) -> MaskGenerator<B> {
+impl<B: Backend> MaskGenerator<B> {
+    /// A freshly initialised generator for frames of `channels` channels and patches of
+    /// `patch x patch` pixels. With `spec.motion` it also reads the signed mean of the last
+    /// temporal difference per patch: positive where values arrive, so S can follow motion.
+    pub fn new(channels: usize, patch: usize, spec: GeneratorSpec, device: &B::Device) -> Self {
         let conv = |i, o, k| {
             Conv2dConfig::new([i, o], [k, k])
                 .with_padding(if k == 3 { PaddingConfig2d::Explicit(1, 1, 1, 1) } else { PaddingConfig2d::Valid })
                 .init(device)
         };
         MaskGenerator {
-            conv1: conv(stats_per_channel(self.motion) * self.channels, self.width, 3),
-            conv2: conv(self.width, self.width, 3),
-            head: conv(self.width, 1, 1),
-            channels: self.channels,
-            patch: self.patch,
-            width: self.width,
-            motion: self.motion,
+            conv1: conv(stats_per_channel(spec.motion) * channels, spec.width, 3),
+            conv2: conv(spec.width, spec.width, 3),
+            head: conv(spec.width, 1, 1),
+            channels,
+            patch,
+            spec,
         }
     }
 }
@@ -81,7 +61,7 @@ impl<B: Backend> MaskGenerator<B> {
         let mean = |v: Tensor<B, 4>| avg_pool2d(v, p, p, [0, 0], false, true);
         let mut stats =
             vec![mean(last.clone()), max_pool2d(last, p, p, [0, 0], [1, 1], true), mean(diff.clone().abs())];
-        if self.motion {
+        if self.spec.motion {
             stats.push(mean(diff));
         }
         let stats = Tensor::cat(stats, 1);
@@ -96,9 +76,9 @@ impl<B: Backend> MaskGenerator<B> {
         let channels = self.channels;
         let (hp, wp) = (patch_grid(height, self.patch), patch_grid(width, self.patch));
         let cells = (hp * wp) as u64;
-        let stats = stats_per_channel(self.motion);
+        let stats = stats_per_channel(self.spec.motion);
         let pooling = ((stats + 1) * channels * height * width) as u64;
-        let w = self.width as u64;
+        let w = self.spec.width as u64;
         pooling + cells * (9 * (stats * channels) as u64 * w + 9 * w * w + w)
     }
 }
@@ -175,7 +155,7 @@ mod tests {
         };
         let (arriving, leaving) = (frames(0.25), frames(0.75));
         for motion in [false, true] {
-            let generator = MaskGeneratorConfig::new(1, 2).with_motion(motion).init::<CpuBackend>(&device);
+            let generator = MaskGenerator::<CpuBackend>::new(1, 2, GeneratorSpec { width: 16, motion }, &device);
             let s = |x: Tensor<CpuBackend, 5>| generator.forward(x).into_data().to_vec::<f32>().unwrap();
             let (a, l) = (s(arriving.clone()), s(leaving.clone()));
             assert_eq!(a != l, motion, "motion {motion}: {a:?} vs {l:?}");

@@ -3,11 +3,7 @@
 
 use burn::prelude::*;
 use burn::tensor::IndexingUpdateOp;
-
-/// Number of items kept out of `total` at keep ratio `ratio`: `ceil(ratio * total)`, at least 1.
-pub fn kept_count(ratio: f32, total: usize) -> usize {
-    ((ratio as f64 * total as f64 - 1e-6).ceil() as usize).clamp(1, total)
-}
+pub use dyna_pruner_spec::kept_count;
 
 /// A 0/1 mask keeping the `k` highest scores of each row (exactly `k` ones per row, ties broken
 /// by the sort).
@@ -98,14 +94,6 @@ mod tests {
     use burn::tensor::Distribution;
 
     type B = TrainBackend;
-
-    #[test]
-    fn kept_count_is_ceil_and_at_least_one() {
-        assert_eq!(kept_count(0.3, 10), 3);
-        assert_eq!(kept_count(0.31, 10), 4);
-        assert_eq!(kept_count(0.0, 10), 1);
-        assert_eq!(kept_count(1.0, 7), 7);
-    }
 
     #[test]
     fn top_k_keeps_exactly_k_per_sample_even_with_ties() {

@@ -9,58 +9,10 @@ pub mod mask_generator;
 pub mod masks;
 
 use burn::prelude::*;
-use serde::{Deserialize, Serialize};
 
 use mask_generator::UnitGate;
 
-/// Which masks are active (the ablations of the method).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum MaskMode {
-    /// No masks: the dense backbone.
-    Dense,
-    /// DataMask only (spatial patches).
-    Data,
-    /// ModelMask only (units).
-    Model,
-    /// Both, driven by the one importance map S.
-    Both,
-}
-
-impl MaskMode {
-    pub fn data(self) -> bool {
-        matches!(self, MaskMode::Data | MaskMode::Both)
-    }
-    pub fn model(self) -> bool {
-        matches!(self, MaskMode::Model | MaskMode::Both)
-    }
-}
-
-/// The masks of the current forward: mode and keep ratios (annealed while training); stored in
-/// a checkpoint as its inference masking.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct Masking {
-    pub mode: MaskMode,
-    /// Fraction of patches kept by the DataMask: the top `ceil(data_keep * N)` of every sample,
-    /// or, with `data_threshold`, the mean fraction that threshold was calibrated to keep.
-    pub data_keep: f32,
-    /// Fraction of units kept by the ModelMask in every prunable layer.
-    pub unit_keep: f32,
-    /// When set, the DataMask keeps the patches with `S >= data_threshold`: a count that varies
-    /// per sample (rainy samples keep more patches than dry ones). Absent in checkpoints from
-    /// before it existed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub data_threshold: Option<f32>,
-}
-
-impl Masking {
-    pub const DENSE: Masking = Masking::top_k(MaskMode::Dense, 1.0, 1.0);
-
-    /// Masks keeping a fixed fraction of each sample's patches and of each layer's units.
-    pub const fn top_k(mode: MaskMode, data_keep: f32, unit_keep: f32) -> Masking {
-        Masking { mode, data_keep, unit_keep, data_threshold: None }
-    }
-}
+pub use dyna_pruner_spec::{MaskMode, Masking};
 
 /// The masks of one prunable layer. `None` keeps everything.
 pub struct LayerMasks<B: Backend> {

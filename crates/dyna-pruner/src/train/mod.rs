@@ -2,8 +2,6 @@
 //! annealed over warm-up, optional distillation from the checkpoint it starts from, Adam with a
 //! cosine learning rate, the best validation epoch kept, and `--resume` from the last epoch.
 
-pub mod checkpoint;
-
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -17,6 +15,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
+use crate::checkpoint::{self, CheckpointMeta, Provenance, Recorder};
 use crate::config::{DataFormat, DataRule, Plan};
 use crate::data::{self, Domain, Horizon, MinMaxScaler, Scaler, Splits, WindowSet, ZScoreScaler};
 use crate::error::{Error, Result};
@@ -25,7 +24,6 @@ use crate::method::budget::{annealed, budget_loss, mask_target_loss};
 use crate::method::masks::quantile_threshold;
 use crate::method::{MaskMode, Masking};
 use crate::model::DynamicModel;
-use checkpoint::{CheckpointMeta, Provenance, Recorder};
 
 /// Receives progress of a training run.
 pub trait Progress {
@@ -154,11 +152,12 @@ pub fn train<B: AutodiffBackend>(
                     "{}: backbone and unit gates taken over; the mask generator starts afresh (its shape differs)",
                     dir.display()
                 ));
-                model.mask_generator = architecture.mask_generator(device);
+                model.mask_generator = crate::model::mask_generator(&architecture, device);
+                model.arch = architecture.clone();
             }
             (model, init.meta.scaler.clone(), Some((teacher, init.meta.masking)))
         }
-        None => (architecture.init::<B>(device), fitted, None),
+        None => (DynamicModel::new(&architecture, device), fitted, None),
     };
     let mut optim = AdamConfig::new().init::<B, crate::model::DynamicModel<B>>();
 

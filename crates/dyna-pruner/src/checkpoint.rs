@@ -36,6 +36,8 @@ pub struct Provenance {
 /// `checkpoint.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CheckpointMeta {
+    /// Read in either layout (see `dyna_pruner_spec::legacy`), written in today's.
+    #[serde(deserialize_with = "dyna_pruner_spec::legacy::architecture")]
     pub architecture: Architecture,
     pub scaler: Scaler,
     /// Weather: the training period's mean frame `[C, H, W]` in physical units (for the ACC).
@@ -110,8 +112,7 @@ pub fn load_weights<B: Backend>(
     architecture: &Architecture,
     device: &B::Device,
 ) -> Result<DynamicModel<B>> {
-    architecture
-        .init::<B>(device)
+    DynamicModel::new(architecture, device)
         .load_file(dir.join(WEIGHTS), &Recorder::new(), device)
         .map_err(|e| ck_err(dir, format!("cannot load weights model.mpk: {e}")))
 }

@@ -1,0 +1,96 @@
+//! Element-wise activations in f32: the exact GELU of the training framework (through a fast
+//! `erf`) and the sigmoid.
+
+use rayon::prelude::*;
+
+/// `erf(x)` in f32 as a branch-free rational function of x (the approximation Eigen and
+/// TensorFlow use for f32): within 5e-7 of `libm::erff` and about 15x faster, which matters
+/// because GELU runs on every feature-map element.
+#[inline(always)]
+pub fn erf(x: f32) -> f32 {
+    erf_with(x, |a, b, c| a * b + c)
+}
+
+/// [`erf`] with its multiply-adds done by `madd(a, b, c) = a * b + c` (fused or not).
+#[inline(always)]
+#[allow(clippy::excessive_precision)] // the published coefficients, rounded by the compiler
+fn erf_with(x: f32, madd: impl Fn(f32, f32, f32) -> f32) -> f32 {
+    let x = x.clamp(-4.0, 4.0);
+    let x2 = x * x;
+    let mut p = madd(x2, -2.726_142_2e-10, 2.770_681_4e-8);
+    p = madd(x2, p, -2.101_024e-6);
+    p = madd(x2, p, -5.692_506_4e-5);
+    p = madd(x2, p, -7.349_906_3e-4);
+    p = madd(x2, p, -2.954_600_1e-3);
+    p = madd(x2, p, -1.609_603_3e-2);
+    let mut q = madd(x2, -1.456_607_2e-5, -2.133_740_6e-4);
+    q = madd(x2, q, -1.682_827e-3);
+    q = madd(x2, q, -7.373_329_3e-3);
+    q = madd(x2, q, -1.426_473_9e-2);
+    x * p / q
+}
+
+/// `0.5 x (1 + erf(x / sqrt 2))`, the exact GELU the training framework uses.
+#[inline(always)]
+pub fn gelu_in_place(v: &mut f32) {
+    *v = 0.5 * *v * (1.0 + erf(*v * std::f32::consts::FRAC_1_SQRT_2));
+}
+
+/// GELU over a slice, vectorized with AVX2 and fused multiply-adds where the CPU has them (the
+/// default x86-64 target only allows SSE2, and GELU runs on every feature-map element). The
+/// fused path rounds the polynomial's steps once instead of twice: within 1e-6 of
+/// `gelu_in_place` (tested). The convolutions apply the same GELU in their kernel (`fma`);
+/// this one serves the ViT.
+pub fn gelu_slice(values: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: `gelu_avx2` only requires AVX2 and FMA, which were just detected on this CPU.
+        #[allow(unsafe_code)]
+        unsafe {
+            gelu_avx2(values)
+        };
+        return;
+    }
+    values.iter_mut().for_each(gelu_in_place);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn gelu_avx2(values: &mut [f32]) {
+    for v in values.iter_mut() {
+        *v = 0.5 * *v * (1.0 + erf_with(*v * std::f32::consts::FRAC_1_SQRT_2, f32::mul_add));
+    }
+}
+
+/// GELU over a whole map, in parallel.
+pub fn gelu(values: &mut [f32]) {
+    values.par_chunks_mut(16_384).for_each(gelu_slice);
+}
+
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_erf_matches_libm() {
+        let worst =
+            (-6000..=6000).map(|i| i as f32 / 1000.0).map(|x| (erf(x) - libm::erff(x)).abs()).fold(0.0, f32::max);
+        assert!(worst < 1e-6, "{worst}");
+    }
+
+    #[test]
+    fn vectorized_gelu_matches_the_scalar_one() {
+        let xs: Vec<f32> = (-5000..5000).map(|i| i as f32 / 700.0).chain([0.0, -0.0, 1e-30, 9.0]).collect();
+        let mut fast = xs.clone();
+        gelu_slice(&mut fast);
+        for (x, y) in xs.iter().zip(&fast) {
+            let mut reference = *x;
+            gelu_in_place(&mut reference);
+            assert!((reference - y).abs() <= 1e-6 * (1.0 + reference.abs()), "gelu({x}): {y} vs {reference}");
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! How the masks are set, and the counting rules the trainer and the executor share.
+
+use serde::{Deserialize, Serialize};
+
+/// Which masks are active (the ablations of the method).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MaskMode {
+    /// No masks: the dense backbone.
+    Dense,
+    /// DataMask only (spatial patches).
+    Data,
+    /// ModelMask only (units).
+    Model,
+    /// Both, driven by the one importance map S.
+    Both,
+}
+
+impl MaskMode {
+    pub fn data(self) -> bool {
+        matches!(self, MaskMode::Data | MaskMode::Both)
+    }
+    pub fn model(self) -> bool {
+        matches!(self, MaskMode::Model | MaskMode::Both)
+    }
+}
+
+/// The masks of a forward: mode and keep ratios (annealed while training); stored in a
+/// checkpoint and an exported model as its inference masking.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Masking {
+    pub mode: MaskMode,
+    /// Fraction of patches kept by the DataMask: the top `ceil(data_keep * N)` of every sample,
+    /// or, with `data_threshold`, the mean fraction that threshold was calibrated to keep.
+    pub data_keep: f32,
+    /// Fraction of units kept by the ModelMask in every prunable layer.
+    pub unit_keep: f32,
+    /// When set, the DataMask keeps the patches with `S >= data_threshold`: a count that varies
+    /// per sample (rainy samples keep more patches than dry ones). Absent in checkpoints from
+    /// before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_threshold: Option<f32>,
+}
+
+impl Masking {
+    pub const DENSE: Masking = Masking::top_k(MaskMode::Dense, 1.0, 1.0);
+
+    /// Masks keeping a fixed fraction of each sample's patches and of each layer's units.
+    pub const fn top_k(mode: MaskMode, data_keep: f32, unit_keep: f32) -> Masking {
+        Masking { mode, data_keep, unit_keep, data_threshold: None }
+    }
+
+    /// How the DataMask picks patches, when it is active.
+    pub fn patch_rule(&self) -> Option<PatchRule> {
+        let rule = match self.data_threshold {
+            Some(tau) => PatchRule::Threshold(tau),
+            None => PatchRule::TopK(self.data_keep),
+        };
+        self.mode.data().then_some(rule)
+    }
+
+    /// The ModelMask's keep ratio when it is active.
+    pub fn unit_keep(&self) -> Option<f32> {
+        self.mode.model().then_some(self.unit_keep)
+    }
+}
+
+/// How the DataMask picks a sample's patches from its importance map S.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum PatchRule {
+    /// The top `ceil(keep * N)` (the per-sample rule).
+    TopK(f32),
+    /// Those with `S >= tau` (the calibrated batch rule): a count per sample, possibly none.
+    Threshold(f32),
+}
+
+impl PatchRule {
+    /// The kept patch indices, ascending.
+    pub fn select(self, scores: &[f32]) -> Vec<usize> {
+        match self {
+            PatchRule::TopK(keep) => top_k(scores, kept_count(keep, scores.len())),
+            PatchRule::Threshold(tau) => (0..scores.len()).filter(|&i| scores[i] >= tau).collect(),
+        }
+    }
+}
+
+/// Number kept out of `total` at ratio `ratio`: `ceil(ratio * total)`, at least 1.
+pub fn kept_count(ratio: f32, total: usize) -> usize {
+    ((ratio as f64 * total as f64 - 1e-6).ceil() as usize).clamp(1, total)
+}
+
+/// Indices of the `k` largest scores (ties: lower index first), sorted ascending.
+pub fn top_k(scores: &[f32], k: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+    order.truncate(k);
+    order.sort_unstable();
+    order
+}
+
+/// Per-patch statistics per channel the mask generator reads: mean, max, mean |diff| of the
+/// last two frames, and with `motion` the signed mean diff.
+pub fn stats_per_channel(motion: bool) -> usize {
+    3 + usize::from(motion)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kept_count_is_ceil_and_at_least_one() {
+        assert_eq!(kept_count(0.3, 10), 3);
+        assert_eq!(kept_count(0.31, 10), 4);
+        assert_eq!(kept_count(0.0, 10), 1);
+        assert_eq!(kept_count(1.0, 7), 7);
+    }
+
+    #[test]
+    fn top_k_keeps_the_largest_and_breaks_ties_by_index() {
+        assert_eq!(top_k(&[0.1, 0.9, 0.5, 0.9], 2), vec![1, 3]);
+        assert_eq!(top_k(&[0.2, 0.2, 0.2], 2), vec![0, 1]);
+    }
+
+    #[test]
+    fn patch_rules_follow_the_mode() {
+        let m = Masking::top_k(MaskMode::Model, 0.5, 0.25);
+        assert_eq!(m.patch_rule(), None);
+        assert_eq!(m.unit_keep(), Some(0.25));
+        let t = Masking { data_threshold: Some(0.5), ..Masking::top_k(MaskMode::Both, 0.5, 1.0) };
+        assert_eq!(t.patch_rule().unwrap().select(&[0.4, 0.5, 0.9]), vec![1, 2]);
+        assert_eq!(Masking::DENSE.patch_rule(), None);
+    }
+}
