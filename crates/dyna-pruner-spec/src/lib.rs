@@ -306,7 +306,7 @@ impl ModelSpec {
                 in_range("model.backbone.heads", s.heads, 1, 64)?;
                 in_range("model.backbone.mlp", s.mlp, 1, 4096)?;
                 in_range("model.backbone.layers", s.layers, 1, 64)?;
-                if s.dim % s.heads != 0 {
+                if !s.dim.is_multiple_of(s.heads) {
                     return Err(SpecError::new(
                         "model.backbone.heads",
                         s.heads,
@@ -323,7 +323,7 @@ impl ModelSpec {
                 s.stride
             }
         };
-        if self.patch % stride != 0 {
+        if !self.patch.is_multiple_of(stride) {
             return Err(SpecError::new(
                 "model.patch",
                 self.patch,

@@ -136,7 +136,7 @@ impl TrainConfig {
         }
         if self.crop > 0 {
             in_range("train.crop", self.crop, patch, 4096)?;
-            if self.crop % patch != 0 {
+            if !self.crop.is_multiple_of(patch) {
                 return Err(bad_value("train.crop", self.crop, format!("a multiple of model.patch = {patch}")));
             }
         }
