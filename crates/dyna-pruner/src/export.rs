@@ -389,4 +389,31 @@ mod tests {
             assert_eq!(got.masks, want.masks);
         }
     }
+
+    /// Writes the exported models the executor crate's tests load
+    /// (`crates/dyna-pruner-exec/tests/fixtures/`): one small random model per backbone, an
+    /// input batch, and this crate's prediction and the masks for it. Run again after a change
+    /// of the file format: `cargo test -p dyna-pruner write_exec_fixtures -- --ignored`.
+    #[test]
+    #[ignore = "writes the executor's test fixtures"]
+    fn write_exec_fixtures() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dyna-pruner-exec/tests/fixtures");
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut rng = StdRng::seed_from_u64(2026);
+        let makers: [(&str, fn(&mut StdRng) -> Architecture); 3] =
+            [("cnn", random_arch), ("vit", random_vit), ("convlstm", random_convlstm)];
+        for (name, random) in makers {
+            let arch = random(&mut rng);
+            let model = DynamicModel::<B>::new(&arch, &Default::default());
+            let masking = Masking::top_k(MaskMode::Both, 0.5, 0.5);
+            let (batch, h, w) = (2, 9, 11);
+            let (x, xt) = input(&mut rng, &arch, batch, h, w);
+            let prediction: Vec<f32> = model.forward(xt, masking).prediction.into_data().to_vec().unwrap();
+            let masks = executor(&model, masking).forward(&x, batch, h, w, MaskPlan::Dynamic).unwrap().masks;
+            write(&dir.join(format!("{name}.safetensors")), &model, masking, BTreeMap::new()).unwrap();
+            let io = serde_json::json!({ "batch": batch, "height": h, "width": w, "input": x,
+                "prediction": prediction, "masks": masks });
+            std::fs::write(dir.join(format!("{name}.json")), serde_json::to_string(&io).unwrap()).unwrap();
+        }
+    }
 }
