@@ -93,6 +93,8 @@ mod tests {
 
     type B = CpuBackend;
 
+    type RandomArch = fn(&mut StdRng) -> Architecture;
+
     fn random_frames(rng: &mut StdRng) -> Frames {
         Frames { t_in: rng.random_range(2..=4), t_out: rng.random_range(1..=3), channels: rng.random_range(1..=2) }
     }
@@ -237,7 +239,7 @@ mod tests {
     }
 
     /// `cases` random models of one backbone (from `random`), each checked against the reference.
-    fn check_random_models(seed: u64, random: fn(&mut StdRng) -> Architecture, sides: std::ops::RangeInclusive<usize>) {
+    fn check_random_models(seed: u64, random: RandomArch, sides: std::ops::RangeInclusive<usize>) {
         let mut rng = StdRng::seed_from_u64(seed);
         for case in 0..10 {
             let arch = random(&mut rng);
@@ -369,7 +371,7 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(5);
         let dir = std::env::temp_dir().join(format!("dyna-pruner-export-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let makers: [fn(&mut StdRng) -> Architecture; 3] = [random_arch, random_vit, random_convlstm];
+        let makers: [RandomArch; 3] = [random_arch, random_vit, random_convlstm];
         for (i, random) in makers.into_iter().enumerate() {
             let arch = random(&mut rng);
             let model = DynamicModel::<B>::new(&arch, &Default::default());
@@ -400,9 +402,8 @@ mod tests {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dyna-pruner-exec/tests/fixtures");
         std::fs::create_dir_all(&dir).unwrap();
         let mut rng = StdRng::seed_from_u64(2026);
-        let makers: [(&str, fn(&mut StdRng) -> Architecture); 3] =
-            [("cnn", random_arch), ("vit", random_vit), ("convlstm", random_convlstm)];
-        for (name, random) in makers {
+        let makers: [RandomArch; 3] = [random_arch, random_vit, random_convlstm];
+        for (name, random) in ["cnn", "vit", "convlstm"].into_iter().zip(makers) {
             let arch = random(&mut rng);
             let model = DynamicModel::<B>::new(&arch, &Default::default());
             let masking = Masking::top_k(MaskMode::Both, 0.5, 0.5);
