@@ -45,9 +45,12 @@ impl ExportedModel {
 /// Writes `model` to `path`, after checking its tensors against its architecture.
 pub fn save(path: &Path, model: &ExportedModel) -> Result<(), ExecError> {
     check_tensors(&model.arch, &model.tensors)?;
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = model
-        .tensors
-        .iter()
+    // In name order, so that the same model always lays its tensors out alike.
+    let mut names: Vec<&String> = model.tensors.keys().collect();
+    names.sort_unstable();
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = names
+        .into_iter()
+        .map(|n| (n, &model.tensors[n]))
         .map(|(n, (shape, v))| (n.clone(), shape.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect()))
         .collect();
     let views = bytes

@@ -402,6 +402,7 @@ mod tests {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dyna-pruner-exec/tests/fixtures");
         std::fs::create_dir_all(&dir).unwrap();
         let mut rng = StdRng::seed_from_u64(2026);
+        B::seed(&Default::default(), 2026);
         let makers: [RandomArch; 3] = [random_arch, random_vit, random_convlstm];
         for (name, random) in ["cnn", "vit", "convlstm"].into_iter().zip(makers) {
             let arch = random(&mut rng);
