@@ -37,6 +37,9 @@ pub struct BenchPlan {
 /// One measured configuration (CPU and GPU benches alike).
 #[derive(Serialize)]
 pub struct Row {
+    /// The exported model timed (`bench --model`); absent for the random models.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
     pub backbone: &'static str,
     pub height: usize,
     pub width: usize,
@@ -48,8 +51,9 @@ pub struct Row {
     pub speedup: f64,
     pub efficiency: f64,
     /// Burn's own dense forward of the same model (flex on the CPU; on the GPU the dense path
-    /// is that forward, so this equals `dense_ms`).
-    pub burn_dense_ms: f64,
+    /// is that forward, so this equals `dense_ms`); absent for exported models.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub burn_dense_ms: Option<f64>,
     /// The PyTorch twin's dense forward on the same device (GPU bench with `--torch-twin`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub torch_dense_ms: Option<f64>,
@@ -91,7 +95,7 @@ pub fn architecture(kind: BackboneKind, cnn_scope: DataScope) -> Architecture {
 /// Median wall time in ms of each of `jobs`, timed in rounds (one run of each job per round,
 /// after `warmup` rounds), so that a change of load on a shared machine hits every job alike and
 /// the ratios between them stay fair.
-fn interleaved_medians(runs: usize, warmup: usize, jobs: &mut [Box<dyn FnMut() + '_>]) -> Vec<f64> {
+pub fn interleaved_medians(runs: usize, warmup: usize, jobs: &mut [Box<dyn FnMut() + '_>]) -> Vec<f64> {
     for _ in 0..warmup {
         jobs.iter_mut().for_each(|f| f());
     }
@@ -185,6 +189,7 @@ fn bench_backbone(arch: &Architecture, sizes: &[(usize, usize)], plan: &BenchPla
                 let mac_ratio = dense_macs / sparse_macs;
                 let speedup = dense_ms / sparse_ms;
                 let row = Row {
+                    model: None,
                     backbone: name,
                     height: h,
                     width: w,
@@ -195,7 +200,7 @@ fn bench_backbone(arch: &Architecture, sizes: &[(usize, usize)], plan: &BenchPla
                     sparse_ms,
                     speedup,
                     efficiency: speedup / mac_ratio,
-                    burn_dense_ms,
+                    burn_dense_ms: Some(burn_dense_ms),
                     torch_dense_ms: None,
                 };
                 println!(

@@ -156,6 +156,7 @@ pub fn run<B: GatheredBackend>(
                 let mac_ratio = macs.dense() as f64 / macs.nominal_dynamic(patches, f, cnn.units, f);
                 let speedup = dense_ms / sparse_ms;
                 let row = Row {
+                    model: None,
                     backbone: "cnn",
                     height: h,
                     width: w,
@@ -166,7 +167,7 @@ pub fn run<B: GatheredBackend>(
                     sparse_ms,
                     speedup,
                     efficiency: speedup / mac_ratio,
-                    burn_dense_ms: dense_ms,
+                    burn_dense_ms: Some(dense_ms),
                     torch_dense_ms,
                 };
                 let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_device;
+mod bench_model;
 mod demo;
 mod device;
 mod eval;
@@ -119,6 +120,13 @@ enum Command {
         /// decoder).
         #[arg(long, default_value = "translator", value_parser = parse_scope)]
         data_scope: DataScope,
+        /// Instead of random models: these exported models (`model.safetensors` from `predict`)
+        /// on the first windows of `--data`, dense path against their own masks (CPU).
+        #[arg(long, num_args = 1.., requires = "data")]
+        model: Vec<PathBuf>,
+        /// With `--model`: data files in the models' format.
+        #[arg(long, num_args = 1.., requires = "model")]
+        data: Vec<PathBuf>,
     },
     /// Evaluate the shipped dense and dynamic models and persistence on a task's test range:
     /// crowd (TaxiNYC, CNN) or weather (ERA5 t2m, ViT).
@@ -205,6 +213,8 @@ fn main() -> anyhow::Result<()> {
             device,
             torch_twin,
             data_scope,
+            model,
+            data,
         } => {
             if runs == 0
                 || fractions.iter().any(|f| !(*f > 0.0 && *f <= 1.0))
@@ -215,6 +225,7 @@ fn main() -> anyhow::Result<()> {
             }
             let plan = bench::BenchPlan { backbones, sizes, vit_sizes, batches, fractions, runs, warmup, data_scope };
             match device {
+                DeviceArg::Cpu if !model.is_empty() => bench_model::run(&model, &data, &out, &plan),
                 DeviceArg::Cpu => bench::run(&out, &plan),
                 DeviceArg::Cuda => with_backend!(device, |B, T, dev| bench_device::run::<B>(
                     &dev,

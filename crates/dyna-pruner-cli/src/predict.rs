@@ -44,6 +44,11 @@ fn export_checkpoint(dir: &Path) -> anyhow::Result<ExportedModel> {
     Ok(export::export(&ck.model, ck.meta.masking, metadata))
 }
 
+/// The scaler and the data section an exported model was trained with (from its metadata).
+pub fn scaler_and_data(model: &ExportedModel, from: &Path) -> anyhow::Result<(Scaler, DataConfig)> {
+    Ok((entry(model, SCALER, from)?, entry(model, DATA, from)?))
+}
+
 /// One metadata entry of an exported model, parsed.
 fn entry<T: serde::de::DeserializeOwned>(model: &ExportedModel, key: &str, path: &Path) -> anyhow::Result<T> {
     let text = model.metadata.get(key).with_context(|| {
@@ -58,8 +63,7 @@ pub fn run(source: &ModelSource, files: &[PathBuf], out: &Path, batch_size: usiz
         ModelSource::Exported(path) => (format::load(path)?, path.display().to_string()),
     };
     let from = Path::new(&label);
-    let scaler: Scaler = entry(&model, SCALER, from)?;
-    let data: DataConfig = entry(&model, DATA, from)?;
+    let (scaler, data) = scaler_and_data(&model, from)?;
     let exec = model.executor()?;
     let arch = &model.arch;
     let windows = crate::eval::windows_for(&data, arch, files)?;

@@ -248,6 +248,20 @@ fn train_eval_predict(
     let (a, b) = (json(&pred.join("samples.json")), json(&alone.join("samples.json")));
     assert_eq!(a["samples"], b["samples"], "the same masks and MACs per window");
     assert!(!alone.join("model.safetensors").exists());
+    // And timed on the same data, dense path against its own masks.
+    let bench = dir.join("bench");
+    let out = run(bin()
+        .args(["bench", "--model"])
+        .arg(&exported)
+        .arg("--data")
+        .arg(data)
+        .args(["--batches", "2", "--runs", "1", "--warmup", "0", "--out"])
+        .arg(&bench));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let rows = json(&bench.join("bench.json"))["rows"].clone();
+    assert_eq!(rows[0]["model"], exported.display().to_string());
+    assert_eq!(rows[0]["batch"], 2);
+    assert!(rows[0]["mac_ratio"].as_f64().unwrap() > 1.0, "the dynamic model does fewer MACs: {rows}");
     (stdout, json(&report), a)
 }
 

@@ -1,0 +1,89 @@
+//! `dyna-pruner bench --model FILE... --data FILE...`: exported models (`predict` writes them)
+//! on real frames, through the framework-free executor alone: each model's dense path against
+//! its own masks, timed in the same rounds, on the first windows of the data.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use dyna_pruner_exec::format;
+use dyna_pruner_exec::spec::MaskMode;
+use dyna_pruner_exec::MaskPlan;
+
+use crate::bench::{interleaved_medians, BenchPlan, Row};
+
+/// One row per model and batch size.
+pub fn run(models: &[PathBuf], data: &[PathBuf], out: &Path, plan: &BenchPlan) -> anyhow::Result<()> {
+    let threads = rayon::current_num_threads();
+    println!("{threads} threads, median of {} runs after {} warm-up runs\n", plan.runs, plan.warmup);
+    println!("| model | size | batch | kept patches | MAC ratio | dense ms | dynamic ms | speedup | efficiency |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let mut rows = Vec::new();
+    for path in models {
+        let model = format::load(path)?;
+        let (scaler, data_config) = crate::predict::scaler_and_data(&model, path)?;
+        let exec = model.executor()?;
+        // A dense model's own masks are none.
+        let own = if model.masking.mode == MaskMode::Dense { MaskPlan::Dense } else { MaskPlan::Dynamic };
+        let windows = crate::eval::windows_for(&data_config, &model.arch, data)?;
+        let (h, w) = (windows.height, windows.width);
+        let name = path.display().to_string();
+        for &batch in &plan.batches {
+            if batch > windows.len() {
+                anyhow::bail!("{name}: batch {batch} needs {batch} windows; the data holds {}", windows.len());
+            }
+            let mut x = Vec::new();
+            for i in 0..batch {
+                windows.scaled_input_into(i, &scaler, &mut x);
+            }
+            let dense = exec.forward(&x, batch, h, w, MaskPlan::Dense)?;
+            let dynamic = exec.forward(&x, batch, h, w, own)?;
+            let macs = |o: &dyna_pruner_exec::Output| o.macs.iter().sum::<u64>() as f64;
+            let mac_ratio = macs(&dense) / macs(&dynamic);
+            let (hp, wp) = model.arch.patch_grid(h, w);
+            let kept =
+                dynamic.masks.iter().map(|m| m.patches.len() as f64).sum::<f64>() / (batch * hp * wp).max(1) as f64;
+            let kept = if dynamic.masks.is_empty() { 1.0 } else { kept };
+            let times = interleaved_medians(
+                plan.runs,
+                plan.warmup,
+                &mut [
+                    Box::new(|| {
+                        exec.forward(&x, batch, h, w, MaskPlan::Dense).expect("valid input");
+                    }),
+                    Box::new(|| {
+                        exec.forward(&x, batch, h, w, own).expect("valid input");
+                    }),
+                ],
+            );
+            let (dense_ms, sparse_ms) = (times[0], times[1]);
+            let speedup = dense_ms / sparse_ms;
+            println!(
+                "| {name} | {h}x{w} | {batch} | {kept:.2} | {mac_ratio:.2} | {dense_ms:.2} | {sparse_ms:.2} | {speedup:.2} | {:.2} |",
+                speedup / mac_ratio
+            );
+            rows.push(Row {
+                model: Some(name.clone()),
+                backbone: model.arch.kind().name(),
+                height: h,
+                width: w,
+                batch,
+                kept_fraction: kept as f32,
+                mac_ratio,
+                dense_ms,
+                sparse_ms,
+                speedup,
+                efficiency: speedup / mac_ratio,
+                burn_dense_ms: None,
+                torch_dense_ms: None,
+            });
+        }
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let path = out.join("bench.json");
+    let report =
+        serde_json::json!({ "threads": threads, "runs": plan.runs, "warmup": plan.warmup, "data": data, "rows": rows });
+    std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!("\nwrote {}", path.display());
+    Ok(())
+}
