@@ -20,10 +20,11 @@ use crate::config::{DataFormat, DataRule, Plan};
 use crate::data::{self, Domain, Horizon, MinMaxScaler, Scaler, Splits, WindowSet, ZScoreScaler};
 use crate::error::{Error, Result};
 use crate::eval::{evaluate, Scoring};
+use crate::macs::MacModel;
 use crate::method::budget::{annealed, budget_loss, mask_target_loss};
 use crate::method::masks::quantile_threshold;
 use crate::method::{MaskMode, Masking};
-use crate::model::DynamicModel;
+use crate::model::{Architecture, DynamicModel};
 
 /// Receives progress of a training run.
 pub trait Progress {
@@ -117,197 +118,315 @@ pub fn train<B: AutodiffBackend>(
     control: RunControl,
     progress: &mut dyn Progress,
 ) -> Result<Option<Trained>> {
-    let cfg = &plan.config;
-    let (splits, fitted) = prepare_data(plan)?;
-    progress.message(&format!(
-        "windows: {} train, {} validation, {} test ({}x{} grid, {} channels)",
-        splits.train.len(),
-        splits.val.len(),
-        splits.test.len(),
-        splits.train.height,
-        splits.train.width,
-        splits.train.channels
-    ));
-    B::seed(device, cfg.train.seed);
-    let architecture = plan.architecture(splits.train.channels);
-
-    // Start from scratch or from a trained checkpoint (its scaler then stays, and it teaches).
-    let (mut model, scaler, teacher) = match &cfg.train.init_from {
-        Some(dir) => {
-            let init = checkpoint::load::<B>(dir, device)?;
-            // The generator may differ (a dense checkpoint never trained its own); the rest may not.
-            if init.meta.architecture.with_generator_of(&architecture) != architecture {
-                return Err(Error::Checkpoint {
-                    path: dir.clone(),
-                    detail: format!(
-                        "architecture {:?} differs from the config's {architecture:?}",
-                        init.meta.architecture
-                    ),
-                });
-            }
-            let teacher = init.model.valid();
-            let mut model = init.model;
-            if init.meta.architecture != architecture {
-                progress.message(&format!(
-                    "{}: backbone and unit gates taken over; the mask generator starts afresh (its shape differs)",
-                    dir.display()
-                ));
-                model.mask_generator = crate::model::mask_generator(&architecture, device);
-                model.arch = architecture.clone();
-            }
-            (model, init.meta.scaler.clone(), Some((teacher, init.meta.masking)))
-        }
-        None => (DynamicModel::new(&architecture, device), fitted, None),
-    };
-    let mut optim = AdamConfig::new().init::<B, crate::model::DynamicModel<B>>();
-
-    let train_idx: Vec<usize> = (0..splits.train.len()).step_by(cfg.train.window_stride).collect();
-    let batch = cfg.train.batch_size;
-    let steps_per_epoch = train_idx.len().div_ceil(batch);
-    let total_steps = steps_per_epoch * cfg.train.epochs;
-    let warmup_steps = (cfg.method.warmup_epochs as f64 * steps_per_epoch as f64).round() as usize;
-    let mode = cfg.method.mode;
-    let masking_at = |step: usize| {
-        let progress = if warmup_steps == 0 { 1.0 } else { step as f32 / warmup_steps as f32 };
-        Masking::top_k(mode, annealed(cfg.method.data_keep, progress), annealed(cfg.method.unit_keep, progress))
-    };
-    let batch_rule = cfg.method.data_rule == DataRule::Batch;
-    let mac_model = model.mac_model(splits.train.height, splits.train.width);
-    let missing_data = *splits.train.domain() == Domain::Radar;
-    // Weather: the training period's mean frame, stored with every saved checkpoint for the ACC.
-    let climatology = splits.train.grid().map(|_| crate::metrics::climatology(&splits.train));
-
-    let out = &cfg.train.out;
-    let mut state =
-        ResumeState { epochs_done: 0, best_epoch: 0, best_val_mse: f64::INFINITY, elapsed_s: 0.0, history: Vec::new() };
-    if control.resume {
-        let dir = resume_dir(out);
-        let text = std::fs::read_to_string(dir.join("state.json")).map_err(|e| Error::Checkpoint {
-            path: dir.clone(),
-            detail: format!("nothing to resume (state.json: {e})"),
-        })?;
-        state =
-            serde_json::from_str(&text).map_err(|e| Error::Checkpoint { path: dir.clone(), detail: e.to_string() })?;
-        model = checkpoint::load_weights::<B>(&dir, &architecture, device)?;
-        let record = Recorder::new()
-            .load(dir.join("optim"), device)
-            .map_err(|e| Error::Checkpoint { path: dir.clone(), detail: format!("optimizer state: {e}") })?;
-        optim = optim.load_record(record);
-        progress.message(&format!("resuming after epoch {} of {}", state.epochs_done, cfg.train.epochs));
-    }
-
-    let first = state.epochs_done + 1;
-    for epoch in first..=cfg.train.epochs {
+    let (mut run, mut model) = Run::<B, _>::setup(plan, device, AdamConfig::new().init(), control.resume, progress)?;
+    let epochs = plan.config.train.epochs;
+    let first = run.state.epochs_done + 1;
+    for epoch in first..=epochs {
         if control.stop_after.is_some_and(|n| epoch - first >= n) {
             progress.message(&format!("stopped after epoch {}; continue with --resume", epoch - 1));
             return Ok(None);
         }
-        let epoch_start = Instant::now();
-        let mut order = train_idx.clone();
+        let started = Instant::now();
+        let train_loss;
+        (model, train_loss) = run.epoch(model, epoch, progress)?;
+        run.end_epoch(&model, epoch, train_loss, started, progress)?;
+    }
+    let out = &plan.config.train.out;
+    let _ = std::fs::remove_dir_all(resume_dir(out));
+    let meta = checkpoint::read_meta(out)?;
+    Ok(Some(Trained { checkpoint: out.clone(), meta, splits: run.splits, history: run.state.history }))
+}
+
+/// A training run in progress: the data, the optimizer, the teacher, the schedule (the model
+/// itself passes through its steps by value, as the optimizer takes it).
+struct Run<'a, B: AutodiffBackend, O> {
+    plan: &'a Plan,
+    device: &'a B::Device,
+    splits: Splits,
+    scaler: Scaler,
+    architecture: Architecture,
+    optim: O,
+    /// The checkpoint the run started from, with its masking: the distillation teacher.
+    teacher: Option<(DynamicModel<B::InnerBackend>, Masking)>,
+    mac_model: MacModel,
+    /// Weather: the training period's mean frame, stored with every saved checkpoint for the ACC.
+    climatology: Option<Vec<f32>>,
+    train_idx: Vec<usize>,
+    steps_per_epoch: usize,
+    warmup_steps: usize,
+    state: ResumeState,
+}
+
+impl<'a, B: AutodiffBackend, O: Optimizer<DynamicModel<B>, B>> Run<'a, B, O> {
+    /// Loads the data and builds the model: from scratch, or from a trained checkpoint (its
+    /// scaler then stays, and it teaches).
+    fn setup(
+        plan: &'a Plan,
+        device: &'a B::Device,
+        optim: O,
+        resume: bool,
+        progress: &mut dyn Progress,
+    ) -> Result<(Self, DynamicModel<B>)> {
+        let cfg = &plan.config;
+        let (splits, fitted) = prepare_data(plan)?;
+        let t = &splits.train;
+        progress.message(&format!(
+            "windows: {} train, {} validation, {} test ({}x{} grid, {} channels)",
+            t.len(),
+            splits.val.len(),
+            splits.test.len(),
+            t.height,
+            t.width,
+            t.channels
+        ));
+        B::seed(device, cfg.train.seed);
+        let architecture = plan.architecture(t.channels);
+        let (model, scaler, teacher) = match &cfg.train.init_from {
+            Some(dir) => {
+                let init = checkpoint::load::<B>(dir, device)?;
+                // The generator may differ (a dense checkpoint never trained its own); the rest may not.
+                if init.meta.architecture.with_generator_of(&architecture) != architecture {
+                    return Err(Error::Checkpoint {
+                        path: dir.clone(),
+                        detail: format!(
+                            "architecture {:?} differs from the config's {architecture:?}",
+                            init.meta.architecture
+                        ),
+                    });
+                }
+                let teacher = init.model.valid();
+                let mut model = init.model;
+                if init.meta.architecture != architecture {
+                    progress.message(&format!(
+                        "{}: backbone and unit gates taken over; the mask generator starts afresh (its shape differs)",
+                        dir.display()
+                    ));
+                    model.mask_generator = crate::model::mask_generator(&architecture, device);
+                    model.arch = architecture.clone();
+                }
+                (model, init.meta.scaler.clone(), Some((teacher, init.meta.masking)))
+            }
+            None => (DynamicModel::new(&architecture, device), fitted, None),
+        };
+        let train_idx: Vec<usize> = (0..t.len()).step_by(cfg.train.window_stride).collect();
+        let steps_per_epoch = train_idx.len().div_ceil(cfg.train.batch_size);
+        let warmup_steps = (cfg.method.warmup_epochs as f64 * steps_per_epoch as f64).round() as usize;
+        let mac_model = model.mac_model(t.height, t.width);
+        let climatology = t.grid().map(|_| crate::metrics::climatology(t));
+        let (model, optim, state) = if resume {
+            let (model, optim, state) = resumed(&cfg.train.out, &architecture, optim, device)?;
+            progress.message(&format!("resuming after epoch {} of {}", state.epochs_done, cfg.train.epochs));
+            (model, optim, state)
+        } else {
+            let state = ResumeState {
+                epochs_done: 0,
+                best_epoch: 0,
+                best_val_mse: f64::INFINITY,
+                elapsed_s: 0.0,
+                history: Vec::new(),
+            };
+            (model, optim, state)
+        };
+        let run = Run {
+            plan,
+            device,
+            splits,
+            scaler,
+            architecture,
+            optim,
+            teacher,
+            mac_model,
+            climatology,
+            train_idx,
+            steps_per_epoch,
+            warmup_steps,
+            state,
+        };
+        Ok((run, model))
+    }
+
+    /// The keep ratios at `step`: annealed from 1 to their targets over warm-up.
+    fn masking_at(&self, step: usize) -> Masking {
+        let me = &self.plan.config.method;
+        let progress = if self.warmup_steps == 0 { 1.0 } else { step as f32 / self.warmup_steps as f32 };
+        Masking::top_k(me.mode, annealed(me.data_keep, progress), annealed(me.unit_keep, progress))
+    }
+
+    /// One pass over the training windows; returns the model and the mean loss.
+    fn epoch(
+        &mut self,
+        mut model: DynamicModel<B>,
+        epoch: usize,
+        progress: &mut dyn Progress,
+    ) -> Result<(DynamicModel<B>, f64)> {
+        let cfg = &self.plan.config;
+        let mut order = self.train_idx.clone();
         let mut crop_rng = StdRng::seed_from_u64(cfg.train.seed.wrapping_add(epoch as u64));
         order.shuffle(&mut crop_rng);
-        progress.epoch_start(epoch, cfg.train.epochs, steps_per_epoch);
+        progress.epoch_start(epoch, cfg.train.epochs, self.steps_per_epoch);
         let mut loss_sum = 0.0;
-        for (s, chunk) in order.chunks(batch).enumerate() {
-            let step = (epoch - 1) * steps_per_epoch + s;
-            let mut masking = masking_at(step);
+        for (s, chunk) in order.chunks(cfg.train.batch_size).enumerate() {
+            let step = (epoch - 1) * self.steps_per_epoch + s;
             let (x, y) = match cfg.train.crop {
-                0 => splits.train.batch::<B>(chunk, &scaler, device),
-                crop => splits.train.batch_crops::<B>(chunk, (crop, cfg.train.augment), &mut crop_rng, &scaler, device),
+                0 => self.splits.train.batch::<B>(chunk, &self.scaler, self.device),
+                crop => self.splits.train.batch_crops::<B>(
+                    chunk,
+                    (crop, cfg.train.augment),
+                    &mut crop_rng,
+                    &self.scaler,
+                    self.device,
+                ),
             };
-            // Batch rule: S first, then the batch's own quantile of it (its top `data_keep` of
-            // all patches pass), then the forward on that S.
-            let importance = if batch_rule {
-                let s = model.mask_generator.forward(x.clone());
-                let scores = s.clone().detach().into_data().to_vec::<f32>().expect("f32 importance");
-                let threshold = quantile_threshold(scores, masking.data_keep);
-                masking.data_threshold = Some(threshold.ok_or_else(|| non_finite_importance(out, epoch))?);
-                Some(s)
-            } else {
-                None
-            };
-            let teacher_pred = teacher
-                .as_ref()
-                .filter(|_| cfg.method.distill_weight > 0.0)
-                .map(|(t, m)| Tensor::<B, 5>::from_inner(t.forward(x.clone().inner(), *m).prediction));
-            let fwd = match importance {
-                Some(s) => model.forward_with_importance(x, s, masking),
-                None => model.forward(x, masking),
-            };
-            let mut loss = prediction_loss(fwd.prediction.clone(), y.clone(), missing_data);
-            if let Some(s) = fwd.importance.clone().filter(|_| cfg.method.mask_target_weight > 0.0) {
-                let supervision = mask_target_loss(s, y, cfg.model.patch, cfg.method.mask_target_level);
-                loss = loss + supervision * cfg.method.mask_target_weight;
-            }
-            if let Some(t) = teacher_pred {
-                loss = loss + (fwd.prediction - t).powi_scalar(2).mean() * cfg.method.distill_weight;
-            }
-            if mode != MaskMode::Dense && cfg.method.budget_weight > 0.0 {
-                let soft: Vec<_> = fwd.fractions.iter().map(|f| f.soft.clone()).collect();
-                let target = mac_model.budget_fraction(
-                    if mode.data() { masking.data_keep } else { 1.0 },
-                    if mode.model() { masking.unit_keep } else { 1.0 },
-                );
-                loss = loss + budget_loss(&mac_model, &soft, target) * cfg.method.budget_weight;
-            }
+            let loss = self.loss(&model, x, y, step, epoch)?;
             let value = loss.clone().into_scalar().elem::<f64>();
             if !value.is_finite() {
                 return Err(Error::BadValues {
-                    path: out.clone(),
+                    path: cfg.train.out.clone(),
                     field: "training loss".into(),
                     detail: format!("became {value} at epoch {epoch}, step {s}; lower train.lr"),
                 });
             }
             loss_sum += value;
             let grads = GradientsParams::from_grads(loss.backward(), &model);
-            let lr = cosine_lr(cfg.train.lr, step, total_steps);
-            model = optim.step(lr, model, grads);
+            let lr = cosine_lr(cfg.train.lr, step, self.steps_per_epoch * cfg.train.epochs);
+            model = self.optim.step(lr, model, grads);
             progress.step(s + 1, value);
         }
-        let mut end_masking = masking_at(epoch * steps_per_epoch);
-        if batch_rule {
-            let threshold = calibrate_threshold(&model.valid(), &splits.train, &scaler, end_masking.data_keep, device);
+        Ok((model, loss_sum / self.steps_per_epoch as f64))
+    }
+
+    /// The loss of one batch at `step`: prediction, S supervision, distillation, FLOPs budget.
+    fn loss(
+        &self,
+        model: &DynamicModel<B>,
+        x: Tensor<B, 5>,
+        y: Tensor<B, 5>,
+        step: usize,
+        epoch: usize,
+    ) -> Result<Tensor<B, 1>> {
+        let (me, out) = (&self.plan.config.method, &self.plan.config.train.out);
+        let mut masking = self.masking_at(step);
+        // Batch rule: S first, then the batch's own quantile of it (its top `data_keep` of all
+        // patches pass), then the forward on that S.
+        let importance = if me.data_rule == DataRule::Batch {
+            let s = model.mask_generator.forward(x.clone());
+            let scores = s.clone().detach().into_data().to_vec::<f32>().expect("f32 importance");
+            let threshold = quantile_threshold(scores, masking.data_keep);
+            masking.data_threshold = Some(threshold.ok_or_else(|| non_finite_importance(out, epoch))?);
+            Some(s)
+        } else {
+            None
+        };
+        let teacher_pred = self
+            .teacher
+            .as_ref()
+            .filter(|_| me.distill_weight > 0.0)
+            .map(|(t, m)| Tensor::<B, 5>::from_inner(t.forward(x.clone().inner(), *m).prediction));
+        let fwd = match importance {
+            Some(s) => model.forward_with_importance(x, s, masking),
+            None => model.forward(x, masking),
+        };
+        let missing_data = *self.splits.train.domain() == Domain::Radar;
+        let mut loss = prediction_loss(fwd.prediction.clone(), y.clone(), missing_data);
+        if let Some(s) = fwd.importance.clone().filter(|_| me.mask_target_weight > 0.0) {
+            let supervision = mask_target_loss(s, y, self.architecture.patch(), me.mask_target_level);
+            loss = loss + supervision * me.mask_target_weight;
+        }
+        if let Some(t) = teacher_pred {
+            loss = loss + (fwd.prediction - t).powi_scalar(2).mean() * me.distill_weight;
+        }
+        if me.mode != MaskMode::Dense && me.budget_weight > 0.0 {
+            let soft: Vec<_> = fwd.fractions.iter().map(|f| f.soft.clone()).collect();
+            let target = self.mac_model.budget_fraction(
+                if me.mode.data() { masking.data_keep } else { 1.0 },
+                if me.mode.model() { masking.unit_keep } else { 1.0 },
+            );
+            loss = loss + budget_loss(&self.mac_model, &soft, target) * me.budget_weight;
+        }
+        Ok(loss)
+    }
+
+    /// Validates, keeps the checkpoint when the epoch is the best after warm-up, and writes
+    /// the resume state.
+    fn end_epoch(
+        &mut self,
+        model: &DynamicModel<B>,
+        epoch: usize,
+        train_loss: f64,
+        started: Instant,
+        progress: &mut dyn Progress,
+    ) -> Result<()> {
+        let cfg = &self.plan.config;
+        let out = &cfg.train.out;
+        let mut end_masking = self.masking_at(epoch * self.steps_per_epoch);
+        if cfg.method.data_rule == DataRule::Batch {
+            let valid = model.valid();
+            let threshold =
+                calibrate_threshold(&valid, &self.splits.train, &self.scaler, end_masking.data_keep, self.device);
             end_masking.data_threshold = Some(threshold.ok_or_else(|| non_finite_importance(out, epoch))?);
         }
-        let scoring = Scoring { scaler: &scaler, climatology: None };
-        progress.validating(0, splits.val.len());
-        let val = evaluate(&model.valid(), &splits.val, scoring, end_masking, 256, device, &mut |d, t| {
+        let scoring = Scoring { scaler: &self.scaler, climatology: None };
+        progress.validating(0, self.splits.val.len());
+        let val = evaluate(&model.valid(), &self.splits.val, scoring, end_masking, 256, self.device, &mut |d, t| {
             progress.validating(d, t)
         });
         let val_mse = val.metrics["mse"];
-        let warm = epoch * steps_per_epoch >= warmup_steps;
-        let best = warm && val_mse < state.best_val_mse;
-        state.elapsed_s += epoch_start.elapsed().as_secs_f64();
+        let warm = epoch * self.steps_per_epoch >= self.warmup_steps;
+        let best = warm && val_mse < self.state.best_val_mse;
+        self.state.elapsed_s += started.elapsed().as_secs_f64();
         let report = EpochReport {
             epoch,
             epochs: cfg.train.epochs,
-            train_loss: loss_sum / steps_per_epoch as f64,
+            train_loss,
             val_mse,
             data_keep: end_masking.data_keep,
             unit_keep: end_masking.unit_keep,
-            elapsed_s: state.elapsed_s,
+            elapsed_s: self.state.elapsed_s,
             best,
         };
         progress.epoch_end(&report);
-        state.history.push(report);
-        state.epochs_done = epoch;
+        self.state.history.push(report);
+        self.state.epochs_done = epoch;
         if best {
-            state.best_epoch = epoch;
-            state.best_val_mse = val_mse;
+            self.state.best_epoch = epoch;
+            self.state.best_val_mse = val_mse;
             let me = &cfg.method;
             let masking = Masking {
                 data_threshold: end_masking.data_threshold,
                 ..Masking::top_k(me.mode, me.data_keep, me.unit_keep)
             };
-            let arch = architecture.clone();
-            let meta = meta_for::<B>(plan, arch, scaler.clone(), climatology.clone(), &splits, &state, masking);
-            checkpoint::save(out, &model, &meta, &plan.config)?;
+            let meta = meta_for::<B>(
+                self.plan,
+                self.architecture.clone(),
+                self.scaler.clone(),
+                self.climatology.clone(),
+                &self.splits,
+                &self.state,
+                masking,
+            );
+            checkpoint::save(out, model, &meta, &self.plan.config)?;
         }
-        save_resume(out, &model, &optim, &state)?;
+        save_resume(out, model, &self.optim, &self.state)
     }
-    let _ = std::fs::remove_dir_all(resume_dir(out));
-    let meta = checkpoint::read_meta(out)?;
-    Ok(Some(Trained { checkpoint: out.clone(), meta, splits, history: state.history }))
+}
+
+/// The model, optimizer and state of an interrupted run (`out/resume/`).
+fn resumed<B: AutodiffBackend, O: Optimizer<DynamicModel<B>, B>>(
+    out: &Path,
+    architecture: &Architecture,
+    optim: O,
+    device: &B::Device,
+) -> Result<(DynamicModel<B>, O, ResumeState)> {
+    let dir = resume_dir(out);
+    let text = std::fs::read_to_string(dir.join("state.json"))
+        .map_err(|e| Error::Checkpoint { path: dir.clone(), detail: format!("nothing to resume (state.json: {e})") })?;
+    let state: ResumeState =
+        serde_json::from_str(&text).map_err(|e| Error::Checkpoint { path: dir.clone(), detail: e.to_string() })?;
+    let model = checkpoint::load_weights::<B>(&dir, architecture, device)?;
+    let record = Recorder::new()
+        .load(dir.join("optim"), device)
+        .map_err(|e| Error::Checkpoint { path: dir.clone(), detail: format!("optimizer state: {e}") })?;
+    Ok((model, optim.load_record(record), state))
 }
 
 fn meta_for<B: Backend>(
