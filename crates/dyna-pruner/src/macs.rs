@@ -2,7 +2,7 @@
 //! and linear layers count `outputs x fan-in`; pooling counts one MAC per element read; biases,
 //! activations and additions are not counted.
 
-use crate::method::masks::kept_count;
+use dyna_pruner_spec::kept_count;
 
 /// The MACs of a wrapped backbone for one frame size.
 #[derive(Debug, Clone, PartialEq)]
