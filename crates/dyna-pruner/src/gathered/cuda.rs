@@ -5,17 +5,16 @@
 //! --device cuda` also checks the whole forward against the masked-dense reference before
 //! timing it.
 //!
-//! - Ranking: through framework ops it materialises `[batch, n, n]` comparison tensors (1.5 ms
-//!   at batch 32 on an H200 for 2304 patches; written as float 0/1 sums so that fusion could
-//!   merge them, 3.8 ms on an H100: the broadcasting comparisons and casts ran as separate
-//!   kernels, docs/BENCHMARKS.md). Here one thread per score counts the scores ahead of it and,
-//!   if it is in the top k, writes its index at its rank.
-//! - Gathered conv: through framework ops each conv writes and reads im2col rows (400 MB per
-//!   block conv at batch 32, kept 0.3) and selects each sample's weights in several ops. Here
+//! - Ranking: through framework ops it materialises `[batch, n, n]` comparison tensors (written
+//!   as float 0/1 sums so that fusion could merge them, the broadcasting comparisons and casts
+//!   still ran as separate kernels). Here one thread per score counts the scores ahead of it
+//!   and, if it is in the top k, writes its index at its rank.
+//! - Gathered conv: through framework ops each conv writes and reads im2col rows (hundreds of
+//!   MB per block conv at batch 32) and selects each sample's weights in several ops. Here
 //!   a first kernel lays each sample's kept weights out tap by tap (`[channels, units]`),
 //!   then each cube stages its pixels' window rows and the tap's weights in shared memory and
 //!   each thread accumulates 4 pixels x 4 units. Earlier kernels without shared memory lost to
-//!   the framework ops (docs/BENCHMARKS.md, session 11).
+//!   the framework ops (docs/EXPERIMENTS.md).
 
 use burn::prelude::*;
 use burn::tensor::DType;

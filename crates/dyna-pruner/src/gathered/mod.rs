@@ -10,12 +10,12 @@
 //! the references the CPU backend runs; the CUDA backend runs one CubeCL kernel for each
 //! (`cuda.rs`, tested against them):
 //! - the ranking of the patch and unit scores (top-k): the framework ops materialise
-//!   `[batch, n, n]` comparison tensors (1.5 ms at batch 32 on an H200);
+//!   `[batch, n, n]` comparison tensors;
 //! - a 3x3 conv at gathered pixels ([`GatheredBackend::window_conv`]): each pixel's 9 taps are
 //!   rows of a channels-last buffer, named by an index table. The framework ops select them as
 //!   im2col rows for one batched matmul with each sample's kept units' weights; the kernel
-//!   reads the rows and weights in place through shared memory (the im2col rows were 400 MB
-//!   per conv at batch 32, kept 0.3; docs/BENCHMARKS.md has the timings).
+//!   reads the rows and weights in place through shared memory (the im2col rows are hundreds
+//!   of MB per conv at batch 32; docs/BENCHMARKS.md has the timings).
 //!
 //! The translator map is held channels-last, zero-padded by one pixel and up to whole patches,
 //! as rows `[batch * rows * cols, C]`. Per masked block:
@@ -256,7 +256,7 @@ struct KeptRows<B: Backend> {
 impl<B: Backend> KeptRows<B> {
     /// `ranks`: each patch's top-k rank when `patches` are the top-k in rank order (then a
     /// patch's place among the kept ones is its rank; else it is found by a scatter, which
-    /// Burn 0.21's CUDA backend runs in one thread per sample: 0.37 ms at batch 32 on an H200).
+    /// Burn 0.21's CUDA backend runs in one thread per sample).
     ///
     /// # Shapes
     /// - patches: `[batch, kept]`; ranks: `[batch, patches of the grid]`
@@ -504,8 +504,8 @@ impl<B: GatheredBackend> DynamicModel<B> {
         let [b, _, _, h, w] = x.dims();
         let (c, h2, w2) = (cnn.spec.hidden, h.div_ceil(cnn.spec.stride), w.div_ceil(cnn.spec.stride));
         let grid = Grid::new(h2, w2, self.arch.model.patch / cnn.spec.stride);
-        // The dense encoder first, as before the network scope existed: queued after the patch
-        // ranking instead, the same forward took 54 ms instead of 28 on an H100 (batch 32, kept 0.3).
+        // The dense encoder first: queued after the patch ranking, the same forward ran much
+        // slower on the GPU (docs/EXPERIMENTS.md).
         let dense = (cnn.spec.data_scope == DataScope::Translator).then(|| cnn.encode(x.clone(), None));
         let (importance, ranks, IndexMasks { patches, mut units }) = match masks {
             GatheredMasks::Given(m) => (None, None, m),
@@ -534,8 +534,8 @@ impl<B: GatheredBackend> DynamicModel<B> {
         };
         // The unit gates' input: the S-weighted sum of the map over its pixels and S's mass. The
         // blocks change the map only at the kept pixels, so it is pooled in full once and then
-        // kept up to date from each block's update there (a full pooling per block was 0.45 ms
-        // of each block's ~1.3 ms at batch 32 on an H200).
+        // kept up to date from each block's update there (a full pooling per block was a third
+        // of the block's time).
         let mut gates = importance.map(|(s, masking)| {
             let sentinel = Tensor::zeros([b, 1], &s.device());
             let s = Tensor::cat(vec![s, sentinel], 1).select(1, kept.pixel_patch.clone()).reshape([b * grid.pixels()]);

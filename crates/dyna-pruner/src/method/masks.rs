@@ -26,9 +26,9 @@ pub fn top_k_hard<B: Backend>(scores: Tensor<B, 2>, k: usize) -> Tensor<B, 2> {
 /// their rank in the index list. Computed from pairwise comparisons alone. Burn 0.21's GPU
 /// backends have no device sort: their `topk` reads the tensor back to the host and sorts
 /// there, a device sync per call. This costs `O(n^2)` work per row. (Writing each index at its
-/// rank with `scatter` instead of the `[batch, k, n]` comparison made the sparse forward ~18 ms
-/// slower at batch 32 on an H200: Burn 0.21's CUDA scatter loops over the scattered axis in one
-/// thread per row.) The reference for `gathered::GatheredBackend::rank_top_k`.
+/// rank with `scatter` instead of the `[batch, k, n]` comparison is slower on a GPU: Burn 0.21's
+/// CUDA scatter loops over the scattered axis in one thread per row.) The reference for
+/// `gathered::GatheredBackend::rank_top_k`.
 ///
 /// # Shapes
 /// - scores: `[batch, n]`
