@@ -7,7 +7,7 @@ layers and shapes, timed on the GPU as the peer for our dense GPU forward.
 Prints JSON: {"device", "torch", "tf32", "rows": [{"size", "batch", "dense_ms"}]}. float32
 with TF32 off (Burn's CUDA backend computes in plain f32), eval mode, no autograd, cuDNN
 autotune on; median of --runs timed runs after --warmup runs, synchronising before each clock read.
-`dyna-pruner bench --device cuda --torch-twin scripts/torch_twin.py` runs it in the same process run.
+`dyna-pruner bench --device cuda --torch-twin scripts/torch_twin.py` runs it within the same bench run.
 """
 import argparse
 import json
