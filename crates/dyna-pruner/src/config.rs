@@ -236,20 +236,25 @@ mod tests {
         assert!(toml::from_str::<RunConfig>("[model.backbone]\ndata_scope = \"everything\"\n").is_err());
     }
 
+    /// The repository's root.
+    fn repo() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    }
+
+    /// The entries two levels below `dir` of the repository (`configs/<task>/<file>`,
+    /// `models/<task>/<model>`).
+    fn two_levels_below(dir: &str) -> Vec<PathBuf> {
+        let entries = |d: &Path| std::fs::read_dir(d).unwrap().map(|e| e.unwrap().path()).collect::<Vec<_>>();
+        entries(&repo().join(dir)).iter().flat_map(|task| entries(task)).collect()
+    }
+
     #[test]
     fn every_committed_config_validates() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
-        let mut n = 0;
-        for dir in std::fs::read_dir(&root).unwrap() {
-            for file in std::fs::read_dir(dir.unwrap().path()).unwrap() {
-                let path = file.unwrap().path();
-                if path.extension().is_some_and(|e| e == "toml") {
-                    RunConfig::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-                    n += 1;
-                }
-            }
+        let configs = two_levels_below("configs");
+        for path in &configs {
+            RunConfig::load(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         }
-        assert!(n >= 7, "found {n} configs");
+        assert!(configs.len() >= 7, "found {} configs", configs.len());
     }
 
     #[test]
@@ -259,18 +264,14 @@ mod tests {
 
     #[test]
     fn shipped_checkpoint_configs_in_the_flat_layout_still_read() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models");
-        let mut n = 0;
-        for task in std::fs::read_dir(&root).unwrap() {
-            for model in std::fs::read_dir(task.unwrap().path()).unwrap() {
-                let path = model.unwrap().path().join("config.toml");
-                let cfg = RunConfig::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-                // Written back in today's layout, it reads as the same config.
-                assert_eq!(toml::from_str::<RunConfig>(&cfg.config.to_toml()).unwrap(), cfg.config);
-                n += 1;
-            }
+        let models = two_levels_below("models");
+        for model in &models {
+            let path = model.join("config.toml");
+            let cfg = RunConfig::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            // Written back in today's layout, it reads as the same config.
+            assert_eq!(toml::from_str::<RunConfig>(&cfg.config.to_toml()).unwrap(), cfg.config);
         }
-        assert!(n >= 8, "found {n} checkpoints");
+        assert!(models.len() >= 8, "found {} checkpoints", models.len());
     }
 
     /// The committed configs (in today's layout) describe exactly the architectures their
