@@ -87,7 +87,7 @@ pub fn architecture(kind: BackboneKind, cnn_scope: DataScope) -> Architecture {
         BackboneKind::ConvLstm => Architecture::new(
             Frames { t_in: 6, t_out: 6, channels: 1 },
             16,
-            BackboneSpec::ConvLstm(ConvLstmSpec { hidden: 32, units: 32, cells: 2, stride: 4 }),
+            BackboneSpec::ConvLstm(ConvLstmSpec::default()),
         ),
     }
 }

@@ -98,6 +98,7 @@ pub struct VitSpec {
 }
 
 impl Default for VitSpec {
+    /// The weather ViT's sizes.
     fn default() -> Self {
         VitSpec { dim: 64, heads: 4, mlp: 128, layers: 4 }
     }
@@ -118,6 +119,7 @@ pub struct ConvLstmSpec {
 }
 
 impl Default for ConvLstmSpec {
+    /// The radar ConvLSTM's sizes.
     fn default() -> Self {
         ConvLstmSpec { hidden: 32, units: 32, cells: 2, stride: 4 }
     }
