@@ -1,14 +1,22 @@
 #!/usr/bin/env python3
 """PyTorch twin of dyna-pruner's dense CNN (crates/dyna-pruner/src/backbones/cnn.rs): the same
-layers and shapes, timed on the GPU as the peer for our dense GPU forward.
+layers and shapes, timed as PyTorch users run it, the peer for our dense and sparse forwards.
 
-  python3 scripts/torch_twin.py --sizes 384 --batches 1,16,32 > twin.json
+  python3 scripts/torch_twin.py --device cuda --sizes 384 --batches 1,16,32 > twin.json
+  python3 scripts/torch_twin.py --device cpu --threads 2 --sizes 384 --batches 1 > twin.json
 
-Prints JSON: {"device", "torch", "tf32", "rows": [{"size", "batch", "dense_ms"}]}. float32
-with TF32 off (Burn's CUDA backend computes in plain f32), eval mode, no autograd, cuDNN
-autotune on; median of --runs timed runs after --warmup runs, synchronising before each clock read.
-`dyna-pruner bench --device cuda --torch-twin scripts/torch_twin.py` runs it within the same bench run.
+Precisions (`--precisions`, default all that the device has):
+  f32   float32 with TF32 off (what Burn's CUDA backend computes);
+  tf32  float32 with TF32 matmuls and convolutions (PyTorch's default for convolutions; CUDA only);
+  bf16  bf16 autocast (`torch.autocast`), the usual inference setting on recent hardware.
+Eval mode, no autograd, cuDNN autotune on; on the CPU, PyTorch's own kernels with --threads
+threads. Median of --runs timed runs after --warmup runs, synchronising before each clock read.
+
+Prints JSON: {"device", "torch", "threads", "rows": [{"size", "batch", "precision", "dense_ms"}]}.
+`dyna-pruner bench --torch-twin scripts/torch_twin.py` (CPU) and `bench --device cuda
+--torch-twin ...` run it within the same bench run.
 """
+import contextlib
 import argparse
 import json
 import statistics
@@ -67,29 +75,48 @@ def main():
     p.add_argument("--units", type=int, default=64)
     p.add_argument("--blocks", type=int, default=8)
     p.add_argument("--stride", type=int, default=2)
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: PyTorch's default)")
+    p.add_argument("--precisions", type=lambda s: s.split(","), default=None)
     a = p.parse_args()
-    if not torch.cuda.is_available():
+    cuda = a.device == "cuda"
+    if cuda and not torch.cuda.is_available():
         raise SystemExit("torch_twin.py: no CUDA device")
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
+    available = ["f32", "tf32", "bf16"] if cuda else ["f32", "bf16"]
+    precisions = a.precisions or available
+    for prec in precisions:
+        if prec not in available:
+            raise SystemExit(f"torch_twin.py: precision {prec} is not one of {available} on {a.device}")
     torch.backends.cudnn.benchmark = True
-    dev = torch.device("cuda")
+    dev = torch.device(a.device)
     model = Cnn(a.t_in, a.t_out, a.channels, a.hidden, a.units, a.blocks, a.stride).to(dev).eval()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     rows = []
     with torch.no_grad():
-        for size in a.sizes:
-            for batch in a.batches:
-                x = torch.rand(batch, a.t_in, a.channels, size, size, device=dev)
-                times = []
-                for i in range(a.warmup + a.runs):
-                    torch.cuda.synchronize()
-                    t = time.perf_counter()
-                    model(x)
-                    torch.cuda.synchronize()
-                    if i >= a.warmup:
-                        times.append((time.perf_counter() - t) * 1e3)
-                rows.append({"size": size, "batch": batch, "dense_ms": statistics.median(times)})
-    print(json.dumps({"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "tf32": False, "rows": rows}))
+        for prec in precisions:
+            torch.backends.cuda.matmul.allow_tf32 = prec == "tf32"
+            torch.backends.cudnn.allow_tf32 = prec == "tf32"
+            autocast = (
+                torch.autocast(device_type=a.device, dtype=torch.bfloat16) if prec == "bf16" else contextlib.nullcontext()
+            )
+            with autocast:
+                for size in a.sizes:
+                    for batch in a.batches:
+                        x = torch.rand(batch, a.t_in, a.channels, size, size, device=dev)
+                        times = []
+                        for i in range(a.warmup + a.runs):
+                            sync()
+                            t = time.perf_counter()
+                            model(x)
+                            sync()
+                            if i >= a.warmup:
+                                times.append((time.perf_counter() - t) * 1e3)
+                        row = {"size": size, "batch": batch, "precision": prec, "dense_ms": statistics.median(times)}
+                        rows.append(row)
+    name = torch.cuda.get_device_name(0) if cuda else "cpu"
+    print(json.dumps({"device": name, "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 //! baseline: same kernels) and against Burn's dense forward, on random CNNs and ViTs at several
 //! frame sizes, batches and kept fractions.
 
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
@@ -19,6 +20,8 @@ use dyna_pruner::CpuBackend;
 use dyna_pruner_exec::spec::{BackboneSpec, CnnSpec, ConvLstmSpec, Frames, VitSpec};
 use dyna_pruner_exec::MaskPlan;
 
+use crate::torch_twin::{best, TorchTimes};
+
 /// What to measure.
 pub struct BenchPlan {
     pub backbones: Vec<BackboneKind>,
@@ -32,6 +35,8 @@ pub struct BenchPlan {
     pub warmup: usize,
     /// The CNN's DataMask scope.
     pub data_scope: DataScope,
+    /// `scripts/torch_twin.py`: also time PyTorch's dense CNN in the same run.
+    pub torch_twin: Option<PathBuf>,
 }
 
 /// One measured configuration (CPU and GPU benches alike).
@@ -54,9 +59,16 @@ pub struct Row {
     /// is that forward, so this equals `dense_ms`); absent for exported models.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub burn_dense_ms: Option<f64>,
-    /// The PyTorch twin's dense forward on the same device (GPU bench with `--torch-twin`).
+    /// GPU: until the sparse forward call returns (the host's share of `sparse_ms`).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub torch_dense_ms: Option<f64>,
+    pub sparse_host_ms: Option<f64>,
+    /// The PyTorch twin's dense forward per precision (`f32`, `tf32`, `bf16`) on the same
+    /// device and threads (`--torch-twin`, CNN rows).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub torch_ms: Option<BTreeMap<String, f64>>,
+    /// The fastest of `torch_ms`: what a PyTorch user gets at best.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub torch_best_ms: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -65,6 +77,9 @@ struct Report {
     architectures: Vec<Architecture>,
     runs: usize,
     warmup: usize,
+    /// The PyTorch twin's reports (`--torch-twin`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    torch: Vec<serde_json::Value>,
     rows: Vec<Row>,
 }
 
@@ -121,17 +136,25 @@ pub fn run(out: &Path, plan: &BenchPlan) -> anyhow::Result<()> {
     println!("{threads} threads, median of {} runs after {} warm-up runs", plan.runs, plan.warmup);
     let mut rows = Vec::new();
     let mut architectures = Vec::new();
+    let mut torch_reports = Vec::new();
     for &kind in &plan.backbones {
         let arch = architecture(kind, plan.data_scope);
         let sizes: Vec<(usize, usize)> = match kind {
             BackboneKind::Cnn | BackboneKind::ConvLstm => plan.sizes.iter().map(|&s| (s, s)).collect(),
             BackboneKind::Vit => plan.vit_sizes.clone(),
         };
-        rows.extend(bench_backbone(&arch, &sizes, plan)?);
+        // PyTorch's CPU defaults on the same threads, for the CNN.
+        let twin = plan.torch_twin.as_deref().filter(|_| kind == BackboneKind::Cnn);
+        let shapes = (&plan.sizes[..], &plan.batches[..]);
+        let torch = twin
+            .map(|s| TorchTimes::measure(s, &arch, shapes, (plan.runs, plan.warmup), "cpu", threads))
+            .transpose()?;
+        rows.extend(bench_backbone(&arch, &sizes, plan, torch.as_ref())?);
+        torch_reports.extend(torch.map(|t| t.report));
         architectures.push(arch);
     }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let report = Report { threads, architectures, runs: plan.runs, warmup: plan.warmup, rows };
+    let report = Report { threads, architectures, runs: plan.runs, warmup: plan.warmup, torch: torch_reports, rows };
     let path = out.join("bench.json");
     std::fs::write(&path, serde_json::to_string_pretty(&report)?)
         .with_context(|| format!("writing {}", path.display()))?;
@@ -139,7 +162,12 @@ pub fn run(out: &Path, plan: &BenchPlan) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn bench_backbone(arch: &Architecture, sizes: &[(usize, usize)], plan: &BenchPlan) -> anyhow::Result<Vec<Row>> {
+fn bench_backbone(
+    arch: &Architecture,
+    sizes: &[(usize, usize)],
+    plan: &BenchPlan,
+    torch: Option<&TorchTimes>,
+) -> anyhow::Result<Vec<Row>> {
     let device = Default::default();
     let model = DynamicModel::<CpuBackend>::new(arch, &device);
     let dense_exec = export::executor(&model, Masking::DENSE);
@@ -147,9 +175,9 @@ fn bench_backbone(arch: &Architecture, sizes: &[(usize, usize)], plan: &BenchPla
     let mut rows = Vec::new();
     println!("\n{arch:?}\n");
     println!(
-        "| backbone | size | batch | kept | MAC ratio | dense ms | sparse ms | speedup | efficiency | burn dense ms | ours/burn |"
+        "| backbone | size | batch | kept | MAC ratio | dense ms | sparse ms | speedup | efficiency | burn dense ms | ours/burn | torch f32 / tf32 / bf16 ms | dense / torch best |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let mut rng = StdRng::seed_from_u64(1);
     for &(h, w) in sizes {
         for &batch in &plan.batches {
@@ -165,6 +193,8 @@ fn bench_backbone(arch: &Architecture, sizes: &[(usize, usize)], plan: &BenchPla
                     let _: Vec<f32> = model.forward(xt, Masking::DENSE).prediction.into_data().to_vec().expect("f32");
                 })],
             )[0];
+            let torch_ms = torch.map(|t| t.at(h, batch)).filter(|_| h == w);
+            let torch_best_ms = torch_ms.as_ref().and_then(best);
             // The dense path and every fraction's sparse path, timed in the same rounds.
             let mut sparse = Vec::new();
             for &f in &plan.fractions {
@@ -201,12 +231,16 @@ fn bench_backbone(arch: &Architecture, sizes: &[(usize, usize)], plan: &BenchPla
                     speedup,
                     efficiency: speedup / mac_ratio,
                     burn_dense_ms: Some(burn_dense_ms),
-                    torch_dense_ms: None,
+                    sparse_host_ms: None,
+                    torch_ms: torch_ms.clone(),
+                    torch_best_ms,
                 };
                 println!(
-                    "| {name} | {h}x{w} | {batch} | {f:.1} | {mac_ratio:.2} | {dense_ms:.2} | {sparse_ms:.2} | {speedup:.2} | {:.2} | {burn_dense_ms:.2} | {:.2} |",
+                    "| {name} | {h}x{w} | {batch} | {f:.1} | {mac_ratio:.2} | {dense_ms:.2} | {sparse_ms:.2} | {speedup:.2} | {:.2} | {burn_dense_ms:.2} | {:.2} | {} | {} |",
                     row.efficiency,
-                    dense_ms / burn_dense_ms
+                    dense_ms / burn_dense_ms,
+                    torch_ms.as_ref().map_or("-".into(), crate::torch_twin::columns),
+                    torch_best_ms.map_or("-".into(), |t| format!("{:.2}", dense_ms / t))
                 );
                 rows.push(row);
             }

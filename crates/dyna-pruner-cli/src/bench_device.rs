@@ -6,7 +6,6 @@
 //! sync; JIT and autotune run in the warm-up.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -22,6 +21,7 @@ use dyna_pruner::model::{Architecture, DynamicModel};
 use dyna_pruner_exec::spec::BackboneSpec;
 
 use crate::bench::{architecture, BenchPlan, Row};
+use crate::torch_twin::{best, TorchTimes};
 
 #[derive(Serialize)]
 struct Report {
@@ -64,50 +64,24 @@ fn median_ms<B: Backend>(device: &B::Device, runs: usize, warmup: usize, mut f: 
     Timing { wall: median(&mut wall), host: median(&mut host) }
 }
 
-/// Runs the PyTorch twin for the given sizes and batches; returns its JSON report.
-fn run_torch_twin(script: &Path, arch: &Architecture, plan: &BenchPlan) -> anyhow::Result<serde_json::Value> {
-    let BackboneSpec::Cnn(cnn) = &arch.model.backbone else { anyhow::bail!("the PyTorch twin is a CNN") };
-    let f = arch.frames;
-    let list = |v: Vec<String>| v.join(",");
-    let out = Command::new("python3")
-        .arg(script)
-        .args(["--sizes", &list(plan.sizes.iter().map(|s| s.to_string()).collect())])
-        .args(["--batches", &list(plan.batches.iter().map(|s| s.to_string()).collect())])
-        .args(["--runs", &plan.runs.to_string(), "--warmup", &plan.warmup.max(3).to_string()])
-        .args(["--hidden", &cnn.hidden.to_string(), "--units", &cnn.units.to_string()])
-        .args(["--blocks", &cnn.blocks.to_string(), "--stride", &cnn.stride.to_string()])
-        .args(["--t-in", &f.t_in.to_string(), "--t-out", &f.t_out.to_string()])
-        .args(["--channels", &f.channels.to_string()])
-        .output()
-        .with_context(|| format!("running python3 {}", script.display()))?;
-    if !out.status.success() {
-        anyhow::bail!("{} failed: {}", script.display(), String::from_utf8_lossy(&out.stderr));
-    }
-    serde_json::from_slice(&out.stdout).with_context(|| format!("reading the JSON printed by {}", script.display()))
-}
-
 /// The CNN rows on backend `B` (the GPU in practice; any backend works).
 pub fn run<B: GatheredBackend>(
     device: &B::Device,
     device_name: &str,
     out: &Path,
     plan: &BenchPlan,
-    torch_twin: Option<&Path>,
 ) -> anyhow::Result<()> {
     let arch = architecture(BackboneKind::Cnn, plan.data_scope);
     B::seed(device, 1);
     let model = DynamicModel::<B>::new(&arch, device);
     let BackboneSpec::Cnn(cnn) = &arch.model.backbone else { unreachable!("the GPU bench runs the CNN") };
-    let torch = torch_twin.map(|s| run_torch_twin(s, &arch, plan)).transpose()?;
-    let torch_ms = |size: usize, batch: usize| -> Option<f64> {
-        torch.as_ref()?["rows"].as_array()?.iter().find_map(|r| {
-            (r["size"].as_u64()? == size as u64 && r["batch"].as_u64()? == batch as u64)
-                .then(|| r["dense_ms"].as_f64())?
-        })
-    };
+    let shapes = (&plan.sizes[..], &plan.batches[..]);
+    let torch = (plan.torch_twin.as_deref())
+        .map(|s| TorchTimes::measure(s, &arch, shapes, (plan.runs, plan.warmup), "cuda", 0))
+        .transpose()?;
     println!("{device_name}: {arch:?}\nmedian of {} runs after {} warm-up runs\n", plan.runs, plan.warmup);
     println!(
-        "| size | batch | kept | MAC ratio | dense (conv2d) ms | sparse ms | speedup | efficiency | torch dense ms | dense/torch |"
+        "| size | batch | kept | MAC ratio | dense (conv2d) ms | sparse ms | speedup | efficiency | torch f32 / tf32 / bf16 ms | sparse / torch best |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
     let mut rows = Vec::new();
@@ -131,7 +105,8 @@ pub fn run<B: GatheredBackend>(
             });
             eprintln!("  dense forward: {:.2} ms, of which {:.2} ms until the call returns", dense.wall, dense.host);
             let dense_ms = dense.wall;
-            let torch_dense_ms = torch_ms(size, batch);
+            let torch_ms = torch.as_ref().map(|t| t.at(size, batch));
+            let torch_best_ms = torch_ms.as_ref().and_then(best);
             for &f in &plan.fractions {
                 let masking = Masking::top_k(MaskMode::Both, f, f);
                 progress(format!("{size}x{size}, batch {batch}, kept {f:.1}: sparse forward, checked, then timed"));
@@ -168,14 +143,15 @@ pub fn run<B: GatheredBackend>(
                     speedup,
                     efficiency: speedup / mac_ratio,
                     burn_dense_ms: Some(dense_ms),
-                    torch_dense_ms,
+                    sparse_host_ms: Some(sparse.host),
+                    torch_ms: torch_ms.clone(),
+                    torch_best_ms,
                 };
-                let fmt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
                 println!(
                     "| {size}x{size} | {batch} | {f:.1} | {mac_ratio:.2} | {dense_ms:.2} | {sparse_ms:.2} | {speedup:.2} | {:.2} | {} | {} |",
                     row.efficiency,
-                    fmt(torch_dense_ms),
-                    fmt(torch_dense_ms.map(|t| dense_ms / t))
+                    torch_ms.as_ref().map_or("-".into(), crate::torch_twin::columns),
+                    torch_best_ms.map_or("-".into(), |t| format!("{:.2}", sparse_ms / t))
                 );
                 eprintln!(
                     "  checked against the masked-dense reference: max |diff| {worst:.2e} (max |value| {scale:.2}); sparse forward: {:.2} ms, of which {:.2} ms until the call returns",
@@ -194,7 +170,7 @@ pub fn run<B: GatheredBackend>(
         architecture: arch,
         runs: plan.runs,
         warmup: plan.warmup,
-        torch,
+        torch: torch.map(|t| t.report),
         rows,
     };
     let path = out.join("bench.json");

@@ -1,6 +1,7 @@
-//! `dyna-pruner bench --model FILE... --data FILE...`: exported models (`predict` writes them)
-//! on real frames, through the framework-free executor alone: each model's dense path against
-//! its own masks, timed in the same rounds, on the first windows of the data.
+//! `dyna-pruner bench --model PATH... --data FILE...`: trained models on real frames, through
+//! the framework-free executor: each model's dense path against its own masks, timed in the
+//! same rounds, on the first windows of the data. A path is an exported model file
+//! (`model.safetensors`, as `predict` writes it) or a checkpoint directory (exported first).
 
 use std::path::{Path, PathBuf};
 
@@ -19,7 +20,7 @@ pub fn run(models: &[PathBuf], data: &[PathBuf], out: &Path, plan: &BenchPlan) -
     println!("|---|---|---|---|---|---|---|---|---|");
     let mut rows = Vec::new();
     for path in models {
-        let model = format::load(path)?;
+        let model = if path.is_dir() { crate::predict::export_checkpoint(path)? } else { format::load(path)? };
         let (scaler, data_config) = crate::predict::scaler_and_data(&model, path)?;
         let exec = model.executor()?;
         // A dense model's own masks are none.
@@ -74,7 +75,9 @@ pub fn run(models: &[PathBuf], data: &[PathBuf], out: &Path, plan: &BenchPlan) -
                 speedup,
                 efficiency: speedup / mac_ratio,
                 burn_dense_ms: None,
-                torch_dense_ms: None,
+                sparse_host_ms: None,
+                torch_ms: None,
+                torch_best_ms: None,
             });
         }
     }

@@ -8,6 +8,7 @@ mod device;
 mod eval;
 mod predict;
 mod progress;
+mod torch_twin;
 mod train;
 
 use std::path::PathBuf;
@@ -113,16 +114,19 @@ enum Command {
         /// path against Burn's dense forward on the GPU (needs the `cuda` feature).
         #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
         device: DeviceArg,
-        /// With `--device cuda`: also time this PyTorch twin of the dense CNN (scripts/torch_twin.py).
+        /// Also time this PyTorch twin of the dense CNN (scripts/torch_twin.py) in every precision
+        /// on the same device (on the CPU with the same threads): CNN rows get `torch_ms` and
+        /// `torch_best_ms`.
         #[arg(long)]
         torch_twin: Option<PathBuf>,
         /// The layers the CNN's DataMask prunes, `translator` or `network` (also the encoder and
         /// decoder).
         #[arg(long, default_value = "translator", value_parser = parse_scope)]
         data_scope: DataScope,
-        /// Instead of random models: these exported models (`model.safetensors` from `predict`)
-        /// on the first windows of `--data`, dense path against their own masks (CPU).
-        #[arg(long, num_args = 1.., requires = "data")]
+        /// Instead of random models: these trained models (exported `model.safetensors` files
+        /// or checkpoint directories) on the first windows of `--data`, dense path against their
+        /// own masks (CPU); rows carry a `model` field.
+        #[arg(long, alias = "checkpoint", num_args = 1.., requires = "data")]
         model: Vec<PathBuf>,
         /// With `--model`: data files in the models' format.
         #[arg(long, num_args = 1.., requires = "model")]
@@ -223,17 +227,23 @@ fn main() -> anyhow::Result<()> {
             {
                 anyhow::bail!("bench: --runs >= 1, sizes and batches >= 1, fractions in (0, 1]");
             }
-            let plan = bench::BenchPlan { backbones, sizes, vit_sizes, batches, fractions, runs, warmup, data_scope };
+            let plan = bench::BenchPlan {
+                backbones,
+                sizes,
+                vit_sizes,
+                batches,
+                fractions,
+                runs,
+                warmup,
+                data_scope,
+                torch_twin,
+            };
             match device {
                 DeviceArg::Cpu if !model.is_empty() => bench_model::run(&model, &data, &out, &plan),
                 DeviceArg::Cpu => bench::run(&out, &plan),
-                DeviceArg::Cuda => with_backend!(device, |B, T, dev| bench_device::run::<B>(
-                    &dev,
-                    &gpu_name(),
-                    &out,
-                    &plan,
-                    torch_twin.as_deref()
-                )),
+                DeviceArg::Cuda => {
+                    with_backend!(device, |B, T, dev| bench_device::run::<B>(&dev, &gpu_name(), &out, &plan))
+                }
             }
         }
     }

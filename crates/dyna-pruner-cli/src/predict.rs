@@ -34,7 +34,7 @@ const SCALER: &str = "scaler";
 const DATA: &str = "data";
 
 /// The exported form of a checkpoint, with the scaler and the data section it was trained with.
-fn export_checkpoint(dir: &Path) -> anyhow::Result<ExportedModel> {
+pub fn export_checkpoint(dir: &Path) -> anyhow::Result<ExportedModel> {
     let ck = checkpoint::load::<CpuBackend>(dir, &Default::default())?;
     let data = checkpoint::read_config(dir)?.data;
     let metadata = BTreeMap::from([
