@@ -86,6 +86,10 @@ enum Command {
         out: PathBuf,
         #[arg(long, default_value_t = 64)]
         batch_size: usize,
+        /// `auto`: the model's masks unless its dense path is faster on the first batch on this
+        /// machine (then said); `dynamic`: always the masks; `dense`: never.
+        #[arg(long, value_enum, default_value_t = predict::PathArg::Auto)]
+        path: predict::PathArg,
     },
     /// Time the sparse executor against its dense path and Burn's dense forward; writes DIR/bench.json.
     Bench {
@@ -197,13 +201,13 @@ fn main() -> anyhow::Result<()> {
             eval::run(&checkpoint, &source, out.as_deref(), batch_size, device)
         }
         Command::Demo { task, out, retrain, root, device } => demo::run(task, &out, retrain, &root, device),
-        Command::Predict { checkpoint, model, data, out, batch_size } => {
+        Command::Predict { checkpoint, model, data, out, batch_size, path } => {
             let source = match (checkpoint, model) {
                 (Some(dir), _) => predict::ModelSource::Checkpoint(dir),
                 (None, Some(file)) => predict::ModelSource::Exported(file),
                 (None, None) => unreachable!("clap requires --checkpoint or --model"),
             };
-            predict::run(&source, &data, &out, batch_size)
+            predict::run(&source, &data, &out, batch_size, path)
         }
         Command::Bench {
             out,

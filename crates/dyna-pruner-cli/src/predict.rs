@@ -23,6 +23,31 @@ use dyna_pruner_exec::MaskPlan;
 
 use crate::progress::eval_bar;
 
+/// Which forward `predict` runs for a model with masks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PathArg {
+    /// The dynamic path, unless the dense path of the same weights is faster on the first
+    /// batch on this machine (then the dense path, said on stderr and in samples.json): a
+    /// dynamic model never costs more time than running it dense.
+    Auto,
+    /// The model's own masks, whatever they cost.
+    Dynamic,
+    /// No masks: the dense forward of the same weights.
+    Dense,
+}
+
+/// Runs of each path timed on the first batch by `--path auto` (after one warm-up run each).
+const CALIBRATION_RUNS: usize = 3;
+
+/// The path `auto` picks from the two paths' median times on the same batch.
+fn faster_path(dynamic_ms: f64, dense_ms: f64) -> MaskPlan<'static> {
+    if dynamic_ms <= dense_ms {
+        MaskPlan::Dynamic
+    } else {
+        MaskPlan::Dense
+    }
+}
+
 /// Where the model comes from.
 pub enum ModelSource {
     Checkpoint(PathBuf),
@@ -57,7 +82,13 @@ fn entry<T: serde::de::DeserializeOwned>(model: &ExportedModel, key: &str, path:
     serde_json::from_str(text).with_context(|| format!("{}: bad `{key}` in its metadata", path.display()))
 }
 
-pub fn run(source: &ModelSource, files: &[PathBuf], out: &Path, batch_size: usize) -> anyhow::Result<()> {
+pub fn run(
+    source: &ModelSource,
+    files: &[PathBuf],
+    out: &Path,
+    batch_size: usize,
+    path: PathArg,
+) -> anyhow::Result<()> {
     let (model, label) = match source {
         ModelSource::Checkpoint(dir) => (export_checkpoint(dir)?, dir.display().to_string()),
         ModelSource::Exported(path) => (format::load(path)?, path.display().to_string()),
@@ -68,9 +99,43 @@ pub fn run(source: &ModelSource, files: &[PathBuf], out: &Path, batch_size: usiz
     let arch = &model.arch;
     let windows = crate::eval::windows_for(&data, arch, files)?;
     let layer_units = arch.layer_units();
-    let plan =
-        if model.masking.mode == dyna_pruner::method::MaskMode::Dense { MaskPlan::Dense } else { MaskPlan::Dynamic };
     let (h, w) = (windows.height, windows.width);
+    let has_masks = model.masking.mode != dyna_pruner::method::MaskMode::Dense;
+    let mut calibration = serde_json::Value::Null;
+    let plan = match path {
+        _ if !has_masks => MaskPlan::Dense,
+        PathArg::Dynamic => MaskPlan::Dynamic,
+        PathArg::Dense => MaskPlan::Dense,
+        PathArg::Auto if windows.len() == 0 => MaskPlan::Dynamic,
+        PathArg::Auto => {
+            let batch = batch_size.max(1).min(windows.len());
+            let mut x = Vec::new();
+            for i in 0..batch {
+                windows.scaled_input_into(i, &scaler, &mut x);
+            }
+            let times = crate::bench::interleaved_medians(
+                CALIBRATION_RUNS,
+                1,
+                &mut [
+                    Box::new(|| {
+                        exec.forward(&x, batch, h, w, MaskPlan::Dynamic).expect("valid input");
+                    }),
+                    Box::new(|| {
+                        exec.forward(&x, batch, h, w, MaskPlan::Dense).expect("valid input");
+                    }),
+                ],
+            );
+            let plan = faster_path(times[0], times[1]);
+            if matches!(plan, MaskPlan::Dense) {
+                eprintln!(
+                    "the dynamic path took {:.2} ms per batch of {batch} on this machine, the dense path {:.2} ms: running the dense path (--path dynamic keeps the masks)",
+                    times[0], times[1]
+                );
+            }
+            calibration = json!({ "batch": batch, "dynamic_ms": times[0], "dense_ms": times[1] });
+            plan
+        }
+    };
     let (hp, wp) = arch.patch_grid(h, w);
     let (mut predictions, mut samples) = (Vec::new(), Vec::new());
     let bar = eval_bar("predict", windows.len());
@@ -109,6 +174,8 @@ pub fn run(source: &ModelSource, files: &[PathBuf], out: &Path, batch_size: usiz
         "data": files,
         "shape": shape,
         "units": "physical (inverse of the model's scaling)",
+        "path": if matches!(plan, MaskPlan::Dense) { "dense" } else { "dynamic" },
+        "calibration": calibration,
         "seconds": seconds,
         "samples": samples,
     });
@@ -128,4 +195,16 @@ pub fn run(source: &ModelSource, files: &[PathBuf], out: &Path, batch_size: usiz
         out.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_keeps_the_masks_unless_the_dense_path_is_faster() {
+        assert!(matches!(faster_path(1.0, 2.0), MaskPlan::Dynamic));
+        assert!(matches!(faster_path(2.0, 2.0), MaskPlan::Dynamic));
+        assert!(matches!(faster_path(2.5, 2.0), MaskPlan::Dense));
+    }
 }

@@ -236,18 +236,37 @@ fn train_eval_predict(
     let out = run(bin().args(["eval", "--checkpoint"]).arg(&ck).arg("--data").arg(data).arg("--out").arg(&report));
     assert!(out.status.success());
     let pred = dir.join("pred");
-    let out = run(bin().args(["predict", "--checkpoint"]).arg(&ck).arg("--data").arg(data).arg("--out").arg(&pred));
-    assert!(out.status.success());
+    let predict = |source: &str, from: &Path, out: &Path, path: &str| {
+        let args =
+            ["--data".as_ref(), data.as_os_str(), "--out".as_ref(), out.as_os_str(), "--path".as_ref(), path.as_ref()];
+        run(bin().args(["predict", source]).arg(from).args(args))
+    };
+    assert!(predict("--checkpoint", &ck, &pred, "dynamic").status.success());
     // The exported model alone, through the framework-free executor: the same floats.
     let alone = dir.join("pred-model");
     let exported = pred.join("model.safetensors");
-    let out = run(bin().args(["predict", "--model"]).arg(&exported).arg("--data").arg(data).arg("--out").arg(&alone));
-    assert!(out.status.success());
+    assert!(predict("--model", &exported, &alone, "dynamic").status.success());
     let npy = |d: &Path| std::fs::read(d.join("predictions.npy")).unwrap();
     assert!(npy(&pred) == npy(&alone), "predict --model must equal predict --checkpoint bit for bit");
     let (a, b) = (json(&pred.join("samples.json")), json(&alone.join("samples.json")));
     assert_eq!(a["samples"], b["samples"], "the same masks and MACs per window");
     assert!(!alone.join("model.safetensors").exists());
+    assert_eq!(a["path"], "dynamic");
+    // `--path auto` (the default) times both paths on the first batch and says which it ran.
+    let auto = dir.join("pred-auto");
+    assert!(run(bin().args(["predict", "--model"]).arg(&exported).arg("--data").arg(data).arg("--out").arg(&auto))
+        .status
+        .success());
+    let auto_report = json(&auto.join("samples.json"));
+    let c = &auto_report["calibration"];
+    assert!(c["dynamic_ms"].as_f64().unwrap() > 0.0 && c["dense_ms"].as_f64().unwrap() > 0.0, "{c}");
+    let faster = if c["dynamic_ms"].as_f64() <= c["dense_ms"].as_f64() { "dynamic" } else { "dense" };
+    assert_eq!(auto_report["path"], faster);
+    // `--path dense`: no masks at all.
+    let dense = dir.join("pred-dense");
+    assert!(predict("--model", &exported, &dense, "dense").status.success());
+    let dense_report = json(&dense.join("samples.json"));
+    assert!(dense_report["samples"].as_array().unwrap().iter().all(|s| s["kept_patch_fraction"] == 1.0));
     // And timed on the same data, dense path against its own masks.
     let bench = dir.join("bench");
     let out = run(bin()
