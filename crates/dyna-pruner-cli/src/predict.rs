@@ -106,7 +106,7 @@ pub fn run(
         _ if !has_masks => MaskPlan::Dense,
         PathArg::Dynamic => MaskPlan::Dynamic,
         PathArg::Dense => MaskPlan::Dense,
-        PathArg::Auto if windows.len() == 0 => MaskPlan::Dynamic,
+        PathArg::Auto if windows.is_empty() => MaskPlan::Dynamic,
         PathArg::Auto => {
             let batch = batch_size.max(1).min(windows.len());
             let mut x = Vec::new();
