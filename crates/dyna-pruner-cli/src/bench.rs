@@ -59,6 +59,10 @@ pub struct Row {
     /// is that forward, so this equals `dense_ms`); absent for exported models.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub burn_dense_ms: Option<f64>,
+    /// `bench --model`, CNN: the model's own masks with `UnitExecution::Mask` (pruned units
+    /// zeroed instead of kept ones selected; the same prediction).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub masked_units_ms: Option<f64>,
     /// GPU: until the sparse forward call returns (the host's share of `sparse_ms`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sparse_host_ms: Option<f64>,
@@ -231,6 +235,7 @@ fn bench_backbone(
                     speedup,
                     efficiency: speedup / mac_ratio,
                     burn_dense_ms: Some(burn_dense_ms),
+                    masked_units_ms: None,
                     sparse_host_ms: None,
                     torch_ms: torch_ms.clone(),
                     torch_best_ms,

@@ -143,6 +143,7 @@ pub fn run<B: GatheredBackend>(
                     speedup,
                     efficiency: speedup / mac_ratio,
                     burn_dense_ms: Some(dense_ms),
+                    masked_units_ms: None,
                     sparse_host_ms: Some(sparse.host),
                     torch_ms: torch_ms.clone(),
                     torch_best_ms,

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use dyna_pruner_exec::format;
 use dyna_pruner_exec::spec::MaskMode;
-use dyna_pruner_exec::MaskPlan;
+use dyna_pruner_exec::{MaskPlan, UnitExecution};
 
 use crate::bench::{interleaved_medians, BenchPlan, Row};
 
@@ -16,13 +16,18 @@ use crate::bench::{interleaved_medians, BenchPlan, Row};
 pub fn run(models: &[PathBuf], data: &[PathBuf], out: &Path, plan: &BenchPlan) -> anyhow::Result<()> {
     let threads = rayon::current_num_threads();
     println!("{threads} threads, median of {} runs after {} warm-up runs\n", plan.runs, plan.warmup);
-    println!("| model | size | batch | kept patches | MAC ratio | dense ms | dynamic ms | speedup | efficiency |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "| model | size | batch | kept patches | MAC ratio | dense ms | dynamic ms | dynamic, masked units ms | speedup | efficiency |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     let mut rows = Vec::new();
     for path in models {
         let model = if path.is_dir() { crate::predict::export_checkpoint(path)? } else { format::load(path)? };
         let (scaler, data_config) = crate::predict::scaler_and_data(&model, path)?;
         let exec = model.executor()?;
+        // A CNN with unit masks can also mask the pruned units instead of selecting the kept ones.
+        let mut masked = exec.clone();
+        let masked = (model.masking.mode.model() && masked.set_unit_execution(UnitExecution::Mask)).then_some(masked);
         // A dense model's own masks are none.
         let own = if model.masking.mode == MaskMode::Dense { MaskPlan::Dense } else { MaskPlan::Dynamic };
         let windows = crate::eval::windows_for(&data_config, &model.arch, data)?;
@@ -44,22 +49,26 @@ pub fn run(models: &[PathBuf], data: &[PathBuf], out: &Path, plan: &BenchPlan) -
             let kept =
                 dynamic.masks.iter().map(|m| m.patches.len() as f64).sum::<f64>() / (batch * hp * wp).max(1) as f64;
             let kept = if dynamic.masks.is_empty() { 1.0 } else { kept };
-            let times = interleaved_medians(
-                plan.runs,
-                plan.warmup,
-                &mut [
-                    Box::new(|| {
-                        exec.forward(&x, batch, h, w, MaskPlan::Dense).expect("valid input");
-                    }),
-                    Box::new(|| {
-                        exec.forward(&x, batch, h, w, own).expect("valid input");
-                    }),
-                ],
-            );
-            let (dense_ms, sparse_ms) = (times[0], times[1]);
+            let mut jobs: Vec<Box<dyn FnMut() + '_>> = vec![
+                Box::new(|| {
+                    exec.forward(&x, batch, h, w, MaskPlan::Dense).expect("valid input");
+                }),
+                Box::new(|| {
+                    exec.forward(&x, batch, h, w, own).expect("valid input");
+                }),
+            ];
+            if let Some(m) = &masked {
+                jobs.push(Box::new(|| {
+                    m.forward(&x, batch, h, w, own).expect("valid input");
+                }));
+            }
+            let times = interleaved_medians(plan.runs, plan.warmup, &mut jobs);
+            drop(jobs);
+            let (dense_ms, sparse_ms, masked_units_ms) = (times[0], times[1], times.get(2).copied());
             let speedup = dense_ms / sparse_ms;
             println!(
-                "| {name} | {h}x{w} | {batch} | {kept:.2} | {mac_ratio:.2} | {dense_ms:.2} | {sparse_ms:.2} | {speedup:.2} | {:.2} |",
+                "| {name} | {h}x{w} | {batch} | {kept:.2} | {mac_ratio:.2} | {dense_ms:.2} | {sparse_ms:.2} | {} | {speedup:.2} | {:.2} |",
+                masked_units_ms.map_or("-".into(), |m| format!("{m:.2}")),
                 speedup / mac_ratio
             );
             rows.push(Row {
@@ -76,6 +85,7 @@ pub fn run(models: &[PathBuf], data: &[PathBuf], out: &Path, plan: &BenchPlan) -
                 efficiency: speedup / mac_ratio,
                 burn_dense_ms: None,
                 sparse_host_ms: None,
+                masked_units_ms,
                 torch_ms: None,
                 torch_best_ms: None,
             });

@@ -143,11 +143,14 @@ pub fn run(
     checkpoint_dir: &Path,
     source: &Source,
     out: Option<&Path>,
-    batch_size: usize,
+    (batch_size, dense): (usize, bool),
     device: DeviceArg,
 ) -> anyhow::Result<()> {
     with_backend!(device, |B, T, dev| {
-        let ck = checkpoint::load::<B>(checkpoint_dir, &dev)?;
+        let mut ck = checkpoint::load::<B>(checkpoint_dir, &dev)?;
+        if dense {
+            ck.meta.masking = dyna_pruner::method::Masking::DENSE;
+        }
         let arch = &ck.meta.architecture;
         let (windows, from) = match source {
             Source::Files(files) => {

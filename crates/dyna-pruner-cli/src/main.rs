@@ -69,6 +69,9 @@ enum Command {
         batch_size: usize,
         #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
         device: DeviceArg,
+        /// Evaluate the checkpoint's weights without masks (what `predict --path dense` runs).
+        #[arg(long)]
+        dense: bool,
     },
     /// Run the sparse executor of a checkpoint (or of an exported model alone) on data files;
     /// writes DIR/predictions.npy, DIR/samples.json (per-sample kept fractions and MACs) and,
@@ -86,10 +89,11 @@ enum Command {
         out: PathBuf,
         #[arg(long, default_value_t = 64)]
         batch_size: usize,
-        /// `auto`: the model's masks unless its dense path is faster on the first batch on this
-        /// machine (then said); `dynamic`: always the masks; `dense`: never.
-        #[arg(long, value_enum, default_value_t = predict::PathArg::Auto)]
-        path: predict::PathArg,
+        /// CNN: how the blocks run each sample's kept units: `select` their weights (fewest
+        /// MACs), `mask` the pruned ones (no weight copies), or `auto`: the faster on the first
+        /// batch. The predictions are the same.
+        #[arg(long, value_enum, default_value_t = predict::UnitsArg::Auto)]
+        units: predict::UnitsArg,
     },
     /// Time the sparse executor against its dense path and Burn's dense forward; writes DIR/bench.json.
     Bench {
@@ -193,21 +197,21 @@ fn main() -> anyhow::Result<()> {
         Command::Train { config, resume, stop_after, device } => {
             train::run(&config, dyna_pruner::train::RunControl { resume, stop_after }, device)
         }
-        Command::Eval { checkpoint, data, split, config, out, batch_size, device } => {
+        Command::Eval { checkpoint, data, split, config, out, batch_size, device, dense } => {
             let source = match split {
                 Some(split) => eval::Source::Split { split, config },
                 None => eval::Source::Files(data),
             };
-            eval::run(&checkpoint, &source, out.as_deref(), batch_size, device)
+            eval::run(&checkpoint, &source, out.as_deref(), (batch_size, dense), device)
         }
         Command::Demo { task, out, retrain, root, device } => demo::run(task, &out, retrain, &root, device),
-        Command::Predict { checkpoint, model, data, out, batch_size, path } => {
+        Command::Predict { checkpoint, model, data, out, batch_size, units } => {
             let source = match (checkpoint, model) {
                 (Some(dir), _) => predict::ModelSource::Checkpoint(dir),
                 (None, Some(file)) => predict::ModelSource::Exported(file),
                 (None, None) => unreachable!("clap requires --checkpoint or --model"),
             };
-            predict::run(&source, &data, &out, batch_size, path)
+            predict::run(&source, &data, &out, batch_size, units)
         }
         Command::Bench {
             out,

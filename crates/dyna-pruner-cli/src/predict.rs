@@ -19,32 +19,31 @@ use dyna_pruner::data::Scaler;
 use dyna_pruner::export;
 use dyna_pruner::CpuBackend;
 use dyna_pruner_exec::format::{self, ExportedModel};
-use dyna_pruner_exec::MaskPlan;
+use dyna_pruner_exec::spec::MaskMode;
+use dyna_pruner_exec::{MaskPlan, UnitExecution};
 
 use crate::progress::eval_bar;
 
-/// Which forward `predict` runs for a model with masks.
+/// How `predict` runs a CNN's kept units (`dyna_pruner_exec::UnitExecution`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum PathArg {
-    /// The dynamic path, unless the dense path of the same weights is faster on the first
-    /// batch on this machine (then the dense path, said on stderr and in samples.json): a
-    /// dynamic model never costs more time than running it dense.
+pub enum UnitsArg {
+    /// Whichever of the two is faster on the first batch on this machine (said in samples.json).
     Auto,
-    /// The model's own masks, whatever they cost.
-    Dynamic,
-    /// No masks: the dense forward of the same weights.
-    Dense,
+    /// Select and pack each sample's kept units' weights: the fewest MACs.
+    Select,
+    /// Compute every unit at the kept positions and zero the pruned ones: no weight copies.
+    Mask,
 }
 
-/// Runs of each path timed on the first batch by `--path auto` (after one warm-up run each).
+/// Runs of each execution timed on the first batch by `--units auto` (after one warm-up run).
 const CALIBRATION_RUNS: usize = 3;
 
-/// The path `auto` picks from the two paths' median times on the same batch.
-fn faster_path(dynamic_ms: f64, dense_ms: f64) -> MaskPlan<'static> {
-    if dynamic_ms <= dense_ms {
-        MaskPlan::Dynamic
+/// The execution `auto` picks from the two medians on the same batch.
+fn faster(select_ms: f64, mask_ms: f64) -> UnitExecution {
+    if select_ms <= mask_ms {
+        UnitExecution::Select
     } else {
-        MaskPlan::Dense
+        UnitExecution::Mask
     }
 }
 
@@ -87,7 +86,7 @@ pub fn run(
     files: &[PathBuf],
     out: &Path,
     batch_size: usize,
-    path: PathArg,
+    units: UnitsArg,
 ) -> anyhow::Result<()> {
     let (model, label) = match source {
         ModelSource::Checkpoint(dir) => (export_checkpoint(dir)?, dir.display().to_string()),
@@ -100,42 +99,52 @@ pub fn run(
     let windows = crate::eval::windows_for(&data, arch, files)?;
     let layer_units = arch.layer_units();
     let (h, w) = (windows.height, windows.width);
-    let has_masks = model.masking.mode != dyna_pruner::method::MaskMode::Dense;
+    let plan = if model.masking.mode == MaskMode::Dense { MaskPlan::Dense } else { MaskPlan::Dynamic };
+    let mut exec = exec;
+    // The two executions of the kept units predict the same; only their speed differs.
+    let choice = match units {
+        UnitsArg::Select => Some(UnitExecution::Select),
+        UnitsArg::Mask => Some(UnitExecution::Mask),
+        UnitsArg::Auto => None,
+    };
     let mut calibration = serde_json::Value::Null;
-    let plan = match path {
-        _ if !has_masks => MaskPlan::Dense,
-        PathArg::Dynamic => MaskPlan::Dynamic,
-        PathArg::Dense => MaskPlan::Dense,
-        PathArg::Auto if windows.is_empty() => MaskPlan::Dynamic,
-        PathArg::Auto => {
+    let has_choice = model.masking.mode.model() && exec.set_unit_execution(UnitExecution::Select);
+    let unit_execution = match choice {
+        _ if !has_choice => None,
+        Some(mode) => Some(mode),
+        None if windows.is_empty() => Some(UnitExecution::Select),
+        None => {
             let batch = batch_size.max(1).min(windows.len());
             let mut x = Vec::new();
             for i in 0..batch {
                 windows.scaled_input_into(i, &scaler, &mut x);
             }
+            let (select, mut mask) = (exec.clone(), exec.clone());
+            mask.set_unit_execution(UnitExecution::Mask);
             let times = crate::bench::interleaved_medians(
                 CALIBRATION_RUNS,
                 1,
                 &mut [
                     Box::new(|| {
-                        exec.forward(&x, batch, h, w, MaskPlan::Dynamic).expect("valid input");
+                        select.forward(&x, batch, h, w, plan).expect("valid input");
                     }),
                     Box::new(|| {
-                        exec.forward(&x, batch, h, w, MaskPlan::Dense).expect("valid input");
+                        mask.forward(&x, batch, h, w, plan).expect("valid input");
                     }),
                 ],
             );
-            let plan = faster_path(times[0], times[1]);
-            if matches!(plan, MaskPlan::Dense) {
-                eprintln!(
-                    "the dynamic path took {:.2} ms per batch of {batch} on this machine, the dense path {:.2} ms: running the dense path (--path dynamic keeps the masks)",
-                    times[0], times[1]
-                );
-            }
-            calibration = json!({ "batch": batch, "dynamic_ms": times[0], "dense_ms": times[1] });
-            plan
+            let mode = faster(times[0], times[1]);
+            eprintln!(
+                "kept units: selected {:.2} ms, masked {:.2} ms per batch of {batch} on this machine: running {mode:?}",
+                times[0], times[1]
+            );
+            calibration = json!({ "batch": batch, "select_ms": times[0], "mask_ms": times[1] });
+            Some(mode)
         }
     };
+    if let Some(mode) = unit_execution {
+        exec.set_unit_execution(mode);
+    }
     let (hp, wp) = arch.patch_grid(h, w);
     let (mut predictions, mut samples) = (Vec::new(), Vec::new());
     let bar = eval_bar("predict", windows.len());
@@ -174,7 +183,7 @@ pub fn run(
         "data": files,
         "shape": shape,
         "units": "physical (inverse of the model's scaling)",
-        "path": if matches!(plan, MaskPlan::Dense) { "dense" } else { "dynamic" },
+        "unit_execution": unit_execution,
         "calibration": calibration,
         "seconds": seconds,
         "samples": samples,
@@ -202,9 +211,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn auto_keeps_the_masks_unless_the_dense_path_is_faster() {
-        assert!(matches!(faster_path(1.0, 2.0), MaskPlan::Dynamic));
-        assert!(matches!(faster_path(2.0, 2.0), MaskPlan::Dynamic));
-        assert!(matches!(faster_path(2.5, 2.0), MaskPlan::Dense));
+    fn auto_takes_the_faster_execution_and_selection_on_a_tie() {
+        assert_eq!(faster(1.0, 2.0), UnitExecution::Select);
+        assert_eq!(faster(2.0, 2.0), UnitExecution::Select);
+        assert_eq!(faster(2.5, 2.0), UnitExecution::Mask);
     }
 }

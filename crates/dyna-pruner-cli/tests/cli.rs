@@ -123,6 +123,41 @@ fn train_then_eval_writes_checkpoint_and_report() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("from the Val range of"));
     let both = run(bin().args(["eval", "--split", "val", "--data"]).arg(&data).arg("--checkpoint").arg(&ck));
     assert!(!both.status.success(), "--data and --split together must be refused");
+
+    // The CNN's two executions of the kept units predict the same; `auto` picks one of them.
+    let mut predictions = Vec::new();
+    for units in ["select", "mask", "auto"] {
+        let out_dir = dir.join(format!("pred-{units}"));
+        let out = run(bin()
+            .args(["predict", "--checkpoint"])
+            .arg(dir.join("dynamic"))
+            .arg("--data")
+            .arg(&data)
+            .args(["--units", units, "--out"])
+            .arg(&out_dir));
+        assert!(out.status.success(), "{}", stderr(&out));
+        let report = json(&out_dir.join("samples.json"));
+        predictions.push((npy_floats(&out_dir.join("predictions.npy")), report));
+    }
+    let (select, mask, auto) = (&predictions[0], &predictions[1], &predictions[2]);
+    let worst = select.0.iter().zip(&mask.0).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(worst <= 1e-3, "select and mask differ by {worst}");
+    let masks = |r: &serde_json::Value| {
+        r["samples"].as_array().unwrap().iter().map(|s| s["kept_patch_fraction"].clone()).collect::<Vec<_>>()
+    };
+    assert_eq!(masks(&select.1), masks(&mask.1));
+    assert_eq!(select.1["unit_execution"], "select");
+    assert_eq!(mask.1["unit_execution"], "mask");
+    let c = &auto.1["calibration"];
+    let faster = if c["select_ms"].as_f64() <= c["mask_ms"].as_f64() { "select" } else { "mask" };
+    assert_eq!(auto.1["unit_execution"], faster, "{c}");
+}
+
+/// The float32 values of an `.npy` file written by `predict`.
+fn npy_floats(path: &Path) -> Vec<f32> {
+    let bytes = std::fs::read(path).unwrap();
+    let header = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    bytes[10 + header..].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }
 
 #[test]
@@ -236,37 +271,35 @@ fn train_eval_predict(
     let out = run(bin().args(["eval", "--checkpoint"]).arg(&ck).arg("--data").arg(data).arg("--out").arg(&report));
     assert!(out.status.success());
     let pred = dir.join("pred");
-    let predict = |source: &str, from: &Path, out: &Path, path: &str| {
-        let args =
-            ["--data".as_ref(), data.as_os_str(), "--out".as_ref(), out.as_os_str(), "--path".as_ref(), path.as_ref()];
+    let predict = |source: &str, from: &Path, out: &Path, units: &str| {
+        let args = [
+            "--data".as_ref(),
+            data.as_os_str(),
+            "--out".as_ref(),
+            out.as_os_str(),
+            "--units".as_ref(),
+            units.as_ref(),
+        ];
         run(bin().args(["predict", source]).arg(from).args(args))
     };
-    assert!(predict("--checkpoint", &ck, &pred, "dynamic").status.success());
+    assert!(predict("--checkpoint", &ck, &pred, "select").status.success());
     // The exported model alone, through the framework-free executor: the same floats.
     let alone = dir.join("pred-model");
     let exported = pred.join("model.safetensors");
-    assert!(predict("--model", &exported, &alone, "dynamic").status.success());
+    assert!(predict("--model", &exported, &alone, "select").status.success());
     let npy = |d: &Path| std::fs::read(d.join("predictions.npy")).unwrap();
     assert!(npy(&pred) == npy(&alone), "predict --model must equal predict --checkpoint bit for bit");
     let (a, b) = (json(&pred.join("samples.json")), json(&alone.join("samples.json")));
     assert_eq!(a["samples"], b["samples"], "the same masks and MACs per window");
     assert!(!alone.join("model.safetensors").exists());
-    assert_eq!(a["path"], "dynamic");
-    // `--path auto` (the default) times both paths on the first batch and says which it ran.
+    // `--units auto` (the default) times both executions of the kept units on the first batch;
+    // only a CNN has the choice.
     let auto = dir.join("pred-auto");
     assert!(run(bin().args(["predict", "--model"]).arg(&exported).arg("--data").arg(data).arg("--out").arg(&auto))
         .status
         .success());
-    let auto_report = json(&auto.join("samples.json"));
-    let c = &auto_report["calibration"];
-    assert!(c["dynamic_ms"].as_f64().unwrap() > 0.0 && c["dense_ms"].as_f64().unwrap() > 0.0, "{c}");
-    let faster = if c["dynamic_ms"].as_f64() <= c["dense_ms"].as_f64() { "dynamic" } else { "dense" };
-    assert_eq!(auto_report["path"], faster);
-    // `--path dense`: no masks at all.
-    let dense = dir.join("pred-dense");
-    assert!(predict("--model", &exported, &dense, "dense").status.success());
-    let dense_report = json(&dense.join("samples.json"));
-    assert!(dense_report["samples"].as_array().unwrap().iter().all(|s| s["kept_patch_fraction"] == 1.0));
+    assert_eq!(npy(&auto), npy(&pred), "a ViT or ConvLSTM runs as with --units select");
+    assert!(json(&auto.join("samples.json"))["calibration"].is_null());
     // And timed on the same data, dense path against its own masks.
     let bench = dir.join("bench");
     let out = run(bin()

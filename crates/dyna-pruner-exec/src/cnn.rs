@@ -7,6 +7,7 @@ use std::borrow::Cow;
 
 use dyna_pruner_spec::{Architecture, CnnSpec, DataScope, Masking};
 use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
 
 use crate::kernels::{
     add_upsampled, run_jobs_into_maps, run_per_sample, transpose_into, Activation, Conv, Job, Positions,
@@ -100,11 +101,27 @@ impl<'a> GateInput<'a> {
 /// Kept positions per parallel task when pooling the kept rows.
 const ROWS_PER_TASK: usize = 1024;
 
+/// How a translator block runs each sample's kept units.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnitExecution {
+    /// Each sample's kept units' weights are selected and packed, and only they are computed:
+    /// the fewest MACs, but a copy of the weights per sample and block.
+    #[default]
+    Select,
+    /// Every unit is computed at the kept positions with the shared weights, and the pruned
+    /// units' hidden channels are zeroed before the second conv: the same prediction with more
+    /// MACs and no copies (faster where few positions are kept per sample, as on small grids).
+    Mask,
+}
+
 /// A CNN ready to run.
 #[derive(Debug, Clone)]
 pub struct CnnExec {
     pub arch: Architecture,
     pub masking: Masking,
+    /// How the blocks run the kept units (set before a forward; `Select` by default).
+    pub unit_execution: UnitExecution,
     /// The backbone part of `arch`.
     pub(crate) spec: CnnSpec,
     pub(crate) enc_in: Conv,
@@ -177,6 +194,32 @@ fn add_upsampled_at(
         }
     });
     rows.into_iter().for_each(recycle);
+}
+
+/// Zeroes, at each sample's kept positions, the hidden channels of the units it prunes in
+/// block `l` (`UnitExecution::Mask`): the second conv then reads exactly what it reads under
+/// `Select`.
+fn zero_pruned_units<'p>(
+    hidden_maps: &mut [Vec<f32>],
+    masks: &[SampleMasks],
+    l: usize,
+    units: usize,
+    pos_of: &(dyn Fn(usize) -> Positions<'p> + Sync),
+) {
+    hidden_maps.par_iter_mut().zip(masks).enumerate().for_each(|(b, (map, m))| {
+        let kept = &m.units[l];
+        if kept.len() == units {
+            return;
+        }
+        let mut pruned = vec![true; units];
+        kept.iter().for_each(|&u| pruned[u] = false);
+        let pruned: Vec<usize> = (0..units).filter(|&u| pruned[u]).collect();
+        let positions = pos_of(b);
+        for i in 0..positions.len() {
+            let row = &mut map[positions.get(i) * units..(positions.get(i) + 1) * units];
+            pruned.iter().for_each(|&u| row[u] = 0.0);
+        }
+    });
 }
 
 impl CnnExec {
@@ -326,12 +369,14 @@ impl CnnExec {
         macs: &mut [u64],
     ) {
         let all_units = self.spec.units;
-        // Weights restricted to each sample's kept units (borrowed when it keeps them all).
+        let mask_units = self.unit_execution == UnitExecution::Mask;
+        // Weights restricted to each sample's kept units (borrowed when it keeps them all, or
+        // when the pruned units are masked instead).
         let selected: Vec<(Cow<'_, Conv>, Cow<'_, Conv>)> = masks
             .iter()
             .map(|m| {
                 let u = &m.units[l];
-                if u.len() == all_units {
+                if mask_units || u.len() == all_units {
                     (Cow::Borrowed(conv1), Cow::Borrowed(conv2))
                 } else {
                     (Cow::Owned(conv1.select_outputs(u)), Cow::Owned(conv2.select_inputs(u)))
@@ -360,6 +405,9 @@ impl CnnExec {
             .collect();
         run_jobs_into_maps(&first, hidden_maps, false);
         drop(first);
+        if mask_units {
+            zero_pruned_units(hidden_maps, masks, l, all_units, &pos_of);
+        }
         let second: Vec<Job<'_>> = (0..z.len())
             .map(|b| Job {
                 conv: &selected[b].1,

@@ -298,6 +298,7 @@ fn cnn_from_tensors(spec: &CnnSpec, t: &Tensors, p: Parts) -> Result<CnnExec, Ex
     let st = spec.stride;
     let dec_up = if st > 1 { Some(transposed_as_1x1(t, "dec_up", hid, st)?) } else { None };
     Ok(CnnExec {
+        unit_execution: Default::default(),
         enc_in: conv(t, "enc_in", hid, f.t_in * f.channels, 3, 1)?,
         enc_down: conv(t, "enc_down", hid, hid, 3, st)?,
         blocks,

@@ -31,7 +31,7 @@ pub(crate) fn pseudo(n: usize, seed: u32) -> Vec<f32> {
     (0..n).map(|i| (((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 1000) as f32 / 500.0 - 1.0).collect()
 }
 
-pub use cnn::CnnExec;
+pub use cnn::{CnnExec, UnitExecution};
 pub use convlstm::ConvLstmExec;
 pub use dyna_pruner_spec as spec;
 pub use format::ExportedModel;
@@ -86,6 +86,18 @@ impl Exec {
             Exec::Cnn(m) => &m.arch,
             Exec::Vit(m) => &m.arch,
             Exec::ConvLstm(m) => &m.arch,
+        }
+    }
+
+    /// Sets how a CNN's blocks run the kept units; the other backbones always select them.
+    /// Returns whether the model has that choice.
+    pub fn set_unit_execution(&mut self, mode: UnitExecution) -> bool {
+        match self {
+            Exec::Cnn(m) => {
+                m.unit_execution = mode;
+                true
+            }
+            Exec::Vit(_) | Exec::ConvLstm(_) => false,
         }
     }
 

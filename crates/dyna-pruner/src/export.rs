@@ -85,7 +85,7 @@ mod tests {
     use crate::method::{FixedMasks, MaskMode};
     use crate::model::Architecture;
     use crate::CpuBackend;
-    use dyna_pruner_exec::{MaskPlan, SampleMasks};
+    use dyna_pruner_exec::{MaskPlan, SampleMasks, UnitExecution};
     use dyna_pruner_spec::{BackboneSpec, CnnSpec, ConvLstmSpec, DataScope, Frames, GeneratorSpec, VitSpec};
     use rand::rngs::StdRng;
     use rand::seq::index::sample;
@@ -278,6 +278,31 @@ mod tests {
             }
             let dense = model.mac_model(h, w).dense() as f64;
             assert!(costs.iter().all(|c| c.macs < 0.8 * dense), "case {case}: half the patches kept");
+        }
+    }
+
+    /// `UnitExecution::Mask` (every unit computed, pruned ones zeroed) predicts what `Select`
+    /// does, under given and under the model's own masks, with at least as many MACs.
+    #[test]
+    fn masked_unit_execution_predicts_as_unit_selection() {
+        let mut rng = StdRng::seed_from_u64(2031);
+        for case in 0..8 {
+            let arch = if case % 2 == 0 { random_arch(&mut rng) } else { random_network_cnn(&mut rng) };
+            let model = DynamicModel::<B>::new(&arch, &Default::default());
+            let select = executor(&model, Masking::top_k(MaskMode::Both, 0.5, 0.5));
+            let mut mask = select.clone();
+            assert!(mask.set_unit_execution(UnitExecution::Mask));
+            let (batch, h, w) = (rng.random_range(1..=3), rng.random_range(5..=17), rng.random_range(5..=17));
+            let (x, _) = input(&mut rng, &arch, batch, h, w);
+            let (hp, wp) = arch.patch_grid(h, w);
+            let given = random_masks(&mut rng, &model, batch, hp * wp);
+            for plan in [MaskPlan::Given(&given), MaskPlan::Dynamic] {
+                let (a, b) =
+                    (select.forward(&x, batch, h, w, plan).unwrap(), mask.forward(&x, batch, h, w, plan).unwrap());
+                assert_close(&b.prediction, &a.prediction, &format!("case {case}: {arch:?}"));
+                assert_eq!(a.masks, b.masks);
+                assert!(a.macs.iter().zip(&b.macs).all(|(s, m)| m >= s), "case {case}: {:?} {:?}", a.macs, b.macs);
+            }
         }
     }
 
