@@ -116,6 +116,19 @@ fn train_then_eval_writes_checkpoint_and_report() {
     let kept_units = r["kept_unit_fraction"].as_f64().unwrap();
     assert_eq!(kept_units, 0.5);
     assert!(r["macs_per_sample"].as_f64().unwrap() > 0.0);
+    // `--dense`: the same weights without masks, at the dense model's MACs.
+    let dense_report = dir.join("eval-dense.json");
+    let out = run(bin()
+        .args(["eval", "--dense", "--checkpoint"])
+        .arg(dir.join("dynamic"))
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&dense_report));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let d = json(&dense_report);
+    assert!(d["kept_unit_fraction"].is_null(), "{d}");
+    assert!(d["macs_per_sample"].as_f64().unwrap() > r["macs_per_sample"].as_f64().unwrap());
 
     // The same checkpoint on its own config's validation range (no files named).
     let out = run(bin().args(["eval", "--split", "val", "--checkpoint"]).arg(dir.join("dynamic")));
