@@ -22,20 +22,36 @@ use dyna_pruner_exec::MaskPlan;
 
 use crate::torch_twin::{best, TorchTimes};
 
-/// What to measure.
+/// What to measure (`bench`'s options).
+#[derive(clap::Args)]
 pub struct BenchPlan {
+    /// Backbones to time: cnn, vit, convlstm.
+    #[arg(long, value_delimiter = ',', default_values = ["cnn", "vit"], value_parser = crate::parse_backbone)]
     pub backbones: Vec<BackboneKind>,
     /// Square frame sizes of the CNN and ConvLSTM rows.
+    #[arg(long, value_delimiter = ',', default_values_t = [32, 128, 384])]
     pub sizes: Vec<usize>,
-    /// `(height, width)` of the ViT rows.
+    /// Frame sizes HxW of the ViT rows (WeatherBench's 5.625 deg grid is 32x64).
+    #[arg(long, value_delimiter = ',', default_values = ["32x64", "128x128"], value_parser = crate::parse_size)]
     pub vit_sizes: Vec<(usize, usize)>,
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 16])]
     pub batches: Vec<usize>,
+    /// Kept patch fractions (the unit fraction is the same).
+    #[arg(long, value_delimiter = ',', default_values_t = [1.0, 0.5, 0.3, 0.2])]
     pub fractions: Vec<f32>,
+    /// Timed runs per measurement (the median is reported).
+    #[arg(long, default_value_t = 20)]
     pub runs: usize,
+    #[arg(long, default_value_t = 3)]
     pub warmup: usize,
-    /// The CNN's DataMask scope.
+    /// The layers the CNN's DataMask prunes, `translator` or `network` (also the encoder and
+    /// decoder).
+    #[arg(long, default_value = "translator", value_parser = crate::parse_scope)]
     pub data_scope: DataScope,
-    /// `scripts/torch_twin.py`: also time PyTorch's dense CNN in the same run.
+    /// Also time this PyTorch twin of the dense CNN (scripts/torch_twin.py) in every precision
+    /// on the same device (on the CPU with the same threads): CNN rows get `torch_ms` and
+    /// `torch_best_ms`.
+    #[arg(long)]
     pub torch_twin: Option<PathBuf>,
 }
 

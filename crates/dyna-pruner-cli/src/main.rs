@@ -99,38 +99,12 @@ enum Command {
     Bench {
         #[arg(long, default_value = "bench-out")]
         out: PathBuf,
-        /// Backbones to time: cnn, vit, convlstm.
-        #[arg(long, value_delimiter = ',', default_values = ["cnn", "vit"], value_parser = parse_backbone)]
-        backbones: Vec<BackboneKind>,
-        /// Square frame sizes of the CNN and ConvLSTM rows.
-        #[arg(long, value_delimiter = ',', default_values_t = [32, 128, 384])]
-        sizes: Vec<usize>,
-        /// Frame sizes HxW of the ViT rows (WeatherBench's 5.625 deg grid is 32x64).
-        #[arg(long, value_delimiter = ',', default_values = ["32x64", "128x128"], value_parser = parse_size)]
-        vit_sizes: Vec<(usize, usize)>,
-        #[arg(long, value_delimiter = ',', default_values_t = [1, 16])]
-        batches: Vec<usize>,
-        /// Kept patch fractions (the unit fraction is the same).
-        #[arg(long, value_delimiter = ',', default_values_t = [1.0, 0.5, 0.3, 0.2])]
-        fractions: Vec<f32>,
-        /// Timed runs per measurement (the median is reported).
-        #[arg(long, default_value_t = 20)]
-        runs: usize,
-        #[arg(long, default_value_t = 3)]
-        warmup: usize,
+        #[command(flatten)]
+        plan: bench::BenchPlan,
         /// `cpu`: the sparse executor (CNN, ViT and ConvLSTM rows). `cuda`: the CNN's framework-ops sparse
         /// path against Burn's dense forward on the GPU (needs the `cuda` feature).
         #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
         device: DeviceArg,
-        /// Also time this PyTorch twin of the dense CNN (scripts/torch_twin.py) in every precision
-        /// on the same device (on the CPU with the same threads): CNN rows get `torch_ms` and
-        /// `torch_best_ms`.
-        #[arg(long)]
-        torch_twin: Option<PathBuf>,
-        /// The layers the CNN's DataMask prunes, `translator` or `network` (also the encoder and
-        /// decoder).
-        #[arg(long, default_value = "translator", value_parser = parse_scope)]
-        data_scope: DataScope,
         /// Instead of random models: these trained models (exported `model.safetensors` files
         /// or checkpoint directories) on the first windows of `--data`, dense path against their
         /// own masks (CPU); rows carry a `model` field.
@@ -170,19 +144,19 @@ fn gpu_name() -> String {
         .unwrap_or_else(|| "cuda device 0".into())
 }
 
-fn parse_backbone(s: &str) -> Result<BackboneKind, String> {
+pub(crate) fn parse_backbone(s: &str) -> Result<BackboneKind, String> {
     BackboneKind::ALL.into_iter().find(|k| k.name() == s).ok_or_else(|| {
         let names: Vec<&str> = BackboneKind::ALL.iter().map(|k| k.name()).collect();
         format!("`{s}` is not a backbone ({})", names.join(", "))
     })
 }
 
-fn parse_scope(s: &str) -> Result<DataScope, String> {
+pub(crate) fn parse_scope(s: &str) -> Result<DataScope, String> {
     serde_json::from_value(serde_json::Value::String(s.to_string()))
         .map_err(|_| format!("`{s}` is not a DataMask scope (translator, network)"))
 }
 
-fn parse_size(s: &str) -> Result<(usize, usize), String> {
+pub(crate) fn parse_size(s: &str) -> Result<(usize, usize), String> {
     let bad = || format!("`{s}` is not a frame size HxW with both sides >= 1 (e.g. 32x64)");
     let (h, w) = s.split_once('x').ok_or_else(bad)?;
     match (h.trim().parse(), w.trim().parse()) {
@@ -213,39 +187,14 @@ fn main() -> anyhow::Result<()> {
             };
             predict::run(&source, &data, &out, batch_size, units)
         }
-        Command::Bench {
-            out,
-            backbones,
-            sizes,
-            vit_sizes,
-            batches,
-            fractions,
-            runs,
-            warmup,
-            device,
-            torch_twin,
-            data_scope,
-            model,
-            data,
-        } => {
-            if runs == 0
-                || fractions.iter().any(|f| !(*f > 0.0 && *f <= 1.0))
-                || sizes.contains(&0)
-                || batches.contains(&0)
+        Command::Bench { out, plan, device, model, data } => {
+            if plan.runs == 0
+                || plan.fractions.iter().any(|f| !(*f > 0.0 && *f <= 1.0))
+                || plan.sizes.contains(&0)
+                || plan.batches.contains(&0)
             {
                 anyhow::bail!("bench: --runs >= 1, sizes and batches >= 1, fractions in (0, 1]");
             }
-            let plan = bench::BenchPlan {
-                backbones,
-                sizes,
-                vit_sizes,
-                batches,
-                fractions,
-                runs,
-                warmup,
-                data_scope,
-                torch_twin,
-            };
             match device {
                 DeviceArg::Cpu if !model.is_empty() => bench_model::run(&model, &data, &out, &plan),
                 DeviceArg::Cpu => bench::run(&out, &plan),
