@@ -63,16 +63,93 @@ fn ck_err(path: &Path, detail: impl Into<String>) -> Error {
     Error::Checkpoint { path: path.to_path_buf(), detail: detail.into() }
 }
 
-/// Writes weights, config and metadata to `dir` (created if needed).
+/// The resume state's directory inside a checkpoint directory (`train --resume`).
+pub const RESUME: &str = "resume";
+
+/// Writes weights, config and metadata to `dir`, atomically: the previous checkpoint there
+/// (and its `resume/` state) stays whole until the new one is complete on disk.
 pub fn save<B: Backend>(dir: &Path, model: &DynamicModel<B>, meta: &CheckpointMeta, config: &RunConfig) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    model
-        .clone()
-        .save_file(dir.join(WEIGHTS), &Recorder::new())
-        .map_err(|e| ck_err(dir, format!("cannot write weights: {e}")))?;
-    let json = serde_json::to_string_pretty(meta).expect("metadata serializes");
-    std::fs::write(dir.join(META), json).map_err(|e| Error::io(dir.join(META), e))?;
-    std::fs::write(dir.join(CONFIG), config.to_toml()).map_err(|e| Error::io(dir.join(CONFIG), e))
+    let owned = ["model.mpk", META, CONFIG];
+    write_atomically(dir, &owned, &[RESUME], |tmp| {
+        model
+            .clone()
+            .save_file(tmp.join(WEIGHTS), &Recorder::new())
+            .map_err(|e| ck_err(dir, format!("cannot write weights: {e}")))?;
+        let json = serde_json::to_string_pretty(meta).expect("metadata serializes");
+        std::fs::write(tmp.join(META), json).map_err(|e| Error::io(dir.join(META), e))?;
+        std::fs::write(tmp.join(CONFIG), config.to_toml()).map_err(|e| Error::io(dir.join(CONFIG), e))
+    })
+}
+
+/// Replaces the directory `dir` by what `write` puts into a fresh sibling directory: the files
+/// are flushed to disk, the entries `keep` of the old directory are moved over, then the new
+/// directory is renamed into place and the old one removed. A crash at any point leaves the
+/// old directory or the new one whole under `dir` (at worst the old one beside it as
+/// `.NAME.old-PID`, with `keep` moved out); a failing `write` leaves `dir` as it was. An
+/// existing `dir` holding anything but the entries `owned` and `keep` is refused, not replaced.
+pub fn write_atomically(
+    dir: &Path,
+    owned: &[&str],
+    keep: &[&str],
+    write: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = dir.file_name().ok_or_else(|| ck_err(dir, "names no directory"))?.to_string_lossy().into_owned();
+    if dir.is_dir() {
+        for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+            let entry = entry.map_err(|e| Error::io(dir, e))?.file_name().to_string_lossy().into_owned();
+            if !owned.contains(&entry.as_str()) && !keep.contains(&entry.as_str()) {
+                return Err(ck_err(
+                    dir,
+                    format!("holds `{entry}`, which is not part of it: give a new or empty directory"),
+                ));
+            }
+        }
+    } else if dir.exists() {
+        return Err(ck_err(dir, "is not a directory"));
+    }
+    std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+    let sibling = |what: &str| parent.join(format!(".{name}.{what}-{}", std::process::id()));
+    let (tmp, old) = (sibling("partial"), sibling("old"));
+    // Leftovers of an earlier run of this process id that crashed.
+    let _ = std::fs::remove_dir_all(&tmp);
+    let _ = std::fs::remove_dir_all(&old);
+    std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let written = write(&tmp).and_then(|()| sync_dir(&tmp));
+    if let Err(e) = written {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    if dir.is_dir() {
+        for entry in keep {
+            let from = dir.join(entry);
+            if from.exists() {
+                std::fs::rename(&from, tmp.join(entry)).map_err(|e| Error::io(&from, e))?;
+            }
+        }
+        std::fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
+    }
+    std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
+    let _ = std::fs::remove_dir_all(&old);
+    sync_dir(&parent)
+}
+
+/// Flushes every file in `dir` and the directory itself to disk.
+fn sync_dir(dir: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let path = entry.map_err(|e| Error::io(dir, e))?.path();
+        if path.is_file() {
+            std::fs::File::open(&path).and_then(|f| f.sync_all()).map_err(|e| Error::io(&path, e))?;
+        }
+    }
+    // Directories cannot be opened for syncing everywhere; where they can, this orders the renames.
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
 }
 
 /// Reads `checkpoint.json` of `dir`.
@@ -120,4 +197,71 @@ pub fn load_weights<B: Backend>(
 /// The git commit the running code was built from (`-dirty` when its sources differed from it).
 pub fn current_commit() -> String {
     env!("DYNA_PRUNER_COMMIT").to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("dp-atomic-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn write_file(dir: &Path, name: &str, text: &str) -> Result<()> {
+        std::fs::write(dir.join(name), text).map_err(|e| Error::io(dir.join(name), e))
+    }
+
+    #[test]
+    fn a_directory_is_replaced_whole_and_keeps_what_it_names() {
+        let root = temp("replace");
+        let dir = root.join("ck");
+        write_atomically(&dir, &["a", "b"], &[RESUME], |d| write_file(d, "a", "1")).unwrap();
+        std::fs::create_dir(dir.join(RESUME)).unwrap();
+        write_file(&dir.join(RESUME), "state.json", "{}").unwrap();
+        write_atomically(&dir, &["a", "b"], &[RESUME], |d| write_file(d, "b", "2")).unwrap();
+        assert!(!dir.join("a").exists(), "the old files go");
+        assert_eq!(std::fs::read_to_string(dir.join("b")).unwrap(), "2");
+        assert!(dir.join(RESUME).join("state.json").is_file(), "the resume state is carried over");
+        let names: Vec<String> =
+            std::fs::read_dir(&root).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        assert_eq!(names, vec!["ck".to_string()], "no partial or old directory is left beside it");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// A write that fails half-way (as a crash or a full disk would leave it) changes nothing.
+    #[test]
+    fn a_failed_write_leaves_the_previous_directory_as_it_was() {
+        let root = temp("fail");
+        let dir = root.join("ck");
+        write_atomically(&dir, &["model"], &[], |d| write_file(d, "model", "best")).unwrap();
+        let failed = write_atomically(&dir, &["model"], &[], |d| {
+            write_file(d, "model", "half")?;
+            Err(ck_err(d, "disk full"))
+        });
+        assert!(failed.unwrap_err().to_string().contains("disk full"));
+        assert_eq!(std::fs::read_to_string(dir.join("model")).unwrap(), "best");
+        assert_eq!(std::fs::read_dir(&root).unwrap().count(), 1, "the partial directory is removed");
+        // A partial directory left by a killed run of the same process id is cleared first.
+        let stale = root.join(format!(".ck.partial-{}", std::process::id()));
+        std::fs::create_dir(&stale).unwrap();
+        write_file(&stale, "junk", "x").unwrap();
+        write_atomically(&dir, &["model"], &[], |d| write_file(d, "model", "next")).unwrap();
+        assert_eq!(std::fs::read_to_string(dir.join("model")).unwrap(), "next");
+        assert!(!dir.join("junk").exists());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// `train.out` pointing at a directory of other things must not wipe them.
+    #[test]
+    fn a_directory_holding_other_files_is_refused() {
+        let root = temp("foreign");
+        write_file(&root, "thesis.tex", "years of work").unwrap();
+        let err = write_atomically(&root, &["model"], &[], |d| write_file(d, "model", "x")).unwrap_err();
+        assert!(err.to_string().contains("thesis.tex"), "{err}");
+        assert_eq!(std::fs::read_to_string(root.join("thesis.tex")).unwrap(), "years of work");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 }

@@ -72,7 +72,7 @@ pub struct Trained {
 }
 
 fn resume_dir(out: &Path) -> PathBuf {
-    out.join("resume")
+    out.join(checkpoint::RESUME)
 }
 
 /// Loads the data of a plan and fits the scaler on its training windows: min-max for crowd
@@ -501,13 +501,14 @@ fn save_resume<B: AutodiffBackend, O: Optimizer<crate::model::DynamicModel<B>, B
     state: &ResumeState,
 ) -> Result<()> {
     let dir = resume_dir(out);
-    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     let fail =
         |what: &str, e: String| Error::Checkpoint { path: dir.clone(), detail: format!("cannot write {what}: {e}") };
-    model.clone().save_file(dir.join("model"), &Recorder::new()).map_err(|e| fail("weights", e.to_string()))?;
-    Recorder::new().record(optim.to_record(), dir.join("optim")).map_err(|e| fail("optimizer", e.to_string()))?;
-    let json = serde_json::to_string_pretty(state).expect("state serializes");
-    std::fs::write(dir.join("state.json"), json).map_err(|e| Error::io(dir.join("state.json"), e))
+    checkpoint::write_atomically(&dir, &["model.mpk", "optim.mpk", "state.json"], &[], |tmp| {
+        model.clone().save_file(tmp.join("model"), &Recorder::new()).map_err(|e| fail("weights", e.to_string()))?;
+        Recorder::new().record(optim.to_record(), tmp.join("optim")).map_err(|e| fail("optimizer", e.to_string()))?;
+        let json = serde_json::to_string_pretty(state).expect("state serializes");
+        std::fs::write(tmp.join("state.json"), json).map_err(|e| Error::io(dir.join("state.json"), e))
+    })
 }
 
 /// Mean squared error; with `missing_data`, over the target pixels that have data (not NaN).
