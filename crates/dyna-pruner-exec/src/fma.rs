@@ -1,5 +1,5 @@
 //! The convolution kernel: output rows as sums over *windows* read in place, with register-blocked
-//! AVX2 + FMA code where the CPU has it and a plain loop otherwise.
+//! AVX-512 or AVX2 + FMA code where the CPU has it and a plain loop otherwise.
 //!
 //! A 3x3 convolution's input window at one output position is three runs of `3 * cin`
 //! contiguous floats in a channels-last map (one per kernel row, one input row apart), so no
@@ -107,8 +107,7 @@ pub(crate) fn windows_times_weights(
     for chunk in chunks {
         assert_eq!(chunk.weight.len(), parts * len * chunk.vectors * LANES, "packed weight does not match");
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            avx2::chunk(chunk, windows, parts, len, cout, &mut rows);
+        if vector_chunk(chunk, (windows, parts, len), cout, &mut rows) {
             continue;
         }
         plain_chunk(chunk, windows, parts, len, cout, &mut rows);
@@ -138,191 +137,316 @@ fn plain_chunk(chunk: &Chunk, windows: &[Window<'_>], parts: usize, len: usize, 
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[allow(unsafe_code)]
-mod avx2 {
-    use std::arch::x86_64::{
-        __m256, __m256i, _mm256_add_ps, _mm256_broadcast_ss, _mm256_cmpgt_epi32, _mm256_div_ps, _mm256_fmadd_ps,
-        _mm256_loadu_ps, _mm256_maskload_ps, _mm256_maskstore_ps, _mm256_max_ps, _mm256_min_ps, _mm256_mul_ps,
-        _mm256_set1_epi32, _mm256_set1_ps, _mm256_setr_epi32, _mm256_setzero_ps, _mm256_storeu_ps,
-    };
+/// What a block's accumulators start from.
+#[derive(Clone, Copy)]
+enum Start {
+    Bias,
+    Row,
+    RowPlusBias,
+}
 
-    use super::{Chunk, Rows, Window, L1_WEIGHT_BYTES, LANES};
+/// One register block: `P` positions (the first `n` real, the others repeating the last), their
+/// window pointers at part `r0` and strides, `step` parts of `len` floats each, their output
+/// offsets, what the sums start from and whether GELU follows.
+#[derive(Clone, Copy)]
+struct Block<const P: usize> {
+    x: [*const f32; P],
+    strides: [usize; P],
+    step: usize,
+    len: usize,
+    at: [usize; P],
+    n: usize,
+    start: Start,
+    gelu: bool,
+}
 
-    /// One chunk over all positions: blocks of `P` positions, the rest one at a time.
-    pub(super) fn chunk(
-        chunk: &Chunk,
-        windows: &[Window<'_>],
-        parts: usize,
-        len: usize,
-        cout: usize,
-        out: &mut Rows<'_>,
-    ) {
-        let input = (windows, parts, len);
-        // SAFETY (all calls below): the caller detected AVX2 and FMA on this CPU.
-        unsafe {
-            match chunk.vectors {
-                1 => blocks::<8, 1>(chunk, input, cout, out),
-                2 => blocks::<6, 2>(chunk, input, cout, out),
-                3 => blocks::<3, 3>(chunk, input, cout, out),
-                _ => blocks::<2, 4>(chunk, input, cout, out),
-            }
+impl<const P: usize> Block<P> {
+    /// The block's first position alone (for the positions left after the full blocks).
+    fn first(&self) -> Block<1> {
+        Block {
+            x: [self.x[0]],
+            strides: [self.strides[0]],
+            step: self.step,
+            len: self.len,
+            at: [self.at[0]],
+            n: 1,
+            start: self.start,
+            gelu: self.gelu,
         }
     }
+}
 
-    /// The positions in blocks of `P`, summing in registers: all parts of a window in one pass
-    /// when the chunk's packed weight fits the L1 cache with room to spare, else part by part
-    /// (one kernel row of weights at a time, so that that slice stays in L1 for all positions,
-    /// with the accumulators going through the output rows between parts).
-    #[target_feature(enable = "avx2,fma")]
-    fn blocks<const P: usize, const V: usize>(
-        chunk: &Chunk,
-        (windows, parts, len): (&[Window<'_>], usize, usize),
-        cout: usize,
-        out: &mut Rows<'_>,
-    ) {
-        let width = V * LANES;
-        let positions = windows.len();
-        // Lanes of the last vector that belong to this chunk.
-        let tail = chunk.cols - (V - 1) * LANES;
-        let mask = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(tail as i32), mask);
-        let together = parts * len * width * std::mem::size_of::<f32>() <= L1_WEIGHT_BYTES;
-        let (step, passes) = if together { (parts, 1) } else { (1, parts) };
-        for pass in 0..passes {
-            let r0 = pass * step;
-            let weight = &chunk.weight[r0 * len * width..(r0 + step) * len * width];
-            // The first pass starts from the bias (plus the row with `add`), later ones from
-            // the row.
-            let start = match (r0 > 0, out.add) {
-                (false, false) => Start::Bias,
-                (false, true) => Start::RowPlusBias,
-                (true, _) => Start::Row,
-            };
-            let gelu = out.gelu && pass + 1 == passes;
-            let mut p = 0;
-            while p < positions {
-                let n = if p + P <= positions { P } else { 1 };
-                // Parts r0.. of each window: checked in bounds by `windows_times_weights`.
-                let w: [Window<'_>; P] = std::array::from_fn(|i| windows[p + i.min(n - 1)]);
-                let x: [*const f32; P] = std::array::from_fn(|i| w[i].data[r0 * w[i].stride..].as_ptr());
-                let strides: [usize; P] = std::array::from_fn(|i| w[i].stride);
-                // Rows checked distinct and inside `out.data` by `windows_times_weights`.
-                let at: [usize; P] = std::array::from_fn(|i| out.start(p + i.min(n - 1), cout) + chunk.col0);
-                let dst = out.data.as_mut_ptr();
-                // SAFETY: every pointer in `x` starts `step` runs of `len` readable floats
-                // `strides` apart, and every `dst + at[i]` starts the chunk's columns of a
-                // distinct row inside `out.data` (see above).
+/// Walks a chunk's positions in blocks of `P` (the rest one at a time), all parts of a window in
+/// one pass when the chunk's packed weight (`width` floats per row) fits the L1 cache with room
+/// to spare, else part by part (one kernel row of weights at a time, so that that slice stays in
+/// L1 for all positions, with the sums going through the output rows between parts); `run` gets
+/// each block with its slice of the weight and the output's base pointer.
+fn drive<const P: usize>(
+    chunk: &Chunk,
+    (windows, parts, len): (&[Window<'_>], usize, usize),
+    cout: usize,
+    out: &mut Rows<'_>,
+    width: usize,
+    mut run: impl FnMut(&[f32], Block<P>, *mut f32),
+) {
+    let positions = windows.len();
+    let together = parts * len * width * std::mem::size_of::<f32>() <= L1_WEIGHT_BYTES;
+    let (step, passes) = if together { (parts, 1) } else { (1, parts) };
+    for pass in 0..passes {
+        let r0 = pass * step;
+        let weight = &chunk.weight[r0 * len * width..(r0 + step) * len * width];
+        // The first pass starts from the bias (plus the row with `add`), later ones from the row.
+        let start = match (r0 > 0, out.add) {
+            (false, false) => Start::Bias,
+            (false, true) => Start::RowPlusBias,
+            (true, _) => Start::Row,
+        };
+        let gelu = out.gelu && pass + 1 == passes;
+        let mut p = 0;
+        while p < positions {
+            let n = if p + P <= positions { P } else { 1 };
+            // Parts r0.. of each window: checked in bounds by `windows_times_weights`.
+            let w: [Window<'_>; P] = std::array::from_fn(|i| windows[p + i.min(n - 1)]);
+            let x: [*const f32; P] = std::array::from_fn(|i| w[i].data[r0 * w[i].stride..].as_ptr());
+            let strides: [usize; P] = std::array::from_fn(|i| w[i].stride);
+            // Rows checked distinct and inside `out.data` by `windows_times_weights`.
+            let at: [usize; P] = std::array::from_fn(|i| out.start(p + i.min(n - 1), cout) + chunk.col0);
+            run(weight, Block { x, strides, step, len, at, n, start, gelu }, out.data.as_mut_ptr());
+            p += n;
+        }
+    }
+}
+
+/// The GELU polynomial's coefficients (`activation::erf`): numerator, then denominator.
+#[allow(clippy::excessive_precision)] // the published coefficients, as in `activation::erf`
+const ERF_P: [f32; 7] = [
+    -2.726_142_2e-10,
+    2.770_681_4e-8,
+    -2.101_024e-6,
+    -5.692_506_4e-5,
+    -7.349_906_3e-4,
+    -2.954_600_1e-3,
+    -1.609_603_3e-2,
+];
+#[allow(clippy::excessive_precision)]
+const ERF_Q: [f32; 5] = [-1.456_607_2e-5, -2.133_740_6e-4, -1.682_827e-3, -7.373_329_3e-3, -1.426_473_9e-2];
+
+/// The register-blocked kernel for one vector width: `$vec` holds `$lanes` f32 under
+/// `$feature`; `$mask`/`$load_masked`/`$store_masked` restrict the last vector of a row to the
+/// chunk's lanes. Written once as a macro so the AVX2 and AVX-512 kernels cannot drift apart.
+macro_rules! vector_kernel {
+    ($name:ident, $feature:literal, $lanes:expr, $vec:ty, $mask_ty:ty,
+     mask = |$tail:ident| $mask:expr,
+     zero = $zero:path, set1 = $set1:path, load = $load:path, store = $store:path,
+     fmadd = $fmadd:path, add = $add:path, mul = $mul:path, div = $div:path, min = $min:path, max = $max:path,
+     load_masked = |$lp:ident, $lm:ident| $load_masked:expr,
+     store_masked = |$sp:ident, $sm:ident, $sv:ident| $store_masked:expr) => {
+        #[cfg(target_arch = "x86_64")]
+        #[allow(unsafe_code)]
+        mod $name {
+            #[allow(unused_imports)]
+            use std::arch::x86_64::*;
+
+            use super::{drive, Block, Chunk, Rows, Start, Window, ERF_P, ERF_Q};
+
+            /// f32 lanes of one vector.
+            const LANES: usize = $lanes;
+
+            /// One chunk over all positions, `V` vectors of `LANES` per row, blocks of `P`.
+            pub(super) fn chunk<const P: usize, const V: usize>(
+                chunk: &Chunk,
+                input: (&[Window<'_>], usize, usize),
+                cout: usize,
+                out: &mut Rows<'_>,
+            ) {
+                let tail = chunk.cols - (V - 1) * LANES;
+                drive::<P>(chunk, input, cout, out, V * LANES, |weight, b, dst| {
+                    // SAFETY: the caller detected this kernel's CPU features; `drive` hands
+                    // over pointers to `step` runs of `len` readable floats per window and
+                    // offsets of distinct rows inside the output (see `block`).
+                    unsafe {
+                        if b.n == P {
+                            block::<P, V>(weight, &chunk.bias, b, dst, tail)
+                        } else {
+                            block::<1, V>(weight, &chunk.bias, b.first(), dst, tail)
+                        }
+                    }
+                });
+            }
+
+            /// `activation::gelu_in_place` on one vector, with the same operations in the same
+            /// order as its fused-multiply-add form (`activation::gelu_slice`'s AVX2 path).
+            #[target_feature(enable = $feature)]
+            fn gelu_vector(v: $vec) -> $vec {
+                let x = $mul(v, $set1(std::f32::consts::FRAC_1_SQRT_2));
+                let x = $min($max(x, $set1(-4.0)), $set1(4.0));
+                let x2 = $mul(x, x);
+                let mut p = $fmadd(x2, $set1(ERF_P[0]), $set1(ERF_P[1]));
+                for k in &ERF_P[2..] {
+                    p = $fmadd(x2, p, $set1(*k));
+                }
+                let mut q = $fmadd(x2, $set1(ERF_Q[0]), $set1(ERF_Q[1]));
+                for k in &ERF_Q[2..] {
+                    q = $fmadd(x2, q, $set1(*k));
+                }
+                let erf = $div($mul(x, p), q);
+                $mul($mul($set1(0.5), v), $add($set1(1.0), erf))
+            }
+
+            /// `out[at[p]..] = start + sum_r x[p][r * strides[p]..][..len] . weight rows r * len..`
+            /// for `P` positions, `step` runs each, and `V` vectors of outputs, accumulated in
+            /// registers (then through GELU with `gelu`); the last vector's lanes past `tail`
+            /// are neither read nor written (they belong to the next chunk or row).
+            ///
+            /// # Safety
+            /// The CPU must have this kernel's features. Every `x[p]` must start `step` runs of
+            /// `len` readable floats, `strides[p]` apart, and every `out + at[p]` the chunk's
+            /// `(V - 1) * LANES + tail` floats of a distinct row that nothing else accesses
+            /// meanwhile.
+            #[target_feature(enable = $feature)]
+            #[inline(never)]
+            unsafe fn block<const P: usize, const V: usize>(
+                weight: &[f32],
+                bias: &[f32],
+                b: Block<P>,
+                out: *mut f32,
+                $tail: usize,
+            ) {
+                let width = V * LANES;
+                let (parts, len) = (b.step, b.len);
+                assert!(weight.len() >= parts * len * width && bias.len() >= width);
+                let mask: $mask_ty = $mask;
+                // SAFETY: the assertion above bounds every weight and bias offset read below
+                // (rows `r * len + j` of `width` floats), the caller every window and output
+                // access; the last output vector of each row is masked to the chunk's lanes.
                 unsafe {
-                    if n == P {
-                        block::<P, V>(weight, &chunk.bias, (x, strides, step, len), (start, gelu), (dst, at, mask));
-                    } else {
-                        let one = ([x[0]], [strides[0]], step, len);
-                        block::<1, V>(weight, &chunk.bias, one, (start, gelu), (dst, [at[0]], mask));
+                    // Plain loops, not closures around the intrinsics: a closure does not
+                    // inherit the target features, so its intrinsics may become calls.
+                    let mut acc = [[$zero(); V]; P];
+                    for (p, acc) in acc.iter_mut().enumerate() {
+                        for (v, a) in acc.iter_mut().enumerate() {
+                            let $lp = out.add(b.at[p] + v * LANES);
+                            if !matches!(b.start, Start::Bias) {
+                                let $lm = mask;
+                                *a = if v + 1 == V { $load_masked } else { $load($lp) };
+                            }
+                            if !matches!(b.start, Start::Row) {
+                                *a = $add(*a, $load(bias.as_ptr().add(v * LANES)));
+                            }
+                        }
                     }
-                }
-                p += n;
-            }
-        }
-    }
-
-    /// `activation::gelu_in_place` on eight lanes, with the same operations in the same order as
-    /// its fused-multiply-add form (`activation::gelu_slice`'s AVX2 path).
-    #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::excessive_precision)] // the published coefficients, as in `activation::erf`
-    fn gelu_vector(v: __m256) -> __m256 {
-        let c = _mm256_set1_ps;
-        let x = _mm256_mul_ps(v, c(std::f32::consts::FRAC_1_SQRT_2));
-        let x = _mm256_min_ps(_mm256_max_ps(x, c(-4.0)), c(4.0));
-        let x2 = _mm256_mul_ps(x, x);
-        let mut p = _mm256_fmadd_ps(x2, c(-2.726_142_2e-10), c(2.770_681_4e-8));
-        for k in [-2.101_024e-6, -5.692_506_4e-5, -7.349_906_3e-4, -2.954_600_1e-3, -1.609_603_3e-2] {
-            p = _mm256_fmadd_ps(x2, p, c(k));
-        }
-        let mut q = _mm256_fmadd_ps(x2, c(-1.456_607_2e-5), c(-2.133_740_6e-4));
-        for k in [-1.682_827e-3, -7.373_329_3e-3, -1.426_473_9e-2] {
-            q = _mm256_fmadd_ps(x2, q, c(k));
-        }
-        let erf = _mm256_div_ps(_mm256_mul_ps(x, p), q);
-        _mm256_mul_ps(_mm256_mul_ps(c(0.5), v), _mm256_add_ps(c(1.0), erf))
-    }
-
-    /// What a block's accumulators start from.
-    #[derive(Clone, Copy)]
-    enum Start {
-        Bias,
-        Row,
-        RowPlusBias,
-    }
-
-    /// `out[at[p]..] = start + sum_r x[p][r * strides[p]..][..len] . weight rows r * len..` for
-    /// `P` positions, `parts` runs each, and `V` vectors of outputs, accumulated in registers
-    /// (then through GELU with `gelu`); the last vector's lanes outside `mask` are neither read
-    /// nor written (they belong to the next chunk or row).
-    ///
-    /// # Safety
-    /// Every `x[p]` must start `parts` runs of `len` readable floats, `strides[p]` apart, and
-    /// every `out + at[p]` the chunk's `(V - 1) * LANES` + `mask` floats of a distinct row that
-    /// nothing else accesses meanwhile.
-    #[target_feature(enable = "avx2,fma")]
-    #[inline(never)]
-    unsafe fn block<const P: usize, const V: usize>(
-        weight: &[f32],
-        bias: &[f32],
-        (xp, strides, parts, len): ([*const f32; P], [usize; P], usize, usize),
-        (start, gelu): (Start, bool),
-        (out, at, mask): (*mut f32, [usize; P], __m256i),
-    ) {
-        let width = V * LANES;
-        assert!(weight.len() >= parts * len * width && bias.len() >= width);
-        // SAFETY: the assertion above bounds every weight and bias offset read below (rows
-        // `r * len + j` of `width` floats), the caller every window and output access; the
-        // last output vector of each row is masked to the chunk's lanes.
-        unsafe {
-            // Plain loops, not closures around the intrinsics: a closure does not inherit the
-            // target features, so its intrinsics may become calls.
-            let mut acc = [[_mm256_setzero_ps(); V]; P];
-            for (p, acc) in acc.iter_mut().enumerate() {
-                for (v, a) in acc.iter_mut().enumerate() {
-                    let src = out.add(at[p] + v * LANES);
-                    if !matches!(start, Start::Bias) {
-                        *a = if v + 1 == V { _mm256_maskload_ps(src, mask) } else { _mm256_loadu_ps(src) };
+                    for r in 0..parts {
+                        let xp: [*const f32; P] = std::array::from_fn(|p| b.x[p].add(r * b.strides[p]));
+                        let w = weight.as_ptr().add(r * len * width);
+                        for j in 0..len {
+                            let wj = w.add(j * width);
+                            let mut wv = [$zero(); V];
+                            for (v, wv) in wv.iter_mut().enumerate() {
+                                *wv = $load(wj.add(v * LANES));
+                            }
+                            for p in 0..P {
+                                let xv = $set1(*xp[p].add(j));
+                                for v in 0..V {
+                                    acc[p][v] = $fmadd(xv, wv[v], acc[p][v]);
+                                }
+                            }
+                        }
                     }
-                    if !matches!(start, Start::Row) {
-                        *a = _mm256_add_ps(*a, _mm256_loadu_ps(bias.as_ptr().add(v * LANES)));
-                    }
-                }
-            }
-            for r in 0..parts {
-                let xp: [*const f32; P] = std::array::from_fn(|p| xp[p].add(r * strides[p]));
-                let w = weight.as_ptr().add(r * len * width);
-                for j in 0..len {
-                    let wj = w.add(j * width);
-                    let mut wv = [_mm256_setzero_ps(); V];
-                    for (v, wv) in wv.iter_mut().enumerate() {
-                        *wv = _mm256_loadu_ps(wj.add(v * LANES));
-                    }
-                    for p in 0..P {
-                        let xv = _mm256_broadcast_ss(&*xp[p].add(j));
-                        for v in 0..V {
-                            acc[p][v] = _mm256_fmadd_ps(xv, wv[v], acc[p][v]);
+                    for (p, a) in acc.iter().enumerate() {
+                        for (v, a) in a.iter().enumerate() {
+                            let $sv = if b.gelu { gelu_vector(*a) } else { *a };
+                            let $sp = out.add(b.at[p] + v * LANES);
+                            if v + 1 == V {
+                                let $sm = mask;
+                                $store_masked;
+                            } else {
+                                $store($sp, $sv);
+                            }
                         }
                     }
                 }
             }
-            for (p, a) in acc.iter().enumerate() {
-                for (v, a) in a.iter().enumerate() {
-                    let a = if gelu { &gelu_vector(*a) } else { a };
-                    let dst = out.add(at[p] + v * LANES);
-                    if v + 1 == V {
-                        _mm256_maskstore_ps(dst, mask, *a);
-                    } else {
-                        _mm256_storeu_ps(dst, *a);
-                    }
-                }
-            }
         }
+    };
+}
+
+vector_kernel!(
+    avx2,
+    "avx2,fma",
+    8,
+    __m256,
+    __m256i,
+    mask = |tail| _mm256_cmpgt_epi32(_mm256_set1_epi32(tail as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)),
+    zero = _mm256_setzero_ps,
+    set1 = _mm256_set1_ps,
+    load = _mm256_loadu_ps,
+    store = _mm256_storeu_ps,
+    fmadd = _mm256_fmadd_ps,
+    add = _mm256_add_ps,
+    mul = _mm256_mul_ps,
+    div = _mm256_div_ps,
+    min = _mm256_min_ps,
+    max = _mm256_max_ps,
+    load_masked = |ptr, mask| _mm256_maskload_ps(ptr, mask),
+    store_masked = |ptr, mask, value| _mm256_maskstore_ps(ptr, mask, value)
+);
+
+vector_kernel!(
+    avx512,
+    "avx512f",
+    16,
+    __m512,
+    __mmask16,
+    mask = |tail| ((1u32 << tail) - 1) as __mmask16,
+    zero = _mm512_setzero_ps,
+    set1 = _mm512_set1_ps,
+    load = _mm512_loadu_ps,
+    store = _mm512_storeu_ps,
+    fmadd = _mm512_fmadd_ps,
+    add = _mm512_add_ps,
+    mul = _mm512_mul_ps,
+    div = _mm512_div_ps,
+    min = _mm512_min_ps,
+    max = _mm512_max_ps,
+    load_masked = |ptr, mask| _mm512_maskz_loadu_ps(mask, ptr),
+    store_masked = |ptr, mask, value| _mm512_mask_storeu_ps(ptr, mask, value)
+);
+
+/// The vector kernel for `chunk` on this CPU, if it has one: AVX-512 for chunks of an even
+/// number of 8-lane vectors (whole 16-lane vectors), AVX2 + FMA otherwise. Returns whether it ran.
+#[cfg(target_arch = "x86_64")]
+fn vector_chunk(chunk: &Chunk, input: (&[Window<'_>], usize, usize), cout: usize, out: &mut Rows<'_>) -> bool {
+    avx512_chunk(chunk, input, cout, out) || avx2_chunk(chunk, input, cout, out)
+}
+
+/// The AVX-512 kernel, where the CPU has it and the chunk is whole 16-lane vectors. Its blocks
+/// are small (4 positions of 32 outputs): 12 positions spilled registers and ran slower than
+/// AVX2 (docs/EXPERIMENTS.md).
+#[cfg(target_arch = "x86_64")]
+fn avx512_chunk(chunk: &Chunk, input: (&[Window<'_>], usize, usize), cout: usize, out: &mut Rows<'_>) -> bool {
+    if !(std::arch::is_x86_feature_detected!("avx512f") && chunk.vectors.is_multiple_of(2)) {
+        return false;
     }
+    match chunk.vectors {
+        2 => avx512::chunk::<8, 1>(chunk, input, cout, out),
+        _ => avx512::chunk::<4, 2>(chunk, input, cout, out),
+    }
+    true
+}
+
+/// The AVX2 + FMA kernel, where the CPU has it.
+#[cfg(target_arch = "x86_64")]
+fn avx2_chunk(chunk: &Chunk, input: (&[Window<'_>], usize, usize), cout: usize, out: &mut Rows<'_>) -> bool {
+    if !(std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")) {
+        return false;
+    }
+    match chunk.vectors {
+        1 => avx2::chunk::<8, 1>(chunk, input, cout, out),
+        2 => avx2::chunk::<6, 2>(chunk, input, cout, out),
+        3 => avx2::chunk::<3, 3>(chunk, input, cout, out),
+        _ => avx2::chunk::<2, 4>(chunk, input, cout, out),
+    }
+    true
 }
 
 #[cfg(test)]
@@ -362,6 +486,20 @@ mod tests {
                 }
                 for (p, (a, b)) in fast.iter().zip(&plain).enumerate() {
                     assert!((a - b).abs() < 1e-4, "cout {cout}, positions {positions}, element {p}: {a} vs {b}");
+                }
+                // The AVX2 kernel too where the CPU would pick AVX-512 for some chunks.
+                #[cfg(target_arch = "x86_64")]
+                {
+                    let mut avx2 = vec![0.0; positions * cout];
+                    let ran = chunks.iter().all(|c| {
+                        let mut rows = Rows { data: &mut avx2, at: None, add: false, gelu: false };
+                        avx2_chunk(c, (&windows, parts, len), cout, &mut rows)
+                    });
+                    if ran {
+                        for (a, b) in avx2.iter().zip(&plain) {
+                            assert!((a - b).abs() < 1e-4, "avx2, cout {cout}, positions {positions}: {a} vs {b}");
+                        }
+                    }
                 }
                 // GELU on the way out, as the plain kernel then `gelu_in_place` give it.
                 let mut fused = vec![0.0; positions * cout];
