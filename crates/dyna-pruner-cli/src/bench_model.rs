@@ -37,10 +37,7 @@ pub fn run(models: &[PathBuf], data: &[PathBuf], out: &Path, plan: &BenchPlan) -
             if batch > windows.len() {
                 anyhow::bail!("{name}: batch {batch} needs {batch} windows; the data holds {}", windows.len());
             }
-            let mut x = Vec::new();
-            for i in 0..batch {
-                windows.scaled_input_into(i, &scaler, &mut x);
-            }
+            let x = windows.scaled_inputs(0..batch, &scaler);
             let dense = exec.forward(&x, batch, h, w, MaskPlan::Dense)?;
             let dynamic = exec.forward(&x, batch, h, w, own)?;
             let macs = |o: &dyna_pruner_exec::Output| o.macs.iter().sum::<u64>() as f64;

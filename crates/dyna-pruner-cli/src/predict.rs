@@ -94,39 +94,31 @@ pub fn run(
     };
     let from = Path::new(&label);
     let (scaler, data) = scaler_and_data(&model, from)?;
-    let exec = model.executor()?;
+    let mut exec = model.executor()?;
     let arch = &model.arch;
     let windows = crate::eval::windows_for(&data, arch, files)?;
     let layer_units = arch.layer_units();
     let (h, w) = (windows.height, windows.width);
     let plan = if model.masking.mode == MaskMode::Dense { MaskPlan::Dense } else { MaskPlan::Dynamic };
-    let mut exec = exec;
-    // The two executions of the kept units predict the same; only their speed differs.
-    let choice = match units {
-        UnitsArg::Select => Some(UnitExecution::Select),
-        UnitsArg::Mask => Some(UnitExecution::Mask),
-        UnitsArg::Auto => None,
-    };
-    let mut calibration = serde_json::Value::Null;
+    // A CNN with unit masks runs its kept units two ways with the same prediction; only their
+    // speed differs.
     let has_choice = model.masking.mode.model() && exec.set_unit_execution(UnitExecution::Select);
-    let unit_execution = match choice {
-        _ if !has_choice => None,
-        Some(mode) => Some(mode),
-        None if windows.is_empty() => Some(UnitExecution::Select),
-        None => {
+    let mut calibration = serde_json::Value::Null;
+    let unit_execution = has_choice.then(|| match units {
+        UnitsArg::Select => UnitExecution::Select,
+        UnitsArg::Mask => UnitExecution::Mask,
+        UnitsArg::Auto if windows.is_empty() => UnitExecution::Select,
+        UnitsArg::Auto => {
             let batch = batch_size.max(1).min(windows.len());
-            let mut x = Vec::new();
-            for i in 0..batch {
-                windows.scaled_input_into(i, &scaler, &mut x);
-            }
-            let (select, mut mask) = (exec.clone(), exec.clone());
+            let x = windows.scaled_inputs(0..batch, &scaler);
+            let mut mask = exec.clone();
             mask.set_unit_execution(UnitExecution::Mask);
             let times = crate::bench::interleaved_medians(
                 CALIBRATION_RUNS,
                 1,
                 &mut [
                     Box::new(|| {
-                        select.forward(&x, batch, h, w, plan).expect("valid input");
+                        exec.forward(&x, batch, h, w, plan).expect("valid input");
                     }),
                     Box::new(|| {
                         mask.forward(&x, batch, h, w, plan).expect("valid input");
@@ -139,9 +131,9 @@ pub fn run(
                 times[0], times[1]
             );
             calibration = json!({ "batch": batch, "select_ms": times[0], "mask_ms": times[1] });
-            Some(mode)
+            mode
         }
-    };
+    });
     if let Some(mode) = unit_execution {
         exec.set_unit_execution(mode);
     }
@@ -151,10 +143,7 @@ pub fn run(
     let started = Instant::now();
     let indices: Vec<usize> = (0..windows.len()).collect();
     for chunk in indices.chunks(batch_size.max(1)) {
-        let mut x = Vec::new();
-        for &i in chunk {
-            windows.scaled_input_into(i, &scaler, &mut x);
-        }
+        let x = windows.scaled_inputs(chunk.iter().copied(), &scaler);
         let result = exec.forward(&x, chunk.len(), h, w, plan)?;
         predictions.extend(result.prediction.iter().enumerate().map(|(i, &v)| scaler.unscale(i, v)));
         for (j, &i) in chunk.iter().enumerate() {

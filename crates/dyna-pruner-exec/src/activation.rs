@@ -11,22 +11,34 @@ pub fn erf(x: f32) -> f32 {
     erf_with(x, |a, b, c| a * b + c)
 }
 
+/// `erf`'s rational function: the numerator's coefficients in `x^2` (highest power first),
+/// then the denominator's; the vector kernels in `fma` evaluate the same polynomials.
+#[allow(clippy::excessive_precision)] // the published coefficients, rounded by the compiler
+pub(crate) const ERF_P: [f32; 7] = [
+    -2.726_142_2e-10,
+    2.770_681_4e-8,
+    -2.101_024e-6,
+    -5.692_506_4e-5,
+    -7.349_906_3e-4,
+    -2.954_600_1e-3,
+    -1.609_603_3e-2,
+];
+#[allow(clippy::excessive_precision)]
+pub(crate) const ERF_Q: [f32; 5] = [-1.456_607_2e-5, -2.133_740_6e-4, -1.682_827e-3, -7.373_329_3e-3, -1.426_473_9e-2];
+
 /// [`erf`] with its multiply-adds done by `madd(a, b, c) = a * b + c` (fused or not).
 #[inline(always)]
-#[allow(clippy::excessive_precision)] // the published coefficients, rounded by the compiler
 fn erf_with(x: f32, madd: impl Fn(f32, f32, f32) -> f32) -> f32 {
     let x = x.clamp(-4.0, 4.0);
     let x2 = x * x;
-    let mut p = madd(x2, -2.726_142_2e-10, 2.770_681_4e-8);
-    p = madd(x2, p, -2.101_024e-6);
-    p = madd(x2, p, -5.692_506_4e-5);
-    p = madd(x2, p, -7.349_906_3e-4);
-    p = madd(x2, p, -2.954_600_1e-3);
-    p = madd(x2, p, -1.609_603_3e-2);
-    let mut q = madd(x2, -1.456_607_2e-5, -2.133_740_6e-4);
-    q = madd(x2, q, -1.682_827e-3);
-    q = madd(x2, q, -7.373_329_3e-3);
-    q = madd(x2, q, -1.426_473_9e-2);
+    let mut p = madd(x2, ERF_P[0], ERF_P[1]);
+    for k in &ERF_P[2..] {
+        p = madd(x2, p, *k);
+    }
+    let mut q = madd(x2, ERF_Q[0], ERF_Q[1]);
+    for k in &ERF_Q[2..] {
+        q = madd(x2, q, *k);
+    }
     x * p / q
 }
 

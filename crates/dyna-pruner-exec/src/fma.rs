@@ -217,20 +217,6 @@ fn drive<const P: usize>(
     }
 }
 
-/// The GELU polynomial's coefficients (`activation::erf`): numerator, then denominator.
-#[allow(clippy::excessive_precision)] // the published coefficients, as in `activation::erf`
-const ERF_P: [f32; 7] = [
-    -2.726_142_2e-10,
-    2.770_681_4e-8,
-    -2.101_024e-6,
-    -5.692_506_4e-5,
-    -7.349_906_3e-4,
-    -2.954_600_1e-3,
-    -1.609_603_3e-2,
-];
-#[allow(clippy::excessive_precision)]
-const ERF_Q: [f32; 5] = [-1.456_607_2e-5, -2.133_740_6e-4, -1.682_827e-3, -7.373_329_3e-3, -1.426_473_9e-2];
-
 /// The register-blocked kernel for one vector width: `$vec` holds `$lanes` f32 under
 /// `$feature`; `$mask`/`$load_masked`/`$store_masked` restrict the last vector of a row to the
 /// chunk's lanes. Written once as a macro so the AVX2 and AVX-512 kernels cannot drift apart.
@@ -247,7 +233,8 @@ macro_rules! vector_kernel {
             #[allow(unused_imports)]
             use std::arch::x86_64::*;
 
-            use super::{drive, Block, Chunk, Rows, Start, Window, ERF_P, ERF_Q};
+            use super::{drive, Block, Chunk, Rows, Start, Window};
+            use crate::activation::{ERF_P, ERF_Q};
 
             /// f32 lanes of one vector.
             const LANES: usize = $lanes;

@@ -45,9 +45,9 @@ impl WindowSet {
         scaler: &Scaler,
         device: &B::Device,
     ) -> (Tensor<B, 5>, Tensor<B, 5>) {
-        let (mut x, mut y) = (Vec::new(), Vec::new());
+        let x = self.scaled_inputs(indices.iter().copied(), scaler);
+        let mut y = Vec::new();
         for &i in indices {
-            self.scaled_input_into(i, scaler, &mut x);
             scaler.scale_into(self.target(i), &mut y);
         }
         let n = indices.len();
@@ -56,6 +56,15 @@ impl WindowSet {
             Tensor::from_data(TensorData::new(x, [n, self.t_in, c, h, w]), device),
             Tensor::from_data(TensorData::new(y, [n, self.t_out, c, h, w]), device),
         )
+    }
+
+    /// The scaled inputs of `indices`, one window after another (`[n, t_in, channels, h, w]`).
+    pub fn scaled_inputs(&self, indices: impl IntoIterator<Item = usize>, scaler: &Scaler) -> Vec<f32> {
+        let mut x = Vec::new();
+        for i in indices {
+            self.scaled_input_into(i, scaler, &mut x);
+        }
+        x
     }
 
     /// Appends the scaled inputs of window `i` to `out` as the network reads them: no data (NaN)
