@@ -12,7 +12,7 @@
 //! Modules, leaves first: `activation` and `pool` (no crate imports), `fma` (the register-blocked
 //! kernel), `kernels` (convolution scheduling, GEMM, upsampling), `plan` (the types a forward
 //! takes and returns), `masks` (mask generator, DataMask, unit gates), one file per backbone,
-//! `format` (the exported file).
+//! `format` (the exported file), `prune` (static structured pruning of an exported model).
 
 mod activation;
 pub mod cnn;
@@ -23,6 +23,7 @@ pub mod kernels;
 pub mod masks;
 pub mod plan;
 pub mod pool;
+pub mod prune;
 pub mod vit;
 
 /// Deterministic test values in [-1, 1).

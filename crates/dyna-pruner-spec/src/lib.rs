@@ -18,7 +18,7 @@ pub mod weights;
 use serde::{Deserialize, Serialize};
 
 pub use masking::{kept_count, stats_per_channel, top_k, MaskMode, Masking, PatchRule};
-pub use weights::{weights, WeightSpec};
+pub use weights::{unit_axes, weights, UnitAxis, WeightSpec};
 
 /// The backbones that exist (the one list; [`BackboneSpec`] holds the sizes of one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -100,6 +100,67 @@ pub fn weights(arch: &Architecture) -> Vec<WeightSpec> {
     w.0
 }
 
+/// A tensor axis indexed by the units of one prunable layer: unit `u` is index
+/// `g * units + u` of the axis for each of its `groups` blocks (the ConvLSTM's four gates).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnitAxis {
+    pub tensor: String,
+    pub axis: usize,
+    pub groups: usize,
+}
+
+/// Per prunable layer (in mask order), every tensor axis its units index, unit gate included;
+/// `None` for a layer whose units cannot be cut out of the weights (a ViT's heads: the head
+/// width is tied to the model width). Static pruning cuts along these axes.
+pub fn unit_axes(arch: &Architecture) -> Vec<Option<Vec<UnitAxis>>> {
+    let axis = |tensor: String, axis: usize, groups: usize| UnitAxis { tensor, axis, groups };
+    let gate = |l: usize| vec![axis(format!("gates.{l}.weight"), 1, 1), axis(format!("gates.{l}.bias"), 0, 1)];
+    let with_gate = |l: usize, mut axes: Vec<UnitAxis>| {
+        axes.extend(gate(l));
+        Some(axes)
+    };
+    match &arch.model.backbone {
+        BackboneSpec::Cnn(s) => (0..s.blocks)
+            .map(|l| {
+                let block = |part: &str| format!("blocks.{l}.{part}");
+                let axes = vec![
+                    axis(block("conv1.weight"), 0, 1),
+                    axis(block("conv1.bias"), 0, 1),
+                    axis(block("conv2.weight"), 1, 1),
+                ];
+                with_gate(l, axes)
+            })
+            .collect(),
+        BackboneSpec::Vit(s) => (0..s.layers)
+            .flat_map(|l| {
+                let layer = |part: &str| format!("layers.{l}.{part}");
+                let mlp = vec![
+                    axis(layer("fc1.weight"), 1, 1),
+                    axis(layer("fc1.bias"), 0, 1),
+                    axis(layer("fc2.weight"), 0, 1),
+                ];
+                [None, with_gate(2 * l + 1, mlp)]
+            })
+            .collect(),
+        BackboneSpec::ConvLstm(s) => (0..s.cells)
+            .map(|l| {
+                let cell = |i: usize, part: &str| format!("cells.{i}.{part}");
+                let mut axes = vec![
+                    axis(cell(l, "input.weight"), 0, 4),
+                    axis(cell(l, "input.bias"), 0, 4),
+                    axis(cell(l, "state.weight"), 0, 4),
+                    axis(cell(l, "state.weight"), 1, 1),
+                ];
+                axes.push(match l + 1 < s.cells {
+                    true => axis(cell(l + 1, "input.weight"), 1, 1),
+                    false => axis("dec_proj.weight".into(), 1, 1),
+                });
+                with_gate(l, axes)
+            })
+            .collect(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,6 +183,32 @@ mod tests {
             names.dedup();
             assert_eq!(names.len(), list.len(), "{kind:?}");
             assert!(list.iter().all(|w| w.shape.iter().all(|&d| d > 0)));
+        }
+    }
+
+    /// Every unit axis names a listed tensor whose axis holds `groups x units` entries.
+    #[test]
+    fn unit_axes_index_listed_tensors_by_their_layers_units() {
+        for kind in BackboneKind::ALL {
+            let arch = Architecture {
+                frames: Frames { t_in: 2, t_out: 1, channels: 3 },
+                model: ModelSpec {
+                    patch: 4,
+                    generator: GeneratorSpec::default(),
+                    backbone: BackboneSpec::of_kind(kind),
+                },
+            };
+            let list = weights(&arch);
+            let layers = arch.prunable_layers();
+            let axes = unit_axes(&arch);
+            assert_eq!(axes.len(), layers.len(), "{kind:?}");
+            assert!(axes.iter().any(Option::is_some), "{kind:?}");
+            for (layer, axes) in layers.iter().zip(&axes) {
+                for a in axes.iter().flatten() {
+                    let w = list.iter().find(|w| w.name == a.tensor).unwrap_or_else(|| panic!("{}", a.tensor));
+                    assert_eq!(w.shape[a.axis], a.groups * layer.units, "{} axis {}", a.tensor, a.axis);
+                }
+            }
         }
     }
 

@@ -1,15 +1,20 @@
 //! Export of a trained model to the sparse executor (`dyna-pruner-exec`): every weight under
 //! the name and in the layout the shared spec lists (`dyna_pruner_spec::weights`), with the
-//! architecture and the inference masking, in memory or as a safetensors file.
+//! architecture and the inference masking, in memory or as a safetensors file. The way back
+//! ([`import`]) loads such tensors into a trainable model; [`prune`] goes out and back through
+//! the executor's static structured pruning.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use burn::module::{ModuleVisitor, Param};
+use burn::module::{ModuleMapper, ModuleVisitor, Param};
 use burn::prelude::*;
+use burn::tensor::TensorData;
 use dyna_pruner_exec::format::{self, ExportedModel, Tensors};
+use dyna_pruner_exec::prune;
 use dyna_pruner_exec::Exec;
 
+use crate::config::PruneCriterion;
 use crate::error::{Error, Result};
 use crate::method::Masking;
 use crate::model::DynamicModel;
@@ -37,6 +42,32 @@ impl<B: Backend> ModuleVisitor<B> for Collect {
     }
 }
 
+/// Replaces every float parameter by the tensor of the same exported name.
+struct Load<'a> {
+    path: Vec<String>,
+    tensors: &'a Tensors,
+}
+
+impl<B: Backend> ModuleMapper<B> for Load<'_> {
+    fn enter_module(&mut self, name: &str, _container: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container: &str) {
+        self.path.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (id, old, mapper) = param.consume();
+        let name = spec_name(&self.path);
+        // `import` checked every tensor against the architecture's weight list before mapping.
+        let (shape, values) = &self.tensors[&name];
+        let new = Tensor::from_data(TensorData::new(values.clone(), shape.clone()), &old.device())
+            .set_require_grad(old.is_require_grad());
+        Param::from_mapped_value(id, new, mapper)
+    }
+}
+
 /// The exported name of the parameter at a module path: the mask generator is `generator`,
 /// the unit gates `gates.{l}`, the backbone's layers sit at the top (`enc_in`, `blocks.0.conv1`).
 fn spec_name(path: &[String]) -> String {
@@ -60,6 +91,30 @@ pub fn export<B: Backend>(
     let mut collect = Collect { path: Vec::new(), tensors: Tensors::new() };
     model.visit(&mut collect);
     ExportedModel { arch: model.arch.clone(), masking, tensors: collect.tensors, metadata }
+}
+
+/// A trainable model holding `exported`'s weights.
+pub fn import<B: Backend>(exported: &ExportedModel, device: &B::Device) -> Result<DynamicModel<B>> {
+    format::check_tensors(&exported.arch, &exported.tensors)
+        .map_err(|e| Error::Checkpoint { path: Default::default(), detail: e.to_string() })?;
+    let fresh = DynamicModel::new(&exported.arch, device);
+    Ok(fresh.map(&mut Load { path: Vec::new(), tensors: &exported.tensors }))
+}
+
+/// `model` pruned once, structurally, to `target` (its architecture with fewer units per
+/// prunable layer): each layer keeps the units `criterion` ranks first.
+pub fn prune<B: Backend>(
+    model: &DynamicModel<B>,
+    target: &crate::model::Architecture,
+    criterion: PruneCriterion,
+    device: &B::Device,
+) -> Result<DynamicModel<B>> {
+    let exported = export(model, Masking::DENSE, BTreeMap::new());
+    let fail = |e: dyna_pruner_exec::ExecError| Error::Checkpoint { path: Default::default(), detail: e.to_string() };
+    let kept = match criterion {
+        PruneCriterion::L1 => prune::l1_selection(&exported, target).map_err(fail)?,
+    };
+    import(&prune::keep_units(&exported, target, &kept).map_err(fail)?, device)
 }
 
 /// The executor for `model` (in memory).
@@ -414,6 +469,36 @@ mod tests {
             let got = loaded.forward(&x, 2, 9, 11, MaskPlan::Dynamic).unwrap();
             assert_eq!(got.prediction, want.prediction, "{arch:?}");
             assert_eq!(got.masks, want.masks);
+        }
+    }
+
+    /// Issue 21: static pruning through the executor's cut and back into the trainer keeps
+    /// the L1-ranked units, and the smaller model predicts as the original with only those
+    /// units kept (every patch kept).
+    #[test]
+    fn static_pruning_predicts_as_the_original_with_the_l1_units_masked() {
+        let mut rng = StdRng::seed_from_u64(17);
+        let makers: [RandomArch; 3] = [random_arch, random_vit, random_convlstm];
+        for random in makers {
+            let arch = random(&mut rng);
+            let model = DynamicModel::<B>::new(&arch, &Default::default());
+            let mut target = arch.clone();
+            match &mut target.model.backbone {
+                BackboneSpec::Cnn(s) => s.units = s.units.div_ceil(2),
+                BackboneSpec::Vit(s) => s.mlp = s.mlp.div_ceil(2),
+                BackboneSpec::ConvLstm(s) => s.units = s.units.div_ceil(2),
+            }
+            let pruned = prune(&model, &target, PruneCriterion::L1, &Default::default()).unwrap();
+            assert_eq!(pruned.arch, target);
+            let kept = dyna_pruner_exec::prune::l1_selection(&export(&model, Masking::DENSE, BTreeMap::new()), &target)
+                .unwrap();
+            let (batch, h, w) = (2, 9, 11);
+            let (_, xt) = input(&mut rng, &arch, batch, h, w);
+            let (ph, pw) = arch.patch_grid(h, w);
+            let masks = vec![SampleMasks { patches: (0..ph * pw).collect(), units: kept }; batch];
+            let want = reference(&model, &arch, xt.clone(), &masks, h, w);
+            let got: Vec<f32> = pruned.forward(xt, Masking::DENSE).prediction.into_data().to_vec().unwrap();
+            assert_close(&got, &want, &format!("{arch:?}"));
         }
     }
 

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::module::AutodiffModule;
-use burn::optim::{AdamConfig, GradientsParams, Optimizer};
+use burn::optim::{AdamConfig, AdamWConfig, GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::record::Recorder as _;
 use burn::tensor::backend::AutodiffBackend;
@@ -118,7 +118,27 @@ pub fn train<B: AutodiffBackend>(
     control: RunControl,
     progress: &mut dyn Progress,
 ) -> Result<Option<Trained>> {
-    let (mut run, mut model) = Run::<B, _>::setup(plan, device, AdamConfig::new().init(), control.resume, progress)?;
+    let t = &plan.config.train;
+    match t.weight_decay {
+        0.0 => {
+            let adam = AdamConfig::new().with_epsilon(t.adam_epsilon).init();
+            train_with::<B, _>(plan, device, adam, control, progress)
+        }
+        decay => {
+            let adamw = AdamWConfig::new().with_weight_decay(decay).with_epsilon(t.adam_epsilon).init();
+            train_with::<B, _>(plan, device, adamw, control, progress)
+        }
+    }
+}
+
+fn train_with<B: AutodiffBackend, O: Optimizer<DynamicModel<B>, B>>(
+    plan: &Plan,
+    device: &B::Device,
+    optim: O,
+    control: RunControl,
+    progress: &mut dyn Progress,
+) -> Result<Option<Trained>> {
+    let (mut run, mut model) = Run::<B, _>::setup(plan, device, optim, control.resume, progress)?;
     let epochs = plan.config.train.epochs;
     let first = run.state.epochs_done + 1;
     for epoch in first..=epochs {
@@ -183,7 +203,21 @@ impl<'a, B: AutodiffBackend, O: Optimizer<DynamicModel<B>, B>> Run<'a, B, O> {
         let architecture = plan.architecture(t.channels);
         let (model, scaler, teacher) = match &cfg.train.init_from {
             Some(dir) => {
-                let init = checkpoint::load::<B>(dir, device)?;
+                let mut init = checkpoint::load::<B>(dir, device)?;
+                let teacher = init.model.valid();
+                if let Some(criterion) = cfg.train.prune_init {
+                    let target = architecture.with_generator_of(&init.meta.architecture);
+                    init.model = crate::export::prune(&init.model, &target, criterion, device).map_err(|e| {
+                        Error::Checkpoint { path: dir.clone(), detail: format!("train.prune_init: {e}") }
+                    })?;
+                    progress.message(&format!(
+                        "{}: pruned once from {:?} to {:?} units per layer ({criterion:?})",
+                        dir.display(),
+                        init.meta.architecture.layer_units(),
+                        target.layer_units()
+                    ));
+                    init.meta.architecture = target;
+                }
                 // The generator may differ (a dense checkpoint never trained its own); the rest may not.
                 if init.meta.architecture.with_generator_of(&architecture) != architecture {
                     return Err(Error::Checkpoint {
@@ -194,7 +228,6 @@ impl<'a, B: AutodiffBackend, O: Optimizer<DynamicModel<B>, B>> Run<'a, B, O> {
                         ),
                     });
                 }
-                let teacher = init.model.valid();
                 let mut model = init.model;
                 if init.meta.architecture != architecture {
                     progress.message(&format!(
@@ -288,7 +321,7 @@ impl<'a, B: AutodiffBackend, O: Optimizer<DynamicModel<B>, B>> Run<'a, B, O> {
             }
             loss_sum += value;
             let grads = GradientsParams::from_grads(loss.backward(), &model);
-            let lr = cosine_lr(cfg.train.lr, step, self.steps_per_epoch * cfg.train.epochs);
+            let lr = scheduled_lr(cfg.train.lr, cfg.train.lr_warmup, step, self.steps_per_epoch * cfg.train.epochs);
             model = self.optim.step(lr, model, grads);
             progress.step(s + 1, value);
         }
@@ -522,8 +555,29 @@ fn prediction_loss<B: Backend>(prediction: Tensor<B, 5>, target: Tensor<B, 5>, m
     ((prediction - target).powi_scalar(2) * valid.clone()).sum() / valid.sum().clamp_min(1.0)
 }
 
-/// Cosine decay from `lr` to 5% of it over the run.
-fn cosine_lr(lr: f64, step: usize, total: usize) -> f64 {
-    let t = step as f64 / total.max(1) as f64;
+/// A linear rise from `lr / 25` to `lr` over the first `warmup` fraction of the run (none when
+/// 0), then a cosine decay to 5% of `lr` at its end.
+fn scheduled_lr(lr: f64, warmup: f64, step: usize, total: usize) -> f64 {
+    let rise = (warmup * total as f64).round() as usize;
+    if step < rise {
+        return lr * (0.04 + 0.96 * step as f64 / rise as f64);
+    }
+    let t = (step - rise) as f64 / (total - rise).max(1) as f64;
     lr * (0.05 + 0.95 * 0.5 * (1.0 + (std::f64::consts::PI * t).cos()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::scheduled_lr;
+
+    #[test]
+    fn the_learning_rate_rises_to_its_peak_then_decays() {
+        let lr = |step| scheduled_lr(2e-3, 0.25, step, 100);
+        assert!((lr(0) - 8e-5).abs() < 1e-12);
+        assert!(lr(10) > lr(5) && lr(24) < 2e-3);
+        assert!((lr(25) - 2e-3).abs() < 1e-12);
+        assert!(lr(60) < lr(25) && lr(99) > 1e-4 - 1e-9);
+        // Without warm-up the run starts at its peak.
+        assert_eq!(scheduled_lr(1e-3, 0.0, 0, 100), 1e-3);
+    }
 }
