@@ -30,24 +30,30 @@ pub enum Task {
 }
 
 /// What a demonstration runs: committed configs and checkpoints, and how it reports.
-struct Demo {
-    task: &'static str,
-    dataset: &'static str,
+pub(crate) struct Demo {
+    pub(crate) task: &'static str,
+    pub(crate) dataset: &'static str,
     backbone: &'static str,
     label: &'static str,
-    dense_config: &'static str,
+    pub(crate) dense_config: &'static str,
     dynamic_config: &'static str,
     dense_model: &'static str,
     dynamic_model: &'static str,
-    main_metric: &'static str,
+    pub(crate) main_metric: &'static str,
     /// The main metric is a skill (CSI): the relative change is (dense - dynamic) / dense.
-    higher_is_better: bool,
+    pub(crate) higher_is_better: bool,
     /// Report file and the subdirectory of the demo's checkpoints in the output directory.
     report: &'static str,
     subdir: &'static str,
 }
 
 impl Task {
+    /// The demonstration of the task's front (`pareto`): radar's is the synthetic set, whose
+    /// test range carries skill (the 92 KNMI frames cannot).
+    pub(crate) fn front_demo(self) -> Demo {
+        self.demos().pop().expect("every task has a demonstration")
+    }
+
     fn demos(self) -> Vec<Demo> {
         match self {
             Task::Crowd => vec![Demo {
@@ -56,9 +62,9 @@ impl Task {
                 backbone: "cnn",
                 label: "CNN",
                 dense_config: "configs/crowd/cnn_dense.toml",
-                dynamic_config: "configs/crowd/cnn_dynamic.toml",
+                dynamic_config: "configs/crowd/cnn_dynamic70.toml",
                 dense_model: "models/crowd/cnn_dense",
-                dynamic_model: "models/crowd/cnn_dynamic",
+                dynamic_model: "models/crowd/cnn_dynamic70",
                 main_metric: "mse",
                 higher_is_better: false,
                 report: "report.json",
@@ -120,13 +126,13 @@ fn test_range(plan: &Plan) -> String {
     }
 }
 
-/// Loads a committed config with its data paths taken relative to `root`.
-fn load_plan(root: &Path, config: &str) -> anyhow::Result<Plan> {
+/// Loads a committed config with its data and checkpoint paths taken relative to `root`.
+pub(crate) fn load_plan(root: &Path, config: &str) -> anyhow::Result<Plan> {
     let mut plan = RunConfig::load(&root.join(config))?;
-    for f in &mut plan.config.data.files {
-        if f.is_relative() {
-            *f = root.join(&*f);
-        }
+    let t = &mut plan.config.train;
+    let paths = plan.config.data.files.iter_mut().chain([&mut t.out]).chain(t.init_from.as_mut());
+    for f in paths.filter(|f| f.is_relative()) {
+        *f = root.join(&*f);
     }
     Ok(plan)
 }

@@ -6,6 +6,7 @@ mod bench_model;
 mod demo;
 mod device;
 mod eval;
+mod pareto;
 mod predict;
 mod progress;
 mod torch_twin;
@@ -130,6 +131,29 @@ enum Command {
         #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
         device: DeviceArg,
     },
+    /// Every shipped model of a task on its test range against the alternatives at the same
+    /// cost (dense, smaller dense, statically pruned, control, dynamic, persistence): MACs and
+    /// the main metric, with the CPU executor's latency per sample at batch 1 measured in one
+    /// run. Writes DIR/pareto.json and DIR/pareto.png.
+    Pareto {
+        #[arg(long, value_enum, default_value_t = demo::Task::Crowd)]
+        task: demo::Task,
+        #[arg(long, default_value = "pareto-out")]
+        out: PathBuf,
+        /// Train every model of the front with its committed config first (overwrites the
+        /// shipped checkpoints under --root).
+        #[arg(long)]
+        retrain: bool,
+        /// Repository root holding configs/, models/ and data/.
+        #[arg(long, default_value = ".")]
+        root: PathBuf,
+        /// Timed runs per model for the latency (after 3 untimed ones).
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+        /// Device for training and evaluation (the latency is always the CPU executor's).
+        #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+        device: DeviceArg,
+    },
 }
 
 /// The GPU's name from `nvidia-smi`, or "cuda device 0".
@@ -179,6 +203,12 @@ fn main() -> anyhow::Result<()> {
             eval::run(&checkpoint, &source, out.as_deref(), (batch_size, dense), device)
         }
         Command::Demo { task, out, retrain, root, device } => demo::run(task, &out, retrain, &root, device),
+        Command::Pareto { task, out, retrain, root, runs, device } => {
+            if runs == 0 {
+                anyhow::bail!("pareto: --runs must be >= 1");
+            }
+            pareto::run(task, &out, &root, &pareto::Options { retrain, runs, warmup: 3, device })
+        }
         Command::Predict { checkpoint, model, data, out, batch_size, units } => {
             let source = match (checkpoint, model) {
                 (Some(dir), _) => predict::ModelSource::Checkpoint(dir),

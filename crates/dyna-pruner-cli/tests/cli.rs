@@ -427,3 +427,77 @@ out = "{}"
         samples["samples"].as_array().unwrap().iter().map(|s| s["kept_patch_fraction"].as_f64().unwrap()).collect();
     assert!(kept.iter().any(|&k| k != kept[0]), "per-sample counts: {kept:?}");
 }
+
+/// A temporary repository root for the weather task: the shipped data, and every committed
+/// weather config with its model shrunk to a few channels and one short epoch.
+fn tiny_weather_root(name: &str) -> PathBuf {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let root = temp_dir(name);
+    std::os::unix::fs::symlink(repo.join("data").canonicalize().unwrap(), root.join("data")).unwrap();
+    std::fs::create_dir_all(root.join("configs/weather")).unwrap();
+    for entry in std::fs::read_dir(repo.join("configs/weather")).unwrap() {
+        let path = entry.unwrap().path();
+        let mut cfg: toml::Table = toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let model = cfg["model"].as_table_mut().unwrap();
+        model.insert("generator".into(), toml::Value::Table(toml::toml! { width = 4 }));
+        let backbone = model["backbone"].as_table_mut().unwrap();
+        // Each config keeps its MLP relative to the others (a statically pruned one stays smaller).
+        let mlp = backbone["mlp"].as_integer().unwrap();
+        backbone.insert("mlp".into(), (mlp / 8).max(2).into());
+        backbone.insert("dim".into(), 8.into());
+        backbone.insert("heads".into(), 2.into());
+        backbone.insert("layers".into(), 1.into());
+        let train = cfg["train"].as_table_mut().unwrap();
+        train.insert("epochs".into(), 1.into());
+        train.insert("window_stride".into(), 25.into());
+        let method = cfg.entry("method").or_insert(toml::Value::Table(Default::default()));
+        method.as_table_mut().unwrap().insert("warmup_epochs".into(), 0.0.into());
+        std::fs::write(root.join("configs/weather").join(path.file_name().unwrap()), toml::to_string(&cfg).unwrap())
+            .unwrap();
+    }
+    root
+}
+
+/// Issue 21: `pareto --retrain` trains every model of a front and writes a JSON with one point
+/// per model and persistence, and a PNG that decodes to the documented size.
+#[test]
+fn pareto_on_tiny_models_writes_a_valid_json_and_a_decodable_png() {
+    let root = tiny_weather_root("pareto");
+    let out = root.join("front");
+    let o = run(bin()
+        .args(["pareto", "--task", "weather", "--retrain", "--runs", "2", "--root"])
+        .arg(&root)
+        .arg("--out")
+        .arg(&out));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let front: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("pareto.json")).unwrap()).unwrap();
+    assert_eq!(front["task"], "weather");
+    assert_eq!(front["main_metric"], "rmse");
+    assert_eq!(front["higher_is_better"], false);
+    let points = front["points"].as_array().unwrap();
+    let kinds: Vec<&str> = points.iter().map(|p| p["kind"].as_str().unwrap()).collect();
+    for kind in ["dense", "dense_small", "static_pruned", "control", "dynamic", "persistence"] {
+        assert!(kinds.contains(&kind), "no {kind} point in {kinds:?}");
+    }
+    for p in points {
+        let (macs, metric, ms) =
+            (p["macs_per_sample"].as_f64().unwrap(), p["metric"].as_f64().unwrap(), p["latency_ms"].as_f64().unwrap());
+        assert!(metric.is_finite() && metric > 0.0, "{p}");
+        if p["kind"] == "persistence" {
+            assert_eq!((macs, ms), (0.0, 0.0));
+        } else {
+            assert!(macs > 0.0 && ms > 0.0, "{p}");
+        }
+    }
+    // The statically pruned model does fewer MACs than the dense one it was cut from.
+    let macs_of = |kind: &str| points.iter().find(|p| p["kind"] == kind).unwrap()["macs_per_sample"].as_f64().unwrap();
+    assert!(macs_of("static_pruned") < macs_of("dense"));
+    let decoder = png::Decoder::new(std::fs::File::open(out.join("pareto.png")).unwrap());
+    let mut reader = decoder.read_info().unwrap();
+    let mut pixels = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut pixels).unwrap();
+    assert_eq!((info.width, info.height), (1400, 560));
+    let distinct: std::collections::HashSet<&[u8]> = pixels.chunks(3).collect();
+    assert!(distinct.len() > 8, "a blank picture ({} colours)", distinct.len());
+}
