@@ -256,7 +256,7 @@ fn print_table(front: &Front) {
             p.kind.name(),
             p.macs_per_sample / 1e6,
             p.metric,
-            100.0 * sign * (p.metric - dense) / dense,
+            100.0 * sign * (p.metric - dense) / dense + 0.0,
             p.latency_ms
         );
     }
