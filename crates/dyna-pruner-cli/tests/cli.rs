@@ -87,8 +87,10 @@ fn train_then_eval_writes_checkpoint_and_report() {
     }
 
     // The dynamic model, fine-tuned from the dense one with distillation.
+    // AdamW with a learning-rate warm-up, PyTorch's epsilon and clipped gradients.
     let extra = format!(
-        "init_from = \"{}\"\n[method]\nmode = \"both\"\ndata_keep = 0.5\nunit_keep = 0.5\nwarmup_epochs = 1",
+        "init_from = \"{}\"\nweight_decay = 0.01\nlr_warmup = 0.3\nadam_epsilon = 1e-8\ngrad_clip_norm = 1.0\n\
+         [method]\nmode = \"both\"\ndata_keep = 0.5\nunit_keep = 0.5\nwarmup_epochs = 1",
         ck.display()
     );
     let dynamic = tiny_config(&dir, &data, "dynamic", &extra);
@@ -100,6 +102,21 @@ fn train_then_eval_writes_checkpoint_and_report() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stderr(&out).contains("the mask generator starts afresh"));
     assert_eq!(json(&dir.join("dynamic/checkpoint.json"))["architecture"]["model"]["generator"]["motion"], true);
+
+    // Issue 21: the dense model pruned once to half its units (L1), then fine-tuned: an
+    // ordinary smaller dense checkpoint.
+    let extra = format!("init_from = \"{}\"\nprune_init = \"l1\"", ck.display());
+    let pruned = tiny_config(&dir, &data, "pruned", &extra);
+    let text = std::fs::read_to_string(&pruned).unwrap();
+    std::fs::write(&pruned, text.replace("units = 8", "units = 4")).unwrap();
+    let out = run(bin().args(["train", "--config"]).arg(&pruned));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("pruned once from [8, 8] to [4, 4] units"), "{}", stderr(&out));
+    assert_eq!(json(&dir.join("pruned/checkpoint.json"))["architecture"]["model"]["backbone"]["units"], 4);
+    // Without prune_init a checkpoint of another width is refused.
+    std::fs::write(&pruned, std::fs::read_to_string(&pruned).unwrap().replace("prune_init = \"l1\"", "")).unwrap();
+    let out = run(bin().args(["train", "--config"]).arg(&pruned));
+    assert!(!out.status.success() && stderr(&out).contains("differs from the config"), "{}", stderr(&out));
 
     let report = dir.join("eval.json");
     let out = run(bin()

@@ -92,6 +92,9 @@ pub struct TrainConfig {
     /// trained with; a loss as small as crowd flow's on [0, 1] (about 1e-4) needs PyTorch's
     /// 1e-8, or epsilon swamps the gradients' scale and Adam crawls.
     pub adam_epsilon: f32,
+    /// When > 0: each parameter tensor's gradient is scaled down to at most this L2 norm (Burn's
+    /// clipping is per tensor, not over all parameters at once); 0: no clipping.
+    pub grad_clip_norm: f32,
     pub seed: u64,
     /// Use every n-th training window (1: all).
     pub window_stride: usize,
@@ -118,6 +121,7 @@ impl Default for TrainConfig {
             lr_warmup: 0.0,
             weight_decay: 0.0,
             adam_epsilon: 1e-5,
+            grad_clip_norm: 0.0,
             seed: 42,
             window_stride: 1,
             init_from: None,
@@ -165,6 +169,7 @@ impl TrainConfig {
             return Err(bad_value("train.lr_warmup", self.lr_warmup, "a fraction of the run in [0, 1)"));
         }
         non_negative("train.weight_decay", self.weight_decay)?;
+        non_negative("train.grad_clip_norm", self.grad_clip_norm)?;
         if !(self.adam_epsilon > 0.0 && self.adam_epsilon <= 1.0) {
             return Err(bad_value("train.adam_epsilon", self.adam_epsilon, "a number in (0, 1]"));
         }

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use burn::grad_clipping::GradientClippingConfig;
 use burn::module::AutodiffModule;
 use burn::optim::{AdamConfig, AdamWConfig, GradientsParams, Optimizer};
 use burn::prelude::*;
@@ -119,13 +120,18 @@ pub fn train<B: AutodiffBackend>(
     progress: &mut dyn Progress,
 ) -> Result<Option<Trained>> {
     let t = &plan.config.train;
+    let clip = (t.grad_clip_norm > 0.0).then_some(GradientClippingConfig::Norm(t.grad_clip_norm));
     match t.weight_decay {
         0.0 => {
-            let adam = AdamConfig::new().with_epsilon(t.adam_epsilon).init();
+            let adam = AdamConfig::new().with_epsilon(t.adam_epsilon).with_grad_clipping(clip).init();
             train_with::<B, _>(plan, device, adam, control, progress)
         }
         decay => {
-            let adamw = AdamWConfig::new().with_weight_decay(decay).with_epsilon(t.adam_epsilon).init();
+            let adamw = AdamWConfig::new()
+                .with_weight_decay(decay)
+                .with_epsilon(t.adam_epsilon)
+                .with_grad_clipping(clip)
+                .init();
             train_with::<B, _>(plan, device, adamw, control, progress)
         }
     }
