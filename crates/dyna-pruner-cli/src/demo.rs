@@ -15,6 +15,8 @@ use dyna_pruner::train::{prepare_data, RunControl};
 
 use crate::device::DeviceArg;
 use crate::eval::{evaluate_checkpoint, table_header, table_metrics, table_row};
+use crate::pictures::Palette;
+use crate::report::{draw_pictures, write_html, Style};
 use crate::train::train_plan;
 use crate::with_backend;
 
@@ -42,6 +44,8 @@ pub(crate) struct Demo {
     pub(crate) main_metric: &'static str,
     /// The main metric is a skill (CSI): the relative change is (dense - dynamic) / dense.
     pub(crate) higher_is_better: bool,
+    /// How its fields are drawn in the pictures.
+    style: Style,
     /// Report file and the subdirectory of the demo's checkpoints in the output directory.
     report: &'static str,
     subdir: &'static str,
@@ -67,6 +71,7 @@ impl Task {
                 dynamic_model: "models/crowd/cnn_dynamic",
                 main_metric: "mse",
                 higher_is_better: false,
+                style: Style { palette: Palette::Sequential, unit: "trips/h", anomaly: false, step: "h" },
                 report: "report.json",
                 subdir: "",
             }],
@@ -81,6 +86,12 @@ impl Task {
                 dynamic_model: "models/weather/vit_dynamic",
                 main_metric: "rmse",
                 higher_is_better: false,
+                style: Style {
+                    palette: Palette::Diverging,
+                    unit: "K anomaly",
+                    anomaly: true,
+                    step: "h",
+                },
                 report: "report.json",
                 subdir: "",
             }],
@@ -96,6 +107,7 @@ impl Task {
                     dynamic_model: "models/radar/knmi_dynamic",
                     main_metric: "csi_m",
                     higher_is_better: true,
+                    style: RADAR,
                     report: "report.json",
                     subdir: "knmi",
                 },
@@ -110,6 +122,7 @@ impl Task {
                     dynamic_model: "models/radar/synthetic_dynamic",
                     main_metric: "csi_m",
                     higher_is_better: true,
+                    style: RADAR,
                     report: "report_synthetic.json",
                     subdir: "synthetic",
                 },
@@ -117,6 +130,8 @@ impl Task {
         }
     }
 }
+
+const RADAR: Style = Style { palette: Palette::Radar, unit: "VIL", anomaly: false, step: "x 5 min" };
 
 /// Where the test windows come from, in words.
 fn test_range(plan: &Plan) -> String {
@@ -227,7 +242,7 @@ fn run_one(
             100.0 * relative_error_change,
             100.0 * better.abs()
         );
-        json!({
+        let report = json!({
             "task": demo.task,
             "dataset": demo.dataset,
             "backbone": demo.backbone,
@@ -243,7 +258,12 @@ fn run_one(
             "persistence": { "metrics": p.metrics },
             "mac_reduction": mac_reduction,
             "relative_error_change": relative_error_change,
-        })
+        });
+        let pictures = draw_pictures(out, test, &dynamic, &y, dense_macs, demo.style, &dev)?;
+        let title = format!("{} {}: what the dynamic model skips", demo.dataset, demo.label);
+        let html = write_html(out, &title, &report, &pictures)?;
+        eprintln!("wrote {} pictures and {}", pictures.len(), html.display());
+        report
     });
     std::fs::write(report_path, serde_json::to_string_pretty(&report)?)
         .with_context(|| format!("writing {}", report_path.display()))?;

@@ -7,8 +7,10 @@ mod demo;
 mod device;
 mod eval;
 mod pareto;
+mod pictures;
 mod predict;
 mod progress;
+mod report;
 mod torch_twin;
 mod train;
 

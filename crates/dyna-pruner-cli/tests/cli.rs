@@ -518,3 +518,26 @@ fn pareto_on_tiny_models_writes_a_valid_json_and_a_decodable_png() {
     let distinct: std::collections::HashSet<&[u8]> = pixels.chunks(3).collect();
     assert!(distinct.len() > 8, "a blank picture ({} colours)", distinct.len());
 }
+
+/// Issue 24: `demo` draws its pictures (decodable PNGs with colour, each linked from
+/// report.html, every link resolving) beside its report.
+#[test]
+fn demo_writes_pictures_and_a_report_page_that_links_them() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let out = temp_dir("demo-pictures");
+    let o = run(bin().args(["demo", "--task", "weather", "--root"]).arg(&repo).arg("--out").arg(&out));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    let links: Vec<&str> = html.split("<img src=\"").skip(1).map(|s| s.split('"').next().unwrap()).collect();
+    assert_eq!(links.len(), 5, "four windows and the adaptivity picture: {links:?}");
+    assert!(html.contains("<table>") && html.contains("rmse"));
+    for link in links {
+        let decoder = png::Decoder::new(std::fs::File::open(out.join(link)).unwrap());
+        let mut reader = decoder.read_info().unwrap();
+        let mut pixels = vec![0; reader.output_buffer_size()];
+        let info = reader.next_frame(&mut pixels).unwrap();
+        assert!(info.width >= 600 && info.height >= 300, "{link}: {}x{}", info.width, info.height);
+        let distinct: std::collections::HashSet<&[u8]> = pixels.chunks(info.color_type.samples()).collect();
+        assert!(distinct.len() > 16, "{link}: {} colours", distinct.len());
+    }
+}

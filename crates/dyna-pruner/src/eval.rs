@@ -25,6 +25,9 @@ pub struct Evaluation {
     /// Mean fraction of units kept in the prunable layers (dynamic models only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kept_unit_fraction: Option<f64>,
+    /// Each window's MACs and kept fractions, in window order (empty for persistence).
+    #[serde(skip, default)]
+    pub per_sample: Vec<SampleCost>,
 }
 
 /// Per-sample record of a dynamic forward: MACs and mean kept fractions over layers.
@@ -73,6 +76,7 @@ pub fn evaluate<B: Backend>(
         samples: windows.len(),
         kept_patch_fraction: dynamic.then(|| costs.iter().map(|c| c.kept_patch_fraction as f64).sum::<f64>() / n),
         kept_unit_fraction: dynamic.then(|| costs.iter().map(|c| c.kept_unit_fraction as f64).sum::<f64>() / n),
+        per_sample: costs,
     }
 }
 
@@ -125,5 +129,6 @@ pub fn evaluate_persistence(windows: &WindowSet, scoring: Scoring<'_>) -> Evalua
         samples: windows.len(),
         kept_patch_fraction: None,
         kept_unit_fraction: None,
+        per_sample: Vec::new(),
     }
 }

@@ -1,6 +1,6 @@
 //! `pareto.png`: the main metric against MACs per sample (left) and against the measured CPU
 //! latency per sample (right); one marker per kind of model, the dynamic points joined,
-//! persistence as a dashed line. Text in DejaVu Sans, shipped with the binary (no system fonts).
+//! persistence as a dashed line. Text in the shipped font (`pictures::FONT`; no system fonts).
 
 use std::path::Path;
 
@@ -10,8 +10,6 @@ use plotters::prelude::*;
 
 use super::{Front, Point, PointKind};
 
-/// DejaVu Sans (Bitstream Vera licence, see assets/DEJAVU-LICENSE).
-const FONT: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");
 const SIZE: (u32, u32) = (1400, 560);
 
 fn colour(kind: PointKind) -> RGBColor {
@@ -38,8 +36,7 @@ fn marker<DB: DrawingBackend, C: Clone + 'static>(kind: PointKind, at: C) -> Dyn
 
 /// Draws the two panels of `front` to `path`.
 pub fn draw(front: &Front, path: &Path) -> anyhow::Result<()> {
-    // Registering twice (a second front in one process) is harmless.
-    let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
+    crate::pictures::register_font();
     let root = BitMapBackend::new(path, SIZE).into_drawing_area();
     let fail = |e: &dyn std::fmt::Display| anyhow!("drawing {}: {e}", path.display());
     root.fill(&WHITE).map_err(|e| fail(&e))?;
