@@ -274,7 +274,8 @@ pub fn write_html(
     let mut html = format!(
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{t}</title>\n\
          <style>body{{font-family:sans-serif;max-width:1500px;margin:1em auto}}table{{border-collapse:collapse}}\
-         td,th{{border:1px solid #999;padding:3px 8px;text-align:right}}img{{max-width:100%}}</style></head><body>\n\
+         td,th{{border:1px solid #999;padding:3px 8px;text-align:right}}img{{max-width:100%}}</style></head>\n\
+         <body onload=\"document.body.dataset.loaded=[...document.images].filter(i=>i.naturalWidth>0).length\">\n\
          <h1>{t}</h1>\n",
         t = esc(title)
     );
