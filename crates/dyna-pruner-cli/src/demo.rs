@@ -16,7 +16,7 @@ use dyna_pruner::train::{prepare_data, RunControl};
 use crate::device::DeviceArg;
 use crate::eval::{evaluate_checkpoint, table_header, table_metrics, table_row};
 use crate::pictures::Palette;
-use crate::report::{draw_pictures, write_html, Style};
+use crate::report::{demo_table, draw_pictures, write_page, Style};
 use crate::train::train_plan;
 use crate::with_backend;
 
@@ -86,12 +86,7 @@ impl Task {
                 dynamic_model: "models/weather/vit_dynamic",
                 main_metric: "rmse",
                 higher_is_better: false,
-                style: Style {
-                    palette: Palette::Diverging,
-                    unit: "K anomaly",
-                    anomaly: true,
-                    step: "h",
-                },
+                style: Style { palette: Palette::Diverging, unit: "K anomaly", anomaly: true, step: "h" },
                 report: "report.json",
                 subdir: "",
             }],
@@ -261,7 +256,10 @@ fn run_one(
         });
         let pictures = draw_pictures(out, test, &dynamic, &y, dense_macs, demo.style, &dev)?;
         let title = format!("{} {}: what the dynamic model skips", demo.dataset, demo.label);
-        let html = write_html(out, &title, &report, &pictures)?;
+        let made_by = "Made by `dyna-pruner demo`: each window picture runs the shipped dynamic checkpoint on \
+                       that window with its own masks; S and the DataMask are its mask generator's; values are in \
+                       physical units after the checkpoint's scaler.";
+        let html = write_page(out, &title, &demo_table(&report), &pictures, made_by)?;
         eprintln!("wrote {} pictures and {}", pictures.len(), html.display());
         report
     });

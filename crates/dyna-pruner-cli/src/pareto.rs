@@ -1,7 +1,8 @@
 //! `dyna-pruner pareto --task crowd|weather|radar --out DIR`: every shipped model of a task on
 //! its held-out test range, against what a user could pick instead at the same cost: MACs per
 //! sample and the main metric of each, with the sparse executor's CPU latency per sample at
-//! batch 1 measured in one interleaved run. Writes DIR/pareto.json and DIR/pareto.png.
+//! batch 1 measured in one interleaved run. Writes DIR/pareto.json, DIR/pareto.png and
+//! DIR/report.html.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -20,6 +21,7 @@ use crate::bench::interleaved_medians;
 use crate::demo::{load_plan, Task};
 use crate::device::DeviceArg;
 use crate::eval::evaluate_checkpoint;
+use crate::report;
 use crate::train::train_plan;
 use crate::with_backend;
 
@@ -209,7 +211,20 @@ pub fn run(task: Task, out: &Path, root: &Path, options: &Options) -> anyhow::Re
         .with_context(|| format!("writing {}", json.display()))?;
     let png = out.join("pareto.png");
     plot::draw(&front, &png)?;
-    eprintln!("wrote {} and {}", json.display(), png.display());
+    let caption = format!(
+        "{} on the test range against MACs per sample (left) and the CPU executor's latency per sample at batch 1, {} threads (right).",
+        front.main_metric, front.threads
+    );
+    let made_by = "Made by `dyna-pruner pareto`: every shipped model of the task evaluated with its own masks; \
+                   latencies are medians of interleaved runs over the first test windows.";
+    let page = report::write_page(
+        out,
+        &format!("{}: the front", front.dataset),
+        &html_table(&front),
+        &[(png.clone(), caption)],
+        made_by,
+    )?;
+    eprintln!("wrote {}, {} and {}", json.display(), png.display(), page.display());
     Ok(())
 }
 
@@ -238,6 +253,25 @@ fn latencies(dirs: &[PathBuf], test: &WindowSet, options: &Options) -> anyhow::R
         })
         .collect();
     Ok(interleaved_medians(options.runs, options.warmup, &mut jobs))
+}
+
+/// The points as an HTML table.
+fn html_table(front: &Front) -> String {
+    let mut html = format!(
+        "<table><tr><th>model</th><th>kind</th><th>MACs per sample</th><th>{}</th><th>latency ms</th></tr>\n",
+        report::esc(front.main_metric)
+    );
+    for p in &front.points {
+        html += &format!(
+            "<tr><th>{}</th><td>{}</td><td>{:.2} M</td><td>{:.4}</td><td>{:.2}</td></tr>\n",
+            report::esc(&p.name),
+            p.kind.name(),
+            p.macs_per_sample / 1e6,
+            p.metric,
+            p.latency_ms
+        );
+    }
+    html + &format!("</table>\n<p>Test range: {} windows.</p>\n", front.test_samples)
 }
 
 fn print_table(front: &Front) {

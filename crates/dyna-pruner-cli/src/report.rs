@@ -262,46 +262,28 @@ fn adaptivity(path: &Path, signal: &[f64], eval: &Evaluation, dense_macs: f64) -
     ))
 }
 
-/// `out/report.html`: the metrics table of `report` (demo's JSON) and the pictures, with a line
-/// on how each was made; links are relative to `out`.
-pub fn write_html(
+/// Escapes text for HTML.
+pub fn esc(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+/// `out/report.html`: one self-contained page: `body` (HTML: tables, text), then the pictures
+/// with their captions (links relative to `out`), then `made_by`. The page counts the images
+/// the browser could read (`data-loaded` on its body, for `scripts/check-report.sh`).
+pub fn write_page(
     out: &Path,
     title: &str,
-    report: &serde_json::Value,
+    body: &str,
     pictures: &[(PathBuf, String)],
+    made_by: &str,
 ) -> anyhow::Result<PathBuf> {
-    let esc = |s: &str| s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
     let mut html = format!(
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{t}</title>\n\
          <style>body{{font-family:sans-serif;max-width:1500px;margin:1em auto}}table{{border-collapse:collapse}}\
          td,th{{border:1px solid #999;padding:3px 8px;text-align:right}}img{{max-width:100%}}</style></head>\n\
          <body onload=\"document.body.dataset.loaded=[...document.images].filter(i=>i.naturalWidth>0).length\">\n\
-         <h1>{t}</h1>\n",
+         <h1>{t}</h1>\n{body}",
         t = esc(title)
-    );
-    let metrics = ["dense", "dynamic", "persistence"];
-    let names: Vec<String> =
-        report["dense"]["metrics"].as_object().map(|m| m.keys().cloned().collect()).unwrap_or_default();
-    html += "<table><tr><th>model</th>";
-    for n in &names {
-        html += &format!("<th>{}</th>", esc(n));
-    }
-    html += "<th>MACs per sample</th></tr>\n";
-    for m in metrics {
-        html += &format!("<tr><th>{m}</th>");
-        for n in &names {
-            html += &format!("<td>{:.4}</td>", report[m]["metrics"][n].as_f64().unwrap_or(f64::NAN));
-        }
-        let macs = report[m]["macs_per_sample"].as_f64().map_or("-".into(), |v| format!("{:.2} M", v / 1e6));
-        html += &format!("<td>{macs}</td></tr>\n");
-    }
-    html += &format!(
-        "</table>\n<p>Test range: {} windows of {}. MAC reduction {:.1}%, relative change of {} {:+.2}% (worse is positive).</p>\n",
-        report["test_samples"],
-        esc(report["dataset"].as_str().unwrap_or("")),
-        100.0 * report["mac_reduction"].as_f64().unwrap_or(f64::NAN),
-        esc(report["main_metric"].as_str().unwrap_or("")),
-        100.0 * report["relative_error_change"].as_f64().unwrap_or(f64::NAN)
     );
     for (path, caption) in pictures {
         let rel = path.strip_prefix(out).unwrap_or(path);
@@ -311,12 +293,37 @@ pub fn write_html(
             c = esc(caption)
         );
     }
-    html += "<p>Made by <code>dyna-pruner demo</code>: each window picture runs the shipped dynamic checkpoint \
-             on that window (its own masks); S and the DataMask are its mask generator's; values are in physical \
-             units after the checkpoint's scaler.</p>\n</body></html>\n";
+    html += &format!("<p>{}</p>\n</body></html>\n", esc(made_by));
     let path = out.join("report.html");
     std::fs::write(&path, html).with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
+}
+
+/// The body of `demo`'s page: the metrics table of its `report` JSON and a line on the test range.
+pub fn demo_table(report: &serde_json::Value) -> String {
+    let names: Vec<String> =
+        report["dense"]["metrics"].as_object().map(|m| m.keys().cloned().collect()).unwrap_or_default();
+    let mut html = String::from("<table><tr><th>model</th>");
+    for n in &names {
+        html += &format!("<th>{}</th>", esc(n));
+    }
+    html += "<th>MACs per sample</th></tr>\n";
+    for m in ["dense", "dynamic", "persistence"] {
+        html += &format!("<tr><th>{m}</th>");
+        for n in &names {
+            html += &format!("<td>{:.4}</td>", report[m]["metrics"][n].as_f64().unwrap_or(f64::NAN));
+        }
+        let macs = report[m]["macs_per_sample"].as_f64().map_or("-".into(), |v| format!("{:.2} M", v / 1e6));
+        html += &format!("<td>{macs}</td></tr>\n");
+    }
+    html + &format!(
+        "</table>\n<p>Test range: {} windows of {}. MAC reduction {:.1}%, relative change of {} {:+.2}% (worse is positive).</p>\n",
+        report["test_samples"],
+        esc(report["dataset"].as_str().unwrap_or("")),
+        100.0 * report["mac_reduction"].as_f64().unwrap_or(f64::NAN),
+        esc(report["main_metric"].as_str().unwrap_or("")),
+        100.0 * report["relative_error_change"].as_f64().unwrap_or(f64::NAN)
+    )
 }
 
 #[cfg(test)]

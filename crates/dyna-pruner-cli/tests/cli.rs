@@ -515,6 +515,8 @@ fn pareto_on_tiny_models_writes_a_valid_json_and_a_decodable_png() {
     let mut pixels = vec![0; reader.output_buffer_size()];
     let info = reader.next_frame(&mut pixels).unwrap();
     assert_eq!((info.width, info.height), (1400, 560));
+    let page = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(page.contains("<img src=\"pareto.png\"") && page.contains("static_pruned"), "{page}");
     let distinct: std::collections::HashSet<&[u8]> = pixels.chunks(3).collect();
     assert!(distinct.len() > 8, "a blank picture ({} colours)", distinct.len());
 }
