@@ -97,6 +97,10 @@ enum Command {
         /// batch. The predictions are the same.
         #[arg(long, value_enum, default_value_t = predict::UnitsArg::Auto)]
         units: predict::UnitsArg,
+        /// Also draw DIR/pictures/ (four windows: the most and least pruned, two typical; and
+        /// the kept fractions over all windows) and DIR/report.html.
+        #[arg(long)]
+        pictures: bool,
     },
     /// Time the sparse executor against its dense path and Burn's dense forward; writes DIR/bench.json.
     Bench {
@@ -211,13 +215,13 @@ fn main() -> anyhow::Result<()> {
             }
             pareto::run(task, &out, &root, &pareto::Options { retrain, runs, warmup: 3, device })
         }
-        Command::Predict { checkpoint, model, data, out, batch_size, units } => {
+        Command::Predict { checkpoint, model, data, out, batch_size, units, pictures } => {
             let source = match (checkpoint, model) {
                 (Some(dir), _) => predict::ModelSource::Checkpoint(dir),
                 (None, Some(file)) => predict::ModelSource::Exported(file),
                 (None, None) => unreachable!("clap requires --checkpoint or --model"),
             };
-            predict::run(&source, &data, &out, batch_size, units)
+            predict::run(&source, &data, &out, (batch_size, units), pictures)
         }
         Command::Bench { out, plan, device, model, data } => {
             if plan.runs == 0

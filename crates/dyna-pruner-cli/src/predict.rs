@@ -13,16 +13,18 @@ use anyhow::Context;
 use serde_json::json;
 
 use dyna_pruner::checkpoint;
-use dyna_pruner::config::DataConfig;
+use dyna_pruner::config::{DataConfig, DataFormat};
 use dyna_pruner::data::npz::npy_bytes;
-use dyna_pruner::data::Scaler;
+use dyna_pruner::data::{Scaler, WindowSet};
 use dyna_pruner::export;
 use dyna_pruner::CpuBackend;
 use dyna_pruner_exec::format::{self, ExportedModel};
 use dyna_pruner_exec::spec::MaskMode;
-use dyna_pruner_exec::{MaskPlan, UnitExecution};
+use dyna_pruner_exec::{Exec, MaskPlan, UnitExecution};
 
+use crate::pictures::Palette;
 use crate::progress::eval_bar;
+use crate::report::{self, Style};
 
 /// How `predict` runs a CNN's kept units (`dyna_pruner_exec::UnitExecution`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -85,8 +87,8 @@ pub fn run(
     source: &ModelSource,
     files: &[PathBuf],
     out: &Path,
-    batch_size: usize,
-    units: UnitsArg,
+    (batch_size, units): (usize, UnitsArg),
+    pictures: bool,
 ) -> anyhow::Result<()> {
     let (model, label) = match source {
         ModelSource::Checkpoint(dir) => (export_checkpoint(dir)?, dir.display().to_string()),
@@ -183,6 +185,18 @@ pub fn run(
         format::save(&out.join("model.safetensors"), &model)?;
         written.push_str(", model.safetensors");
     }
+    if pictures && !windows.is_empty() {
+        let macs: Vec<f64> = samples.iter().map(|s| s["macs"].as_f64().unwrap_or(0.0)).collect();
+        let patches: Vec<f64> = samples.iter().map(|s| s["kept_patch_fraction"].as_f64().unwrap_or(1.0)).collect();
+        let drawn = draw(&exec, &windows, &scaler, &data, (&predictions, &macs, &patches), plan, out)?;
+        let made_by = format!(
+            "Made by `dyna-pruner predict --pictures` with {label}: the sparse executor on each drawn window with the \
+             model's own masks; values in physical units after its scaler."
+        );
+        let table = format!("<p>{} windows of {}.</p>\n", windows.len(), report::esc(&format!("{files:?}")));
+        let page = report::write_page(out, "What the dynamic model skips", &table, &drawn, &made_by)?;
+        written.push_str(&format!(", {} pictures, {}", drawn.len(), page.display()));
+    }
     let mean_macs =
         samples.iter().map(|s| s["macs"].as_f64().unwrap_or(0.0)).sum::<f64>() / samples.len().max(1) as f64;
     println!(
@@ -193,6 +207,64 @@ pub fn run(
         out.display()
     );
     Ok(())
+}
+
+/// How a data format's fields are drawn.
+fn style_of(data: &DataConfig) -> Style {
+    match data.format {
+        DataFormat::Crowd => Style { palette: Palette::Sequential, unit: "flow", anomaly: false, step: "step" },
+        DataFormat::Netcdf => Style { palette: Palette::Sequential, unit: "", anomaly: false, step: "step" },
+        DataFormat::Knmi | DataFormat::Sevir | DataFormat::SyntheticRadar => {
+            Style { palette: Palette::Radar, unit: "VIL", anomaly: false, step: "x 5 min" }
+        }
+    }
+}
+
+/// The pictures of `predict --pictures`: the chosen windows run again one by one for their
+/// masks and S; `all` holds every window's physical prediction, MACs and kept patch fraction.
+fn draw(
+    exec: &Exec,
+    windows: &WindowSet,
+    scaler: &Scaler,
+    data: &DataConfig,
+    (predictions, macs, patches): (&[f32], &[f64], &[f64]),
+    plan: MaskPlan<'_>,
+    out: &Path,
+) -> anyhow::Result<Vec<(PathBuf, String)>> {
+    let dir = out.join("pictures");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let (h, w) = (windows.height, windows.width);
+    let arch = exec.arch();
+    let (hp, wp) = arch.patch_grid(h, w);
+    let x0 = windows.scaled_inputs(0..1, scaler);
+    let dense = exec.forward(&x0, 1, h, w, MaskPlan::Dense)?.macs[0] as f64;
+    let fractions: Vec<f64> = macs.iter().map(|m| m / dense).collect();
+    let signal = report::signals(windows);
+    let layout = report::Layout { test: windows, patch: arch.patch(), style: style_of(data), climatology: None };
+    let per = windows.t_out * windows.channels * h * w;
+    let mut drawn = Vec::new();
+    for (k, (window, label)) in report::chosen_windows(&fractions, &signal).into_iter().enumerate() {
+        let x = windows.scaled_inputs(window..window + 1, scaler);
+        let masks = exec.forward(&x, 1, h, w, plan)?.masks;
+        let kept = (0..hp * wp).map(|p| masks.first().is_none_or(|m| m.patches.contains(&p))).collect();
+        let view = report::WindowView {
+            window,
+            label,
+            input: windows.input(window),
+            truth: windows.target(window),
+            prediction: &predictions[window * per..(window + 1) * per],
+            importance: exec.importance(&x, h, w),
+            kept,
+            macs_fraction: fractions[window],
+        };
+        let path = dir.join(format!("window_{}_{label}.png", k + 1));
+        let caption = report::draw_window(&path, &layout, &view)?;
+        drawn.push((path, caption));
+    }
+    let path = dir.join("adaptivity.png");
+    let caption = report::adaptivity(&path, &signal, &fractions, patches)?;
+    drawn.push((path, caption));
+    Ok(drawn)
 }
 
 #[cfg(test)]

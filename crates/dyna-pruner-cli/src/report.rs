@@ -12,7 +12,7 @@ use dyna_pruner::checkpoint::Checkpoint;
 use dyna_pruner::data::WindowSet;
 use dyna_pruner::eval::Evaluation;
 
-use crate::pictures::{field_panel, mask_panel, register_font, save_columns, Column, Grid, Palette};
+use crate::pictures::{field_panel, mask_panel, register_font, save_columns, Column, Grid, Image, Palette};
 
 /// How a task's fields are drawn.
 #[derive(Debug, Clone, Copy)]
@@ -44,7 +44,7 @@ pub fn chosen_windows(macs: &[f64], signal: &[f64]) -> Vec<(usize, &'static str)
 }
 
 /// Each window's signal: the sum of its last input frame (physical units, no-data skipped).
-fn signals(test: &WindowSet) -> Vec<f64> {
+pub fn signals(test: &WindowSet) -> Vec<f64> {
     let frame = test.channels * test.height * test.width;
     (0..test.len())
         .map(|i| test.input(i)[(test.t_in - 1) * frame..].iter().filter(|v| v.is_finite()).map(|&v| f64::from(v)).sum())
@@ -60,6 +60,115 @@ fn shown_frames(t_out: usize) -> Vec<usize> {
     }
 }
 
+/// One window to draw, in physical units.
+pub struct WindowView<'a> {
+    pub window: usize,
+    pub label: &'static str,
+    /// `[t_in, channels, h, w]`.
+    pub input: &'a [f32],
+    /// `[t_out, channels, h, w]`, as the prediction.
+    pub truth: &'a [f32],
+    pub prediction: &'a [f32],
+    /// S per patch `[hp * wp]`.
+    pub importance: Vec<f32>,
+    /// The DataMask per patch `[hp * wp]` (all kept when it is off).
+    pub kept: Vec<bool>,
+    /// MACs as a fraction of the dense model's.
+    pub macs_fraction: f64,
+}
+
+/// What every window of a run shares: the windows' sizes, the model's patch, how to draw.
+pub struct Layout<'a> {
+    pub test: &'a WindowSet,
+    pub patch: usize,
+    pub style: Style,
+    /// The training mean frame `[channels, h, w]` (anomalies, when the style asks).
+    pub climatology: Option<&'a [f32]>,
+}
+
+/// Draws one window (channel 0) to `path`; returns its caption.
+pub fn draw_window(path: &Path, layout: &Layout<'_>, v: &WindowView<'_>) -> anyhow::Result<String> {
+    let test = layout.test;
+    let (c, h, w, t_out, patch) = (test.channels, test.height, test.width, test.t_out, layout.patch);
+    let (hp, wp) = (h.div_ceil(patch), w.div_ceil(patch));
+    let frame = c * h * w;
+    let grid = Grid::fit(h, w, 200);
+    let style = layout.style;
+    let climatology = layout.climatology.filter(|_| style.anomaly);
+    let field =
+        |values: &[f32]| -> Vec<f32> { (0..h * w).map(|i| values[i] - climatology.map_or(0.0, |m| m[i])).collect() };
+    let last = field(&v.input[(test.t_in - 1) * frame..test.t_in * frame]);
+    let frames = shown_frames(t_out);
+    let preds: Vec<Vec<f32>> = frames.iter().map(|&f| field(&v.prediction[f * frame..])).collect();
+    let truths: Vec<Vec<f32>> = frames.iter().map(|&f| field(&v.truth[f * frame..])).collect();
+    // The scale of the observed fields (a prediction outside it takes the end colours).
+    let all = truths.iter().flatten().chain(&last).copied().filter(|v| v.is_finite());
+    let (lo, hi) = all.fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
+    let range = match style.palette {
+        Palette::Radar => (0.0, 255.0),
+        Palette::Diverging => (-lo.abs().max(hi.abs()), lo.abs().max(hi.abs())),
+        Palette::Sequential => (lo, hi),
+    };
+    let errors: Vec<Vec<f32>> =
+        preds.iter().zip(&truths).map(|(p, t)| p.iter().zip(t).map(|(a, b)| a - b).collect()).collect();
+    let e = errors.iter().flatten().filter(|v| v.is_finite()).fold(1e-6f32, |m, v| m.max(v.abs()));
+    let importance: Vec<f32> = (0..h * w).map(|i| v.importance[(i / w / patch) * wp + (i % w) / patch]).collect();
+    let (s_lo, s_hi) = importance.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
+    debug_assert_eq!(v.kept.len(), hp * wp);
+    let rows = frames.len();
+    let same = |img: Image| vec![img; rows];
+    let column = |title, palette, range, unit, panels| Column { title, palette, range, unit, panels };
+    let columns = vec![
+        column("last input", style.palette, range, style.unit, same(field_panel(&last, grid, style.palette, range))),
+        column(
+            "importance S",
+            Palette::Sequential,
+            (s_lo, s_hi),
+            "",
+            same(field_panel(&importance, grid, Palette::Sequential, (s_lo, s_hi))),
+        ),
+        column(
+            "DataMask (kept outlined)",
+            Palette::Sequential,
+            range,
+            style.unit,
+            same(mask_panel(&last, grid, range, &v.kept, patch)),
+        ),
+        column(
+            "dynamic prediction",
+            style.palette,
+            range,
+            style.unit,
+            preds.iter().map(|p| field_panel(p, grid, style.palette, range)).collect(),
+        ),
+        column(
+            "truth",
+            style.palette,
+            range,
+            style.unit,
+            truths.iter().map(|t| field_panel(t, grid, style.palette, range)).collect(),
+        ),
+        column(
+            "error (prediction - truth)",
+            Palette::Diverging,
+            (-e, e),
+            style.unit,
+            errors.iter().map(|d| field_panel(d, grid, Palette::Diverging, (-e, e))).collect(),
+        ),
+    ];
+    let labels: Vec<String> = frames.iter().map(|f| format!("+{} {}", f + 1, style.step)).collect();
+    let kept_share = v.kept.iter().filter(|&&k| k).count() as f64 / v.kept.len() as f64;
+    let title = format!(
+        "test window {} ({}): {:.0}% of the dense MACs, {:.0}% of the patches kept",
+        v.window,
+        v.label.replace('_', " "),
+        100.0 * v.macs_fraction,
+        100.0 * kept_share
+    );
+    save_columns(path, &title, &labels, &columns)?;
+    Ok(title)
+}
+
 /// Draws the pictures of `dynamic` on `test` into `out/pictures/`; `eval` is its evaluation on
 /// the same windows (per-sample costs), `dense_macs` the dense model's MACs per sample.
 pub fn draw_pictures<B: Backend>(
@@ -73,10 +182,10 @@ pub fn draw_pictures<B: Backend>(
 ) -> anyhow::Result<Vec<(PathBuf, String)>> {
     let dir = out.join("pictures");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let macs: Vec<f64> = eval.per_sample.iter().map(|c| c.macs).collect();
-    anyhow::ensure!(macs.len() == test.len() && !macs.is_empty(), "no per-window costs to draw");
+    let fractions: Vec<f64> = eval.per_sample.iter().map(|c| c.macs / dense_macs).collect();
+    anyhow::ensure!(fractions.len() == test.len() && !fractions.is_empty(), "no per-window costs to draw");
     let signal = signals(test);
-    let chosen = chosen_windows(&macs, &signal);
+    let chosen = chosen_windows(&fractions, &signal);
     let indices: Vec<usize> = chosen.iter().map(|c| c.0).collect();
     let scaler = &dynamic.meta.scaler;
     let (x, _) = test.batch::<B>(&indices, scaler, device);
@@ -84,105 +193,36 @@ pub fn draw_pictures<B: Backend>(
     let pred: Vec<f32> = fwd.prediction.into_data().to_vec().context("prediction")?;
     let s: Option<Vec<f32>> = fwd.importance.map(|t| t.into_data().to_vec().expect("f32 S"));
     let kept: Option<Vec<f32>> = fwd.data_mask.map(|t| t.into_data().to_vec().expect("f32 mask"));
-    let (c, h, w, t_out) = (test.channels, test.height, test.width, test.t_out);
-    let patch = dynamic.meta.architecture.patch();
-    let (hp, wp) = (h.div_ceil(patch), w.div_ceil(patch));
-    let frame = c * h * w;
-    let grid = Grid::fit(h, w, 200);
-    let climatology = dynamic.meta.climatology.as_deref().filter(|_| style.anomaly);
-    let field = |values: &[f32]| -> Vec<f32> {
-        // Channel 0, minus the climatology for anomalies.
-        (0..h * w).map(|i| values[i] - climatology.map_or(0.0, |m| m[i])).collect()
+    let layout = Layout {
+        test,
+        patch: dynamic.meta.architecture.patch(),
+        style,
+        climatology: dynamic.meta.climatology.as_deref(),
     };
+    let (hp, wp) = dynamic.meta.architecture.patch_grid(test.height, test.width);
+    let per = test.t_out * test.channels * test.height * test.width;
     let mut written = Vec::new();
     for (k, &(window, label)) in chosen.iter().enumerate() {
-        let input = test.input(window);
-        let last = field(&input[(test.t_in - 1) * frame..test.t_in * frame]);
-        let truth = test.target(window);
-        let own = &pred[k * t_out * frame..(k + 1) * t_out * frame];
-        let physical: Vec<f32> = own.iter().enumerate().map(|(i, &v)| scaler.unscale(i, v)).collect();
-        let frames = shown_frames(t_out);
-        let preds: Vec<Vec<f32>> = frames.iter().map(|&f| field(&physical[f * frame..])).collect();
-        let truths: Vec<Vec<f32>> = frames.iter().map(|&f| field(&truth[f * frame..])).collect();
-        // The scale of the observed fields (a prediction outside it takes the end colours).
-        let all = truths.iter().flatten().chain(&last).copied().filter(|v| v.is_finite());
-        let (lo, hi) = all.fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
-        let range = match style.palette {
-            Palette::Radar => (0.0, 255.0),
-            Palette::Diverging => (-lo.abs().max(hi.abs()), lo.abs().max(hi.abs())),
-            Palette::Sequential => (lo, hi),
+        let physical: Vec<f32> =
+            pred[k * per..(k + 1) * per].iter().enumerate().map(|(i, &v)| scaler.unscale(i, v)).collect();
+        let n = hp * wp;
+        let view = WindowView {
+            window,
+            label,
+            input: test.input(window),
+            truth: test.target(window),
+            prediction: &physical,
+            importance: s.as_ref().map_or(vec![0.0; n], |s| s[k * n..(k + 1) * n].to_vec()),
+            kept: (0..n).map(|p| kept.as_ref().is_none_or(|m| m[k * n + p] > 0.5)).collect(),
+            macs_fraction: fractions[window],
         };
-        let errors: Vec<Vec<f32>> =
-            preds.iter().zip(&truths).map(|(p, t)| p.iter().zip(t).map(|(a, b)| a - b).collect()).collect();
-        let e = errors.iter().flatten().filter(|v| v.is_finite()).fold(1e-6f32, |m, v| m.max(v.abs()));
-        let importance: Vec<f32> = (0..h * w)
-            .map(|i| s.as_ref().map_or(0.0, |s| s[k * hp * wp + (i / w / patch) * wp + (i % w) / patch]))
-            .collect();
-        let (s_lo, s_hi) =
-            importance.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
-        let kept_patches: Vec<bool> =
-            (0..hp * wp).map(|p| kept.as_ref().is_none_or(|m| m[k * hp * wp + p] > 0.5)).collect();
-        let rows = frames.len();
-        let same = |img: Image| vec![img; rows];
-        use crate::pictures::Image;
-        let columns = vec![
-            Column {
-                title: "last input",
-                palette: style.palette,
-                range,
-                unit: style.unit,
-                panels: same(field_panel(&last, grid, style.palette, range)),
-            },
-            Column {
-                title: "importance S",
-                palette: Palette::Sequential,
-                range: (s_lo, s_hi),
-                unit: "",
-                panels: same(field_panel(&importance, grid, Palette::Sequential, (s_lo, s_hi))),
-            },
-            Column {
-                title: "DataMask (kept outlined)",
-                palette: Palette::Sequential,
-                range,
-                unit: style.unit,
-                panels: same(mask_panel(&last, grid, range, &kept_patches, patch)),
-            },
-            Column {
-                title: "dynamic prediction",
-                palette: style.palette,
-                range,
-                unit: style.unit,
-                panels: preds.iter().map(|p| field_panel(p, grid, style.palette, range)).collect(),
-            },
-            Column {
-                title: "truth",
-                palette: style.palette,
-                range,
-                unit: style.unit,
-                panels: truths.iter().map(|t| field_panel(t, grid, style.palette, range)).collect(),
-            },
-            Column {
-                title: "error (prediction - truth)",
-                palette: Palette::Diverging,
-                range: (-e, e),
-                unit: style.unit,
-                panels: errors.iter().map(|d| field_panel(d, grid, Palette::Diverging, (-e, e))).collect(),
-            },
-        ];
-        let labels: Vec<String> = frames.iter().map(|f| format!("+{} {}", f + 1, style.step)).collect();
-        let kept_share = kept_patches.iter().filter(|&&k| k).count() as f64 / kept_patches.len() as f64;
-        let title = format!(
-            "test window {window} ({}): {:.0}% of the dense MACs, {:.0}% of the patches kept",
-            label.replace('_', " "),
-            100.0 * macs[window] / dense_macs,
-            100.0 * kept_share
-        );
         let path = dir.join(format!("window_{}_{label}.png", k + 1));
-        save_columns(&path, &title, &labels, &columns)?;
-        written.push((path, title));
+        let caption = draw_window(&path, &layout, &view)?;
+        written.push((path, caption));
     }
     let path = dir.join("adaptivity.png");
-    let caption = adaptivity(&path, &signal, eval, dense_macs)?;
+    let patches: Vec<f64> = eval.per_sample.iter().map(|c| f64::from(c.kept_patch_fraction)).collect();
+    let caption = adaptivity(&path, &signal, &fractions, &patches)?;
     written.push((path, caption));
     Ok(written)
 }
@@ -190,21 +230,19 @@ pub fn draw_pictures<B: Backend>(
 /// Left: a histogram of each test window's MACs as a fraction of the dense model's and of its
 /// kept patch fraction; right: that MACs fraction against the window's signal (sum of its last
 /// input frame).
-fn adaptivity(path: &Path, signal: &[f64], eval: &Evaluation, dense_macs: f64) -> anyhow::Result<String> {
+pub fn adaptivity(path: &Path, signal: &[f64], fraction: &[f64], patches: &[f64]) -> anyhow::Result<String> {
     register_font();
     let fail = |e: &dyn std::fmt::Display| anyhow::anyhow!("drawing {}: {e}", path.display());
     let root = BitMapBackend::new(path, (1200, 460)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| fail(&e))?;
     let (left, right) = root.split_horizontally(600);
-    let fraction: Vec<f64> = eval.per_sample.iter().map(|c| c.macs / dense_macs).collect();
-    let patches: Vec<f64> = eval.per_sample.iter().map(|c| f64::from(c.kept_patch_fraction)).collect();
     let bins = 20;
     let count = |v: &[f64]| {
         let mut n = vec![0usize; bins];
         v.iter().for_each(|&x| n[((x * bins as f64) as usize).min(bins - 1)] += 1);
         n
     };
-    let (cf, cp) = (count(&fraction), count(&patches));
+    let (cf, cp) = (count(fraction), count(patches));
     let top = cf.iter().chain(&cp).copied().max().unwrap_or(1) as f64 * 1.1;
     let mut chart = ChartBuilder::on(&left)
         .caption(format!("{} test windows", fraction.len()), ("sans-serif", 18))
@@ -253,7 +291,7 @@ fn adaptivity(path: &Path, signal: &[f64], eval: &Evaluation, dense_macs: f64) -
         .draw()
         .map_err(|e| fail(&e))?;
     chart
-        .draw_series(signal.iter().zip(&fraction).map(|(&s, &f)| Circle::new((s, f), 2, RED.mix(0.5).filled())))
+        .draw_series(signal.iter().zip(fraction).map(|(&s, &f)| Circle::new((s, f), 2, RED.mix(0.5).filled())))
         .map_err(|e| fail(&e))?;
     root.present().map_err(|e| fail(&e))?;
     Ok(format!(

@@ -181,6 +181,21 @@ fn train_then_eval_writes_checkpoint_and_report() {
     let c = &auto.1["calibration"];
     let faster = if c["select_ms"].as_f64() <= c["mask_ms"].as_f64() { "select" } else { "mask" };
     assert_eq!(auto.1["unit_execution"], faster, "{c}");
+
+    // Issue 24: `--pictures` draws four windows and the adaptivity beside the predictions.
+    let out_dir = dir.join("pred-pictures");
+    let out = run(bin()
+        .args(["predict", "--pictures", "--checkpoint"])
+        .arg(dir.join("dynamic"))
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&out_dir));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let page = std::fs::read_to_string(out_dir.join("report.html")).unwrap();
+    let links: Vec<&str> = page.split("<img src=\"").skip(1).map(|s| s.split('"').next().unwrap()).collect();
+    assert_eq!(links.len(), 5, "{links:?}");
+    assert!(links.iter().all(|l| out_dir.join(l).is_file()), "{links:?}");
 }
 
 /// The float32 values of an `.npy` file written by `predict`.

@@ -102,6 +102,17 @@ impl Exec {
         }
     }
 
+    /// The importance map S `[hp * wp]` of one sample `x` (`[t_in, channels, h, w]`, scaled).
+    pub fn importance(&self, x: &[f32], h: usize, w: usize) -> Vec<f32> {
+        let t = self.arch().frames.t_in;
+        let generator = match self {
+            Exec::Cnn(m) => &m.generator,
+            Exec::Vit(m) => &m.generator,
+            Exec::ConvLstm(m) => &m.generator,
+        };
+        generator.importance(x, t, h, w).0
+    }
+
     /// The masks the model runs with under [`MaskPlan::Dynamic`].
     pub fn masking(&self) -> spec::Masking {
         match self {
