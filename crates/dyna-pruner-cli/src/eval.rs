@@ -129,6 +129,25 @@ pub enum Source {
     Split { split: SplitArg, config: Option<PathBuf> },
 }
 
+/// Pixels of one batch (batch x height x width) that the default batch size keeps under: the
+/// activations of every backbone grow with them, and 64 windows of whole KNMI frames
+/// (382x350) took 15 GB.
+const BATCH_PIXELS: usize = 1 << 20;
+
+/// The batch size when none is given for frames of `height x width`: at most 64 windows,
+/// fewer for large frames.
+pub fn default_batch(height: usize, width: usize) -> usize {
+    (BATCH_PIXELS / (height * width).max(1)).clamp(1, 64)
+}
+
+/// The process's peak resident memory so far in MB (Linux's VmHWM), if known.
+pub fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
 /// The windows of `split` of the run config `config`.
 fn split_windows(config: &Path, split: SplitArg) -> anyhow::Result<WindowSet> {
     let plan = RunConfig::load(config)?;
@@ -143,7 +162,7 @@ pub fn run(
     checkpoint_dir: &Path,
     source: &Source,
     out: Option<&Path>,
-    (batch_size, dense): (usize, bool),
+    (batch_size, dense): (Option<usize>, bool),
     device: DeviceArg,
 ) -> anyhow::Result<()> {
     with_backend!(device, |B, T, dev| {
@@ -163,6 +182,7 @@ pub fn run(
                 (windows, format!("the {split:?} range of {}", config.display()))
             }
         };
+        let batch_size = batch_size.unwrap_or_else(|| default_batch(windows.height, windows.width));
         let e = evaluate_checkpoint(&ck, &windows, batch_size, &dev, "eval");
         let p = evaluate_persistence(&windows, ck.meta.scoring());
         let cols = table_metrics(&windows);
@@ -179,6 +199,8 @@ pub fn run(
             let mut report = serde_json::to_value(&e)?;
             report["persistence"] = json!({ "metrics": p.metrics });
             report["checkpoint"] = json!(checkpoint_dir);
+            report["batch_size"] = json!(batch_size);
+            report["peak_rss_mb"] = json!(peak_rss_mb());
             std::fs::write(out, serde_json::to_string_pretty(&report)?)
                 .with_context(|| format!("writing {}", out.display()))?;
             eprintln!("wrote {}", out.display());
@@ -191,6 +213,18 @@ pub fn run(
 mod tests {
     use super::*;
     use dyna_pruner_exec::spec::{BackboneSpec, ConvLstmSpec, Frames};
+
+    /// Issue 25: the default batch shrinks with the frame so that memory follows batch x frame
+    /// size (whole KNMI frames: 7 windows, where 64 took 15.5 GB).
+    #[test]
+    fn the_default_batch_shrinks_with_the_frame_and_peak_memory_is_read() {
+        assert_eq!(default_batch(16, 8), 64);
+        assert_eq!(default_batch(382, 350), 7);
+        assert_eq!(default_batch(1226, 1760), 1);
+        if cfg!(target_os = "linux") {
+            assert!(peak_rss_mb().is_some_and(|mb| mb > 1.0));
+        }
+    }
 
     /// `eval --data` on a SEVIR checkpoint used to read the first path as the catalog and drop
     /// the others without a word.

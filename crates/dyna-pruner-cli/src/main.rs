@@ -68,8 +68,10 @@ enum Command {
         /// Write `{"metrics", "macs_per_sample", "samples", ...}` here.
         #[arg(long)]
         out: Option<PathBuf>,
-        #[arg(long, default_value_t = 64)]
-        batch_size: usize,
+        /// Windows per batch; by default 64, fewer for large frames (memory grows with
+        /// batch x frame size, not with the number of windows).
+        #[arg(long)]
+        batch_size: Option<usize>,
         #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
         device: DeviceArg,
         /// Evaluate the checkpoint's weights without masks (what `predict --path dense` runs).
@@ -90,8 +92,10 @@ enum Command {
         data: Vec<PathBuf>,
         #[arg(long)]
         out: PathBuf,
-        #[arg(long, default_value_t = 64)]
-        batch_size: usize,
+        /// Windows per batch; by default 64, fewer for large frames (memory grows with
+        /// batch x frame size, not with the number of windows).
+        #[arg(long)]
+        batch_size: Option<usize>,
         /// CNN: how the blocks run each sample's kept units: `select` their weights (fewest
         /// MACs), `mask` the pruned ones (no weight copies), or `auto`: the faster on the first
         /// batch. The predictions are the same.
@@ -197,7 +201,11 @@ pub(crate) fn parse_size(s: &str) -> Result<(usize, usize), String> {
 
 fn main() -> anyhow::Result<()> {
     dyna_pruner_exec::keep_freed_memory();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    if let Command::Eval { batch_size: Some(0), .. } | Command::Predict { batch_size: Some(0), .. } = cli.command {
+        anyhow::bail!("--batch-size must be at least 1");
+    }
+    match cli.command {
         Command::Train { config, resume, stop_after, device } => {
             train::run(&config, dyna_pruner::train::RunControl { resume, stop_after }, device)
         }

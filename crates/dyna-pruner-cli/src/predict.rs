@@ -6,6 +6,7 @@
 //! `dyna-pruner-exec` only, with the scaler and the data section the file carries.
 
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -14,7 +15,7 @@ use serde_json::json;
 
 use dyna_pruner::checkpoint;
 use dyna_pruner::config::{DataConfig, DataFormat};
-use dyna_pruner::data::npz::npy_bytes;
+use dyna_pruner::data::npz::npy_header;
 use dyna_pruner::data::{Scaler, WindowSet};
 use dyna_pruner::export;
 use dyna_pruner::CpuBackend;
@@ -87,7 +88,7 @@ pub fn run(
     source: &ModelSource,
     files: &[PathBuf],
     out: &Path,
-    (batch_size, units): (usize, UnitsArg),
+    (batch_size, units): (Option<usize>, UnitsArg),
     pictures: bool,
 ) -> anyhow::Result<()> {
     let (model, label) = match source {
@@ -99,6 +100,7 @@ pub fn run(
     let mut exec = model.executor()?;
     let arch = &model.arch;
     let windows = crate::eval::windows_for(&data, arch, files)?;
+    let batch_size = batch_size.unwrap_or_else(|| crate::eval::default_batch(windows.height, windows.width));
     let layer_units = arch.layer_units();
     let (h, w) = (windows.height, windows.width);
     let plan = if model.masking.mode == MaskMode::Dense { MaskPlan::Dense } else { MaskPlan::Dynamic };
@@ -140,14 +142,23 @@ pub fn run(
         exec.set_unit_execution(mode);
     }
     let (hp, wp) = arch.patch_grid(h, w);
-    let (mut predictions, mut samples) = (Vec::new(), Vec::new());
+    // Predictions go to disk batch by batch: memory holds one batch, not the data set's.
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let shape = [windows.len(), arch.frames.t_out, arch.frames.channels, h, w];
+    let npy_path = out.join("predictions.npy");
+    let file = std::fs::File::create(&npy_path).with_context(|| format!("creating {}", npy_path.display()))?;
+    let mut npy = std::io::BufWriter::new(file);
+    npy.write_all(&npy_header(&shape)).context("writing predictions.npy")?;
+    let mut samples = Vec::new();
     let bar = eval_bar("predict", windows.len());
     let started = Instant::now();
     let indices: Vec<usize> = (0..windows.len()).collect();
     for chunk in indices.chunks(batch_size.max(1)) {
         let x = windows.scaled_inputs(chunk.iter().copied(), &scaler);
         let result = exec.forward(&x, chunk.len(), h, w, plan)?;
-        predictions.extend(result.prediction.iter().enumerate().map(|(i, &v)| scaler.unscale(i, v)));
+        for (i, &v) in result.prediction.iter().enumerate() {
+            npy.write_all(&scaler.unscale(i, v).to_le_bytes()).context("writing predictions.npy")?;
+        }
         for (j, &i) in chunk.iter().enumerate() {
             let m = result.masks.get(j);
             let kept_units = m.map_or(1.0, |m| {
@@ -166,9 +177,7 @@ pub fn run(
     }
     bar.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let shape = [windows.len(), arch.frames.t_out, arch.frames.channels, h, w];
-    std::fs::write(out.join("predictions.npy"), npy_bytes(&shape, &predictions)).context("writing predictions.npy")?;
+    npy.flush().context("writing predictions.npy")?;
     let report = json!({
         "model": label,
         "data": files,
@@ -177,6 +186,8 @@ pub fn run(
         "unit_execution": unit_execution,
         "calibration": calibration,
         "seconds": seconds,
+        "batch_size": batch_size,
+        "peak_rss_mb": crate::eval::peak_rss_mb(),
         "samples": samples,
     });
     std::fs::write(out.join("samples.json"), serde_json::to_string_pretty(&report)?).context("writing samples.json")?;
@@ -188,7 +199,7 @@ pub fn run(
     if pictures && !windows.is_empty() {
         let macs: Vec<f64> = samples.iter().map(|s| s["macs"].as_f64().unwrap_or(0.0)).collect();
         let patches: Vec<f64> = samples.iter().map(|s| s["kept_patch_fraction"].as_f64().unwrap_or(1.0)).collect();
-        let drawn = draw(&exec, &windows, &scaler, &data, (&predictions, &macs, &patches), plan, out)?;
+        let drawn = draw(&exec, &windows, &scaler, &data, (&macs, &patches), plan, out)?;
         let made_by = format!(
             "Made by `dyna-pruner predict --pictures` with {label}: the sparse executor on each drawn window with the \
              model's own masks; values in physical units after its scaler."
@@ -221,13 +232,13 @@ fn style_of(data: &DataConfig) -> Style {
 }
 
 /// The pictures of `predict --pictures`: the chosen windows run again one by one for their
-/// masks and S; `all` holds every window's physical prediction, MACs and kept patch fraction.
+/// prediction, masks and S; every window's MACs and kept patch fraction are given.
 fn draw(
     exec: &Exec,
     windows: &WindowSet,
     scaler: &Scaler,
     data: &DataConfig,
-    (predictions, macs, patches): (&[f32], &[f64], &[f64]),
+    (macs, patches): (&[f64], &[f64]),
     plan: MaskPlan<'_>,
     out: &Path,
 ) -> anyhow::Result<Vec<(PathBuf, String)>> {
@@ -241,18 +252,18 @@ fn draw(
     let fractions: Vec<f64> = macs.iter().map(|m| m / dense).collect();
     let signal = report::signals(windows);
     let layout = report::Layout { test: windows, patch: arch.patch(), style: style_of(data), climatology: None };
-    let per = windows.t_out * windows.channels * h * w;
     let mut drawn = Vec::new();
     for (k, (window, label)) in report::chosen_windows(&fractions, &signal).into_iter().enumerate() {
         let x = windows.scaled_inputs(window..window + 1, scaler);
-        let masks = exec.forward(&x, 1, h, w, plan)?.masks;
-        let kept = (0..hp * wp).map(|p| masks.first().is_none_or(|m| m.patches.contains(&p))).collect();
+        let result = exec.forward(&x, 1, h, w, plan)?;
+        let prediction: Vec<f32> = result.prediction.iter().enumerate().map(|(i, &v)| scaler.unscale(i, v)).collect();
+        let kept = (0..hp * wp).map(|p| result.masks.first().is_none_or(|m| m.patches.contains(&p))).collect();
         let view = report::WindowView {
             window,
             label,
             input: windows.input(window),
             truth: windows.target(window),
-            prediction: &predictions[window * per..(window + 1) * per],
+            prediction: &prediction,
             importance: exec.importance(&x, h, w),
             kept,
             macs_fraction: fractions[window],

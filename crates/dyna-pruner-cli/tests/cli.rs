@@ -183,9 +183,10 @@ fn train_then_eval_writes_checkpoint_and_report() {
     assert_eq!(auto.1["unit_execution"], faster, "{c}");
 
     // Issue 24: `--pictures` draws four windows and the adaptivity beside the predictions.
+    // Issue 25: predictions are written batch by batch; another batch size writes the same bytes.
     let out_dir = dir.join("pred-pictures");
     let out = run(bin()
-        .args(["predict", "--pictures", "--checkpoint"])
+        .args(["predict", "--pictures", "--units", "select", "--batch-size", "5", "--checkpoint"])
         .arg(dir.join("dynamic"))
         .arg("--data")
         .arg(&data)
@@ -196,6 +197,12 @@ fn train_then_eval_writes_checkpoint_and_report() {
     let links: Vec<&str> = page.split("<img src=\"").skip(1).map(|s| s.split('"').next().unwrap()).collect();
     assert_eq!(links.len(), 5, "{links:?}");
     assert!(links.iter().all(|l| out_dir.join(l).is_file()), "{links:?}");
+    assert_eq!(
+        std::fs::read(out_dir.join("predictions.npy")).unwrap(),
+        std::fs::read(dir.join("pred-select/predictions.npy")).unwrap()
+    );
+    assert_eq!(json(&out_dir.join("samples.json"))["batch_size"], 5);
+    assert!(json(&out_dir.join("samples.json"))["peak_rss_mb"].as_f64().is_some_and(|mb| mb > 0.0));
 }
 
 /// The float32 values of an `.npy` file written by `predict`.

@@ -139,6 +139,16 @@ fn parse_npy(bytes: &[u8]) -> std::result::Result<NpyArray, String> {
 
 /// A C-ordered little-endian f32 `.npy` buffer (version 1.0) of `values` with `shape`.
 pub fn npy_bytes(shape: &[usize], values: &[f32]) -> Vec<u8> {
+    let mut out = npy_header(shape);
+    for v in values {
+        out.extend(v.to_le_bytes());
+    }
+    out
+}
+
+/// The header of a little-endian f32 `.npy` file of `shape`; the values follow it row-major
+/// (a writer can stream them after it).
+pub fn npy_header(shape: &[usize]) -> Vec<u8> {
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
     let tuple = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
     let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {tuple}, }}");
@@ -150,9 +160,6 @@ pub fn npy_bytes(shape: &[usize], values: &[f32]) -> Vec<u8> {
     let mut out = b"\x93NUMPY\x01\x00".to_vec();
     out.extend((header.len() as u16).to_le_bytes());
     out.extend(header.as_bytes());
-    for v in values {
-        out.extend(v.to_le_bytes());
-    }
     out
 }
 
