@@ -244,6 +244,68 @@ fn same_seed_gives_the_same_numbers_and_resume_continues_exactly() {
     assert_eq!(metrics("a"), metrics("b"));
 }
 
+/// Issue 25: `train` killed with SIGKILL at 20 random moments (some during a save) leaves a
+/// checkpoint directory that either loads or does not exist; resuming (or restarting, when no
+/// epoch had finished) then ends with the numbers of an uninterrupted run.
+#[test]
+fn train_killed_at_random_moments_loads_or_is_absent_and_resumes_exactly() {
+    use rand::{Rng, SeedableRng};
+    let dir = temp_dir("sigkill");
+    let data = synthetic_file(&dir);
+    let ten_epochs = |name: &str| {
+        let cfg = tiny_config(&dir, &data, name, "");
+        std::fs::write(&cfg, std::fs::read_to_string(&cfg).unwrap().replace("epochs = 2", "epochs = 10")).unwrap();
+        cfg
+    };
+    let (reference, killed) = (ten_epochs("reference"), ten_epochs("killed"));
+    let started = std::time::Instant::now();
+    assert!(run(bin().args(["train", "--config"]).arg(&reference)).status.success());
+    let full = started.elapsed();
+    let ck = dir.join("killed");
+    let train = |resume: bool| {
+        let mut cmd = bin();
+        cmd.args(["train", "--config"]).arg(&killed);
+        if resume {
+            cmd.arg("--resume");
+        }
+        cmd
+    };
+    let eval = |checkpoint: &Path, name: &str| {
+        let report = dir.join(format!("{name}.json"));
+        let out = run(bin()
+            .args(["eval", "--checkpoint"])
+            .arg(checkpoint)
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(&report));
+        assert!(out.status.success(), "{name}: {}", stderr(&out));
+        json(&report)["metrics"].clone()
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(25);
+    let mut resumed = 0;
+    for k in 0..20 {
+        let resume = ck.join("resume/state.json").is_file();
+        let mut child =
+            train(resume).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+        std::thread::sleep(full.mul_f64(rng.random_range(0.05..0.9)));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let parts = ["model.mpk", "checkpoint.json", "config.toml"].map(|f| ck.join(f).is_file());
+        if parts.iter().any(|&p| p) {
+            assert!(parts.iter().all(|&p| p), "kill {k}: a partial checkpoint {parts:?}");
+            eval(&ck, &format!("kill{k}"));
+        }
+        resumed += usize::from(resume);
+    }
+    assert!(resumed >= 3, "only {resumed} of 20 kills left a run to resume: the kills came too late");
+    let out = run(&mut train(ck.join("resume/state.json").is_file()));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (a, b) = (json(&dir.join("reference/checkpoint.json")), json(&ck.join("checkpoint.json")));
+    assert_eq!(a["provenance"]["best_val_mse"], b["provenance"]["best_val_mse"]);
+    assert_eq!(eval(&dir.join("reference"), "reference"), eval(&ck, "killed"));
+}
+
 #[test]
 fn eval_rejects_a_missing_file_with_its_name() {
     let dir = temp_dir("missing");

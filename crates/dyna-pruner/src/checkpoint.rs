@@ -85,8 +85,9 @@ pub fn save<B: Backend>(dir: &Path, model: &DynamicModel<B>, meta: &CheckpointMe
 /// are flushed to disk, the entries `keep` of the old directory are moved over, then the new
 /// directory is renamed into place and the old one removed. A crash at any point leaves the
 /// old directory or the new one whole under `dir` (at worst the old one beside it as
-/// `.NAME.old-PID`, with `keep` moved out); a failing `write` leaves `dir` as it was. An
-/// existing `dir` holding anything but the entries `owned` and `keep` is refused, not replaced.
+/// `.NAME.old-PID`, with `keep` moved out, which the next write puts back); a failing `write`
+/// leaves `dir` as it was. An existing `dir` holding anything but the entries `owned` and
+/// `keep` is refused, not replaced.
 pub fn write_atomically(
     dir: &Path,
     owned: &[&str],
@@ -98,6 +99,10 @@ pub fn write_atomically(
         _ => PathBuf::from("."),
     };
     let name = dir.file_name().ok_or_else(|| ck_err(dir, "names no directory"))?.to_string_lossy().into_owned();
+    recover(&parent, &name)?;
+    for entry in keep.iter().filter(|_| dir.is_dir()) {
+        recover(dir, entry)?;
+    }
     if dir.is_dir() {
         for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
             let entry = entry.map_err(|e| Error::io(dir, e))?.file_name().to_string_lossy().into_owned();
@@ -114,9 +119,6 @@ pub fn write_atomically(
     std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
     let sibling = |what: &str| parent.join(format!(".{name}.{what}-{}", std::process::id()));
     let (tmp, old) = (sibling("partial"), sibling("old"));
-    // Leftovers of an earlier run of this process id that crashed.
-    let _ = std::fs::remove_dir_all(&tmp);
-    let _ = std::fs::remove_dir_all(&old);
     std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
     let written = write(&tmp).and_then(|()| sync_dir(&tmp));
     if let Err(e) = written {
@@ -135,6 +137,25 @@ pub fn write_atomically(
     std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
     let _ = std::fs::remove_dir_all(&old);
     sync_dir(&parent)
+}
+
+/// Cleans up after an atomic write of `parent/name` that was killed (by any process): its
+/// unfinished copies (`.NAME.partial-PID`) are removed, and a complete previous version moved
+/// aside (`.NAME.old-PID`) is put back when `name` itself is missing, else removed.
+fn recover(parent: &Path, name: &str) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(parent) else { return Ok(()) };
+    let (partial, old) = (format!(".{name}.partial-"), format!(".{name}.old-"));
+    for entry in entries {
+        let path = entry.map_err(|e| Error::io(parent, e))?.path();
+        let file = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+        let target = parent.join(name);
+        if file.starts_with(&old) && !target.exists() {
+            std::fs::rename(&path, &target).map_err(|e| Error::io(&path, e))?;
+        } else if file.starts_with(&partial) || file.starts_with(&old) {
+            std::fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+        }
+    }
+    Ok(())
 }
 
 /// Flushes every file in `dir` and the directory itself to disk.
@@ -244,13 +265,36 @@ mod tests {
         assert!(failed.unwrap_err().to_string().contains("disk full"));
         assert_eq!(std::fs::read_to_string(dir.join("model")).unwrap(), "best");
         assert_eq!(std::fs::read_dir(&root).unwrap().count(), 1, "the partial directory is removed");
-        // A partial directory left by a killed run of the same process id is cleared first.
-        let stale = root.join(format!(".ck.partial-{}", std::process::id()));
+        // A partial directory left by a killed run (of any process id) is cleared first.
+        let stale = root.join(".ck.partial-1");
         std::fs::create_dir(&stale).unwrap();
         write_file(&stale, "junk", "x").unwrap();
         write_atomically(&dir, &["model"], &[], |d| write_file(d, "model", "next")).unwrap();
         assert_eq!(std::fs::read_to_string(dir.join("model")).unwrap(), "next");
         assert!(!dir.join("junk").exists());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// Issue 25: a run killed between moving the previous directory aside and renaming the new
+    /// one in leaves `.NAME.old-PID`, and inside the directory the partial copy of a nested
+    /// write (the resume state's); the next write restores the one and removes the other.
+    #[test]
+    fn leftovers_of_a_killed_write_are_restored_or_removed() {
+        let root = temp("killed");
+        let dir = root.join("ck");
+        write_atomically(&dir, &["model"], &[RESUME], |d| write_file(d, "model", "best")).unwrap();
+        std::fs::rename(&dir, root.join(".ck.old-99")).unwrap();
+        write_atomically(&dir, &["model"], &[RESUME], |d| {
+            // The previous version is back in place while the new one is written.
+            assert_eq!(std::fs::read_to_string(root.join("ck/model")).unwrap(), "best");
+            write_file(d, "model", "next")
+        })
+        .unwrap();
+        std::fs::create_dir(dir.join(".resume.partial-7")).unwrap();
+        write_atomically(&dir, &["model"], &[RESUME], |d| write_file(d, "model", "third")).unwrap();
+        assert_eq!(std::fs::read_to_string(dir.join("model")).unwrap(), "third");
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1, "only the model is left");
+        assert_eq!(std::fs::read_dir(&root).unwrap().count(), 1, "nothing beside the directory");
         std::fs::remove_dir_all(&root).unwrap();
     }
 
