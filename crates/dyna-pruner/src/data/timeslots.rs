@@ -97,7 +97,8 @@ pub fn parse_stamps(raw: &[String], format: SlotFormat) -> Result<(Vec<Stamp>, S
     let mut parts = Vec::with_capacity(raw.len());
     for (row, s) in raw.iter().enumerate() {
         let bad = || format!("row {row}: `{s}` is not YYYYMMDDHH / YYYYMMDDSS");
-        if s.len() != 10 {
+        // ASCII first: slicing at byte 8 of a string with multi-byte characters would panic.
+        if s.len() != 10 || !s.is_ascii() {
             return Err(bad());
         }
         let (y, m, d) = parse_date(&s[..8]).ok_or_else(bad)?;
@@ -183,5 +184,13 @@ mod tests {
     fn civil_days_epoch() {
         assert_eq!(days_from_civil(1970, 1, 1), 0);
         assert_eq!(days_from_civil(2000, 3, 1), 11_017);
+    }
+
+    /// Issue 25 (found by fuzzing): a stamp of ten bytes holding multi-byte characters was
+    /// sliced at byte 8 and panicked.
+    #[test]
+    fn a_stamp_with_multibyte_characters_is_an_error_not_a_panic() {
+        let err = parse_stamps(&["2010010р1".to_string()], SlotFormat::Auto).unwrap_err();
+        assert!(err.contains("row 0") && err.contains("YYYYMMDDHH"), "{err}");
     }
 }
