@@ -28,12 +28,35 @@ fn bad_read(path: &Path, field: &str, e: impl std::fmt::Display) -> Error {
     Error::BadField { path: path.to_path_buf(), field: field.to_string(), detail: format!("could not be read: {e}") }
 }
 
+/// Deflate, the strongest HDF5 filter in use, shrinks data at most about 1032-fold.
+const MAX_COMPRESSION: u64 = 1100;
+
+/// The element count `ds` declares, refused when `element_size`-byte elements that many could
+/// not come out of the file at `path` (a corrupt header would otherwise make the reader
+/// allocate terabytes and abort).
+pub fn element_count(ds: &hdf5_reader::Dataset, path: &Path, field: &str, element_size: usize) -> Result<usize> {
+    let n = ds.num_elements().map_err(|e| bad_read(path, field, e))?;
+    let file_len = std::fs::metadata(path).map_err(|e| Error::io(path, e))?.len();
+    let most = file_len.max(1 << 20).saturating_mul(MAX_COMPRESSION);
+    match n.checked_mul(element_size as u64) {
+        Some(bytes) if bytes <= most => Ok(n as usize),
+        _ => Err(Error::BadField {
+            path: path.to_path_buf(),
+            field: field.to_string(),
+            detail: format!(
+                "declares {n} elements of shape {:?}, more than a file of {file_len} bytes can hold",
+                ds.shape()
+            ),
+        }),
+    }
+}
+
 fn read_typed<T: hdf5_reader::H5Type + Copy + Default>(
     ds: &hdf5_reader::Dataset,
     path: &Path,
     field: &str,
 ) -> Result<Vec<T>> {
-    let n = ds.num_elements().map_err(|e| bad_read(path, field, e))? as usize;
+    let n = element_count(ds, path, field, std::mem::size_of::<T>())?;
     let mut raw = vec![T::default(); n];
     ds.read_into(&mut raw).map_err(|e| bad_read(path, field, e))?;
     Ok(raw)

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use hdf5_reader::{Datatype, SliceInfo, SliceInfoElem};
 
-use super::hdf5::{dataset, open, read_as_strings};
+use super::hdf5::{dataset, element_count, open, read_as_strings};
 use super::series::{Domain, FrameSeries};
 use super::timeslots::{date_of_days, days_from_civil, parse_date, Stamp};
 use crate::error::{Error, Result};
@@ -136,7 +136,7 @@ pub fn read_knmi(paths: &[PathBuf], pool: usize) -> Result<FrameSeries> {
             None => shape = Some((h, w, path.clone())),
             _ => {}
         }
-        let mut raw = vec![0u16; h * w];
+        let mut raw = vec![0u16; element_count(&ds, path, field, 2)?];
         ds.read_into(&mut raw).map_err(|e| Error::BadField {
             path: path.clone(),
             field: field.into(),
