@@ -16,7 +16,7 @@ use dyna_pruner::train::{prepare_data, RunControl};
 use crate::device::DeviceArg;
 use crate::eval::{evaluate_checkpoint, table_header, table_metrics, table_row};
 use crate::pictures::Palette;
-use crate::report::{demo_table, draw_pictures, write_page, Style};
+use crate::report::{demo_table, draw_pictures, write_page, Style, RADAR_STYLE};
 use crate::train::train_plan;
 use crate::with_backend;
 
@@ -102,7 +102,7 @@ impl Task {
                     dynamic_model: "models/radar/knmi_dynamic",
                     main_metric: "csi_m",
                     higher_is_better: true,
-                    style: RADAR,
+                    style: RADAR_STYLE,
                     report: "report.json",
                     subdir: "knmi",
                 },
@@ -117,7 +117,7 @@ impl Task {
                     dynamic_model: "models/radar/synthetic_dynamic",
                     main_metric: "csi_m",
                     higher_is_better: true,
-                    style: RADAR,
+                    style: RADAR_STYLE,
                     report: "report_synthetic.json",
                     subdir: "synthetic",
                 },
@@ -125,8 +125,6 @@ impl Task {
         }
     }
 }
-
-const RADAR: Style = Style { palette: Palette::Radar, unit: "VIL", anomaly: false, step: "x 5 min" };
 
 /// Where the test windows come from, in words.
 fn test_range(plan: &Plan) -> String {

@@ -18,6 +18,11 @@ pub fn register_font() {
     let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
 }
 
+/// The smallest and largest of `values` (infinite and negative infinite when there are none).
+pub fn extent(values: impl IntoIterator<Item = f64>) -> (f64, f64) {
+    values.into_iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)))
+}
+
 /// How a field is coloured.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Palette {

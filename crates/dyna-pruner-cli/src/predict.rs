@@ -225,9 +225,7 @@ fn style_of(data: &DataConfig) -> Style {
     match data.format {
         DataFormat::Crowd => Style { palette: Palette::Sequential, unit: "flow", anomaly: false, step: "step" },
         DataFormat::Netcdf => Style { palette: Palette::Sequential, unit: "", anomaly: false, step: "step" },
-        DataFormat::Knmi | DataFormat::Sevir | DataFormat::SyntheticRadar => {
-            Style { palette: Palette::Radar, unit: "VIL", anomaly: false, step: "x 5 min" }
-        }
+        DataFormat::Knmi | DataFormat::Sevir | DataFormat::SyntheticRadar => report::RADAR_STYLE,
     }
 }
 

@@ -12,7 +12,7 @@ use dyna_pruner::checkpoint::Checkpoint;
 use dyna_pruner::data::WindowSet;
 use dyna_pruner::eval::Evaluation;
 
-use crate::pictures::{field_panel, mask_panel, register_font, save_columns, Column, Grid, Image, Palette};
+use crate::pictures::{extent, field_panel, mask_panel, register_font, save_columns, Column, Grid, Image, Palette};
 
 /// How a task's fields are drawn.
 #[derive(Debug, Clone, Copy)]
@@ -25,6 +25,9 @@ pub struct Style {
     /// What one forecast step is, e.g. "h" or "5 min".
     pub step: &'static str,
 }
+
+/// Radar in every format: VIL on SEVIR's stepped scale, five-minute steps.
+pub const RADAR_STYLE: Style = Style { palette: Palette::Radar, unit: "VIL", anomaly: false, step: "x 5 min" };
 
 /// The windows drawn: the fewest and most MACs, and the two nearest the median; equal costs
 /// (a top-k DataMask keeps the same count in every window) are ordered by `signal`.
@@ -103,7 +106,8 @@ pub fn draw_window(path: &Path, layout: &Layout<'_>, v: &WindowView<'_>) -> anyh
     let truths: Vec<Vec<f32>> = frames.iter().map(|&f| field(&v.truth[f * frame..])).collect();
     // The scale of the observed fields (a prediction outside it takes the end colours).
     let all = truths.iter().flatten().chain(&last).copied().filter(|v| v.is_finite());
-    let (lo, hi) = all.fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
+    let (lo, hi) = extent(all.map(f64::from));
+    let (lo, hi) = (lo as f32, hi as f32);
     let range = match style.palette {
         Palette::Radar => (0.0, 255.0),
         Palette::Diverging => (-lo.abs().max(hi.abs()), lo.abs().max(hi.abs())),
@@ -113,7 +117,8 @@ pub fn draw_window(path: &Path, layout: &Layout<'_>, v: &WindowView<'_>) -> anyh
         preds.iter().zip(&truths).map(|(p, t)| p.iter().zip(t).map(|(a, b)| a - b).collect()).collect();
     let e = errors.iter().flatten().filter(|v| v.is_finite()).fold(1e-6f32, |m, v| m.max(v.abs()));
     let importance: Vec<f32> = (0..h * w).map(|i| v.importance[(i / w / patch) * wp + (i % w) / patch]).collect();
-    let (s_lo, s_hi) = importance.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
+    let (s_lo, s_hi) = extent(importance.iter().map(|&v| f64::from(v)));
+    let (s_lo, s_hi) = (s_lo as f32, s_hi as f32);
     debug_assert_eq!(v.kept.len(), hp * wp);
     let rows = frames.len();
     let same = |img: Image| vec![img; rows];
@@ -274,8 +279,8 @@ pub fn adaptivity(path: &Path, signal: &[f64], fraction: &[f64], patches: &[f64]
         .border_style(BLACK)
         .draw()
         .map_err(|e| fail(&e))?;
-    let (s_lo, s_hi) = signal.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
-    let (f_lo, f_hi) = fraction.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
+    let (s_lo, s_hi) = extent(signal.iter().copied());
+    let (f_lo, f_hi) = extent(fraction.iter().copied());
     let pad = ((f_hi - f_lo) * 0.1).max(0.01);
     let mut chart = ChartBuilder::on(&right)
         .caption("cost against signal", ("sans-serif", 18))

@@ -120,9 +120,15 @@ pub fn check_tensors(arch: &Architecture, tensors: &Tensors) -> Result<(), ExecE
     Ok(())
 }
 
-fn take<'a>(tensors: &'a Tensors, name: &str, shape: &[usize]) -> Result<&'a [f32], ExecError> {
+/// The shape and values of the tensor `name`, or an error naming it as missing.
+pub(crate) fn lookup<'a>(tensors: &'a Tensors, name: &str) -> Result<(&'a [usize], &'a [f32]), ExecError> {
     let (s, v) =
         tensors.get(name).ok_or_else(|| ExecError::Tensor { name: name.into(), detail: "is missing".into() })?;
+    Ok((s, v))
+}
+
+fn take<'a>(tensors: &'a Tensors, name: &str, shape: &[usize]) -> Result<&'a [f32], ExecError> {
+    let (s, v) = lookup(tensors, name)?;
     if s != shape {
         return Err(ExecError::Tensor { name: name.into(), detail: format!("has shape {s:?}; expected {shape:?}") });
     }

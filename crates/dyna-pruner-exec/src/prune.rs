@@ -5,7 +5,7 @@
 
 use dyna_pruner_spec::{unit_axes, Architecture, UnitAxis};
 
-use crate::format::{check_tensors, ExportedModel, Tensors};
+use crate::format::{check_tensors, lookup, ExportedModel, Tensors};
 use crate::ExecError;
 
 /// The L1 norm of each unit of each prunable layer: the sum of `|w|` over every weight the unit
@@ -19,7 +19,7 @@ pub fn unit_l1_norms(model: &ExportedModel) -> Result<Vec<Option<Vec<f64>>>, Exe
             let Some(axes) = axes else { return Ok(None) };
             let mut norms = vec![0.0f64; n];
             for a in axes {
-                let (shape, values) = tensor(&model.tensors, &a.tensor)?;
+                let (shape, values) = lookup(&model.tensors, &a.tensor)?;
                 let (outer, size, inner) = split_at_axis(shape, a.axis);
                 for (i, v) in values.iter().enumerate() {
                     norms[(i / inner) % size % n] += f64::from(v.abs());
@@ -107,12 +107,6 @@ fn not_a_cut(from: &Architecture, to: &Architecture) -> ExecError {
     }
 }
 
-fn tensor<'a>(tensors: &'a Tensors, name: &str) -> Result<(&'a [usize], &'a [f32]), ExecError> {
-    let (s, v) =
-        tensors.get(name).ok_or_else(|| ExecError::Tensor { name: name.into(), detail: "is missing".into() })?;
-    Ok((s, v))
-}
-
 /// `(entries before, size of, entries after)` axis `axis` of a row-major `shape`.
 fn split_at_axis(shape: &[usize], axis: usize) -> (usize, usize, usize) {
     (shape[..axis].iter().product(), shape[axis], shape[axis + 1..].iter().product())
@@ -120,7 +114,7 @@ fn split_at_axis(shape: &[usize], axis: usize) -> (usize, usize, usize) {
 
 /// Keeps, along `a`, the entries of units `keep` (of `units`) in each of its groups.
 fn cut(tensors: &mut Tensors, a: &UnitAxis, keep: &[usize], units: usize) -> Result<(), ExecError> {
-    let (shape, values) = tensor(tensors, &a.tensor)?;
+    let (shape, values) = lookup(tensors, &a.tensor)?;
     if shape.get(a.axis) != Some(&(a.groups * units)) {
         return Err(ExecError::Tensor {
             name: a.tensor.clone(),

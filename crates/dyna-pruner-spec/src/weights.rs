@@ -166,17 +166,18 @@ mod tests {
     use super::*;
     use crate::{BackboneKind, CnnSpec, Frames, GeneratorSpec, ModelSpec};
 
+    /// A small architecture of the backbone `kind` with its default sizes.
+    fn arch_of(kind: BackboneKind) -> Architecture {
+        Architecture {
+            frames: Frames { t_in: 2, t_out: 1, channels: 3 },
+            model: ModelSpec { patch: 4, generator: GeneratorSpec::default(), backbone: BackboneSpec::of_kind(kind) },
+        }
+    }
+
     #[test]
     fn names_are_unique_and_shapes_non_empty() {
         for kind in BackboneKind::ALL {
-            let arch = Architecture {
-                frames: Frames { t_in: 2, t_out: 1, channels: 3 },
-                model: ModelSpec {
-                    patch: 4,
-                    generator: GeneratorSpec::default(),
-                    backbone: BackboneSpec::of_kind(kind),
-                },
-            };
+            let arch = arch_of(kind);
             let list = weights(&arch);
             let mut names: Vec<&str> = list.iter().map(|w| w.name.as_str()).collect();
             names.sort_unstable();
@@ -190,14 +191,7 @@ mod tests {
     #[test]
     fn unit_axes_index_listed_tensors_by_their_layers_units() {
         for kind in BackboneKind::ALL {
-            let arch = Architecture {
-                frames: Frames { t_in: 2, t_out: 1, channels: 3 },
-                model: ModelSpec {
-                    patch: 4,
-                    generator: GeneratorSpec::default(),
-                    backbone: BackboneSpec::of_kind(kind),
-                },
-            };
+            let arch = arch_of(kind);
             let list = weights(&arch);
             let layers = arch.prunable_layers();
             let axes = unit_axes(&arch);

@@ -145,10 +145,10 @@ pub fn write_atomically(
 fn recover(parent: &Path, name: &str) -> Result<()> {
     let Ok(entries) = std::fs::read_dir(parent) else { return Ok(()) };
     let (partial, old) = (format!(".{name}.partial-"), format!(".{name}.old-"));
+    let target = parent.join(name);
     for entry in entries {
         let path = entry.map_err(|e| Error::io(parent, e))?.path();
         let file = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
-        let target = parent.join(name);
         if file.starts_with(&old) && !target.exists() {
             std::fs::rename(&path, &target).map_err(|e| Error::io(&path, e))?;
         } else if file.starts_with(&partial) || file.starts_with(&old) {

@@ -62,7 +62,7 @@ fn panel<'a>(
     let x_max = xs.fold(0.0f64, f64::max) * 1.08 + 1e-9;
     // The models set the vertical range; persistence is drawn only when it falls inside it.
     let ys: Vec<f64> = models.iter().map(|p| p.metric).collect();
-    let (lo, hi) = ys.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
+    let (lo, hi) = crate::pictures::extent(ys);
     let pad = ((hi - lo) * 0.1).max(hi.abs() * 0.02).max(1e-9);
     let (y0, y1) = (lo - pad, hi + 2.0 * pad);
     let mut chart = ChartBuilder::on(area)
