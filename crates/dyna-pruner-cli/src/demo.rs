@@ -2,7 +2,7 @@
 //! retrained ones) and persistence on the task's held-out test range; prints a table and writes
 //! DIR/report.json (radar: the KNMI test frames; DIR/report_synthetic.json for the synthetic set).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use serde_json::json;
@@ -10,7 +10,7 @@ use serde_json::json;
 use dyna_pruner::checkpoint;
 use dyna_pruner::config::{Plan, RunConfig};
 use dyna_pruner::data::Split;
-use dyna_pruner::eval::evaluate_persistence;
+use dyna_pruner::eval::{default_batch, evaluate_persistence};
 use dyna_pruner::train::{prepare_data, RunControl};
 
 use crate::device::DeviceArg;
@@ -157,21 +157,33 @@ fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn run(task: Task, out: &Path, retrain: bool, root: &Path, device: DeviceArg) -> anyhow::Result<()> {
+/// Runs the demos of `task` into `out`; `batch_size` test windows per forward (default: by
+/// frame size).
+pub fn run(
+    task: Task,
+    out: &Path,
+    retrain: bool,
+    root: &Path,
+    device: DeviceArg,
+    batch_size: Option<usize>,
+) -> anyhow::Result<()> {
     for demo in task.demos() {
-        run_one(&demo, &out.join(demo.subdir), &out.join(demo.report), retrain, root, device)?;
+        let paths = (out.join(demo.subdir), out.join(demo.report));
+        run_one(&demo, &paths, retrain, root, device, batch_size)?;
     }
     Ok(())
 }
 
+/// One demo; `paths` are its output directory and its report file.
 fn run_one(
     demo: &Demo,
-    out: &Path,
-    report_path: &Path,
+    paths: &(PathBuf, PathBuf),
     retrain: bool,
     root: &Path,
     device: DeviceArg,
+    batch_size: Option<usize>,
 ) -> anyhow::Result<()> {
+    let (out, report_path) = (paths.0.as_path(), paths.1.as_path());
     let dense_plan = load_plan(root, demo.dense_config)?;
     let (dense_dir, dynamic_dir) = (out.join("dense"), out.join("dynamic"));
     if retrain {
@@ -190,14 +202,15 @@ fn run_one(
     }
     let (splits, _) = prepare_data(&dense_plan)?;
     let test = &splits.test;
+    let batch = batch_size.unwrap_or_else(|| default_batch(test.height, test.width));
     let report = with_backend!(device, |B, T, dev| {
         let dense = checkpoint::load::<B>(&dense_dir, &dev)?;
         let dynamic = checkpoint::load::<B>(&dynamic_dir, &dev)?;
         if dense.meta.scaler != dynamic.meta.scaler {
             anyhow::bail!("the dense and dynamic checkpoints were fitted with different scalers");
         }
-        let d = evaluate_checkpoint(&dense, test, 256, &dev, "dense");
-        let y = evaluate_checkpoint(&dynamic, test, 256, &dev, "dynamic");
+        let d = evaluate_checkpoint(&dense, test, batch, &dev, "dense");
+        let y = evaluate_checkpoint(&dynamic, test, batch, &dev, "dynamic");
         let p = evaluate_persistence(test, dense.meta.scoring());
         let dense_macs = d.macs_per_sample.unwrap_or(f64::NAN);
         let dynamic_macs = y.macs_per_sample.unwrap_or(f64::NAN);

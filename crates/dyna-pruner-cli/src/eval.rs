@@ -9,7 +9,7 @@ use serde_json::json;
 use dyna_pruner::checkpoint::{self, Checkpoint};
 use dyna_pruner::config::{DataConfig, DataFormat, RunConfig};
 use dyna_pruner::data::{self, Domain, Horizon, WindowSet};
-use dyna_pruner::eval::{evaluate, evaluate_persistence, Evaluation};
+use dyna_pruner::eval::{default_batch, evaluate, evaluate_persistence, Evaluation};
 use dyna_pruner::model::Architecture;
 use dyna_pruner::train::prepare_data;
 
@@ -129,17 +129,6 @@ pub enum Source {
     Split { split: SplitArg, config: Option<PathBuf> },
 }
 
-/// Pixels of one batch (batch x height x width) that the default batch size keeps under: the
-/// activations of every backbone grow with them, and 64 windows of whole KNMI frames
-/// (382x350) took 15 GB.
-const BATCH_PIXELS: usize = 1 << 20;
-
-/// The batch size when none is given for frames of `height x width`: at most 64 windows,
-/// fewer for large frames.
-pub fn default_batch(height: usize, width: usize) -> usize {
-    (BATCH_PIXELS / (height * width).max(1)).clamp(1, 64)
-}
-
 /// The process's peak resident memory so far in MB (Linux's VmHWM), if known.
 pub fn peak_rss_mb() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -217,10 +206,7 @@ mod tests {
     /// Issue 25: the default batch shrinks with the frame so that memory follows batch x frame
     /// size (whole KNMI frames: 7 windows, where 64 took 15.5 GB).
     #[test]
-    fn the_default_batch_shrinks_with_the_frame_and_peak_memory_is_read() {
-        assert_eq!(default_batch(16, 8), 64);
-        assert_eq!(default_batch(382, 350), 7);
-        assert_eq!(default_batch(1226, 1760), 1);
+    fn peak_memory_is_read() {
         if cfg!(target_os = "linux") {
             assert!(peak_rss_mb().is_some_and(|mb| mb > 1.0));
         }

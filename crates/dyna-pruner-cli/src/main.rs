@@ -140,6 +140,9 @@ enum Command {
         root: PathBuf,
         #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
         device: DeviceArg,
+        /// Test windows per forward (default: up to 64, fewer for large frames).
+        #[arg(long)]
+        batch_size: Option<usize>,
     },
     /// Every shipped model of a task on its test range against the alternatives at the same
     /// cost (dense, smaller dense, statically pruned, control, dynamic, persistence): MACs and
@@ -202,7 +205,10 @@ pub(crate) fn parse_size(s: &str) -> Result<(usize, usize), String> {
 fn main() -> anyhow::Result<()> {
     dyna_pruner_exec::keep_freed_memory();
     let cli = Cli::parse();
-    if let Command::Eval { batch_size: Some(0), .. } | Command::Predict { batch_size: Some(0), .. } = cli.command {
+    if let Command::Eval { batch_size: Some(0), .. }
+    | Command::Predict { batch_size: Some(0), .. }
+    | Command::Demo { batch_size: Some(0), .. } = cli.command
+    {
         anyhow::bail!("--batch-size must be at least 1");
     }
     match cli.command {
@@ -216,7 +222,9 @@ fn main() -> anyhow::Result<()> {
             };
             eval::run(&checkpoint, &source, out.as_deref(), (batch_size, dense), device)
         }
-        Command::Demo { task, out, retrain, root, device } => demo::run(task, &out, retrain, &root, device),
+        Command::Demo { task, out, retrain, root, device, batch_size } => {
+            demo::run(task, &out, retrain, &root, device, batch_size)
+        }
         Command::Pareto { task, out, retrain, root, runs, device } => {
             if runs == 0 {
                 anyhow::bail!("pareto: --runs must be >= 1");

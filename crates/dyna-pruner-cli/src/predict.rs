@@ -100,7 +100,7 @@ pub fn run(
     let mut exec = model.executor()?;
     let arch = &model.arch;
     let windows = crate::eval::windows_for(&data, arch, files)?;
-    let batch_size = batch_size.unwrap_or_else(|| crate::eval::default_batch(windows.height, windows.width));
+    let batch_size = batch_size.unwrap_or_else(|| dyna_pruner::eval::default_batch(windows.height, windows.width));
     let layer_units = arch.layer_units();
     let (h, w) = (windows.height, windows.width);
     let plan = if model.masking.mode == MaskMode::Dense { MaskPlan::Dense } else { MaskPlan::Dynamic };

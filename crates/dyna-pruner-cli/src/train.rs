@@ -4,7 +4,7 @@ use std::path::Path;
 
 use dyna_pruner::checkpoint;
 use dyna_pruner::config::{Plan, RunConfig};
-use dyna_pruner::eval::{evaluate_persistence, Evaluation};
+use dyna_pruner::eval::{default_batch, evaluate_persistence, Evaluation};
 use dyna_pruner::train::{train, RunControl};
 
 use crate::device::DeviceArg;
@@ -19,7 +19,8 @@ pub fn train_plan(plan: &Plan, control: RunControl, device: DeviceArg) -> anyhow
             return Ok(None);
         };
         let ck = checkpoint::load::<B>(&trained.checkpoint, &dev)?;
-        let test = evaluate_checkpoint(&ck, &trained.splits.test, 256, &dev, "test");
+        let test_set = &trained.splits.test;
+        let test = evaluate_checkpoint(&ck, test_set, default_batch(test_set.height, test_set.width), &dev, "test");
         let persistence = evaluate_persistence(&trained.splits.test, ck.meta.scoring());
         let cols = table_metrics(&trained.splits.test);
         println!(

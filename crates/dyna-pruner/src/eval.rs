@@ -45,6 +45,17 @@ pub struct Scoring<'a> {
     pub climatology: Option<&'a [f32]>,
 }
 
+/// Pixels of one batch (batch x height x width) that the default batch size keeps under: the
+/// activations of every backbone grow with them, and 64 windows of whole KNMI frames
+/// (382x350) took 15 GB.
+pub const BATCH_PIXELS: usize = 1 << 20;
+
+/// The batch size when none is given for frames of `height x width`: at most 64 windows,
+/// fewer for large frames.
+pub fn default_batch(height: usize, width: usize) -> usize {
+    (BATCH_PIXELS / (height * width).max(1)).clamp(1, 64)
+}
+
 /// Runs `model` over `windows` in batches; `on_batch(done, total)` reports progress.
 pub fn evaluate<B: Backend>(
     model: &DynamicModel<B>,
@@ -130,5 +141,18 @@ pub fn evaluate_persistence(windows: &WindowSet, scoring: Scoring<'_>) -> Evalua
         kept_patch_fraction: None,
         kept_unit_fraction: None,
         per_sample: Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_batch_shrinks_with_the_frame() {
+        assert_eq!(default_batch(16, 8), 64);
+        assert_eq!(default_batch(382, 350), 7);
+        assert_eq!(default_batch(1226, 1760), 1);
+        assert!(default_batch(613, 380) * 613 * 380 <= BATCH_PIXELS);
     }
 }

@@ -97,6 +97,47 @@ fn pool_frame(frame: &[f32], h: usize, w: usize, pool: usize) -> Vec<f32> {
     out
 }
 
+/// The image of a KNMI composite file.
+const KNMI_IMAGE: &str = "image1/image_data";
+
+/// The raw image of one KNMI composite: rows, columns and the uint16 values (0.01 mm, 65535 =
+/// no data).
+pub fn read_knmi_image(path: &Path) -> Result<(usize, usize, Vec<u16>)> {
+    let file = open(path)?;
+    let ds = dataset(&file, path, KNMI_IMAGE, "uint16 (rows, cols) in 0.01 mm, 65535 = no data")?;
+    let dims = ds.shape().to_vec();
+    if !matches!(ds.dtype(), Datatype::FixedPoint { size: 2, signed: false, .. }) || dims.len() != 2 {
+        return Err(Error::BadField {
+            path: path.to_path_buf(),
+            field: KNMI_IMAGE.into(),
+            detail: format!("is {:?} with shape {dims:?}; expected uint16 (rows, cols)", ds.dtype()),
+        });
+    }
+    let mut raw = vec![0u16; element_count(&ds, path, KNMI_IMAGE, 2)?];
+    ds.read_into(&mut raw).map_err(|e| Error::BadField {
+        path: path.to_path_buf(),
+        field: KNMI_IMAGE.into(),
+        detail: format!("could not be read: {e}"),
+    })?;
+    Ok((dims[0] as usize, dims[1] as usize, raw))
+}
+
+/// Writes `values` (`rows x cols`, KNMI's uint16 coding) as a KNMI composite file holding
+/// only what [`read_knmi`] reads; the time is in the file name (`..._YYYYMMDDHHMM.h5`).
+pub fn write_knmi_image(path: &Path, rows: usize, cols: usize, values: &[u16]) -> Result<()> {
+    use hdf5_writer::{DatasetBuilder, Hdf5Builder, Hdf5Writer, WriteOptions};
+    let fail =
+        |e: hdf5_writer::Error| Error::Format { path: path.to_path_buf(), format: "HDF5", detail: e.to_string() };
+    let shape = vec![rows as u64, cols as u64];
+    let plan = Hdf5Builder::new()
+        .dataset(DatasetBuilder::typed_data(KNMI_IMAGE, shape, values).map_err(fail)?)
+        .into_plan()
+        .map_err(fail)?;
+    let file = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
+    Hdf5Writer::new(file, WriteOptions::default()).finish(plan).map_err(fail)?;
+    Ok(())
+}
+
 /// Reads KNMI composites (files or directories of them) into one series, ordered by the time
 /// in the file names, averaged over `pool x pool` pixel blocks.
 pub fn read_knmi(paths: &[PathBuf], pool: usize) -> Result<FrameSeries> {
@@ -109,39 +150,22 @@ pub fn read_knmi(paths: &[PathBuf], pool: usize) -> Result<FrameSeries> {
             expected: "KNMI HDF5 files or directories holding them".into(),
         });
     }
-    let field = "image1/image_data";
     let (mut values, mut stamps) = (Vec::new(), Vec::new());
     let mut shape: Option<(usize, usize, PathBuf)> = None;
     for path in &files {
         let stamp = knmi_stamp(path)?;
-        let file = open(path)?;
-        let ds = dataset(&file, path, field, "uint16 (rows, cols) in 0.01 mm, 65535 = no data")?;
-        let dims = ds.shape().to_vec();
-        if !matches!(ds.dtype(), Datatype::FixedPoint { size: 2, signed: false, .. }) || dims.len() != 2 {
-            return Err(Error::BadField {
-                path: path.clone(),
-                field: field.into(),
-                detail: format!("is {:?} with shape {dims:?}; expected uint16 (rows, cols)", ds.dtype()),
-            });
-        }
-        let (h, w) = (dims[0] as usize, dims[1] as usize);
+        let (h, w, raw) = read_knmi_image(path)?;
         match &shape {
             Some((sh, sw, first)) if (*sh, *sw) != (h, w) => {
                 return Err(Error::BadField {
                     path: path.clone(),
-                    field: field.into(),
+                    field: KNMI_IMAGE.into(),
                     detail: format!("is {h}x{w} but {} is {sh}x{sw}", first.display()),
                 })
             }
             None => shape = Some((h, w, path.clone())),
             _ => {}
         }
-        let mut raw = vec![0u16; element_count(&ds, path, field, 2)?];
-        ds.read_into(&mut raw).map_err(|e| Error::BadField {
-            path: path.clone(),
-            field: field.into(),
-            detail: format!("could not be read: {e}"),
-        })?;
         let frame: Vec<f32> = raw.into_iter().map(knmi_to_vil_scale).collect();
         values.extend(pool_frame(&frame, h, w, pool));
         stamps.push(stamp);
@@ -398,6 +422,18 @@ mod tests {
         // missing file
         let err = read_knmi(&[temp("RAD_NL25_RAP_5min_201008269995.h5")], 1).unwrap_err();
         assert!(matches!(err, Error::Io { .. } | Error::BadField { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_written_knmi_image_reads_back_as_the_shipped_one() {
+        let src = shipped().join("RAD_NL25_RAP_5min_201008260000.h5");
+        let (h, w, raw) = read_knmi_image(&src).unwrap();
+        let copy = temp("RAD_NL25_RAP_5min_201008260000.h5");
+        write_knmi_image(&copy, h, w, &raw).unwrap();
+        assert_eq!(read_knmi_image(&copy).unwrap(), (h, w, raw));
+        let (a, b) = (read_knmi(&[src], 2).unwrap(), read_knmi(&[copy], 2).unwrap());
+        assert_eq!((a.height, a.width, a.stamps), (b.height, b.width, b.stamps));
+        assert!(a.values.iter().zip(&b.values).all(|(x, y)| x.to_bits() == y.to_bits()));
     }
 
     /// A SEVIR-layout data set built from the real KNMI frames: two 49-frame events cut from a

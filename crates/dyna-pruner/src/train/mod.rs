@@ -20,7 +20,7 @@ use crate::checkpoint::{self, CheckpointMeta, Provenance, Recorder};
 use crate::config::{DataFormat, DataRule, Plan};
 use crate::data::{self, Domain, Horizon, MinMaxScaler, Scaler, Splits, WindowSet, ZScoreScaler};
 use crate::error::{Error, Result};
-use crate::eval::{evaluate, Scoring};
+use crate::eval::{default_batch, evaluate, Scoring};
 use crate::macs::MacModel;
 use crate::method::budget::{annealed, budget_loss, mask_target_loss};
 use crate::method::masks::quantile_threshold;
@@ -406,7 +406,8 @@ impl<'a, B: AutodiffBackend, O: Optimizer<DynamicModel<B>, B>> Run<'a, B, O> {
         }
         let scoring = Scoring { scaler: &self.scaler, climatology: None };
         progress.validating(0, self.splits.val.len());
-        let val = evaluate(&model.valid(), &self.splits.val, scoring, end_masking, 256, self.device, &mut |d, t| {
+        let batch = default_batch(self.splits.val.height, self.splits.val.width);
+        let val = evaluate(&model.valid(), &self.splits.val, scoring, end_masking, batch, self.device, &mut |d, t| {
             progress.validating(d, t)
         });
         let val_mse = val.metrics["mse"];
