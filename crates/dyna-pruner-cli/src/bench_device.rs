@@ -1,9 +1,10 @@
 //! `dyna-pruner bench --device cuda`: on a GPU the sparse path is the framework-ops one
 //! (`DynamicModel::forward_gathered`: selected im2col rows of the kept patches, batched matmuls
-//! with each sample's kept units), timed against the model's dense forward (Burn's `conv2d`
-//! with autotune: our dense GPU path) in the same run, optionally next to a PyTorch twin of the
+//! with each sample's kept units), timed against the model's dense forward (Burn's `conv2d`:
+//! our dense GPU path) in the same run, optionally next to a PyTorch twin of the
 //! dense CNN (`scripts/torch_twin.py`) timed on the same device. Clocks are read after a device
-//! sync; JIT and autotune run in the warm-up.
+//! sync; JIT and autotune run in the warm-up. Build with `--features autotune` for these
+//! timings: without it Burn runs fixed kernels (the report says which).
 
 use std::path::Path;
 use std::time::Instant;
@@ -27,6 +28,8 @@ use crate::torch_twin::{best, TorchTimes};
 struct Report {
     device: String,
     backend: &'static str,
+    /// Whether Burn's kernels were autotuned (built with `--features autotune`).
+    autotune: bool,
     architecture: Architecture,
     runs: usize,
     warmup: usize,
@@ -71,6 +74,9 @@ pub fn run<B: GatheredBackend>(
     out: &Path,
     plan: &BenchPlan,
 ) -> anyhow::Result<()> {
+    if !cfg!(feature = "autotune") {
+        eprintln!("note: built without `--features autotune`: Burn's dense forward runs untuned kernels");
+    }
     let arch = architecture(BackboneKind::Cnn, plan.data_scope);
     B::seed(device, 1);
     let model = DynamicModel::<B>::new(&arch, device);
@@ -168,6 +174,7 @@ pub fn run<B: GatheredBackend>(
     let report = Report {
         device: device_name.to_string(),
         backend,
+        autotune: cfg!(feature = "autotune"),
         architecture: arch,
         runs: plan.runs,
         warmup: plan.warmup,

@@ -8,7 +8,7 @@
 //! - `cargo test -p dyna-pruner-cli --test fuzz`: replays the corpus of past findings
 //!   (`tests/fuzz-corpus/<target>/`) and 150 fresh mutations per target (CI).
 //! - `FUZZ_SECONDS=600 FUZZ_TARGETS=knmi,npz cargo test --release -p dyna-pruner-cli --test fuzz
-//!   -- --ignored --nocapture`: the long run; crashing inputs are written to
+//!   -- --ignored --nocapture`: the long run; crashing and hanging inputs are written to
 //!   `target/fuzz-crashes/<target>/`.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -257,11 +257,16 @@ fn fuzz_long() {
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/fuzz-crashes");
     for t in targets().into_iter().filter(|t| only.as_deref().is_none_or(|o| o.split(',').any(|n| n == t.name))) {
         let f = fuzz(&t, std::process::id() as u64, Budget::Time(Duration::from_secs(seconds)));
+        let dir = out.join(t.name);
         for (i, (input, msg)) in f.crashes.iter().enumerate().take(20) {
-            let dir = out.join(t.name);
             std::fs::create_dir_all(&dir).unwrap();
             std::fs::write(dir.join(format!("crash-{i}.bin")), input).unwrap();
             println!("{}: crash {i}: {msg}", t.name);
+        }
+        for (i, input) in f.hangs.iter().enumerate().take(20) {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join(format!("hang-{i}.bin")), input).unwrap();
+            println!("{}: hang {i} written", t.name);
         }
         println!(
             "{}: {seconds} s, {} inputs, {} accepted, {} crashes, {} hangs",
