@@ -37,7 +37,7 @@ const MAX_COMPRESSION: u64 = 1100;
 pub fn element_count(ds: &hdf5_reader::Dataset, path: &Path, field: &str, element_size: usize) -> Result<usize> {
     let n = ds.num_elements().map_err(|e| bad_read(path, field, e))?;
     let file_len = std::fs::metadata(path).map_err(|e| Error::io(path, e))?.len();
-    let most = file_len.max(1 << 20).saturating_mul(MAX_COMPRESSION);
+    let most = file_len.saturating_mul(MAX_COMPRESSION);
     match n.checked_mul(element_size as u64) {
         Some(bytes) if bytes <= most => Ok(n as usize),
         _ => Err(Error::BadField {
