@@ -163,7 +163,11 @@ pub fn run(
         let (windows, from) = match source {
             Source::Files(files) => {
                 let data = checkpoint::read_config(checkpoint_dir)?.data;
-                (windows_for(&data, arch, files)?, format!("{} file(s)", files.len()))
+                let paths = match files.as_slice() {
+                    [one] if one.is_dir() => format!("{}", one.display()),
+                    _ => format!("{} file(s)", files.len()),
+                };
+                (windows_for(&data, arch, files)?, paths)
             }
             Source::Split { split, config } => {
                 let config = config.clone().unwrap_or_else(|| checkpoint_dir.join("config.toml"));
