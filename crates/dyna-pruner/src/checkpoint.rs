@@ -210,9 +210,16 @@ pub fn load_weights<B: Backend>(
     architecture: &Architecture,
     device: &B::Device,
 ) -> Result<DynamicModel<B>> {
-    DynamicModel::new(architecture, device)
+    let model = DynamicModel::new(architecture, device)
         .load_file(dir.join(WEIGHTS), &Recorder::new(), device)
-        .map_err(|e| ck_err(dir, format!("cannot load weights model.mpk: {e}")))
+        .map_err(|e| ck_err(dir, format!("cannot load weights model.mpk: {e}")))?;
+    let exported = crate::export::export(&model, Masking::DENSE, Default::default());
+    for (name, (_, values)) in &exported.tensors {
+        if let Some(bad) = values.iter().find(|v| !v.is_finite()) {
+            return Err(ck_err(dir, format!("model.mpk: parameter {name} holds a non-finite value ({bad})")));
+        }
+    }
+    Ok(model)
 }
 
 /// The git commit the running code was built from (`-dirty` when its sources differed from it).
@@ -233,6 +240,28 @@ mod tests {
 
     fn write_file(dir: &Path, name: &str, text: &str) -> Result<()> {
         std::fs::write(dir.join(name), text).map_err(|e| Error::io(dir.join(name), e))
+    }
+
+    /// Issue 25: weights that parse but hold NaN loaded silently and scored NaN.
+    #[test]
+    fn issue_25_a_nan_weight_is_refused_with_its_parameter_name() {
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/crowd/cnn_dense");
+        let dir = temp("nan-weights");
+        for name in ["model.mpk", "checkpoint.json", "config.toml"] {
+            std::fs::copy(shipped.join(name), dir.join(name)).unwrap();
+        }
+        let device = Default::default();
+        let model = load::<crate::CpuBackend>(&dir, &device).unwrap().model;
+        let exported = crate::export::export(&model, Masking::DENSE, Default::default());
+        let (_, values) = exported.tensors.values().next().unwrap();
+        let needle: Vec<u8> = values[..4].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut bytes = std::fs::read(dir.join("model.mpk")).unwrap();
+        let at = bytes.windows(needle.len()).position(|w| w == needle).expect("the weights' bytes");
+        bytes[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+        std::fs::write(dir.join("model.mpk"), bytes).unwrap();
+        let Err(err) = load::<crate::CpuBackend>(&dir, &device) else { panic!("NaN weights loaded") };
+        let err = err.to_string();
+        assert!(err.contains("non-finite") && err.contains("parameter") && err.contains("nan-weights"), "{err}");
     }
 
     #[test]
