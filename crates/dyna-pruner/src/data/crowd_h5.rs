@@ -73,21 +73,19 @@ pub(crate) fn check_counts(values: &[f32], path: &Path, field: &str, [c, h, w]: 
 /// Writes a series in the same layout (`data` as f64 `(T, C, H, W)`, `date` as `YYYYMMDDHH`),
 /// e.g. to turn synthetic data into a file the readers and the CLI accept.
 pub fn write(path: &Path, series: &FrameSeries) -> Result<()> {
-    use hdf5_writer::{DatasetBuilder, Hdf5Builder, Hdf5Writer, WriteOptions};
-    let fail =
-        |e: hdf5_writer::Error| Error::Format { path: path.to_path_buf(), format: "HDF5", detail: e.to_string() };
+    use hdf5_writer::DatasetBuilder;
+    let fail = |e| super::hdf5::write_error(path, e);
     let t = series.len() as u64;
     let values: Vec<f64> = series.values.iter().map(|&v| v as f64).collect();
     let dates: Vec<String> = series.stamps.iter().map(|s| format!("{}{:02}", s.date, s.slot.rem_euclid(24))).collect();
     let shape = vec![t, series.channels as u64, series.height as u64, series.width as u64];
-    let plan = Hdf5Builder::new()
-        .dataset(DatasetBuilder::typed_data("data", shape, &values).map_err(fail)?)
-        .dataset(DatasetBuilder::fixed_string_data("date", vec![t], &dates).map_err(fail)?)
-        .into_plan()
-        .map_err(fail)?;
-    let file = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
-    Hdf5Writer::new(file, WriteOptions::default()).finish(plan).map_err(fail)?;
-    Ok(())
+    super::hdf5::write(
+        path,
+        vec![
+            DatasetBuilder::typed_data("data", shape, &values).map_err(fail)?,
+            DatasetBuilder::fixed_string_data("date", vec![t], &dates).map_err(fail)?,
+        ],
+    )
 }
 
 #[cfg(test)]
@@ -129,13 +127,9 @@ mod tests {
 
     #[test]
     fn hdf5_without_data_names_the_missing_dataset() {
-        use hdf5_writer::{DatasetBuilder, Hdf5Builder, Hdf5Writer, WriteOptions};
         let path = temp("nodata.h5");
-        let plan = Hdf5Builder::new()
-            .dataset(DatasetBuilder::fixed_string_data("date", vec![1], &["2010010100"]).unwrap())
-            .into_plan()
-            .unwrap();
-        Hdf5Writer::new(std::fs::File::create(&path).unwrap(), WriteOptions::default()).finish(plan).unwrap();
+        let date = hdf5_writer::DatasetBuilder::fixed_string_data("date", vec![1], &["2010010100"]).unwrap();
+        crate::data::hdf5::write(&path, vec![date]).unwrap();
         let err = read(&path, SlotFormat::Auto).unwrap_err();
         assert!(matches!(&err, Error::MissingField { field, .. } if field == "data"), "{err}");
     }

@@ -1,5 +1,5 @@
-//! Small helpers over the pure-Rust `hdf5-reader`: open a file and read numeric or string datasets
-//! with errors that name the file and the dataset.
+//! Small helpers over the pure-Rust `hdf5-reader` and `hdf5-writer`: open a file and read numeric
+//! or string datasets with errors that name the file and the dataset; write datasets to a file.
 
 use std::path::Path;
 
@@ -24,6 +24,24 @@ pub fn dataset(file: &Hdf5File, path: &Path, field: &str, expected: &str) -> Res
     })
 }
 
+/// An `hdf5-writer` error as a format error naming the file being written.
+pub fn write_error(path: &Path, e: hdf5_writer::Error) -> Error {
+    Error::Format { path: path.to_path_buf(), format: "HDF5", detail: e.to_string() }
+}
+
+/// Writes `datasets` (paths with `/` make groups) as the HDF5 file `path`.
+pub fn write(path: &Path, datasets: Vec<hdf5_writer::DatasetBuilder>) -> Result<()> {
+    use hdf5_writer::{Hdf5Builder, Hdf5Writer, WriteOptions};
+    let plan = datasets
+        .into_iter()
+        .fold(Hdf5Builder::new(), Hdf5Builder::dataset)
+        .into_plan()
+        .map_err(|e| write_error(path, e))?;
+    let file = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
+    Hdf5Writer::new(file, WriteOptions::default()).finish(plan).map_err(|e| write_error(path, e))?;
+    Ok(())
+}
+
 fn bad_read(path: &Path, field: &str, e: impl std::fmt::Display) -> Error {
     Error::BadField { path: path.to_path_buf(), field: field.to_string(), detail: format!("could not be read: {e}") }
 }
@@ -34,7 +52,7 @@ const MAX_COMPRESSION: u64 = 1100;
 /// The element count `ds` declares, refused when `element_size`-byte elements that many could
 /// not come out of the file at `path` (a corrupt header would otherwise make the reader
 /// allocate terabytes and abort).
-pub fn element_count(ds: &hdf5_reader::Dataset, path: &Path, field: &str, element_size: usize) -> Result<usize> {
+fn element_count(ds: &hdf5_reader::Dataset, path: &Path, field: &str, element_size: usize) -> Result<usize> {
     let n = ds.num_elements().map_err(|e| bad_read(path, field, e))?;
     let file_len = std::fs::metadata(path).map_err(|e| Error::io(path, e))?.len();
     let most = file_len.saturating_mul(MAX_COMPRESSION);
@@ -51,7 +69,8 @@ pub fn element_count(ds: &hdf5_reader::Dataset, path: &Path, field: &str, elemen
     }
 }
 
-fn read_typed<T: hdf5_reader::H5Type + Copy + Default>(
+/// The values of `ds` as stored (`T` must be its element type), after the size check.
+pub(super) fn read_typed<T: hdf5_reader::H5Type + Copy + Default>(
     ds: &hdf5_reader::Dataset,
     path: &Path,
     field: &str,

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use hdf5_reader::{Datatype, SliceInfo, SliceInfoElem};
 
-use super::hdf5::{dataset, element_count, open, read_as_strings};
+use super::hdf5::{dataset, open, read_as_strings, read_typed, write, write_error};
 use super::series::{Domain, FrameSeries};
 use super::timeslots::{date_of_days, days_from_civil, parse_date, Stamp};
 use crate::error::{Error, Result};
@@ -113,29 +113,16 @@ pub fn read_knmi_image(path: &Path) -> Result<(usize, usize, Vec<u16>)> {
             detail: format!("is {:?} with shape {dims:?}; expected uint16 (rows, cols)", ds.dtype()),
         });
     }
-    let mut raw = vec![0u16; element_count(&ds, path, KNMI_IMAGE, 2)?];
-    ds.read_into(&mut raw).map_err(|e| Error::BadField {
-        path: path.to_path_buf(),
-        field: KNMI_IMAGE.into(),
-        detail: format!("could not be read: {e}"),
-    })?;
+    let raw = read_typed::<u16>(&ds, path, KNMI_IMAGE)?;
     Ok((dims[0] as usize, dims[1] as usize, raw))
 }
 
 /// Writes `values` (`rows x cols`, KNMI's uint16 coding) as a KNMI composite file holding
 /// only what [`read_knmi`] reads; the time is in the file name (`..._YYYYMMDDHHMM.h5`).
 pub fn write_knmi_image(path: &Path, rows: usize, cols: usize, values: &[u16]) -> Result<()> {
-    use hdf5_writer::{DatasetBuilder, Hdf5Builder, Hdf5Writer, WriteOptions};
-    let fail =
-        |e: hdf5_writer::Error| Error::Format { path: path.to_path_buf(), format: "HDF5", detail: e.to_string() };
-    let shape = vec![rows as u64, cols as u64];
-    let plan = Hdf5Builder::new()
-        .dataset(DatasetBuilder::typed_data(KNMI_IMAGE, shape, values).map_err(fail)?)
-        .into_plan()
-        .map_err(fail)?;
-    let file = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
-    Hdf5Writer::new(file, WriteOptions::default()).finish(plan).map_err(fail)?;
-    Ok(())
+    let image = hdf5_writer::DatasetBuilder::typed_data(KNMI_IMAGE, vec![rows as u64, cols as u64], values)
+        .map_err(|e| write_error(path, e))?;
+    write(path, vec![image])
 }
 
 /// Reads KNMI composites (files or directories of them) into one series, ordered by the time
@@ -349,7 +336,7 @@ pub fn read_sevir(catalog: &Path, data_dir: &Path) -> Result<FrameSeries> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hdf5_writer::{DatasetBuilder, Hdf5Builder, Hdf5Writer, WriteOptions};
+    use hdf5_writer::DatasetBuilder;
 
     fn shipped() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/knmi-radar")
@@ -362,13 +349,7 @@ mod tests {
     }
 
     fn write_h5(path: &Path, datasets: Vec<DatasetBuilder>) {
-        let mut b = Hdf5Builder::new();
-        for d in datasets {
-            b = b.dataset(d);
-        }
-        Hdf5Writer::new(std::fs::File::create(path).unwrap(), WriteOptions::default())
-            .finish(b.into_plan().unwrap())
-            .unwrap();
+        write(path, datasets).unwrap();
     }
 
     #[test]
