@@ -2,7 +2,7 @@
 //! retrained ones) and persistence on the task's held-out test range; prints a table and writes
 //! DIR/report.json (radar: the KNMI test frames; DIR/report_synthetic.json for the synthetic set).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::Context;
 use serde_json::json;
@@ -168,22 +168,20 @@ pub fn run(
     batch_size: Option<usize>,
 ) -> anyhow::Result<()> {
     for demo in task.demos() {
-        let paths = (out.join(demo.subdir), out.join(demo.report));
-        run_one(&demo, &paths, retrain, root, device, batch_size)?;
+        run_one(&demo, &out.join(demo.subdir), &out.join(demo.report), retrain, root, device, batch_size)?;
     }
     Ok(())
 }
 
-/// One demo; `paths` are its output directory and its report file.
 fn run_one(
     demo: &Demo,
-    paths: &(PathBuf, PathBuf),
+    out: &Path,
+    report_path: &Path,
     retrain: bool,
     root: &Path,
     device: DeviceArg,
     batch_size: Option<usize>,
 ) -> anyhow::Result<()> {
-    let (out, report_path) = (paths.0.as_path(), paths.1.as_path());
     let dense_plan = load_plan(root, demo.dense_config)?;
     let (dense_dir, dynamic_dir) = (out.join("dense"), out.join("dynamic"));
     if retrain {

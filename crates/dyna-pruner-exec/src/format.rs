@@ -93,13 +93,19 @@ pub fn load(path: &Path) -> Result<ExportedModel, ExecError> {
         }
         let values: Vec<f32> =
             view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-        if let Some(bad) = values.iter().find(|v| !v.is_finite()) {
-            return Err(ExecError::Tensor { name, detail: format!("holds a non-finite value ({bad})") });
-        }
+        check_finite(&name, &values)?;
         tensors.insert(name, (view.shape().to_vec(), values));
     }
     check_tensors(&arch, &tensors)?;
     Ok(ExportedModel { arch, masking, tensors, metadata })
+}
+
+/// An error naming the tensor `name` if one of its `values` is NaN or infinite.
+pub fn check_finite(name: &str, values: &[f32]) -> Result<(), ExecError> {
+    match values.iter().find(|v| !v.is_finite()) {
+        Some(bad) => Err(ExecError::Tensor { name: name.into(), detail: format!("holds a non-finite value ({bad})") }),
+        None => Ok(()),
+    }
 }
 
 /// Checks that `tensors` are exactly the weights of `arch`: each with its shape, none missing,

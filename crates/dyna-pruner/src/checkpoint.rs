@@ -215,9 +215,8 @@ pub fn load_weights<B: Backend>(
         .map_err(|e| ck_err(dir, format!("cannot load weights model.mpk: {e}")))?;
     let exported = crate::export::export(&model, Masking::DENSE, Default::default());
     for (name, (_, values)) in &exported.tensors {
-        if let Some(bad) = values.iter().find(|v| !v.is_finite()) {
-            return Err(ck_err(dir, format!("model.mpk: parameter {name} holds a non-finite value ({bad})")));
-        }
+        dyna_pruner_exec::format::check_finite(name, values)
+            .map_err(|e| ck_err(dir, format!("model.mpk holds a bad parameter: {e}")))?;
     }
     Ok(model)
 }
