@@ -155,14 +155,16 @@ pub fn from_tensors(arch: &Architecture, masking: Masking, t: &Tensors) -> Resul
         .prunable_layers()
         .iter()
         .enumerate()
-        .map(|(l, layer)| gate(t, l, layer.in_channels, layer.units))
+        .map(|(l, layer)| gate(t, l, layer.in_channels, layer.units, arch.model.generator.budget_inputs()))
         .collect::<Result<Vec<_>, ExecError>>()?;
     let parts = Parts { arch: arch.clone(), masking, generator, gates };
-    Ok(match &arch.model.backbone {
+    let mut exec = match &arch.model.backbone {
         BackboneSpec::Cnn(s) => Exec::Cnn(cnn_from_tensors(s, t, parts)?),
         BackboneSpec::Vit(s) => Exec::Vit(vit_from_tensors(s, t, parts)?),
         BackboneSpec::ConvLstm(s) => Exec::ConvLstm(convlstm_from_tensors(s, t, parts)?),
-    })
+    };
+    exec.set_masking(masking);
+    Ok(exec)
 }
 
 /// What every executor holds besides its backbone's weights.
@@ -176,21 +178,23 @@ struct Parts {
 fn generator(t: &Tensors, arch: &Architecture) -> Result<MaskGenerator, ExecError> {
     let (g, channels) = (arch.model.generator, arch.frames.channels);
     Ok(MaskGenerator {
-        conv1: conv(t, "generator.conv1", g.width, stats_per_channel(g.motion) * channels, 3, 1)?,
+        conv1: conv(t, "generator.conv1", g.width, stats_per_channel(g.motion) * channels + g.budget_inputs(), 3, 1)?,
         conv2: conv(t, "generator.conv2", g.width, g.width, 3, 1)?,
         head: conv(t, "generator.head", 1, g.width, 1, 1)?,
         patch: arch.model.patch,
         channels,
         motion: g.motion,
+        budget: vec![0.0; g.budget_inputs()],
     })
 }
 
-fn gate(t: &Tensors, l: usize, cin: usize, units: usize) -> Result<UnitGate, ExecError> {
+fn gate(t: &Tensors, l: usize, cin: usize, units: usize, budget_inputs: usize) -> Result<UnitGate, ExecError> {
     Ok(UnitGate {
-        weight: take(t, &format!("gates.{l}.weight"), &[cin + 1, units])?.to_vec(),
+        weight: take(t, &format!("gates.{l}.weight"), &[cin + 1 + budget_inputs, units])?.to_vec(),
         bias: take(t, &format!("gates.{l}.bias"), &[units])?.to_vec(),
         cin,
         units,
+        budget: vec![0.0; budget_inputs],
     })
 }
 

@@ -121,6 +121,24 @@ impl Exec {
             Exec::ConvLstm(m) => m.masking,
         }
     }
+
+    /// Runs [`MaskPlan::Dynamic`] with `masking` from now on; a budget-conditioned model's
+    /// generator and gates read its keep ratios (check them against the trained range first:
+    /// `Masking::with_keep`).
+    pub fn set_masking(&mut self, masking: spec::Masking) {
+        let (own, generator, gates) = match self {
+            Exec::Cnn(m) => (&mut m.masking, &mut m.generator, &mut m.gates),
+            Exec::Vit(m) => (&mut m.masking, &mut m.generator, &mut m.gates),
+            Exec::ConvLstm(m) => (&mut m.masking, &mut m.generator, &mut m.gates),
+        };
+        *own = masking;
+        let budget = masking.budget_inputs();
+        for inputs in std::iter::once(&mut generator.budget).chain(gates.iter_mut().map(|g| &mut g.budget)) {
+            if !inputs.is_empty() {
+                inputs.copy_from_slice(&budget);
+            }
+        }
+    }
 }
 
 /// Checks a batch `x` of `batch` samples `[t, c, h, w]` and, for given masks, that there is one

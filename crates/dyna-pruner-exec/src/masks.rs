@@ -18,6 +18,9 @@ pub struct MaskGenerator {
     pub channels: usize,
     /// Also the signed mean temporal difference per patch (the trainer's `motion`).
     pub motion: bool,
+    /// A budget-conditioned generator's keep-ratio inputs, set from the executor's masking
+    /// (`Exec::set_masking`); empty otherwise.
+    pub budget: Vec<f32>,
 }
 
 impl MaskGenerator {
@@ -28,7 +31,7 @@ impl MaskGenerator {
         let frame = c * h * w;
         let last = &x[(t - 1) * frame..t * frame];
         let prev = (t > 1).then(|| &x[(t - 2) * frame..(t - 1) * frame]);
-        let per_cell = stats_per_channel(self.motion) * c;
+        let per_cell = stats_per_channel(self.motion) * c + self.budget.len();
         let mut stats = vec![0.0f32; hp * wp * per_cell];
         // Rows of patches in parallel (one sample's statistics read its whole last two frames).
         stats.par_chunks_mut(wp * per_cell).enumerate().for_each(|(py, stats_row)| {
@@ -55,6 +58,7 @@ impl MaskGenerator {
                         cell[3 * c + ch] = diff / n as f32;
                     }
                 }
+                cell[per_cell - self.budget.len()..].copy_from_slice(&self.budget);
             }
         });
         let conv = |conv: &Conv, input: &[f32], act: Activation| {
@@ -75,14 +79,17 @@ impl MaskGenerator {
     }
 }
 
-/// ModelMask gate of one layer: `sigmoid([z; mean S] W + b)` with `z = sum(S f) / sum(S)`.
+/// ModelMask gate of one layer: `sigmoid([z; mean S; keep] W + b)` with `z = sum(S f) / sum(S)`
+/// and `keep` a budget-conditioned model's keep ratios.
 #[derive(Debug, Clone)]
 pub struct UnitGate {
-    /// `[cin + 1, units]` row-major.
+    /// `[cin + 1 + budget.len(), units]` row-major.
     pub weight: Vec<f32>,
     pub bias: Vec<f32>,
     pub cin: usize,
     pub units: usize,
+    /// The keep-ratio inputs, as the generator's `budget`.
+    pub budget: Vec<f32>,
 }
 
 impl UnitGate {
@@ -104,6 +111,7 @@ impl UnitGate {
     pub fn scores_pooled(&self, pooled: &Pooled, pixels: usize) -> Vec<f32> {
         let mut z: Vec<f32> = pooled.weighted.iter().map(|v| v / (pooled.mass + 1e-6)).collect();
         z.push(pooled.mass / pixels as f32);
+        z.extend(&self.budget);
         let mut logits = self.bias.clone();
         for (i, zi) in z.iter().enumerate() {
             for (l, wv) in logits.iter_mut().zip(&self.weight[i * self.units..(i + 1) * self.units]) {
@@ -114,7 +122,7 @@ impl UnitGate {
     }
 
     pub fn macs(&self, pixels: usize) -> u64 {
-        (pixels * self.cin + (self.cin + 1) * self.units) as u64
+        (pixels * self.cin + (self.cin + 1 + self.budget.len()) * self.units) as u64
     }
 }
 
@@ -266,7 +274,8 @@ mod tests {
         // 7 x 10 map, 3 x 3 squares (the last row and column of squares cut short), 5 channels.
         let (h, w, cell, cin, units): (usize, usize, usize, usize, usize) = (7, 10, 3, 5, 4);
         let wp = w.div_ceil(cell) + 1; // a patch grid wider than the map's squares, as at stride 2
-        let gate = UnitGate { weight: pseudo((cin + 1) * units, 1), bias: pseudo(units, 2), cin, units };
+        let gate =
+            UnitGate { weight: pseudo((cin + 1) * units, 1), bias: pseudo(units, 2), cin, units, budget: Vec::new() };
         let features = pseudo(h * w * cin, 3);
         let importance: Vec<f32> = pseudo(h.div_ceil(cell) * wp, 4).iter().map(|v| v.abs()).collect();
         let fast = gate.scores_pooled(&pool_by_patch(&features, cin, (h, w, cell, wp), &importance), h * w);

@@ -17,7 +17,7 @@ pub mod weights;
 
 use serde::{Deserialize, Serialize};
 
-pub use masking::{kept_count, stats_per_channel, top_k, MaskMode, Masking, PatchRule};
+pub use masking::{kept_count, stats_per_channel, top_k, KeepRange, MaskMode, Masking, PatchRule};
 pub use weights::{unit_axes, weights, UnitAxis, WeightSpec};
 
 /// The backbones that exist (the one list; [`BackboneSpec`] holds the sizes of one).
@@ -161,18 +161,35 @@ impl BackboneSpec {
 }
 
 /// The mask generator: per-patch statistics -> two 3x3 convs -> importance S.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct GeneratorSpec {
     /// Hidden width of its convolutions.
     pub width: usize,
     /// It also reads the signed mean temporal difference per patch (where things arrive).
     pub motion: bool,
+    /// A budget-conditioned model: the range its keep ratios were drawn from while training
+    /// (the run config's `method.keep_range`). The mask generator and every unit gate then
+    /// read the forward's two keep ratios ([`Masking::budget_inputs`]) as inputs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_range: Option<KeepRange>,
 }
 
 impl Default for GeneratorSpec {
     fn default() -> Self {
-        GeneratorSpec { width: 16, motion: false }
+        GeneratorSpec { width: 16, motion: false, keep_range: None }
+    }
+}
+
+impl GeneratorSpec {
+    /// Inputs the mask generator and each unit gate take besides the features: the two keep
+    /// ratios of a budget-conditioned model, none otherwise.
+    pub fn budget_inputs(&self) -> usize {
+        if self.keep_range.is_some() {
+            2
+        } else {
+            0
+        }
     }
 }
 

@@ -63,6 +63,67 @@ impl Masking {
     pub fn unit_keep(&self) -> Option<f32> {
         self.mode.model().then_some(self.unit_keep)
     }
+
+    /// What a budget-conditioned mask generator and its unit gates read: the patch and the unit
+    /// keep ratios of this forward, 1 for a mask that is off.
+    pub fn budget_inputs(&self) -> [f32; 2] {
+        [if self.mode.data() { self.data_keep } else { 1.0 }, if self.mode.model() { self.unit_keep } else { 1.0 }]
+    }
+
+    /// These masks at other keep ratios (`--keep`, `--keep-units`) of a budget-conditioned
+    /// model: top-k at `data_keep` and `unit_keep`, each active mask's checked against the
+    /// trained `range` (an inactive mask keeps everything).
+    pub fn with_keep(self, range: KeepRange, data_keep: f32, unit_keep: f32) -> Result<Masking, String> {
+        let data_keep = if self.mode.data() { range.check("patch keep ratio", data_keep)? } else { 1.0 };
+        let unit_keep = if self.mode.model() { range.check("unit keep ratio", unit_keep)? } else { 1.0 };
+        Ok(Masking::top_k(self.mode, data_keep, unit_keep))
+    }
+}
+
+/// The keep ratios a budget-conditioned model was trained for: every training batch drew its
+/// patch and unit keep ratios uniformly from `[lo, hi]`. Written `[lo, hi]`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(from = "[f32; 2]", into = "[f32; 2]")]
+pub struct KeepRange {
+    pub lo: f32,
+    pub hi: f32,
+}
+
+impl From<[f32; 2]> for KeepRange {
+    fn from([lo, hi]: [f32; 2]) -> Self {
+        KeepRange { lo, hi }
+    }
+}
+
+impl From<KeepRange> for [f32; 2] {
+    fn from(r: KeepRange) -> Self {
+        [r.lo, r.hi]
+    }
+}
+
+impl KeepRange {
+    /// A range of keep ratios: `0 < lo <= hi <= 1`.
+    pub fn is_valid(&self) -> bool {
+        self.lo > 0.0 && self.lo <= self.hi && self.hi <= 1.0
+    }
+
+    pub fn contains(&self, ratio: f32) -> bool {
+        (self.lo..=self.hi).contains(&ratio)
+    }
+
+    /// `ratio` when it lies in the range; otherwise an error naming `what` and the range.
+    pub fn check(&self, what: &str, ratio: f32) -> Result<f32, String> {
+        if self.contains(ratio) {
+            Ok(ratio)
+        } else {
+            Err(format!("{what} {ratio} is outside the range the model was trained for, [{}, {}]", self.lo, self.hi))
+        }
+    }
+
+    /// `n >= 2` ratios from `lo` to `hi`, evenly spaced.
+    pub fn spaced(&self, n: usize) -> Vec<f32> {
+        (0..n).map(|i| self.lo + (self.hi - self.lo) * i as f32 / (n - 1).max(1) as f32).collect()
+    }
 }
 
 /// How the DataMask picks a sample's patches from its importance map S.
@@ -120,6 +181,24 @@ mod tests {
     fn top_k_keeps_the_largest_and_breaks_ties_by_index() {
         assert_eq!(top_k(&[0.1, 0.9, 0.5, 0.9], 2), vec![1, 3]);
         assert_eq!(top_k(&[0.2, 0.2, 0.2], 2), vec![0, 1]);
+    }
+
+    #[test]
+    fn issue_26_a_keep_outside_the_trained_range_is_refused() {
+        let range = KeepRange { lo: 0.2, hi: 0.6 };
+        let m = Masking::top_k(MaskMode::Both, 0.4, 0.4);
+        assert_eq!(m.with_keep(range, 0.2, 0.6).unwrap(), Masking::top_k(MaskMode::Both, 0.2, 0.6));
+        let err = m.with_keep(range, 0.7, 0.4).unwrap_err();
+        assert!(err.contains("patch keep ratio 0.7") && err.contains("[0.2, 0.6]"), "{err}");
+        assert!(m.with_keep(range, 0.4, 0.1).unwrap_err().contains("unit keep ratio 0.1"));
+        let data_only = Masking::top_k(MaskMode::Data, 0.4, 1.0);
+        assert_eq!(data_only.with_keep(range, 0.3, 0.1).unwrap(), Masking::top_k(MaskMode::Data, 0.3, 1.0));
+        assert_eq!(serde_json::to_string(&range).unwrap(), "[0.2,0.6]");
+        let spaced = range.spaced(3);
+        assert!(
+            spaced.len() == 3 && spaced[0] == 0.2 && spaced[2] == 0.6 && (spaced[1] - 0.4).abs() < 1e-6,
+            "{spaced:?}"
+        );
     }
 
     #[test]

@@ -50,11 +50,11 @@ pub fn weights(arch: &Architecture) -> Vec<WeightSpec> {
     let f = arch.frames;
     let (c, patch, g) = (f.channels, arch.model.patch, arch.model.generator);
     let mut w = List(Vec::new());
-    w.conv("generator.conv1", g.width, stats_per_channel(g.motion) * c, 3, true);
+    w.conv("generator.conv1", g.width, stats_per_channel(g.motion) * c + g.budget_inputs(), 3, true);
     w.conv("generator.conv2", g.width, g.width, 3, true);
     w.conv("generator.head", 1, g.width, 1, true);
     for (l, layer) in arch.prunable_layers().iter().enumerate() {
-        w.linear(&format!("gates.{l}"), layer.in_channels + 1, layer.units);
+        w.linear(&format!("gates.{l}"), layer.in_channels + 1 + g.budget_inputs(), layer.units);
     }
     match &arch.model.backbone {
         BackboneSpec::Cnn(s) => {

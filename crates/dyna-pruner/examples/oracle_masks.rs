@@ -40,7 +40,7 @@ fn main() {
     let mut kept_sum = [0.0f64; 4];
     for i in 0..w.len() {
         let (x, y) = w.batch::<CpuBackend>(&[i], &scaler, &device);
-        let s: Vec<f32> = ck.model.mask_generator.forward(x.clone()).into_data().to_vec().unwrap();
+        let s: Vec<f32> = ck.model.mask_generator.forward(x.clone(), &ck.meta.masking).into_data().to_vec().unwrap();
         let tgt: Vec<f32> = y.into_data().to_vec().unwrap();
         let target = w.target(i);
         // Rain (VIL >= 16, on the data's own 0-255 scale) per patch over the target frames.

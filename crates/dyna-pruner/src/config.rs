@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use dyna_pruner_spec::{Architecture, Frames, ModelSpec};
+use dyna_pruner_spec::{Architecture, Frames, KeepRange, ModelSpec};
 use serde::{Deserialize, Serialize};
 
 pub use crate::data::config::{ChannelSpec, DataConfig, DataFormat, SyntheticRadarConfig};
@@ -47,6 +47,12 @@ pub struct MethodConfig {
     pub mask_target_weight: f32,
     /// A patch holds signal when a target value exceeds this (scaled units: VIL / 255 for radar).
     pub mask_target_level: f32,
+    /// Budget-conditioned training: each batch draws its patch and unit keep ratios uniformly
+    /// from `[lo, hi]`, and the mask generator and unit gates read them as inputs, so that one
+    /// model serves any keep ratio in the range (`--keep`). `data_keep` and `unit_keep` are then
+    /// the ratios it runs at by default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keep_range: Option<KeepRange>,
 }
 
 impl Default for MethodConfig {
@@ -61,6 +67,7 @@ impl Default for MethodConfig {
             distill_weight: 1.0,
             mask_target_weight: 0.0,
             mask_target_level: 0.0,
+            keep_range: None,
         }
     }
 }
@@ -152,6 +159,27 @@ impl MethodConfig {
         if !self.mask_target_level.is_finite() {
             return Err(bad_value("method.mask_target_level", self.mask_target_level, "a finite level"));
         }
+        if let Some(range) = self.keep_range {
+            let shown = format!("[{}, {}]", range.lo, range.hi);
+            if !range.is_valid() {
+                return Err(bad_value("method.keep_range", shown, "[lo, hi] with 0 < lo <= hi <= 1"));
+            }
+            if self.mode == MaskMode::Dense || self.data_rule == DataRule::Batch {
+                return Err(bad_value(
+                    "method.keep_range",
+                    shown,
+                    "unset unless method.mode has a mask and method.data_rule is \"per_sample\"",
+                ));
+            }
+            for (field, keep, active) in [
+                ("method.data_keep", self.data_keep, self.mode.data()),
+                ("method.unit_keep", self.unit_keep, self.mode.model()),
+            ] {
+                if active && !range.contains(keep) {
+                    return Err(bad_value(field, keep, format!("a keep ratio in method.keep_range = {shown}")));
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -211,7 +239,9 @@ impl Plan {
     /// The model architecture for data with `channels` channels per frame.
     pub fn architecture(&self, channels: usize) -> Architecture {
         let d = &self.config.data;
-        Architecture { frames: Frames { t_in: d.t_in, t_out: d.t_out, channels }, model: self.config.model.clone() }
+        let mut model = self.config.model.clone();
+        model.generator.keep_range = self.config.method.keep_range;
+        Architecture { frames: Frames { t_in: d.t_in, t_out: d.t_out, channels }, model }
     }
 }
 
@@ -244,6 +274,13 @@ impl RunConfig {
     pub fn validate(self) -> Result<Plan> {
         let split = self.data.validate()?;
         self.model.validate()?;
+        if let Some(range) = self.model.generator.keep_range {
+            return Err(bad_value(
+                "model.generator.keep_range",
+                format!("[{}, {}]", range.lo, range.hi),
+                "unset (write method.keep_range)",
+            ));
+        }
         self.method.validate()?;
         self.train.validate(self.model.patch)?;
         Ok(Plan { config: self, split })
@@ -257,6 +294,24 @@ mod tests {
     #[test]
     fn defaults_validate() {
         RunConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn issue_26_keep_range_is_checked_against_the_mode_and_the_default_keeps() {
+        let parse = |text: &str| toml::from_str::<RunConfig>(text).unwrap();
+        let check = |text: &str| parse(text).validate().err().map(|e| e.to_string());
+        let ok = "[method]\nmode = \"both\"\ndata_keep = 0.5\nunit_keep = 0.3\nkeep_range = [0.2, 0.6]\n";
+        assert_eq!(check(ok), None);
+        let plan = parse(ok).validate().unwrap();
+        assert_eq!(plan.architecture(1).model.generator.keep_range, Some(KeepRange { lo: 0.2, hi: 0.6 }));
+        let outside = check("[method]\nmode = \"both\"\ndata_keep = 0.9\nkeep_range = [0.2, 0.6]\n").unwrap();
+        assert!(outside.contains("method.data_keep") && outside.contains("[0.2, 0.6]"), "{outside}");
+        let dense = check("[method]\nkeep_range = [0.2, 0.6]\n").unwrap();
+        assert!(dense.contains("method.keep_range"), "{dense}");
+        let reversed = check("[method]\nmode = \"data\"\ndata_keep = 0.5\nkeep_range = [0.6, 0.2]\n").unwrap();
+        assert!(reversed.contains("0 < lo <= hi <= 1"), "{reversed}");
+        let in_model = check("[model.generator]\nkeep_range = [0.2, 0.6]\n").unwrap();
+        assert!(in_model.contains("method.keep_range"), "{in_model}");
     }
 
     #[test]

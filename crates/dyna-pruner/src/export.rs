@@ -141,7 +141,7 @@ mod tests {
     use crate::model::Architecture;
     use crate::CpuBackend;
     use dyna_pruner_exec::{MaskPlan, SampleMasks, UnitExecution};
-    use dyna_pruner_spec::{BackboneSpec, CnnSpec, ConvLstmSpec, DataScope, Frames, GeneratorSpec, VitSpec};
+    use dyna_pruner_spec::{BackboneSpec, CnnSpec, ConvLstmSpec, DataScope, Frames, GeneratorSpec, KeepRange, VitSpec};
     use rand::rngs::StdRng;
     use rand::seq::index::sample;
     use rand::{Rng, SeedableRng};
@@ -155,7 +155,9 @@ mod tests {
     }
 
     fn random_generator(rng: &mut StdRng) -> GeneratorSpec {
-        GeneratorSpec { width: 4, motion: rng.random_bool(0.5) }
+        // Half of them budget-conditioned, over a range holding the tests' keep ratios.
+        let keep_range = rng.random_bool(0.5).then_some(KeepRange { lo: 0.3, hi: 0.6 });
+        GeneratorSpec { width: 4, motion: rng.random_bool(0.5), keep_range }
     }
 
     fn random_cnn(rng: &mut StdRng, data_scope: DataScope) -> Architecture {
@@ -415,7 +417,7 @@ mod tests {
             if case >= 6 {
                 // Midway between two neighbouring scores: the executor's S differs from the
                 // trainer's in the last bits, which must not move a patch across the threshold.
-                let mut s = model.mask_generator.forward(xt.clone()).into_data().to_vec::<f32>().unwrap();
+                let mut s = model.mask_generator.forward(xt.clone(), &masking).into_data().to_vec::<f32>().unwrap();
                 s.sort_by(|a, b| a.total_cmp(b));
                 let median = (s[s.len() / 2 - 1] + s[s.len() / 2]) / 2.0;
                 masking.data_threshold = Some(if case < 9 { median } else { 1.5 });
@@ -443,6 +445,33 @@ mod tests {
             for (got, c) in out.macs.iter().zip(&costs) {
                 assert!((*got as f64 - c.macs).abs() <= 1e-6 * c.macs, "case {case}: {got} vs {}", c.macs);
             }
+        }
+    }
+
+    /// A budget-conditioned model at keep 1 (every patch and unit) is its dense forward, in the
+    /// trainer and in the executor; its importance map moves with the keep ratios it reads.
+    #[test]
+    fn issue_26_keep_one_is_the_dense_forward_of_the_same_weights() {
+        let mut rng = StdRng::seed_from_u64(26);
+        let range = KeepRange { lo: 0.25, hi: 1.0 };
+        for make in [random_arch as RandomArch, random_vit, random_convlstm] {
+            let mut arch = make(&mut rng);
+            arch.model.generator.keep_range = Some(range);
+            let model = DynamicModel::<B>::new(&arch, &Default::default());
+            let (batch, h, w) = (2, 12, 10);
+            let (x, xt) = input(&mut rng, &arch, batch, h, w);
+            let all = Masking::top_k(MaskMode::Both, 0.5, 0.5).with_keep(range, 1.0, 1.0).unwrap();
+            let dense: Vec<f32> = model.forward(xt.clone(), Masking::DENSE).prediction.into_data().to_vec().unwrap();
+            let kept: Vec<f32> = model.forward(xt.clone(), all).prediction.into_data().to_vec().unwrap();
+            assert_eq!(kept, dense, "{:?}", arch.kind());
+            let mut exec = executor(&model, Masking::top_k(MaskMode::Both, 0.25, 0.25));
+            let tight = exec.importance(&x[..x.len() / batch], h, w);
+            exec.set_masking(all);
+            assert_ne!(exec.importance(&x[..x.len() / batch], h, w), tight, "S reads the keep ratios");
+            let out = exec.forward(&x, batch, h, w, MaskPlan::Dynamic).unwrap();
+            let plain = exec.forward(&x, batch, h, w, MaskPlan::Dense).unwrap();
+            assert_close(&out.prediction, &plain.prediction, "executor at keep 1");
+            assert_close(&out.prediction, &dense, "executor against the trainer");
         }
     }
 

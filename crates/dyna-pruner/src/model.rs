@@ -36,14 +36,21 @@ pub fn mask_generator<B: Backend>(arch: &Architecture, device: &B::Device) -> Ma
     MaskGenerator::new(arch.frames.channels, arch.model.patch, arch.model.generator, device)
 }
 
+/// Freshly initialised unit gates of `arch`, one per prunable layer.
+pub fn unit_gates<B: Backend>(arch: &Architecture, device: &B::Device) -> Vec<UnitGate<B>> {
+    let budget_inputs = arch.model.generator.budget_inputs();
+    arch.prunable_layers()
+        .iter()
+        .map(|l| UnitGateConfig::new(l.in_channels, l.units).with_budget_inputs(budget_inputs).init(device))
+        .collect()
+}
+
 impl<B: Backend> DynamicModel<B> {
     /// A freshly initialised model of `arch`.
     pub fn new(arch: &Architecture, device: &B::Device) -> Self {
-        let unit_gates =
-            arch.prunable_layers().iter().map(|l| UnitGateConfig::new(l.in_channels, l.units).init(device)).collect();
         DynamicModel {
             mask_generator: mask_generator(arch, device),
-            unit_gates,
+            unit_gates: unit_gates(arch, device),
             backbone: Backbone::new(arch, device),
             arch: arch.clone(),
         }
@@ -57,7 +64,7 @@ impl<B: Backend> DynamicModel<B> {
             let prediction = self.backbone.forward(x, &mut NoMasks);
             return Forward { prediction, importance: None, fractions: Vec::new(), data_mask: None };
         }
-        let importance = self.mask_generator.forward(x.clone());
+        let importance = self.mask_generator.forward(x.clone(), &masking);
         self.forward_with_importance(x, importance, masking)
     }
 
@@ -130,7 +137,7 @@ mod tests {
             BackboneKind::ConvLstm => BackboneSpec::ConvLstm(ConvLstmSpec { hidden: 8, units: 12, cells: 2, stride }),
         };
         Architecture::new(Frames { t_in: 3, t_out: 2, channels: 2 }, patch, backbone)
-            .with_generator(GeneratorSpec { width: 4, motion: false })
+            .with_generator(GeneratorSpec { width: 4, ..GeneratorSpec::default() })
     }
 
     fn input<B: Backend>(b: usize, h: usize, w: usize, device: &B::Device) -> Tensor<B, 5> {

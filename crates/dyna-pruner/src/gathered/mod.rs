@@ -511,7 +511,7 @@ impl<B: GatheredBackend> DynamicModel<B> {
             GatheredMasks::Given(m) => (None, None, m),
             GatheredMasks::Method(masking) => {
                 assert!(masking.data_threshold.is_none(), "the gathered GPU path runs top-k DataMasks only");
-                let s = self.mask_generator.forward(x.clone()).reshape([b, grid.patches]);
+                let s = self.mask_generator.forward(x.clone(), &masking).reshape([b, grid.patches]);
                 let k = kept_count(masking.data_keep, grid.patches);
                 let (patches, ranks) = B::rank_top_k(s.clone(), k);
                 (Some((s, masking)), Some(ranks), IndexMasks { patches, units: Vec::new() })
@@ -551,7 +551,7 @@ impl<B: GatheredBackend> DynamicModel<B> {
         });
         for (l, block) in cnn.blocks.iter().enumerate() {
             if let Some((weighted, _, mass, masking)) = &gates {
-                let scores = self.unit_gates[l].forward_pooled(weighted.clone(), mass.clone(), h2 * w2);
+                let scores = self.unit_gates[l].forward_pooled(weighted.clone(), mass.clone(), h2 * w2, masking);
                 let all = scores.dims()[1];
                 units.push(B::rank_top_k(scores, kept_count(masking.unit_keep, all)).0);
             }
@@ -590,7 +590,7 @@ mod tests {
     fn arch(stride: usize, patch: usize, data_scope: DataScope) -> Architecture {
         let cnn = CnnSpec { hidden: 6, units: UNITS, blocks: BLOCKS, stride, data_scope };
         Architecture::new(Frames { t_in: 3, t_out: 2, channels: 2 }, patch, BackboneSpec::Cnn(cnn))
-            .with_generator(GeneratorSpec { width: 4, motion: false })
+            .with_generator(GeneratorSpec { width: 4, ..GeneratorSpec::default() })
     }
 
     const UNITS: usize = 7;

@@ -6,7 +6,7 @@ use burn::nn::{Linear, LinearConfig, PaddingConfig2d};
 use burn::prelude::*;
 use burn::tensor::activation::{gelu, sigmoid};
 use burn::tensor::module::{avg_pool2d, max_pool2d};
-use dyna_pruner_spec::{stats_per_channel, GeneratorSpec};
+use dyna_pruner_spec::{stats_per_channel, GeneratorSpec, Masking};
 
 /// Scores each patch from per-patch statistics of the last frame and of the last temporal
 /// difference, with two 3x3 convolutions at patch resolution so neighbours inform each other.
@@ -32,7 +32,7 @@ impl<B: Backend> MaskGenerator<B> {
                 .init(device)
         };
         MaskGenerator {
-            conv1: conv(stats_per_channel(spec.motion) * channels, spec.width, 3),
+            conv1: conv(stats_per_channel(spec.motion) * channels + spec.budget_inputs(), spec.width, 3),
             conv2: conv(spec.width, spec.width, 3),
             head: conv(spec.width, 1, 1),
             channels,
@@ -48,12 +48,13 @@ pub fn patch_grid(side: usize, patch: usize) -> usize {
 }
 
 impl<B: Backend> MaskGenerator<B> {
-    /// Importance map S in [0, 1].
+    /// Importance map S in [0, 1]. A budget-conditioned generator also reads `masking`'s keep
+    /// ratios (as constant input maps); the others ignore it.
     ///
     /// # Shapes
     /// - x: `[batch, t_in, channels, height, width]`
     /// - output: `[batch, ceil(height / patch), ceil(width / patch)]`
-    pub fn forward(&self, x: Tensor<B, 5>) -> Tensor<B, 3> {
+    pub fn forward(&self, x: Tensor<B, 5>, masking: &Masking) -> Tensor<B, 3> {
         let [b, t, c, h, w] = x.dims();
         let last = x.clone().narrow(1, t - 1, 1).reshape([b, c, h, w]);
         let diff = if t > 1 { last.clone() - x.narrow(1, t - 2, 1).reshape([b, c, h, w]) } else { last.zeros_like() };
@@ -63,6 +64,11 @@ impl<B: Backend> MaskGenerator<B> {
             vec![mean(last.clone()), max_pool2d(last, p, p, [0, 0], [1, 1], true), mean(diff.clone().abs())];
         if self.spec.motion {
             stats.push(mean(diff));
+        }
+        if self.spec.keep_range.is_some() {
+            let [_, _, hp, wp] = stats[0].dims();
+            let device = stats[0].device();
+            stats.extend(masking.budget_inputs().map(|keep| Tensor::full([b, 1, hp, wp], keep, &device)));
         }
         let stats = Tensor::cat(stats, 1);
         let hidden = gelu(self.conv2.forward(gelu(self.conv1.forward(stats))));
@@ -79,7 +85,8 @@ impl<B: Backend> MaskGenerator<B> {
         let stats = stats_per_channel(self.spec.motion);
         let pooling = ((stats + 1) * channels * height * width) as u64;
         let w = self.spec.width as u64;
-        pooling + cells * (9 * (stats * channels) as u64 * w + 9 * w * w + w)
+        let inputs = (stats * channels + self.spec.budget_inputs()) as u64;
+        pooling + cells * (9 * inputs * w + 9 * w * w + w)
     }
 }
 
@@ -90,33 +97,41 @@ pub struct UnitGateConfig {
     pub in_channels: usize,
     /// Prunable units of the layer.
     pub units: usize,
+    /// Extra inputs: the keep ratios of a budget-conditioned model
+    /// ([`GeneratorSpec::budget_inputs`]).
+    #[config(default = 0)]
+    pub budget_inputs: usize,
 }
 
-/// ModelMask scores of one prunable layer: `g = sigmoid(W [z; mean(S)] + b)` with
-/// `z = sum(S * f) / sum(S)`, the S-weighted pooled features of the layer input.
+/// ModelMask scores of one prunable layer: `g = sigmoid(W [z; mean(S); keep] + b)` with
+/// `z = sum(S * f) / sum(S)`, the S-weighted pooled features of the layer input, and `keep`
+/// the forward's keep ratios for a budget-conditioned model (nothing otherwise).
 #[derive(Module, Debug)]
 pub struct UnitGate<B: Backend> {
     pub(crate) linear: Linear<B>,
+    #[module(skip)]
+    in_channels: usize,
 }
 
 impl UnitGateConfig {
     pub fn init<B: Backend>(&self, device: &B::Device) -> UnitGate<B> {
-        UnitGate { linear: LinearConfig::new(self.in_channels + 1, self.units).init(device) }
+        let inputs = self.in_channels + 1 + self.budget_inputs;
+        UnitGate { linear: LinearConfig::new(inputs, self.units).init(device), in_channels: self.in_channels }
     }
 }
 
 impl<B: Backend> UnitGate<B> {
-    /// Unit scores in [0, 1].
+    /// Unit scores in [0, 1] (a budget-conditioned gate also reads `masking`'s keep ratios).
     ///
     /// # Shapes
     /// - features: `[batch, in_channels, h, w]`
     /// - importance: `[batch, 1, h, w]` (S resized to the layer's resolution)
     /// - output: `[batch, units]`
-    pub fn forward(&self, features: Tensor<B, 4>, importance: Tensor<B, 4>) -> Tensor<B, 2> {
+    pub fn forward(&self, features: Tensor<B, 4>, importance: Tensor<B, 4>, masking: &Masking) -> Tensor<B, 2> {
         let [b, c, h, w] = features.dims();
         let weighted = (features * importance.clone()).sum_dims(&[2, 3]).reshape([b, c]);
         let mass = importance.sum_dims(&[2, 3]).reshape([b, 1]);
-        self.forward_pooled(weighted, mass, h * w)
+        self.forward_pooled(weighted, mass, h * w, masking)
     }
 
     /// Unit scores from the pooled sums, for callers that pool their own layout.
@@ -125,16 +140,28 @@ impl<B: Backend> UnitGate<B> {
     /// - weighted: `[batch, in_channels]`, the sum of `S * f` over the layer's `pixels`
     /// - mass: `[batch, 1]`, the sum of S over them
     /// - output: `[batch, units]`
-    pub fn forward_pooled(&self, weighted: Tensor<B, 2>, mass: Tensor<B, 2>, pixels: usize) -> Tensor<B, 2> {
+    pub fn forward_pooled(
+        &self,
+        weighted: Tensor<B, 2>,
+        mass: Tensor<B, 2>,
+        pixels: usize,
+        masking: &Masking,
+    ) -> Tensor<B, 2> {
+        let [b, _] = weighted.dims();
         let z = weighted / (mass.clone() + 1e-6);
         let density = mass / pixels as f64;
-        sigmoid(self.linear.forward(Tensor::cat(vec![z, density], 1)))
+        let mut inputs = vec![z, density];
+        if self.linear.weight.dims()[0] > self.in_channels + 1 {
+            let keep = masking.budget_inputs();
+            inputs.push(Tensor::<B, 1>::from_floats(keep, &inputs[0].device()).reshape([1, 2]).expand([b, 2]));
+        }
+        sigmoid(self.linear.forward(Tensor::cat(inputs, 1)))
     }
 
     /// MACs per sample at a layer resolution of `pixels`.
     pub fn macs(&self, pixels: usize) -> u64 {
         let [inputs, units] = self.linear.weight.dims();
-        (pixels * (inputs - 1) + inputs * units) as u64
+        (pixels * self.in_channels + inputs * units) as u64
     }
 }
 
@@ -155,8 +182,10 @@ mod tests {
         };
         let (arriving, leaving) = (frames(0.25), frames(0.75));
         for motion in [false, true] {
-            let generator = MaskGenerator::<CpuBackend>::new(1, 2, GeneratorSpec { width: 16, motion }, &device);
-            let s = |x: Tensor<CpuBackend, 5>| generator.forward(x).into_data().to_vec::<f32>().unwrap();
+            let spec = GeneratorSpec { width: 16, motion, keep_range: None };
+            let generator = MaskGenerator::<CpuBackend>::new(1, 2, spec, &device);
+            let s =
+                |x: Tensor<CpuBackend, 5>| generator.forward(x, &Masking::DENSE).into_data().to_vec::<f32>().unwrap();
             let (a, l) = (s(arriving.clone()), s(leaving.clone()));
             assert_eq!(a != l, motion, "motion {motion}: {a:?} vs {l:?}");
         }

@@ -124,7 +124,7 @@ impl<B: Backend> MaskSource<B> for DynamicMasks<'_, B> {
             (None, ones(), ones())
         };
         let (units, soft_u, hard_u) = if self.masking.mode.model() {
-            let scores = self.gates[layer].forward(features.clone(), soft_space);
+            let scores = self.gates[layer].forward(features.clone(), soft_space, &self.masking);
             let m = masks::top_k_ste(scores.clone(), self.masking.unit_keep);
             let hard = m.clone().detach().mean_dim(1).reshape([b]);
             (Some(m), scores.mean_dim(1).reshape([b]), hard)

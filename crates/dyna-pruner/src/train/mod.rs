@@ -13,7 +13,7 @@ use burn::record::Recorder as _;
 use burn::tensor::backend::AutodiffBackend;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, CheckpointMeta, Provenance, Recorder};
@@ -46,9 +46,14 @@ pub struct EpochReport {
     pub epoch: usize,
     pub epochs: usize,
     pub train_loss: f64,
+    /// Validation MSE (a budget-conditioned run: the mean over `val_mse_by_keep`).
     pub val_mse: f64,
+    /// The keep ratios validated (the first pass's, for a budget-conditioned run).
     pub data_keep: f32,
     pub unit_keep: f32,
+    /// A budget-conditioned run: `[data_keep, unit_keep, val_mse]` at each end of its range.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub val_mse_by_keep: Vec<[f64; 3]>,
     pub elapsed_s: f64,
     /// Whether this epoch is the best so far (and was saved as the checkpoint).
     pub best: bool,
@@ -236,11 +241,18 @@ impl<'a, B: AutodiffBackend, O: Optimizer<DynamicModel<B>, B>> Run<'a, B, O> {
                 }
                 let mut model = init.model;
                 if init.meta.architecture != architecture {
-                    progress.message(&format!(
-                        "{}: backbone and unit gates taken over; the mask generator starts afresh (its shape differs)",
-                        dir.display()
-                    ));
+                    // A budget-conditioned model's gates read two more inputs.
+                    let budget_inputs = |a: &Architecture| a.model.generator.budget_inputs();
+                    let gates_too = budget_inputs(&init.meta.architecture) != budget_inputs(&architecture);
+                    let afresh =
+                        if gates_too { "the mask generator and unit gates start" } else { "the mask generator starts" };
+                    let kept = if gates_too { "backbone" } else { "backbone and unit gates" };
+                    progress
+                        .message(&format!("{}: {kept} taken over; {afresh} afresh (its shape differs)", dir.display()));
                     model.mask_generator = crate::model::mask_generator(&architecture, device);
+                    if gates_too {
+                        model.unit_gates = crate::model::unit_gates(&architecture, device);
+                    }
                     model.arch = architecture.clone();
                 }
                 (model, init.meta.scaler.clone(), Some((teacher, init.meta.masking)))
@@ -284,11 +296,38 @@ impl<'a, B: AutodiffBackend, O: Optimizer<DynamicModel<B>, B>> Run<'a, B, O> {
         Ok((run, model))
     }
 
-    /// The keep ratios at `step`: annealed from 1 to their targets over warm-up.
+    /// The keep ratios of training step `step`: annealed from 1 to their targets over warm-up.
+    /// A budget-conditioned run draws its targets for the step from `method.keep_range` (the
+    /// same for the same seed and step, so a resumed run draws what it would have).
     fn masking_at(&self, step: usize) -> Masking {
         let me = &self.plan.config.method;
+        let (data_keep, unit_keep) = match me.keep_range {
+            None => (me.data_keep, me.unit_keep),
+            Some(range) => {
+                let mut rng = StdRng::seed_from_u64(
+                    self.plan.config.train.seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                );
+                (rng.random_range(range.lo..=range.hi), rng.random_range(range.lo..=range.hi))
+            }
+        };
+        self.annealed(step, data_keep, unit_keep)
+    }
+
+    /// Masks at `step` of warm-up for target keep ratios `data_keep` and `unit_keep`.
+    fn annealed(&self, step: usize, data_keep: f32, unit_keep: f32) -> Masking {
+        let me = &self.plan.config.method;
         let progress = if self.warmup_steps == 0 { 1.0 } else { step as f32 / self.warmup_steps as f32 };
-        Masking::top_k(me.mode, annealed(me.data_keep, progress), annealed(me.unit_keep, progress))
+        Masking::top_k(me.mode, annealed(data_keep, progress), annealed(unit_keep, progress))
+    }
+
+    /// The masks validation runs at the end of the epoch ending at `step`: the targets, or
+    /// for a budget-conditioned run both ends of its range (the epoch's score is their mean).
+    fn validation_maskings(&self, step: usize) -> Vec<Masking> {
+        let me = &self.plan.config.method;
+        match me.keep_range {
+            None => vec![self.annealed(step, me.data_keep, me.unit_keep)],
+            Some(range) => [range.lo, range.hi].map(|keep| self.annealed(step, keep, keep)).to_vec(),
+        }
     }
 
     /// One pass over the training windows; returns the model and the mean loss.
@@ -348,7 +387,7 @@ impl<'a, B: AutodiffBackend, O: Optimizer<DynamicModel<B>, B>> Run<'a, B, O> {
         // Batch rule: S first, then the batch's own quantile of it (its top `data_keep` of all
         // patches pass), then the forward on that S.
         let importance = if me.data_rule == DataRule::Batch {
-            let s = model.mask_generator.forward(x.clone());
+            let s = model.mask_generator.forward(x.clone(), &masking);
             let scores = s.clone().detach().into_data().to_vec::<f32>().expect("f32 importance");
             let threshold = quantile_threshold(scores, masking.data_keep);
             masking.data_threshold = Some(threshold.ok_or_else(|| non_finite_importance(out, epoch))?);
@@ -397,20 +436,30 @@ impl<'a, B: AutodiffBackend, O: Optimizer<DynamicModel<B>, B>> Run<'a, B, O> {
     ) -> Result<()> {
         let cfg = &self.plan.config;
         let out = &cfg.train.out;
-        let mut end_masking = self.masking_at(epoch * self.steps_per_epoch);
+        let mut maskings = self.validation_maskings(epoch * self.steps_per_epoch);
+        let valid = model.valid();
         if cfg.method.data_rule == DataRule::Batch {
-            let valid = model.valid();
+            let end_masking = &mut maskings[0];
             let threshold =
                 calibrate_threshold(&valid, &self.splits.train, &self.scaler, end_masking.data_keep, self.device);
             end_masking.data_threshold = Some(threshold.ok_or_else(|| non_finite_importance(out, epoch))?);
         }
         let scoring = Scoring { scaler: &self.scaler, climatology: None };
-        progress.validating(0, self.splits.val.len());
         let batch = default_batch(self.splits.val.height, self.splits.val.width);
-        let val = evaluate(&model.valid(), &self.splits.val, scoring, end_masking, batch, self.device, &mut |d, t| {
-            progress.validating(d, t)
-        });
-        let val_mse = val.metrics["mse"];
+        let (windows, passes) = (self.splits.val.len(), maskings.len());
+        let mut val_mse_by_keep = Vec::new();
+        for (pass, masking) in maskings.iter().enumerate() {
+            progress.validating(pass * windows, passes * windows);
+            let val = evaluate(&valid, &self.splits.val, scoring, *masking, batch, self.device, &mut |d, _| {
+                progress.validating(pass * windows + d, passes * windows)
+            });
+            val_mse_by_keep.push([masking.data_keep as f64, masking.unit_keep as f64, val.metrics["mse"]]);
+        }
+        let val_mse = val_mse_by_keep.iter().map(|v| v[2]).sum::<f64>() / passes as f64;
+        let end_masking = maskings[0];
+        if cfg.method.keep_range.is_none() {
+            val_mse_by_keep.clear();
+        }
         let warm = epoch * self.steps_per_epoch >= self.warmup_steps;
         let best = warm && val_mse < self.state.best_val_mse;
         self.state.elapsed_s += started.elapsed().as_secs_f64();
@@ -421,6 +470,7 @@ impl<'a, B: AutodiffBackend, O: Optimizer<DynamicModel<B>, B>> Run<'a, B, O> {
             val_mse,
             data_keep: end_masking.data_keep,
             unit_keep: end_masking.unit_keep,
+            val_mse_by_keep,
             elapsed_s: self.state.elapsed_s,
             best,
         };
@@ -515,7 +565,8 @@ pub fn calibrate_threshold<B: Backend>(
     let mut scores = Vec::new();
     for chunk in indices.chunks(64) {
         let (x, _) = windows.batch::<B>(chunk, scaler, device);
-        scores.extend(model.mask_generator.forward(x).into_data().to_vec::<f32>().expect("f32 importance"));
+        let s = model.mask_generator.forward(x, &Masking::top_k(MaskMode::Data, data_keep, 1.0));
+        scores.extend(s.into_data().to_vec::<f32>().expect("f32 importance"));
     }
     quantile_threshold(scores, data_keep)
 }
