@@ -11,9 +11,10 @@ use dyna_pruner_exec::spec::MaskMode;
 use dyna_pruner_exec::{MaskPlan, UnitExecution};
 
 use crate::bench::{interleaved_medians, BenchPlan, Row};
+use crate::budget::KeepArgs;
 
 /// One row per model and batch size.
-pub fn run(models: &[PathBuf], data: &[PathBuf], out: &Path, plan: &BenchPlan) -> anyhow::Result<()> {
+pub fn run(models: &[PathBuf], data: &[PathBuf], out: &Path, plan: &BenchPlan, keep: KeepArgs) -> anyhow::Result<()> {
     let threads = rayon::current_num_threads();
     println!("{threads} threads, median of {} runs after {} warm-up runs\n", plan.runs, plan.warmup);
     println!(
@@ -24,7 +25,8 @@ pub fn run(models: &[PathBuf], data: &[PathBuf], out: &Path, plan: &BenchPlan) -
     for path in models {
         let model = if path.is_dir() { crate::predict::export_checkpoint(path)? } else { format::load(path)? };
         let (scaler, data_config) = crate::predict::scaler_and_data(&model, path)?;
-        let exec = model.executor()?;
+        let mut exec = model.executor()?;
+        exec.set_masking(keep.apply(&model.arch, model.masking, &path.display().to_string())?);
         // A CNN with unit masks can also mask the pruned units instead of selecting the kept ones.
         let mut masked = exec.clone();
         let masked = (model.masking.mode.model() && masked.set_unit_execution(UnitExecution::Mask)).then_some(masked);

@@ -13,6 +13,7 @@ use dyna_pruner::data::Split;
 use dyna_pruner::eval::{default_batch, evaluate_persistence};
 use dyna_pruner::train::{prepare_data, RunControl};
 
+use crate::budget::KeepArgs;
 use crate::device::DeviceArg;
 use crate::eval::{evaluate_checkpoint, table_header, table_metrics, table_row};
 use crate::pictures::Palette;
@@ -41,6 +42,8 @@ pub(crate) struct Demo {
     dynamic_config: &'static str,
     dense_model: &'static str,
     dynamic_model: &'static str,
+    /// The task's budget-conditioned model (`demo --keep`), if it has one.
+    any_budget_model: Option<&'static str>,
     pub(crate) main_metric: &'static str,
     /// The main metric is a skill (CSI): the relative change is (dense - dynamic) / dense.
     pub(crate) higher_is_better: bool,
@@ -69,6 +72,7 @@ impl Task {
                 dynamic_config: "configs/crowd/cnn_dynamic.toml",
                 dense_model: "models/crowd/cnn_dense",
                 dynamic_model: "models/crowd/cnn_dynamic",
+                any_budget_model: Some("models/crowd/any_budget"),
                 main_metric: "mse",
                 higher_is_better: false,
                 style: Style { palette: Palette::Sequential, unit: "trips/h", anomaly: false, step: "h" },
@@ -84,6 +88,7 @@ impl Task {
                 dynamic_config: "configs/weather/vit_dynamic.toml",
                 dense_model: "models/weather/vit_dense",
                 dynamic_model: "models/weather/vit_dynamic",
+                any_budget_model: Some("models/weather/any_budget"),
                 main_metric: "rmse",
                 higher_is_better: false,
                 style: Style { palette: Palette::Diverging, unit: "K anomaly", anomaly: true, step: "h" },
@@ -100,6 +105,7 @@ impl Task {
                     dynamic_config: "configs/radar/knmi_dynamic.toml",
                     dense_model: "models/radar/knmi_dense",
                     dynamic_model: "models/radar/knmi_dynamic",
+                    any_budget_model: None,
                     main_metric: "csi_m",
                     higher_is_better: true,
                     style: RADAR_STYLE,
@@ -115,6 +121,7 @@ impl Task {
                     dynamic_config: "configs/radar/synthetic_dynamic.toml",
                     dense_model: "models/radar/synthetic_dense",
                     dynamic_model: "models/radar/synthetic_dynamic",
+                    any_budget_model: Some("models/radar/synthetic_any_budget"),
                     main_metric: "csi_m",
                     higher_is_better: true,
                     style: RADAR_STYLE,
@@ -158,17 +165,20 @@ fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
 }
 
 /// Runs the demos of `task` into `out`; `batch_size` test windows per forward (default: by
-/// frame size).
+/// frame size); with `keep` set, also the task's shipped budget-conditioned model at it.
 pub fn run(
     task: Task,
     out: &Path,
     retrain: bool,
     root: &Path,
     device: DeviceArg,
-    batch_size: Option<usize>,
+    (batch_size, keep): (Option<usize>, KeepArgs),
 ) -> anyhow::Result<()> {
     for demo in task.demos() {
-        run_one(&demo, &out.join(demo.subdir), &out.join(demo.report), retrain, root, device, batch_size)?;
+        if keep.is_set() && demo.any_budget_model.is_none() {
+            eprintln!("{}: no budget-conditioned model; --keep applies to the other demonstrations", demo.dataset);
+        }
+        run_one(&demo, &out.join(demo.subdir), &out.join(demo.report), retrain, root, device, (batch_size, keep))?;
     }
     Ok(())
 }
@@ -180,7 +190,7 @@ fn run_one(
     retrain: bool,
     root: &Path,
     device: DeviceArg,
-    batch_size: Option<usize>,
+    (batch_size, keep): (Option<usize>, KeepArgs),
 ) -> anyhow::Result<()> {
     let dense_plan = load_plan(root, demo.dense_config)?;
     let (dense_dir, dynamic_dir) = (out.join("dense"), out.join("dynamic"));
@@ -232,6 +242,16 @@ fn run_one(
         println!("{}", table_header(cols));
         println!("{}", table_row(&format!("dense {}", demo.label), &d, Some(dense_macs), cols));
         println!("{}", table_row(&format!("dynamic {}", demo.label), &y, Some(dense_macs), cols));
+        let any_budget = match demo.any_budget_model.filter(|_| keep.is_set()) {
+            Some(dir) => {
+                let mut ck = checkpoint::load::<B>(&root.join(dir), &dev)?;
+                ck.meta.masking = keep.apply(&ck.meta.architecture, ck.meta.masking, dir)?;
+                let e = evaluate_checkpoint(&ck, test, batch, &dev, "any budget");
+                println!("{}", table_row(&format!("any-budget {}", demo.label), &e, Some(dense_macs), cols));
+                json!({ "model": dir, "masking": ck.meta.masking, "metrics": e.metrics, "macs_per_sample": e.macs_per_sample })
+            }
+            None => serde_json::Value::Null,
+        };
         println!("{}", table_row("persistence", &p, None, cols));
         // How much better (positive) or worse the dense model is than persistence.
         let better = if demo.higher_is_better {
@@ -260,6 +280,7 @@ fn run_one(
                 "kept_unit_fraction": y.kept_unit_fraction,
             },
             "persistence": { "metrics": p.metrics },
+            "any_budget": any_budget,
             "mac_reduction": mac_reduction,
             "relative_error_change": relative_error_change,
         });

@@ -13,6 +13,7 @@ use dyna_pruner::eval::{default_batch, evaluate, evaluate_persistence, Evaluatio
 use dyna_pruner::model::Architecture;
 use dyna_pruner::train::prepare_data;
 
+use crate::budget::{BudgetArgs, LatencyChoice};
 use crate::device::DeviceArg;
 use crate::progress::eval_bar;
 use crate::with_backend;
@@ -151,14 +152,16 @@ pub fn run(
     checkpoint_dir: &Path,
     source: &Source,
     out: Option<&Path>,
-    (batch_size, dense): (Option<usize>, bool),
+    (batch_size, dense, budget): (Option<usize>, bool, BudgetArgs),
     device: DeviceArg,
 ) -> anyhow::Result<()> {
+    let label = checkpoint_dir.display().to_string();
     with_backend!(device, |B, T, dev| {
         let mut ck = checkpoint::load::<B>(checkpoint_dir, &dev)?;
         if dense {
             ck.meta.masking = dyna_pruner::method::Masking::DENSE;
         }
+        ck.meta.masking = budget.keep.apply(&ck.meta.architecture, ck.meta.masking, &label)?;
         let arch = &ck.meta.architecture;
         let (windows, from) = match source {
             Source::Files(files) => {
@@ -176,6 +179,15 @@ pub fn run(
             }
         };
         let batch_size = batch_size.unwrap_or_else(|| default_batch(windows.height, windows.width));
+        let latency = match budget.latency_ms {
+            Some(target) => {
+                let choice = latency_keep(checkpoint_dir, &windows, batch_size, target)?;
+                eprintln!("{}", choice.summary());
+                ck.meta.masking = choice.masking;
+                Some(choice)
+            }
+            None => None,
+        };
         let e = evaluate_checkpoint(&ck, &windows, batch_size, &dev, "eval");
         let p = evaluate_persistence(&windows, ck.meta.scoring());
         let cols = table_metrics(&windows);
@@ -194,12 +206,30 @@ pub fn run(
             report["checkpoint"] = json!(checkpoint_dir);
             report["batch_size"] = json!(batch_size);
             report["peak_rss_mb"] = json!(peak_rss_mb());
+            report["masking"] = json!(ck.meta.masking);
+            report["latency_budget"] = json!(latency);
             std::fs::write(out, serde_json::to_string_pretty(&report)?)
                 .with_context(|| format!("writing {}", out.display()))?;
             eprintln!("wrote {}", out.display());
         }
         Ok(())
     })
+}
+
+/// `--latency-ms`: the keep ratio at which the checkpoint's CPU executor (its kept units run
+/// as `predict --units auto` runs them) meets `target_ms` per batch of `batch` windows.
+fn latency_keep(dir: &Path, windows: &WindowSet, batch: usize, target_ms: f64) -> anyhow::Result<LatencyChoice> {
+    if windows.is_empty() {
+        anyhow::bail!("--latency-ms: no windows in the data to time");
+    }
+    let model = crate::predict::export_checkpoint(dir)?;
+    let (scaler, _) = crate::predict::scaler_and_data(&model, dir)?;
+    let mut exec = model.executor()?;
+    let batch = batch.min(windows.len());
+    let (h, w) = (windows.height, windows.width);
+    let x = windows.scaled_inputs(0..batch, &scaler);
+    crate::predict::choose_unit_execution(&mut exec, (&x, batch, h, w), crate::predict::UnitsArg::Auto);
+    crate::budget::meet_latency(&mut exec, &model, &dir.display().to_string(), (&x, batch, h, w), target_ms)
 }
 
 #[cfg(test)]

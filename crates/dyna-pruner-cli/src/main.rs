@@ -3,6 +3,7 @@
 mod bench;
 mod bench_device;
 mod bench_model;
+mod budget;
 mod demo;
 mod device;
 mod eval;
@@ -75,8 +76,10 @@ enum Command {
         #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
         device: DeviceArg,
         /// Evaluate the checkpoint's weights without masks (what `predict --path dense` runs).
-        #[arg(long)]
+        #[arg(long, conflicts_with_all = ["keep", "keep_units", "latency_ms"])]
         dense: bool,
+        #[command(flatten)]
+        budget: budget::BudgetArgs,
     },
     /// Run the sparse executor of a checkpoint (or of an exported model alone) on data files;
     /// writes DIR/predictions.npy, DIR/samples.json (per-sample kept fractions and MACs) and,
@@ -105,6 +108,8 @@ enum Command {
         /// the kept fractions over all windows) and DIR/report.html.
         #[arg(long)]
         pictures: bool,
+        #[command(flatten)]
+        budget: budget::BudgetArgs,
     },
     /// Time the sparse executor against its dense path and Burn's dense forward; writes DIR/bench.json.
     Bench {
@@ -124,6 +129,9 @@ enum Command {
         /// With `--model`: data files in the models' format.
         #[arg(long, num_args = 1.., requires = "model")]
         data: Vec<PathBuf>,
+        /// With `--model`: budget-conditioned models at these keep ratios.
+        #[command(flatten)]
+        keep: budget::KeepArgs,
     },
     /// Evaluate the shipped dense and dynamic models and persistence on a task's test range:
     /// crowd (TaxiNYC, CNN) or weather (ERA5 t2m, ViT).
@@ -143,6 +151,9 @@ enum Command {
         /// Test windows per forward (default: up to 64, fewer for large frames).
         #[arg(long)]
         batch_size: Option<usize>,
+        /// Also the task's budget-conditioned model at these keep ratios.
+        #[command(flatten)]
+        keep: budget::KeepArgs,
     },
     /// Every shipped model of a task on its test range against the alternatives at the same
     /// cost (dense, smaller dense, statically pruned, control, dynamic, persistence): MACs and
@@ -166,6 +177,10 @@ enum Command {
         /// Device for training and evaluation (the latency is always the CPU executor's).
         #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
         device: DeviceArg,
+        /// The budget-conditioned model is evaluated at the keep ratios of the task's dynamic
+        /// models; also at these.
+        #[command(flatten)]
+        keep: budget::KeepArgs,
     },
 }
 
@@ -215,31 +230,34 @@ fn main() -> anyhow::Result<()> {
         Command::Train { config, resume, stop_after, device } => {
             train::run(&config, dyna_pruner::train::RunControl { resume, stop_after }, device)
         }
-        Command::Eval { checkpoint, data, split, config, out, batch_size, device, dense } => {
+        Command::Eval { checkpoint, data, split, config, out, batch_size, device, dense, budget } => {
             let source = match split {
                 Some(split) => eval::Source::Split { split, config },
                 None => eval::Source::Files(data),
             };
-            eval::run(&checkpoint, &source, out.as_deref(), (batch_size, dense), device)
+            eval::run(&checkpoint, &source, out.as_deref(), (batch_size, dense, budget), device)
         }
-        Command::Demo { task, out, retrain, root, device, batch_size } => {
-            demo::run(task, &out, retrain, &root, device, batch_size)
+        Command::Demo { task, out, retrain, root, device, batch_size, keep } => {
+            demo::run(task, &out, retrain, &root, device, (batch_size, keep))
         }
-        Command::Pareto { task, out, retrain, root, runs, device } => {
+        Command::Pareto { task, out, retrain, root, runs, device, keep } => {
             if runs == 0 {
                 anyhow::bail!("pareto: --runs must be >= 1");
             }
-            pareto::run(task, &out, &root, &pareto::Options { retrain, runs, warmup: 3, device })
+            pareto::run(task, &out, &root, &pareto::Options { retrain, runs, warmup: 3, device, keep })
         }
-        Command::Predict { checkpoint, model, data, out, batch_size, units, pictures } => {
+        Command::Predict { checkpoint, model, data, out, batch_size, units, pictures, budget } => {
             let source = match (checkpoint, model) {
                 (Some(dir), _) => predict::ModelSource::Checkpoint(dir),
                 (None, Some(file)) => predict::ModelSource::Exported(file),
                 (None, None) => unreachable!("clap requires --checkpoint or --model"),
             };
-            predict::run(&source, &data, &out, (batch_size, units), pictures)
+            predict::run(&source, &data, &out, (batch_size, units, budget), pictures)
         }
-        Command::Bench { out, plan, device, model, data } => {
+        Command::Bench { out, plan, device, model, data, keep } => {
+            if keep.is_set() && model.is_empty() {
+                anyhow::bail!("bench: --keep and --keep-units apply to trained models (--model)");
+            }
             if plan.runs == 0
                 || plan.fractions.iter().any(|f| !(*f > 0.0 && *f <= 1.0))
                 || plan.sizes.contains(&0)
@@ -248,7 +266,7 @@ fn main() -> anyhow::Result<()> {
                 anyhow::bail!("bench: --runs >= 1, sizes and batches >= 1, fractions in (0, 1]");
             }
             match device {
-                DeviceArg::Cpu if !model.is_empty() => bench_model::run(&model, &data, &out, &plan),
+                DeviceArg::Cpu if !model.is_empty() => bench_model::run(&model, &data, &out, &plan, keep),
                 DeviceArg::Cpu => bench::run(&out, &plan),
                 DeviceArg::Cuda => {
                     with_backend!(device, |B, T, dev| bench_device::run::<B>(&dev, &gpu_name(), &out, &plan))

@@ -14,10 +14,11 @@ use dyna_pruner::checkpoint;
 use dyna_pruner::data::WindowSet;
 use dyna_pruner::eval::evaluate_persistence;
 use dyna_pruner::train::{prepare_data, RunControl};
-use dyna_pruner_exec::spec::MaskMode;
+use dyna_pruner_exec::spec::{Architecture, MaskMode, Masking};
 use dyna_pruner_exec::MaskPlan;
 
 use crate::bench::interleaved_medians;
+use crate::budget::KeepArgs;
 use crate::demo::{load_plan, Task};
 use crate::device::DeviceArg;
 use crate::eval::evaluate_checkpoint;
@@ -43,16 +44,19 @@ pub enum PointKind {
     Dynamic,
     /// The last input frame repeated.
     Persistence,
+    /// One budget-conditioned dynamic model at several keep ratios (a line).
+    AnyBudget,
 }
 
 impl PointKind {
-    pub const ALL: [PointKind; 6] = [
+    pub const ALL: [PointKind; 7] = [
         PointKind::Dense,
         PointKind::DenseSmall,
         PointKind::StaticPruned,
         PointKind::Control,
         PointKind::Dynamic,
         PointKind::Persistence,
+        PointKind::AnyBudget,
     ];
 
     pub fn name(self) -> &'static str {
@@ -63,6 +67,7 @@ impl PointKind {
             PointKind::Control => "control",
             PointKind::Dynamic => "dynamic",
             PointKind::Persistence => "persistence",
+            PointKind::AnyBudget => "any_budget",
         }
     }
 }
@@ -92,6 +97,7 @@ fn front(task: Task) -> Vec<FrontModel> {
             m(Dynamic, "configs/crowd/full_small50_dynamic.toml"),
             // Fine-tuned from the older, smaller dense CNN (stride 2, hidden 32).
             m(Dynamic, "configs/crowd/cnn_dynamic.toml"),
+            m(AnyBudget, "configs/crowd/any_budget.toml"),
         ],
         Task::Weather => vec![
             m(Dense, "configs/weather/vit_dense.toml"),
@@ -103,10 +109,13 @@ fn front(task: Task) -> Vec<FrontModel> {
             m(Dynamic, "configs/weather/vit_dynamic50.toml"),
             m(Dynamic, "configs/weather/vit_dynamic.toml"),
             m(Dynamic, "configs/weather/vit_dynamic80.toml"),
+            m(AnyBudget, "configs/weather/any_budget.toml"),
         ],
-        Task::Radar => {
-            vec![m(Dense, "configs/radar/synthetic_dense.toml"), m(Dynamic, "configs/radar/synthetic_dynamic.toml")]
-        }
+        Task::Radar => vec![
+            m(Dense, "configs/radar/synthetic_dense.toml"),
+            m(Dynamic, "configs/radar/synthetic_dynamic.toml"),
+            m(AnyBudget, "configs/radar/synthetic_any_budget.toml"),
+        ],
     }
 }
 
@@ -141,6 +150,8 @@ pub struct Options {
     pub runs: usize,
     pub warmup: usize,
     pub device: DeviceArg,
+    /// Further keep ratios of the budget-conditioned model.
+    pub keep: KeepArgs,
 }
 
 pub fn run(task: Task, out: &Path, root: &Path, options: &Options) -> anyhow::Result<()> {
@@ -165,20 +176,44 @@ pub fn run(task: Task, out: &Path, root: &Path, options: &Options) -> anyhow::Re
     let (splits, _) = prepare_data(&plans[0])?;
     let test = &splits.test;
     let main = demo.main_metric;
+    // Each model's point at its own masks; the budget-conditioned one at the keep ratios of the
+    // dynamic models of its architecture and at `--keep`.
+    let mut runs: Vec<(usize, Masking)> = Vec::new();
     let mut points = with_backend!(options.device, |B, T, dev| {
         let mut points = Vec::new();
-        for (dir, m) in dirs.iter().zip(&models) {
-            let ck = checkpoint::load::<B>(dir, &dev)?;
+        let mut dynamic_keeps = Vec::new();
+        for (i, (dir, m)) in dirs.iter().zip(&models).enumerate() {
+            let mut ck = checkpoint::load::<B>(dir, &dev)?;
             let name = dir.file_name().map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into_owned());
-            let e = evaluate_checkpoint(&ck, test, 64, &dev, &name);
-            let metric = *e.metrics.get(main).with_context(|| format!("{name}: no {main} on this data"))?;
-            points.push(Point {
-                name,
-                kind: m.kind,
-                macs_per_sample: e.macs_per_sample.unwrap_or(0.0),
-                metric,
-                latency_ms: 0.0,
-            });
+            let arch = ck.meta.architecture.clone();
+            let maskings = match m.kind {
+                PointKind::AnyBudget => {
+                    any_budget_maskings(&arch, ck.meta.masking, &dynamic_keeps, options.keep, &name)?
+                }
+                kind => {
+                    if kind == PointKind::Dynamic {
+                        dynamic_keeps.push((arch.clone(), ck.meta.masking));
+                    }
+                    vec![ck.meta.masking]
+                }
+            };
+            for masking in maskings {
+                ck.meta.masking = masking;
+                let label = match m.kind {
+                    PointKind::AnyBudget => format!("{name} @{}/{}", masking.data_keep, masking.unit_keep),
+                    _ => name.clone(),
+                };
+                let e = evaluate_checkpoint(&ck, test, 64, &dev, &label);
+                let metric = *e.metrics.get(main).with_context(|| format!("{label}: no {main} on this data"))?;
+                runs.push((i, masking));
+                points.push(Point {
+                    name: label,
+                    kind: m.kind,
+                    macs_per_sample: e.macs_per_sample.unwrap_or(0.0),
+                    metric,
+                    latency_ms: 0.0,
+                });
+            }
             if m.kind == PointKind::Dense {
                 let p = evaluate_persistence(test, ck.meta.scoring());
                 let metric = p.metrics[main];
@@ -193,7 +228,7 @@ pub fn run(task: Task, out: &Path, root: &Path, options: &Options) -> anyhow::Re
         }
         points
     });
-    let latencies = latencies(&dirs, test, options)?;
+    let latencies = latencies(&dirs, &runs, test, options)?;
     for (p, ms) in points.iter_mut().filter(|p| p.kind != PointKind::Persistence).zip(latencies) {
         p.latency_ms = ms;
     }
@@ -230,18 +265,55 @@ pub fn run(task: Task, out: &Path, root: &Path, options: &Options) -> anyhow::Re
     Ok(())
 }
 
-/// Median executor time per sample at batch 1 of each checkpoint with its own masks, cycling
-/// over the first test windows, all models interleaved in the same rounds.
-fn latencies(dirs: &[PathBuf], test: &WindowSet, options: &Options) -> anyhow::Result<Vec<f64>> {
+/// The masks a budget-conditioned model's points run: the keep ratios of the dynamic models of
+/// the same backbone (`dynamic`: their architecture and masks) that lie in its trained range, and
+/// `keep` when given.
+fn any_budget_maskings(
+    arch: &Architecture,
+    own: Masking,
+    dynamic: &[(Architecture, Masking)],
+    keep: KeepArgs,
+    name: &str,
+) -> anyhow::Result<Vec<Masking>> {
+    let range = crate::budget::trained_range(arch, own, name, "any_budget points")?;
+    let mut maskings: Vec<Masking> = dynamic
+        .iter()
+        .filter(|(a, _)| a.with_generator_of(arch) == *arch)
+        .filter_map(|(_, m)| own.with_keep(range, m.data_keep, m.unit_keep).ok())
+        .collect();
+    if keep.is_set() {
+        maskings.push(keep.apply(arch, own, name)?);
+    }
+    if maskings.is_empty() {
+        maskings.push(own);
+    }
+    maskings.dedup();
+    Ok(maskings)
+}
+
+/// Median executor time per sample at batch 1 of each run (a checkpoint of `dirs` and its
+/// masks), cycling over the first test windows, all interleaved in the same rounds.
+fn latencies(
+    dirs: &[PathBuf],
+    runs: &[(usize, Masking)],
+    test: &WindowSet,
+    options: &Options,
+) -> anyhow::Result<Vec<f64>> {
     let windows = test.len().min(16);
     let (h, w) = (test.height, test.width);
     let mut prepared = Vec::new();
-    for dir in dirs {
-        let model = crate::predict::export_checkpoint(dir)?;
-        let (scaler, _) = crate::predict::scaler_and_data(&model, dir)?;
-        let inputs: Vec<Vec<f32>> = (0..windows).map(|i| test.scaled_inputs(i..i + 1, &scaler)).collect();
-        let own = model.masking.mode != MaskMode::Dense;
-        prepared.push((model.executor()?, inputs, own));
+    let mut loaded: Vec<Option<(dyna_pruner_exec::Exec, Vec<Vec<f32>>)>> = vec![None; dirs.len()];
+    for &(i, masking) in runs {
+        if loaded[i].is_none() {
+            let model = crate::predict::export_checkpoint(&dirs[i])?;
+            let (scaler, _) = crate::predict::scaler_and_data(&model, &dirs[i])?;
+            let inputs: Vec<Vec<f32>> = (0..windows).map(|j| test.scaled_inputs(j..j + 1, &scaler)).collect();
+            loaded[i] = Some((model.executor()?, inputs));
+        }
+        let (exec, inputs) = loaded[i].clone().expect("loaded above");
+        let mut exec = exec;
+        exec.set_masking(masking);
+        prepared.push((exec, inputs, masking.mode != MaskMode::Dense));
     }
     let mut jobs: Vec<Box<dyn FnMut() + '_>> = prepared
         .iter()

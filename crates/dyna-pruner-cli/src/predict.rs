@@ -50,6 +50,48 @@ fn faster(select_ms: f64, mask_ms: f64) -> UnitExecution {
     }
 }
 
+/// How a CNN with unit masks runs its kept units (they run two ways with the same prediction;
+/// only their speed differs): as `units` says, `auto` timing both on the batch `x`. Sets it on
+/// `exec` and returns it (`None` for models without that choice) with the timings.
+pub fn choose_unit_execution(
+    exec: &mut Exec,
+    (x, batch, h, w): (&[f32], usize, usize, usize),
+    units: UnitsArg,
+) -> (Option<UnitExecution>, serde_json::Value) {
+    if !(exec.masking().mode.model() && exec.set_unit_execution(UnitExecution::Select)) {
+        return (None, serde_json::Value::Null);
+    }
+    let (mode, calibration) = match units {
+        UnitsArg::Select => (UnitExecution::Select, serde_json::Value::Null),
+        UnitsArg::Mask => (UnitExecution::Mask, serde_json::Value::Null),
+        UnitsArg::Auto => {
+            let mut mask = exec.clone();
+            mask.set_unit_execution(UnitExecution::Mask);
+            let select = &*exec;
+            let times = crate::bench::interleaved_medians(
+                CALIBRATION_RUNS,
+                1,
+                &mut [
+                    Box::new(|| {
+                        select.forward(x, batch, h, w, MaskPlan::Dynamic).expect("valid input");
+                    }),
+                    Box::new(|| {
+                        mask.forward(x, batch, h, w, MaskPlan::Dynamic).expect("valid input");
+                    }),
+                ],
+            );
+            let mode = faster(times[0], times[1]);
+            eprintln!(
+                "kept units: selected {:.2} ms, masked {:.2} ms per batch of {batch} on this machine: running {mode:?}",
+                times[0], times[1]
+            );
+            (mode, json!({ "batch": batch, "select_ms": times[0], "mask_ms": times[1] }))
+        }
+    };
+    exec.set_unit_execution(mode);
+    (Some(mode), calibration)
+}
+
 /// Where the model comes from.
 pub enum ModelSource {
     Checkpoint(PathBuf),
@@ -88,7 +130,7 @@ pub fn run(
     source: &ModelSource,
     files: &[PathBuf],
     out: &Path,
-    (batch_size, units): (Option<usize>, UnitsArg),
+    (batch_size, units, budget): (Option<usize>, UnitsArg, crate::budget::BudgetArgs),
     pictures: bool,
 ) -> anyhow::Result<()> {
     let (model, label) = match source {
@@ -104,43 +146,28 @@ pub fn run(
     let layer_units = arch.layer_units();
     let (h, w) = (windows.height, windows.width);
     let plan = if model.masking.mode == MaskMode::Dense { MaskPlan::Dense } else { MaskPlan::Dynamic };
-    // A CNN with unit masks runs its kept units two ways with the same prediction; only their
-    // speed differs.
-    let has_choice = model.masking.mode.model() && exec.set_unit_execution(UnitExecution::Select);
-    let mut calibration = serde_json::Value::Null;
-    let unit_execution = has_choice.then(|| match units {
-        UnitsArg::Select => UnitExecution::Select,
-        UnitsArg::Mask => UnitExecution::Mask,
-        UnitsArg::Auto if windows.is_empty() => UnitExecution::Select,
-        UnitsArg::Auto => {
+    let (unit_execution, calibration) = if windows.is_empty() {
+        (None, serde_json::Value::Null)
+    } else {
+        let batch = batch_size.max(1).min(windows.len());
+        let x = windows.scaled_inputs(0..batch, &scaler);
+        choose_unit_execution(&mut exec, (&x, batch, h, w), units)
+    };
+    let budget = match budget.latency_ms {
+        Some(target) if !windows.is_empty() => {
             let batch = batch_size.max(1).min(windows.len());
             let x = windows.scaled_inputs(0..batch, &scaler);
-            let mut mask = exec.clone();
-            mask.set_unit_execution(UnitExecution::Mask);
-            let times = crate::bench::interleaved_medians(
-                CALIBRATION_RUNS,
-                1,
-                &mut [
-                    Box::new(|| {
-                        exec.forward(&x, batch, h, w, plan).expect("valid input");
-                    }),
-                    Box::new(|| {
-                        mask.forward(&x, batch, h, w, plan).expect("valid input");
-                    }),
-                ],
-            );
-            let mode = faster(times[0], times[1]);
-            eprintln!(
-                "kept units: selected {:.2} ms, masked {:.2} ms per batch of {batch} on this machine: running {mode:?}",
-                times[0], times[1]
-            );
-            calibration = json!({ "batch": batch, "select_ms": times[0], "mask_ms": times[1] });
-            mode
+            let choice = crate::budget::meet_latency(&mut exec, &model, &label, (&x, batch, h, w), target)?;
+            eprintln!("{}", choice.summary());
+            json!(choice)
         }
-    });
-    if let Some(mode) = unit_execution {
-        exec.set_unit_execution(mode);
-    }
+        Some(_) => anyhow::bail!("--latency-ms: no windows in the data to time"),
+        None => {
+            exec.set_masking(budget.keep.apply(arch, model.masking, &label)?);
+            serde_json::Value::Null
+        }
+    };
+    let masking = exec.masking();
     let (hp, wp) = arch.patch_grid(h, w);
     // Predictions go to disk batch by batch: memory holds one batch, not the data set's.
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
@@ -185,6 +212,8 @@ pub fn run(
         "units": "physical (inverse of the model's scaling)",
         "unit_execution": unit_execution,
         "calibration": calibration,
+        "masking": masking,
+        "latency_budget": budget,
         "seconds": seconds,
         "batch_size": batch_size,
         "peak_rss_mb": crate::eval::peak_rss_mb(),

@@ -627,3 +627,75 @@ fn demo_writes_pictures_and_a_report_page_that_links_them() {
         assert!(distinct.len() > 16, "{link}: {} colours", distinct.len());
     }
 }
+
+/// Issue 26: one budget-conditioned model, run at keep ratios chosen at inference: `--keep 1`
+/// is the dense forward of its weights, a keep outside the trained range is refused naming it,
+/// and `--latency-ms` picks a keep, reports it and caches its calibration.
+#[test]
+fn issue_26_a_budget_conditioned_model_runs_at_any_keep_in_its_range() {
+    let dir = temp_dir("any-budget");
+    let data = synthetic_file(&dir);
+    let dense = tiny_config(&dir, &data, "dense", "");
+    assert!(run(bin().args(["train", "--config"]).arg(&dense)).status.success());
+    let extra = format!(
+        "init_from = \"{}\"\n[method]\nmode = \"both\"\ndata_keep = 0.5\nunit_keep = 0.5\nkeep_range = [0.25, 1.0]\n\
+         warmup_epochs = 1",
+        dir.join("dense").display()
+    );
+    let config = tiny_config(&dir, &data, "any", &extra);
+    let out = run(bin().args(["train", "--config"]).arg(&config));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("the mask generator and unit gates start afresh"), "{}", stderr(&out));
+    let ck = dir.join("any");
+    let meta = json(&ck.join("checkpoint.json"));
+    assert_eq!(meta["architecture"]["model"]["generator"]["keep_range"], serde_json::json!([0.25, 1.0]));
+
+    let eval = |name: &str, args: &[&str]| {
+        let report = dir.join(format!("{name}.json"));
+        let mut cmd = bin();
+        cmd.args(["eval", "--checkpoint"]).arg(&ck).arg("--data").arg(&data).arg("--out").arg(&report).args(args);
+        let out = run(&mut cmd);
+        (out.status.success().then(|| json(&report)), stderr(&out))
+    };
+    let (all, _) = eval("keep1", &["--keep", "1"]);
+    let (dense, _) = eval("dense", &["--dense"]);
+    let (all, dense) = (all.unwrap(), dense.unwrap());
+    assert_eq!(all["metrics"], dense["metrics"], "keep 1 is the dense forward of the same weights");
+    let (tight, _) = eval("tight", &["--keep", "0.25", "--keep-units", "0.5"]);
+    let tight = tight.unwrap();
+    assert_eq!(tight["masking"]["data_keep"], 0.25);
+    assert_eq!(tight["masking"]["unit_keep"], 0.5);
+    assert!(tight["macs_per_sample"].as_f64() < all["macs_per_sample"].as_f64());
+    let (refused, err) = eval("outside", &["--keep", "0.1"]);
+    assert!(refused.is_none() && err.contains("0.1") && err.contains("[0.25, 1]"), "{err}");
+    // A model trained for one budget has no range to choose from.
+    let out = run(bin()
+        .args(["eval", "--checkpoint"])
+        .arg(dir.join("dense"))
+        .arg("--data")
+        .arg(&data)
+        .args(["--keep", "0.5"]));
+    assert!(!out.status.success() && stderr(&out).contains("trained for one budget"), "{}", stderr(&out));
+
+    // A latency target: calibrated once per model and machine (the second run reads the cache).
+    let cache = dir.join("cache");
+    for (round, note) in [(1, "written to"), (2, "from")] {
+        let out_dir = dir.join(format!("latency{round}"));
+        let out = run(bin()
+            .env("DYNA_PRUNER_CACHE", &cache)
+            .args(["predict", "--checkpoint"])
+            .arg(&ck)
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(&out_dir)
+            .args(["--batch-size", "1", "--latency-ms", "1000"]));
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(stderr(&out).contains(&format!("calibration {note}")), "{}", stderr(&out));
+        let samples = json(&out_dir.join("samples.json"));
+        // A second per window is met by every budget: the largest keep.
+        assert_eq!(samples["latency_budget"]["keep"], 1.0, "{}", samples["latency_budget"]);
+        assert!(samples["latency_budget"]["measured_ms"].as_f64().unwrap() > 0.0);
+    }
+    assert!(cache.join("latency.json").is_file());
+}

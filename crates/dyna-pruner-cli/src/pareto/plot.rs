@@ -20,6 +20,7 @@ fn colour(kind: PointKind) -> RGBColor {
         PointKind::Control => RGBColor(127, 127, 127),
         PointKind::Dynamic => RGBColor(214, 39, 40),
         PointKind::Persistence => RGBColor(44, 160, 44),
+        PointKind::AnyBudget => RGBColor(148, 103, 189),
     }
 }
 
@@ -30,6 +31,7 @@ fn marker<DB: DrawingBackend, C: Clone + 'static>(kind: PointKind, at: C) -> Dyn
         PointKind::DenseSmall => TriangleMarker::new(at, 8, style).into_dyn(),
         PointKind::StaticPruned => Cross::new(at, 6, colour(kind).stroke_width(3)).into_dyn(),
         PointKind::Control => Circle::new(at, 6, colour(kind).stroke_width(2)).into_dyn(),
+        PointKind::AnyBudget => Rectangle::new([at.clone(), at], colour(kind).stroke_width(9)).into_dyn(),
         _ => Circle::new(at, 6, style).into_dyn(),
     }
 }
@@ -94,10 +96,12 @@ fn panel<'a>(
             .label(format!("persistence {:.4}{where_}", p.metric))
             .legend(move |(a, b)| PathElement::new(vec![(a, b), (a + 18, b)], style));
     }
-    let mut dynamic: Vec<(f64, f64)> =
-        models.iter().filter(|p| p.kind == PointKind::Dynamic).map(|p| (x(p), p.metric)).collect();
-    dynamic.sort_by(|a, b| a.0.total_cmp(&b.0));
-    chart.draw_series(LineSeries::new(dynamic, colour(PointKind::Dynamic).stroke_width(2)))?;
+    // The dynamic models joined, and the budget-conditioned model's points as its own line.
+    for kind in [PointKind::Dynamic, PointKind::AnyBudget] {
+        let mut line: Vec<(f64, f64)> = models.iter().filter(|p| p.kind == kind).map(|p| (x(p), p.metric)).collect();
+        line.sort_by(|a, b| a.0.total_cmp(&b.0));
+        chart.draw_series(LineSeries::new(line, colour(kind).stroke_width(2)))?;
+    }
     for kind in PointKind::ALL.into_iter().filter(|&k| k != PointKind::Persistence) {
         let of_kind: Vec<(f64, f64)> = models.iter().filter(|p| p.kind == kind).map(|p| (x(p), p.metric)).collect();
         if of_kind.is_empty() {
