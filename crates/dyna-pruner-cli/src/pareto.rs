@@ -114,6 +114,8 @@ fn front(task: Task) -> Vec<FrontModel> {
         Task::Radar => vec![
             m(Dense, "configs/radar/synthetic_dense.toml"),
             m(Dynamic, "configs/radar/synthetic_dynamic.toml"),
+            m(Dynamic, "configs/radar/synthetic_dynamic70.toml"),
+            m(Dynamic, "configs/radar/synthetic_dynamic80.toml"),
             m(AnyBudget, "configs/radar/synthetic_any_budget.toml"),
         ],
     }
