@@ -1,8 +1,9 @@
 //! Budgets chosen at inference for budget-conditioned models (`method.keep_range`):
-//! `--keep R [--keep-units U]` names the keep ratios; `--latency-ms T` picks the largest keep
-//! ratio whose latency per batch on the running machine meets T. The executor is timed at a few
-//! keep ratios over the trained range (cached per model, machine and batch shape), latency is
-//! interpolated between them, and the chosen keep is timed again.
+//! `--keep R [--keep-units U]` names the keep ratios; `--latency-ms T` picks the largest budget
+//! whose latency per batch on the running machine meets T. Budgets lie on one axis, the position
+//! along the trained ranges (0: both keep ratios at their lower ends, 1: at their upper ends).
+//! The executor is timed at a few positions (cached per model, machine and batch shape), latency
+//! is interpolated between them, and the chosen budget is timed again.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -11,7 +12,7 @@ use anyhow::{anyhow, Context};
 use serde::{Deserialize, Serialize};
 
 use dyna_pruner_exec::format::ExportedModel;
-use dyna_pruner_exec::spec::{Architecture, KeepRange, Masking};
+use dyna_pruner_exec::spec::{Architecture, KeepRanges, Masking};
 use dyna_pruner_exec::{Exec, MaskPlan};
 
 /// `--keep` and `--keep-units`.
@@ -37,10 +38,19 @@ impl KeepArgs {
         if !self.is_set() {
             return Ok(masking);
         }
-        let range = trained_range(arch, masking, model, "--keep and --keep-units")?;
+        let ranges = trained_ranges(arch, masking, model, "--keep and --keep-units")?;
+        if self.keep_units.is_some() && !masking.mode.model() {
+            anyhow::bail!("{model} prunes no units (method.mode = data): --keep-units has nothing to set; use --keep");
+        }
+        if self.keep.is_some() && self.keep_units.is_some() && !masking.mode.data() {
+            anyhow::bail!(
+                "{model} keeps every patch (method.mode = model): --keep would set nothing but the unit keep \
+                 ratio; give --keep-units alone"
+            );
+        }
         let data_keep = self.keep.unwrap_or(masking.data_keep);
         let unit_keep = self.keep_units.or(self.keep).unwrap_or(masking.unit_keep);
-        masking.with_keep(range, data_keep, unit_keep).map_err(|e| anyhow!("{model}: {e}"))
+        masking.with_keep(ranges, data_keep, unit_keep).map_err(|e| anyhow!("{model}: {e}"))
     }
 }
 
@@ -49,17 +59,17 @@ impl KeepArgs {
 pub struct BudgetArgs {
     #[command(flatten)]
     pub keep: KeepArgs,
-    /// Run a budget-conditioned model at the largest keep ratio (patches and units alike) whose
-    /// latency per batch of --batch-size windows on this machine's CPU executor meets this
-    /// target: timed at a few keep ratios on the first batch (cached per model and machine),
-    /// interpolated, and timed again at the chosen one.
+    /// Run a budget-conditioned model at the largest budget (patch and unit keep ratios at the
+    /// same position along their trained ranges) whose latency per batch of --batch-size windows
+    /// on this machine's CPU executor meets this target: timed at a few budgets on the first
+    /// batch (cached per model and machine), interpolated, and timed again at the chosen one.
     #[arg(long, conflicts_with_all = ["keep", "keep_units"])]
     pub latency_ms: Option<f64>,
 }
 
-/// The keep range of a budget-conditioned model; an error naming `model` and `what` otherwise.
-pub fn trained_range(arch: &Architecture, masking: Masking, model: &str, what: &str) -> anyhow::Result<KeepRange> {
-    arch.model.generator.keep_range.ok_or_else(|| {
+/// The keep ranges of a budget-conditioned model; an error naming `model` and `what` otherwise.
+pub fn trained_ranges(arch: &Architecture, masking: Masking, model: &str, what: &str) -> anyhow::Result<KeepRanges> {
+    arch.model.generator.keep_ranges().ok_or_else(|| {
         anyhow!(
             "{model} was trained for one budget (patches {}, units {}); {what} need a budget-conditioned model \
              (trained with method.keep_range)",
@@ -69,50 +79,46 @@ pub fn trained_range(arch: &Architecture, masking: Masking, model: &str, what: &
     })
 }
 
-/// Keep ratios timed over the trained range by a calibration.
+/// Budgets timed over the trained ranges by a calibration.
 const CALIBRATION_POINTS: usize = 5;
-/// Timed runs per keep ratio in a calibration (after one warm-up round), and of the chosen keep.
+/// Timed runs per budget in a calibration (after one warm-up round), and of the chosen one.
 const CALIBRATION_RUNS: usize = 7;
 pub const CHECK_RUNS: usize = 20;
 
-/// Median latency per batch at each timed keep ratio (both the patch and the unit keep).
+/// Median latency per batch at each timed budget.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Calibration {
-    /// `(keep, ms)`, keep ascending.
+    /// `(position, ms)`, position along the trained ranges ascending ([`KeepRanges::at`]).
     pub points: Vec<(f32, f64)>,
 }
 
 impl Calibration {
-    /// Latency predicted at `keep`: linear between the timed points, made non-decreasing in keep
-    /// (a timing that fell below a smaller keep's is noise), constant beyond the ends.
-    pub fn predict(&self, keep: f32) -> f64 {
+    /// Latency predicted at `position`: linear between the timed points, made non-decreasing
+    /// (a timing that fell below a smaller budget's is noise), constant beyond the ends.
+    pub fn predict(&self, position: f32) -> f64 {
         let mut monotone = self.points.clone();
         for i in 1..monotone.len() {
             monotone[i].1 = monotone[i].1.max(monotone[i - 1].1);
         }
         let (first, last) = (monotone[0], monotone[monotone.len() - 1]);
-        if keep <= first.0 {
+        if position <= first.0 {
             return first.1;
         }
         for pair in monotone.windows(2) {
             let ((k0, t0), (k1, t1)) = (pair[0], pair[1]);
-            if keep <= k1 {
-                let f = if k1 > k0 { ((keep - k0) / (k1 - k0)) as f64 } else { 1.0 };
+            if position <= k1 {
+                let f = if k1 > k0 { ((position - k0) / (k1 - k0)) as f64 } else { 1.0 };
                 return t0 + f * (t1 - t0);
             }
         }
         last.1
     }
 
-    /// The largest keep in `range` (on a grid of 1/1000 of it) whose predicted latency is at most
-    /// `target_ms`; the range's lower end when none is.
-    pub fn choose(&self, range: KeepRange, target_ms: f64) -> f32 {
+    /// The largest position (on a grid of 1/1000) whose predicted latency is at most
+    /// `target_ms`; 0, the smallest budget, when none is.
+    pub fn choose(&self, target_ms: f64) -> f32 {
         let steps = 1000;
-        (0..=steps)
-            .rev()
-            .map(|i| range.lo + (range.hi - range.lo) * i as f32 / steps as f32)
-            .find(|&k| self.predict(k) <= target_ms)
-            .unwrap_or(range.lo)
+        (0..=steps).rev().map(|i| i as f32 / steps as f32).find(|&p| self.predict(p) <= target_ms).unwrap_or(0.0)
     }
 }
 
@@ -133,7 +139,11 @@ impl CacheKey {
     }
 
     fn text(&self) -> String {
-        format!("{} | {} | batch {} | {}x{}", self.model, self.machine, self.batch, self.height, self.width)
+        // Points are positions along the trained ranges (entries from before were keep ratios).
+        format!(
+            "{} | {} | batch {} | {}x{} | by position",
+            self.model, self.machine, self.batch, self.height, self.width
+        )
     }
 }
 
@@ -193,7 +203,8 @@ fn read_cache(path: &std::path::Path) -> BTreeMap<String, Calibration> {
 pub struct LatencyChoice {
     pub target_ms: f64,
     pub batch: usize,
-    pub keep: f32,
+    /// The budget chosen: its position along the trained ranges ([`KeepRanges::at`]).
+    pub position: f32,
     pub masking: Masking,
     pub predicted_ms: f64,
     /// Median of [`CHECK_RUNS`] timed runs at the chosen keep.
@@ -204,8 +215,8 @@ pub struct LatencyChoice {
     pub cache: PathBuf,
 }
 
-/// Picks the largest keep ratio whose latency on the batch `x` (`batch` windows of `h x w`)
-/// meets `target_ms`, sets `exec` to run at it, and times it.
+/// Picks the largest budget whose latency on the batch `x` (`batch` windows of `h x w`) meets
+/// `target_ms`, sets `exec` to run at it, and times it.
 pub fn meet_latency(
     exec: &mut Exec,
     model: &ExportedModel,
@@ -216,22 +227,34 @@ pub fn meet_latency(
     if !(target_ms.is_finite() && target_ms > 0.0) {
         anyhow::bail!("--latency-ms must be a positive number of milliseconds, not {target_ms}");
     }
-    let range = trained_range(&model.arch, model.masking, label, "--latency-ms")?;
-    let at = |keep: f32| model.masking.with_keep(range, keep, keep).map_err(|e| anyhow!("{label}: {e}"));
+    let ranges = trained_ranges(&model.arch, model.masking, label, "--latency-ms")?;
+    let at = |position: f32| {
+        let (data_keep, unit_keep) = ranges.at(position);
+        model.masking.with_keep(ranges, data_keep, unit_keep).map_err(|e| anyhow!("{label}: {e}"))
+    };
     let cache = cache_file();
     let key = CacheKey::new(model, this_machine(), batch, h, w).text();
     let mut entries = read_cache(&cache);
     let (calibration, cached) = match entries.get(&key) {
         Some(c) => (c.clone(), true),
         None => {
-            let keeps = range.spaced(CALIBRATION_POINTS);
-            let execs = keeps.iter().map(|&k| {
-                let mut e = exec.clone();
-                e.set_masking(at(k)?);
-                Ok(e)
-            });
-            let execs = execs.collect::<anyhow::Result<Vec<Exec>>>()?;
-            eprintln!("calibrating {label} at keep {keeps:?} on batches of {batch} ({h}x{w}) ...");
+            let positions: Vec<f32> =
+                (0..CALIBRATION_POINTS).map(|i| i as f32 / (CALIBRATION_POINTS - 1) as f32).collect();
+            let maskings = positions.iter().map(|&p| at(p)).collect::<anyhow::Result<Vec<Masking>>>()?;
+            let execs: Vec<Exec> = maskings
+                .iter()
+                .map(|&m| {
+                    let mut e = exec.clone();
+                    e.set_masking(m);
+                    e
+                })
+                .collect();
+            let shown: Vec<String> =
+                maskings.iter().map(|m| format!("({:.3}, {:.3})", m.data_keep, m.unit_keep)).collect();
+            eprintln!(
+                "calibrating {label} at (patch, unit) keep {} on batches of {batch} ({h}x{w}) ...",
+                shown.join(" ")
+            );
             let mut jobs: Vec<Box<dyn FnMut() + '_>> = execs
                 .iter()
                 .map(|e| {
@@ -242,7 +265,7 @@ pub fn meet_latency(
                 .collect();
             let times = crate::bench::interleaved_medians(CALIBRATION_RUNS, 1, &mut jobs);
             drop(jobs);
-            let calibration = Calibration { points: keeps.into_iter().zip(times).collect() };
+            let calibration = Calibration { points: positions.into_iter().zip(times).collect() };
             entries.insert(key, calibration.clone());
             if let Some(dir) = cache.parent() {
                 std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -252,8 +275,8 @@ pub fn meet_latency(
             (calibration, false)
         }
     };
-    let keep = calibration.choose(range, target_ms);
-    let masking = at(keep)?;
+    let position = calibration.choose(target_ms);
+    let masking = at(position)?;
     exec.set_masking(masking);
     let run = &mut || {
         exec.forward(x, batch, h, w, MaskPlan::Dynamic).expect("valid input");
@@ -262,9 +285,9 @@ pub fn meet_latency(
     Ok(LatencyChoice {
         target_ms,
         batch,
-        keep,
+        position,
         masking,
-        predicted_ms: calibration.predict(keep),
+        predicted_ms: calibration.predict(position),
         measured_ms,
         calibration,
         cached,
@@ -282,11 +305,12 @@ impl LatencyChoice {
             String::new()
         };
         format!(
-            "latency target {:.2} ms per batch of {}: keep {:.3}, predicted {:.2} ms, measured {:.2} ms (median of {}){note}; \
+            "latency target {:.2} ms per batch of {}: patch keep {:.3}, unit keep {:.3}, predicted {:.2} ms, measured {:.2} ms (median of {}){note}; \
              calibration {} {}",
             self.target_ms,
             self.batch,
-            self.keep,
+            self.masking.data_keep,
+            self.masking.unit_keep,
             self.predicted_ms,
             self.measured_ms,
             CHECK_RUNS,
@@ -299,7 +323,7 @@ impl LatencyChoice {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dyna_pruner_exec::spec::MaskMode;
+    use dyna_pruner_exec::spec::{KeepRange, MaskMode};
 
     #[test]
     fn the_fit_interpolates_and_never_falls_with_keep() {
@@ -310,10 +334,9 @@ mod tests {
         assert!((c.predict(0.5) - 3.0).abs() < 1e-6);
         assert!((c.predict(0.7) - 4.0).abs() < 1e-6);
         assert_eq!(c.predict(0.9), 5.0);
-        let range = KeepRange { lo: 0.2, hi: 0.8 };
-        assert!((c.choose(range, 4.0) - 0.7).abs() < 1e-3, "{}", c.choose(range, 4.0));
-        assert_eq!(c.choose(range, 9.0), 0.8);
-        assert_eq!(c.choose(range, 0.5), 0.2);
+        assert!((c.choose(4.0) - 0.7).abs() < 1e-3, "{}", c.choose(4.0));
+        assert_eq!(c.choose(9.0), 1.0);
+        assert_eq!(c.choose(0.5), 0.0);
     }
 
     #[test]
@@ -356,5 +379,15 @@ mod tests {
         assert_eq!(both.apply(&arch, masking, "m").unwrap(), Masking::top_k(MaskMode::Both, 0.3, 0.7));
         let err = KeepArgs { keep: Some(0.9), keep_units: None }.apply(&arch, masking, "m").unwrap_err().to_string();
         assert!(err.contains("0.9") && err.contains("[0.25, 0.75]"), "{err}");
+        let units_only = Masking::top_k(MaskMode::Model, 1.0, 0.5);
+        assert!(both.apply(&arch, units_only, "m").unwrap_err().to_string().contains("--keep-units alone"));
+        assert_eq!(keep.apply(&arch, units_only, "m").unwrap(), Masking::top_k(MaskMode::Model, 1.0, 0.3));
+        let patches_only = Masking::top_k(MaskMode::Data, 0.5, 1.0);
+        let units = KeepArgs { keep: None, keep_units: Some(0.3) };
+        assert!(units.apply(&arch, patches_only, "m").unwrap_err().to_string().contains("prunes no units"));
+        arch.model.generator.unit_keep_range = Some(KeepRange { lo: 0.2, hi: 0.4 });
+        assert_eq!(keep.apply(&arch, masking, "m").unwrap(), Masking::top_k(MaskMode::Both, 0.3, 0.3));
+        let err = KeepArgs { keep: Some(0.5), keep_units: None }.apply(&arch, masking, "m").unwrap_err().to_string();
+        assert!(err.contains("unit keep ratio 0.5") && err.contains("[0.2, 0.4]"), "{err}");
     }
 }

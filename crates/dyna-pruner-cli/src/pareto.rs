@@ -277,11 +277,11 @@ fn any_budget_maskings(
     keep: KeepArgs,
     name: &str,
 ) -> anyhow::Result<Vec<Masking>> {
-    let range = crate::budget::trained_range(arch, own, name, "any_budget points")?;
+    let ranges = crate::budget::trained_ranges(arch, own, name, "any_budget points")?;
     let mut maskings: Vec<Masking> = dynamic
         .iter()
         .filter(|(a, _)| a.with_generator_of(arch) == *arch)
-        .filter_map(|(_, m)| own.with_keep(range, m.data_keep, m.unit_keep).ok())
+        .filter_map(|(_, m)| own.with_keep(ranges, m.data_keep, m.unit_keep).ok())
         .collect();
     if keep.is_set() {
         maskings.push(keep.apply(arch, own, name)?);
@@ -289,8 +289,13 @@ fn any_budget_maskings(
     if maskings.is_empty() {
         maskings.push(own);
     }
-    maskings.dedup();
-    Ok(maskings)
+    let mut distinct = Vec::with_capacity(maskings.len());
+    for m in maskings {
+        if !distinct.contains(&m) {
+            distinct.push(m);
+        }
+    }
+    Ok(distinct)
 }
 
 /// Median executor time per sample at batch 1 of each run (a checkpoint of `dirs` and its

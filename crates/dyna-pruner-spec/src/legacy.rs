@@ -78,7 +78,11 @@ impl TryFrom<FlatModel> for ModelSpec {
         };
         Ok(ModelSpec {
             patch: m.patch,
-            generator: GeneratorSpec { width: m.generator_width, motion: m.generator_motion, keep_range: None },
+            generator: GeneratorSpec {
+                width: m.generator_width,
+                motion: m.generator_motion,
+                ..GeneratorSpec::default()
+            },
             backbone,
         })
     }

@@ -17,7 +17,7 @@ pub mod weights;
 
 use serde::{Deserialize, Serialize};
 
-pub use masking::{kept_count, stats_per_channel, top_k, KeepRange, MaskMode, Masking, PatchRule};
+pub use masking::{kept_count, stats_per_channel, top_k, KeepRange, KeepRanges, MaskMode, Masking, PatchRule};
 pub use weights::{unit_axes, weights, UnitAxis, WeightSpec};
 
 /// The backbones that exist (the one list; [`BackboneSpec`] holds the sizes of one).
@@ -173,15 +173,24 @@ pub struct GeneratorSpec {
     /// read the forward's two keep ratios ([`Masking::budget_inputs`]) as inputs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep_range: Option<KeepRange>,
+    /// The unit keep ratios' own range when it differs from `keep_range` (the run config's
+    /// `method.unit_keep_range`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit_keep_range: Option<KeepRange>,
 }
 
 impl Default for GeneratorSpec {
     fn default() -> Self {
-        GeneratorSpec { width: 16, motion: false, keep_range: None }
+        GeneratorSpec { width: 16, motion: false, keep_range: None, unit_keep_range: None }
     }
 }
 
 impl GeneratorSpec {
+    /// The trained keep ranges of a budget-conditioned model.
+    pub fn keep_ranges(&self) -> Option<KeepRanges> {
+        KeepRanges::new(self.keep_range, self.unit_keep_range)
+    }
+
     /// Inputs the mask generator and each unit gate take besides the features: the two keep
     /// ratios of a budget-conditioned model, none otherwise.
     pub fn budget_inputs(&self) -> usize {

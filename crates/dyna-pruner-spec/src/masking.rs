@@ -71,11 +71,11 @@ impl Masking {
     }
 
     /// These masks at other keep ratios (`--keep`, `--keep-units`) of a budget-conditioned
-    /// model: top-k at `data_keep` and `unit_keep`, each active mask's checked against the
-    /// trained `range` (an inactive mask keeps everything).
-    pub fn with_keep(self, range: KeepRange, data_keep: f32, unit_keep: f32) -> Result<Masking, String> {
-        let data_keep = if self.mode.data() { range.check("patch keep ratio", data_keep)? } else { 1.0 };
-        let unit_keep = if self.mode.model() { range.check("unit keep ratio", unit_keep)? } else { 1.0 };
+    /// model: top-k at `data_keep` and `unit_keep`, each active mask's checked against its
+    /// trained range (an inactive mask keeps everything).
+    pub fn with_keep(self, ranges: KeepRanges, data_keep: f32, unit_keep: f32) -> Result<Masking, String> {
+        let data_keep = if self.mode.data() { ranges.data.check("patch keep ratio", data_keep)? } else { 1.0 };
+        let unit_keep = if self.mode.model() { ranges.units.check("unit keep ratio", unit_keep)? } else { 1.0 };
         Ok(Masking::top_k(self.mode, data_keep, unit_keep))
     }
 }
@@ -123,6 +123,28 @@ impl KeepRange {
     /// `n >= 2` ratios from `lo` to `hi`, evenly spaced.
     pub fn spaced(&self, n: usize) -> Vec<f32> {
         (0..n).map(|i| self.lo + (self.hi - self.lo) * i as f32 / (n - 1).max(1) as f32).collect()
+    }
+}
+
+/// The trained ranges of a budget-conditioned model's patch and unit keep ratios.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KeepRanges {
+    pub data: KeepRange,
+    pub units: KeepRange,
+}
+
+impl KeepRanges {
+    /// From `method.keep_range` (both masks) and `method.unit_keep_range` (the units' own range,
+    /// when given); `None` for a model trained for one budget.
+    pub fn new(keep_range: Option<KeepRange>, unit_keep_range: Option<KeepRange>) -> Option<KeepRanges> {
+        keep_range.map(|data| KeepRanges { data, units: unit_keep_range.unwrap_or(data) })
+    }
+
+    /// The patch and unit keep ratios at `position` along both ranges: their lower ends at 0,
+    /// their upper ends at 1 (the one budget axis of `--latency-ms` and of validation).
+    pub fn at(&self, position: f32) -> (f32, f32) {
+        let along = |r: KeepRange| r.lo * (1.0 - position) + r.hi * position;
+        (along(self.data), along(self.units))
     }
 }
 
@@ -186,19 +208,34 @@ mod tests {
     #[test]
     fn issue_26_a_keep_outside_the_trained_range_is_refused() {
         let range = KeepRange { lo: 0.2, hi: 0.6 };
+        let ranges = KeepRanges::new(Some(range), None).unwrap();
         let m = Masking::top_k(MaskMode::Both, 0.4, 0.4);
-        assert_eq!(m.with_keep(range, 0.2, 0.6).unwrap(), Masking::top_k(MaskMode::Both, 0.2, 0.6));
-        let err = m.with_keep(range, 0.7, 0.4).unwrap_err();
+        assert_eq!(m.with_keep(ranges, 0.2, 0.6).unwrap(), Masking::top_k(MaskMode::Both, 0.2, 0.6));
+        let err = m.with_keep(ranges, 0.7, 0.4).unwrap_err();
         assert!(err.contains("patch keep ratio 0.7") && err.contains("[0.2, 0.6]"), "{err}");
-        assert!(m.with_keep(range, 0.4, 0.1).unwrap_err().contains("unit keep ratio 0.1"));
+        assert!(m.with_keep(ranges, 0.4, 0.1).unwrap_err().contains("unit keep ratio 0.1"));
         let data_only = Masking::top_k(MaskMode::Data, 0.4, 1.0);
-        assert_eq!(data_only.with_keep(range, 0.3, 0.1).unwrap(), Masking::top_k(MaskMode::Data, 0.3, 1.0));
+        assert_eq!(data_only.with_keep(ranges, 0.3, 0.1).unwrap(), Masking::top_k(MaskMode::Data, 0.3, 1.0));
         assert_eq!(serde_json::to_string(&range).unwrap(), "[0.2,0.6]");
         let spaced = range.spaced(3);
         assert!(
             spaced.len() == 3 && spaced[0] == 0.2 && spaced[2] == 0.6 && (spaced[1] - 0.4).abs() < 1e-6,
             "{spaced:?}"
         );
+    }
+
+    #[test]
+    fn the_units_can_have_their_own_range() {
+        let ranges = KeepRanges::new(Some(KeepRange { lo: 0.6, hi: 1.0 }), Some(KeepRange { lo: 0.25, hi: 0.5 }));
+        let ranges = ranges.unwrap();
+        let m = Masking::top_k(MaskMode::Both, 1.0, 0.25);
+        assert_eq!(m.with_keep(ranges, 0.6, 0.5).unwrap(), Masking::top_k(MaskMode::Both, 0.6, 0.5));
+        let err = m.with_keep(ranges, 0.6, 0.6).unwrap_err();
+        assert!(err.contains("unit keep ratio 0.6") && err.contains("[0.25, 0.5]"), "{err}");
+        assert!(m.with_keep(ranges, 0.5, 0.3).unwrap_err().contains("[0.6, 1]"));
+        assert_eq!(ranges.at(0.0), (0.6, 0.25));
+        assert_eq!(ranges.at(1.0), (1.0, 0.5));
+        assert_eq!(KeepRanges::new(None, Some(KeepRange { lo: 0.2, hi: 0.4 })), None);
     }
 
     #[test]

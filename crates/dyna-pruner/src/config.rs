@@ -53,6 +53,10 @@ pub struct MethodConfig {
     /// the ratios it runs at by default.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub keep_range: Option<KeepRange>,
+    /// The unit keep ratios' own range when it should differ from `keep_range` (which then
+    /// bounds the patch keep ratios only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unit_keep_range: Option<KeepRange>,
 }
 
 impl Default for MethodConfig {
@@ -68,6 +72,7 @@ impl Default for MethodConfig {
             mask_target_weight: 0.0,
             mask_target_level: 0.0,
             keep_range: None,
+            unit_keep_range: None,
         }
     }
 }
@@ -159,6 +164,19 @@ impl MethodConfig {
         if !self.mask_target_level.is_finite() {
             return Err(bad_value("method.mask_target_level", self.mask_target_level, "a finite level"));
         }
+        if let Some(range) = self.unit_keep_range {
+            let shown = format!("[{}, {}]", range.lo, range.hi);
+            if !range.is_valid() {
+                return Err(bad_value("method.unit_keep_range", shown, "[lo, hi] with 0 < lo <= hi <= 1"));
+            }
+            if self.keep_range.is_none() || !self.mode.model() {
+                return Err(bad_value(
+                    "method.unit_keep_range",
+                    shown,
+                    "unset unless method.keep_range is set and method.mode has the ModelMask (model or both)",
+                ));
+            }
+        }
         if let Some(range) = self.keep_range {
             let shown = format!("[{}, {}]", range.lo, range.hi);
             if !range.is_valid() {
@@ -171,12 +189,14 @@ impl MethodConfig {
                     "unset unless method.mode has a mask and method.data_rule is \"per_sample\"",
                 ));
             }
-            for (field, keep, active) in [
-                ("method.data_keep", self.data_keep, self.mode.data()),
-                ("method.unit_keep", self.unit_keep, self.mode.model()),
+            let units = self.unit_keep_range.map_or(("method.keep_range", range), |r| ("method.unit_keep_range", r));
+            for (field, keep, active, (name, range)) in [
+                ("method.data_keep", self.data_keep, self.mode.data(), ("method.keep_range", range)),
+                ("method.unit_keep", self.unit_keep, self.mode.model(), units),
             ] {
                 if active && !range.contains(keep) {
-                    return Err(bad_value(field, keep, format!("a keep ratio in method.keep_range = {shown}")));
+                    let expected = format!("a keep ratio in {name} = [{}, {}]", range.lo, range.hi);
+                    return Err(bad_value(field, keep, expected));
                 }
             }
         }
@@ -241,6 +261,7 @@ impl Plan {
         let d = &self.config.data;
         let mut model = self.config.model.clone();
         model.generator.keep_range = self.config.method.keep_range;
+        model.generator.unit_keep_range = self.config.method.unit_keep_range;
         Architecture { frames: Frames { t_in: d.t_in, t_out: d.t_out, channels }, model }
     }
 }
@@ -274,12 +295,14 @@ impl RunConfig {
     pub fn validate(self) -> Result<Plan> {
         let split = self.data.validate()?;
         self.model.validate()?;
-        if let Some(range) = self.model.generator.keep_range {
-            return Err(bad_value(
-                "model.generator.keep_range",
-                format!("[{}, {}]", range.lo, range.hi),
-                "unset (write method.keep_range)",
-            ));
+        let g = &self.model.generator;
+        for (field, range, instead) in [
+            ("model.generator.keep_range", g.keep_range, "unset (write method.keep_range)"),
+            ("model.generator.unit_keep_range", g.unit_keep_range, "unset (write method.unit_keep_range)"),
+        ] {
+            if let Some(range) = range {
+                return Err(bad_value(field, format!("[{}, {}]", range.lo, range.hi), instead));
+            }
         }
         self.method.validate()?;
         self.train.validate(self.model.patch)?;
@@ -312,6 +335,26 @@ mod tests {
         assert!(reversed.contains("0 < lo <= hi <= 1"), "{reversed}");
         let in_model = check("[model.generator]\nkeep_range = [0.2, 0.6]\n").unwrap();
         assert!(in_model.contains("method.keep_range"), "{in_model}");
+    }
+
+    #[test]
+    fn issue_26_the_units_can_have_their_own_keep_range() {
+        let parse = |text: &str| toml::from_str::<RunConfig>(text).unwrap();
+        let check = |text: &str| parse(text).validate().err().map(|e| e.to_string());
+        let both =
+            "[method]\nmode = \"both\"\ndata_keep = 1.0\nkeep_range = [0.6, 1.0]\nunit_keep_range = [0.25, 0.5]\n";
+        let ok = format!("{both}unit_keep = 0.25\n");
+        assert_eq!(check(&ok), None);
+        let ranges = parse(&ok).validate().unwrap().architecture(1).model.generator.keep_ranges().unwrap();
+        assert_eq!((ranges.data, ranges.units), (KeepRange { lo: 0.6, hi: 1.0 }, KeepRange { lo: 0.25, hi: 0.5 }));
+        let outside = check(&format!("{both}unit_keep = 0.7\n")).unwrap();
+        assert!(outside.contains("method.unit_keep") && outside.contains("unit_keep_range = [0.25, 0.5]"), "{outside}");
+        let alone = check("[method]\nmode = \"model\"\nunit_keep = 0.3\nunit_keep_range = [0.2, 0.6]\n").unwrap();
+        assert!(alone.contains("method.unit_keep_range") && alone.contains("method.keep_range is set"), "{alone}");
+        let no_units = check(
+            "[method]\nmode = \"data\"\ndata_keep = 0.5\nkeep_range = [0.2, 0.6]\nunit_keep_range = [0.2, 0.6]\n",
+        );
+        assert!(no_units.unwrap().contains("ModelMask"));
     }
 
     #[test]

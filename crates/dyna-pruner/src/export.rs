@@ -157,7 +157,7 @@ mod tests {
     fn random_generator(rng: &mut StdRng) -> GeneratorSpec {
         // Half of them budget-conditioned, over a range holding the tests' keep ratios.
         let keep_range = rng.random_bool(0.5).then_some(KeepRange { lo: 0.3, hi: 0.6 });
-        GeneratorSpec { width: 4, motion: rng.random_bool(0.5), keep_range }
+        GeneratorSpec { width: 4, motion: rng.random_bool(0.5), keep_range, unit_keep_range: None }
     }
 
     fn random_cnn(rng: &mut StdRng, data_scope: DataScope) -> Architecture {
@@ -460,7 +460,8 @@ mod tests {
             let model = DynamicModel::<B>::new(&arch, &Default::default());
             let (batch, h, w) = (2, 12, 10);
             let (x, xt) = input(&mut rng, &arch, batch, h, w);
-            let all = Masking::top_k(MaskMode::Both, 0.5, 0.5).with_keep(range, 1.0, 1.0).unwrap();
+            let ranges = arch.model.generator.keep_ranges().unwrap();
+            let all = Masking::top_k(MaskMode::Both, 0.5, 0.5).with_keep(ranges, 1.0, 1.0).unwrap();
             let dense: Vec<f32> = model.forward(xt.clone(), Masking::DENSE).prediction.into_data().to_vec().unwrap();
             let kept: Vec<f32> = model.forward(xt.clone(), all).prediction.into_data().to_vec().unwrap();
             assert_eq!(kept, dense, "{:?}", arch.kind());

@@ -182,7 +182,7 @@ mod tests {
         };
         let (arriving, leaving) = (frames(0.25), frames(0.75));
         for motion in [false, true] {
-            let spec = GeneratorSpec { width: 16, motion, keep_range: None };
+            let spec = GeneratorSpec { width: 16, motion, ..GeneratorSpec::default() };
             let generator = MaskGenerator::<CpuBackend>::new(1, 2, spec, &device);
             let s =
                 |x: Tensor<CpuBackend, 5>| generator.forward(x, &Masking::DENSE).into_data().to_vec::<f32>().unwrap();

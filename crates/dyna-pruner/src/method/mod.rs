@@ -12,7 +12,7 @@ use burn::prelude::*;
 
 use mask_generator::UnitGate;
 
-pub use dyna_pruner_spec::{MaskMode, Masking};
+pub use dyna_pruner_spec::{KeepRanges, MaskMode, Masking};
 
 /// The masks of one prunable layer. `None` keeps everything.
 pub struct LayerMasks<B: Backend> {

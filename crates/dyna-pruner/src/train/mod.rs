@@ -24,7 +24,7 @@ use crate::eval::{default_batch, evaluate, Scoring};
 use crate::macs::MacModel;
 use crate::method::budget::{annealed, budget_loss, mask_target_loss};
 use crate::method::masks::quantile_threshold;
-use crate::method::{MaskMode, Masking};
+use crate::method::{KeepRanges, MaskMode, Masking};
 use crate::model::{Architecture, DynamicModel};
 
 /// Receives progress of a training run.
@@ -297,17 +297,18 @@ impl<'a, B: AutodiffBackend, O: Optimizer<DynamicModel<B>, B>> Run<'a, B, O> {
     }
 
     /// The keep ratios of training step `step`: annealed from 1 to their targets over warm-up.
-    /// A budget-conditioned run draws its targets for the step from `method.keep_range` (the
-    /// same for the same seed and step, so a resumed run draws what it would have).
+    /// A budget-conditioned run draws its targets for the step from `method.keep_range` and
+    /// `method.unit_keep_range` (the same for the same seed and step, so a resumed run draws
+    /// what it would have).
     fn masking_at(&self, step: usize) -> Masking {
         let me = &self.plan.config.method;
-        let (data_keep, unit_keep) = match me.keep_range {
+        let (data_keep, unit_keep) = match KeepRanges::new(me.keep_range, me.unit_keep_range) {
             None => (me.data_keep, me.unit_keep),
-            Some(range) => {
+            Some(KeepRanges { data, units }) => {
                 let mut rng = StdRng::seed_from_u64(
                     self.plan.config.train.seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
                 );
-                (rng.random_range(range.lo..=range.hi), rng.random_range(range.lo..=range.hi))
+                (rng.random_range(data.lo..=data.hi), rng.random_range(units.lo..=units.hi))
             }
         };
         self.annealed(step, data_keep, unit_keep)
@@ -321,12 +322,17 @@ impl<'a, B: AutodiffBackend, O: Optimizer<DynamicModel<B>, B>> Run<'a, B, O> {
     }
 
     /// The masks validation runs at the end of the epoch ending at `step`: the targets, or
-    /// for a budget-conditioned run both ends of its range (the epoch's score is their mean).
+    /// for a budget-conditioned run both ends of its ranges (the epoch's score is their mean).
     fn validation_maskings(&self, step: usize) -> Vec<Masking> {
         let me = &self.plan.config.method;
-        match me.keep_range {
+        match KeepRanges::new(me.keep_range, me.unit_keep_range) {
             None => vec![self.annealed(step, me.data_keep, me.unit_keep)],
-            Some(range) => [range.lo, range.hi].map(|keep| self.annealed(step, keep, keep)).to_vec(),
+            Some(ranges) => [0.0, 1.0]
+                .map(|end| {
+                    let (data_keep, unit_keep) = ranges.at(end);
+                    self.annealed(step, data_keep, unit_keep)
+                })
+                .to_vec(),
         }
     }
 
