@@ -84,6 +84,10 @@ const CALIBRATION_POINTS: usize = 5;
 /// Timed runs per budget in a calibration (after one warm-up round), and of the chosen one.
 const CALIBRATION_RUNS: usize = 7;
 pub const CHECK_RUNS: usize = 20;
+/// How far the check may miss the calibration's prediction before the budget is chosen again.
+const CHECK_TOLERANCE: f64 = 0.05;
+/// At most this many checks (each choosing the budget on the rescaled calibration).
+const CHECK_ROUNDS: usize = 3;
 
 /// Median latency per batch at each timed budget.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -112,6 +116,11 @@ impl Calibration {
             }
         }
         last.1
+    }
+
+    /// The same curve at another level: every latency times `factor`.
+    pub fn scaled(&self, factor: f64) -> Calibration {
+        Calibration { points: self.points.iter().map(|&(p, ms)| (p, ms * factor)).collect() }
     }
 
     /// The largest position (on a grid of 1/1000) whose predicted latency is at most
@@ -207,8 +216,12 @@ pub struct LatencyChoice {
     pub position: f32,
     pub masking: Masking,
     pub predicted_ms: f64,
-    /// Median of [`CHECK_RUNS`] timed runs at the chosen keep.
+    /// Median of [`CHECK_RUNS`] timed runs at the chosen budget.
     pub measured_ms: f64,
+    /// Checks run: each after the first chose again on the calibration rescaled by the last
+    /// check's measured / predicted.
+    pub rounds: usize,
+    /// The calibration as last rescaled (the cache keeps it as timed).
     pub calibration: Calibration,
     /// Whether the calibration came from the cache.
     pub cached: bool,
@@ -216,7 +229,8 @@ pub struct LatencyChoice {
 }
 
 /// Picks the largest budget whose latency on the batch `x` (`batch` windows of `h x w`) meets
-/// `target_ms`, sets `exec` to run at it, and times it.
+/// `target_ms`, sets `exec` to run at it, and times it (choosing again, up to [`CHECK_ROUNDS`]
+/// times, when the time misses the prediction by more than [`CHECK_TOLERANCE`]).
 pub fn meet_latency(
     exec: &mut Exec,
     model: &ExportedModel,
@@ -275,24 +289,39 @@ pub fn meet_latency(
             (calibration, false)
         }
     };
-    let position = calibration.choose(target_ms);
-    let masking = at(position)?;
-    exec.set_masking(masking);
-    let run = &mut || {
-        exec.forward(x, batch, h, w, MaskPlan::Dynamic).expect("valid input");
-    };
-    let measured_ms = crate::bench::interleaved_medians(CHECK_RUNS, 1, &mut [Box::new(run)])[0];
-    Ok(LatencyChoice {
-        target_ms,
-        batch,
-        position,
-        masking,
-        predicted_ms: calibration.predict(position),
-        measured_ms,
-        calibration,
-        cached,
-        cache,
-    })
+    // The calibration gives the shape of latency against the budget; how fast this machine runs
+    // right now sets its level. When the check misses the prediction by more than
+    // CHECK_TOLERANCE, the curve is rescaled by measured / predicted and the budget chosen again.
+    let mut curve = calibration;
+    let mut previous = None;
+    for round in 1..=CHECK_ROUNDS {
+        let position = curve.choose(target_ms);
+        let masking = at(position)?;
+        exec.set_masking(masking);
+        let run = &mut || {
+            exec.forward(x, batch, h, w, MaskPlan::Dynamic).expect("valid input");
+        };
+        let measured_ms = crate::bench::interleaved_medians(CHECK_RUNS, 1, &mut [Box::new(run)])[0];
+        let predicted_ms = curve.predict(position);
+        let ratio = measured_ms / predicted_ms;
+        if (ratio - 1.0).abs() <= CHECK_TOLERANCE || round == CHECK_ROUNDS || previous == Some(position) {
+            return Ok(LatencyChoice {
+                target_ms,
+                batch,
+                position,
+                masking,
+                predicted_ms,
+                measured_ms,
+                rounds: round,
+                calibration: curve,
+                cached,
+                cache,
+            });
+        }
+        previous = Some(position);
+        curve = curve.scaled(ratio);
+    }
+    unreachable!("the last round returns")
 }
 
 impl LatencyChoice {
@@ -305,7 +334,7 @@ impl LatencyChoice {
             String::new()
         };
         format!(
-            "latency target {:.2} ms per batch of {}: patch keep {:.3}, unit keep {:.3}, predicted {:.2} ms, measured {:.2} ms (median of {}){note}; \
+            "latency target {:.2} ms per batch of {}: patch keep {:.3}, unit keep {:.3}, predicted {:.2} ms, measured {:.2} ms (median of {}, check {} of {}){note}; \
              calibration {} {}",
             self.target_ms,
             self.batch,
@@ -314,6 +343,8 @@ impl LatencyChoice {
             self.predicted_ms,
             self.measured_ms,
             CHECK_RUNS,
+            self.rounds,
+            CHECK_ROUNDS,
             if self.cached { "from" } else { "written to" },
             self.cache.display()
         )
@@ -337,6 +368,9 @@ mod tests {
         assert!((c.choose(4.0) - 0.7).abs() < 1e-3, "{}", c.choose(4.0));
         assert_eq!(c.choose(9.0), 1.0);
         assert_eq!(c.choose(0.5), 0.0);
+        let slower = c.scaled(2.0);
+        assert!((slower.predict(0.3) - 4.0).abs() < 1e-6);
+        assert!((slower.choose(8.0) - 0.7).abs() < 1e-3, "{}", slower.choose(8.0));
     }
 
     #[test]
