@@ -31,7 +31,6 @@ fn marker<DB: DrawingBackend, C: Clone + 'static>(kind: PointKind, at: C) -> Dyn
         PointKind::DenseSmall => TriangleMarker::new(at, 8, style).into_dyn(),
         PointKind::StaticPruned => Cross::new(at, 6, colour(kind).stroke_width(3)).into_dyn(),
         PointKind::Control => Circle::new(at, 6, colour(kind).stroke_width(2)).into_dyn(),
-        PointKind::AnyBudget => Rectangle::new([at.clone(), at], colour(kind).stroke_width(9)).into_dyn(),
         _ => Circle::new(at, 6, style).into_dyn(),
     }
 }
