@@ -116,13 +116,15 @@ impl KeepRange {
         if self.contains(ratio) {
             Ok(ratio)
         } else {
-            Err(format!("{what} {ratio} is outside the range the model was trained for, [{}, {}]", self.lo, self.hi))
+            Err(format!("{what} {ratio} is outside the range the model was trained for, {self}"))
         }
     }
+}
 
-    /// `n >= 2` ratios from `lo` to `hi`, evenly spaced.
-    pub fn spaced(&self, n: usize) -> Vec<f32> {
-        (0..n).map(|i| self.lo + (self.hi - self.lo) * i as f32 / (n - 1).max(1) as f32).collect()
+/// As written in a config: `[lo, hi]`.
+impl std::fmt::Display for KeepRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "[{}, {}]", self.lo, self.hi)
     }
 }
 
@@ -217,11 +219,7 @@ mod tests {
         let data_only = Masking::top_k(MaskMode::Data, 0.4, 1.0);
         assert_eq!(data_only.with_keep(ranges, 0.3, 0.1).unwrap(), Masking::top_k(MaskMode::Data, 0.3, 1.0));
         assert_eq!(serde_json::to_string(&range).unwrap(), "[0.2,0.6]");
-        let spaced = range.spaced(3);
-        assert!(
-            spaced.len() == 3 && spaced[0] == 0.2 && spaced[2] == 0.6 && (spaced[1] - 0.4).abs() < 1e-6,
-            "{spaced:?}"
-        );
+        assert_eq!(range.to_string(), "[0.2, 0.6]");
     }
 
     #[test]

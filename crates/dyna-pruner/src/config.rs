@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use dyna_pruner_spec::{Architecture, Frames, KeepRange, ModelSpec};
+use dyna_pruner_spec::{Architecture, Frames, KeepRange, KeepRanges, ModelSpec};
 use serde::{Deserialize, Serialize};
 
 pub use crate::data::config::{ChannelSpec, DataConfig, DataFormat, SyntheticRadarConfig};
@@ -146,6 +146,11 @@ impl Default for TrainConfig {
 }
 
 impl MethodConfig {
+    /// The ranges a budget-conditioned run draws its keep ratios from; `None` for one budget.
+    pub fn keep_ranges(&self) -> Option<KeepRanges> {
+        KeepRanges::new(self.keep_range, self.unit_keep_range)
+    }
+
     /// Checks every field of the section.
     pub fn validate(&self) -> Result<()> {
         fraction("method.data_keep", self.data_keep)?;
@@ -164,28 +169,24 @@ impl MethodConfig {
         if !self.mask_target_level.is_finite() {
             return Err(bad_value("method.mask_target_level", self.mask_target_level, "a finite level"));
         }
-        if let Some(range) = self.unit_keep_range {
-            let shown = format!("[{}, {}]", range.lo, range.hi);
-            if !range.is_valid() {
-                return Err(bad_value("method.unit_keep_range", shown, "[lo, hi] with 0 < lo <= hi <= 1"));
-            }
-            if self.keep_range.is_none() || !self.mode.model() {
-                return Err(bad_value(
-                    "method.unit_keep_range",
-                    shown,
-                    "unset unless method.keep_range is set and method.mode has the ModelMask (model or both)",
-                ));
+        for (field, range) in [("method.keep_range", self.keep_range), ("method.unit_keep_range", self.unit_keep_range)]
+        {
+            if let Some(range) = range.filter(|r| !r.is_valid()) {
+                return Err(bad_value(field, range, "[lo, hi] with 0 < lo <= hi <= 1"));
             }
         }
+        if let Some(range) = self.unit_keep_range.filter(|_| self.keep_range.is_none() || !self.mode.model()) {
+            return Err(bad_value(
+                "method.unit_keep_range",
+                range,
+                "unset unless method.keep_range is set and method.mode has the ModelMask (model or both)",
+            ));
+        }
         if let Some(range) = self.keep_range {
-            let shown = format!("[{}, {}]", range.lo, range.hi);
-            if !range.is_valid() {
-                return Err(bad_value("method.keep_range", shown, "[lo, hi] with 0 < lo <= hi <= 1"));
-            }
             if self.mode == MaskMode::Dense || self.data_rule == DataRule::Batch {
                 return Err(bad_value(
                     "method.keep_range",
-                    shown,
+                    range,
                     "unset unless method.mode has a mask and method.data_rule is \"per_sample\"",
                 ));
             }
@@ -195,8 +196,7 @@ impl MethodConfig {
                 ("method.unit_keep", self.unit_keep, self.mode.model(), units),
             ] {
                 if active && !range.contains(keep) {
-                    let expected = format!("a keep ratio in {name} = [{}, {}]", range.lo, range.hi);
-                    return Err(bad_value(field, keep, expected));
+                    return Err(bad_value(field, keep, format!("a keep ratio in {name} = {range}")));
                 }
             }
         }
@@ -301,7 +301,7 @@ impl RunConfig {
             ("model.generator.unit_keep_range", g.unit_keep_range, "unset (write method.unit_keep_range)"),
         ] {
             if let Some(range) = range {
-                return Err(bad_value(field, format!("[{}, {}]", range.lo, range.hi), instead));
+                return Err(bad_value(field, range, instead));
             }
         }
         self.method.validate()?;

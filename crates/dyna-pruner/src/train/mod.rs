@@ -302,7 +302,7 @@ impl<'a, B: AutodiffBackend, O: Optimizer<DynamicModel<B>, B>> Run<'a, B, O> {
     /// what it would have).
     fn masking_at(&self, step: usize) -> Masking {
         let me = &self.plan.config.method;
-        let (data_keep, unit_keep) = match KeepRanges::new(me.keep_range, me.unit_keep_range) {
+        let (data_keep, unit_keep) = match me.keep_ranges() {
             None => (me.data_keep, me.unit_keep),
             Some(KeepRanges { data, units }) => {
                 let mut rng = StdRng::seed_from_u64(
@@ -325,7 +325,7 @@ impl<'a, B: AutodiffBackend, O: Optimizer<DynamicModel<B>, B>> Run<'a, B, O> {
     /// for a budget-conditioned run both ends of its ranges (the epoch's score is their mean).
     fn validation_maskings(&self, step: usize) -> Vec<Masking> {
         let me = &self.plan.config.method;
-        match KeepRanges::new(me.keep_range, me.unit_keep_range) {
+        match me.keep_ranges() {
             None => vec![self.annealed(step, me.data_keep, me.unit_keep)],
             Some(ranges) => [0.0, 1.0]
                 .map(|end| {
