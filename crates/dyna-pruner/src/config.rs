@@ -57,6 +57,11 @@ pub struct MethodConfig {
     /// bounds the patch keep ratios only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unit_keep_range: Option<KeepRange>,
+    /// Budget-conditioned training by the sandwich rule of slimmable networks: every step also
+    /// trains at both ends of the ranges (the loss is the mean of the three), so that the
+    /// tightest and the loosest budget see every batch.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub sandwich: bool,
 }
 
 impl Default for MethodConfig {
@@ -73,6 +78,7 @@ impl Default for MethodConfig {
             mask_target_level: 0.0,
             keep_range: None,
             unit_keep_range: None,
+            sandwich: false,
         }
     }
 }
@@ -181,6 +187,9 @@ impl MethodConfig {
                 range,
                 "unset unless method.keep_range is set and method.mode has the ModelMask (model or both)",
             ));
+        }
+        if self.sandwich && self.keep_range.is_none() {
+            return Err(bad_value("method.sandwich", true, "false unless method.keep_range is set"));
         }
         if let Some(range) = self.keep_range {
             if self.mode == MaskMode::Dense || self.data_rule == DataRule::Batch {
@@ -335,6 +344,9 @@ mod tests {
         assert!(reversed.contains("0 < lo <= hi <= 1"), "{reversed}");
         let in_model = check("[model.generator]\nkeep_range = [0.2, 0.6]\n").unwrap();
         assert!(in_model.contains("method.keep_range"), "{in_model}");
+        assert_eq!(check(&format!("{ok}sandwich = true\n")), None);
+        let no_range = check("[method]\nmode = \"both\"\ndata_keep = 0.5\nsandwich = true\n").unwrap();
+        assert!(no_range.contains("method.sandwich") && no_range.contains("method.keep_range"), "{no_range}");
     }
 
     #[test]

@@ -17,14 +17,14 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, CheckpointMeta, Provenance, Recorder};
-use crate::config::{DataFormat, DataRule, Plan};
+use crate::config::{DataFormat, DataRule, MethodConfig, Plan};
 use crate::data::{self, Domain, Horizon, MinMaxScaler, Scaler, Splits, WindowSet, ZScoreScaler};
 use crate::error::{Error, Result};
 use crate::eval::{default_batch, evaluate, Scoring};
 use crate::macs::MacModel;
 use crate::method::budget::{annealed, budget_loss, mask_target_loss};
 use crate::method::masks::quantile_threshold;
-use crate::method::{KeepRanges, MaskMode, Masking};
+use crate::method::{MaskMode, Masking};
 use crate::model::{Architecture, DynamicModel};
 
 /// Receives progress of a training run.
@@ -75,6 +75,21 @@ pub struct Trained {
     pub meta: CheckpointMeta,
     pub splits: Splits,
     pub history: Vec<EpochReport>,
+}
+
+/// The target `(data_keep, unit_keep)` pairs of training step `step`: the method's own, or for a
+/// budget-conditioned run one pair drawn from `method.keep_range` and `method.unit_keep_range`
+/// (the same for the same seed and step, so a resumed run draws what it would have), followed
+/// with `method.sandwich` by both ends of the ranges.
+fn step_keep_ratios(method: &MethodConfig, seed: u64, step: usize) -> Vec<(f32, f32)> {
+    let Some(ranges) = method.keep_ranges() else {
+        return vec![(method.data_keep, method.unit_keep)];
+    };
+    let mut rng = StdRng::seed_from_u64(seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let drawn =
+        (rng.random_range(ranges.data.lo..=ranges.data.hi), rng.random_range(ranges.units.lo..=ranges.units.hi));
+    let ends = if method.sandwich { vec![ranges.at(0.0), ranges.at(1.0)] } else { Vec::new() };
+    std::iter::once(drawn).chain(ends).collect()
 }
 
 fn resume_dir(out: &Path) -> PathBuf {
@@ -296,22 +311,12 @@ impl<'a, B: AutodiffBackend, O: Optimizer<DynamicModel<B>, B>> Run<'a, B, O> {
         Ok((run, model))
     }
 
-    /// The keep ratios of training step `step`: annealed from 1 to their targets over warm-up.
-    /// A budget-conditioned run draws its targets for the step from `method.keep_range` and
-    /// `method.unit_keep_range` (the same for the same seed and step, so a resumed run draws
-    /// what it would have).
-    fn masking_at(&self, step: usize) -> Masking {
-        let me = &self.plan.config.method;
-        let (data_keep, unit_keep) = match me.keep_ranges() {
-            None => (me.data_keep, me.unit_keep),
-            Some(KeepRanges { data, units }) => {
-                let mut rng = StdRng::seed_from_u64(
-                    self.plan.config.train.seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-                );
-                (rng.random_range(data.lo..=data.hi), rng.random_range(units.lo..=units.hi))
-            }
-        };
-        self.annealed(step, data_keep, unit_keep)
+    /// The keep ratios training step `step` trains at (`step_keep_ratios`), annealed from 1 to
+    /// their targets over warm-up.
+    fn maskings_at(&self, step: usize) -> Vec<Masking> {
+        (step_keep_ratios(&self.plan.config.method, self.plan.config.train.seed, step).into_iter())
+            .map(|(data_keep, unit_keep)| self.annealed(step, data_keep, unit_keep))
+            .collect()
     }
 
     /// Masks at `step` of warm-up for target keep ratios `data_keep` and `unit_keep`.
@@ -379,7 +384,8 @@ impl<'a, B: AutodiffBackend, O: Optimizer<DynamicModel<B>, B>> Run<'a, B, O> {
         Ok((model, loss_sum / self.steps_per_epoch as f64))
     }
 
-    /// The loss of one batch at `step`: prediction, S supervision, distillation, FLOPs budget.
+    /// The loss of one batch at `step`: prediction, S supervision, distillation, FLOPs budget;
+    /// the mean over the step's keep ratios (`maskings_at`).
     fn loss(
         &self,
         model: &DynamicModel<B>,
@@ -388,8 +394,29 @@ impl<'a, B: AutodiffBackend, O: Optimizer<DynamicModel<B>, B>> Run<'a, B, O> {
         step: usize,
         epoch: usize,
     ) -> Result<Tensor<B, 1>> {
+        let me = &self.plan.config.method;
+        let teacher_pred = self
+            .teacher
+            .as_ref()
+            .filter(|_| me.distill_weight > 0.0)
+            .map(|(t, m)| Tensor::<B, 5>::from_inner(t.forward(x.clone().inner(), *m).prediction));
+        let losses = (self.maskings_at(step).into_iter())
+            .map(|masking| self.loss_at(model, (x.clone(), y.clone()), masking, teacher_pred.clone(), epoch))
+            .collect::<Result<Vec<_>>>()?;
+        let count = losses.len() as f32;
+        Ok(losses.into_iter().reduce(|a, b| a + b).expect("at least one keep ratio") / count)
+    }
+
+    /// The loss of one batch `(x, y)` at one keep ratio.
+    fn loss_at(
+        &self,
+        model: &DynamicModel<B>,
+        (x, y): (Tensor<B, 5>, Tensor<B, 5>),
+        mut masking: Masking,
+        teacher_pred: Option<Tensor<B, 5>>,
+        epoch: usize,
+    ) -> Result<Tensor<B, 1>> {
         let (me, out) = (&self.plan.config.method, &self.plan.config.train.out);
-        let mut masking = self.masking_at(step);
         // Batch rule: S first, then the batch's own quantile of it (its top `data_keep` of all
         // patches pass), then the forward on that S.
         let importance = if me.data_rule == DataRule::Batch {
@@ -401,11 +428,6 @@ impl<'a, B: AutodiffBackend, O: Optimizer<DynamicModel<B>, B>> Run<'a, B, O> {
         } else {
             None
         };
-        let teacher_pred = self
-            .teacher
-            .as_ref()
-            .filter(|_| me.distill_weight > 0.0)
-            .map(|(t, m)| Tensor::<B, 5>::from_inner(t.forward(x.clone().inner(), *m).prediction));
         let fwd = match importance {
             Some(s) => model.forward_with_importance(x, s, masking),
             None => model.forward(x, masking),
@@ -632,7 +654,28 @@ fn scheduled_lr(lr: f64, warmup: f64, step: usize, total: usize) -> f64 {
 
 #[cfg(test)]
 mod tests {
-    use super::scheduled_lr;
+    use super::{scheduled_lr, step_keep_ratios, MaskMode, MethodConfig};
+    use dyna_pruner_spec::KeepRange;
+
+    #[test]
+    fn issue_26_sandwich_steps_also_train_at_both_ends_of_the_ranges() {
+        let fixed = MethodConfig { data_keep: 0.5, unit_keep: 0.3, ..MethodConfig::default() };
+        assert_eq!(step_keep_ratios(&fixed, 1, 7), vec![(0.5, 0.3)]);
+        let ranged = MethodConfig {
+            mode: MaskMode::Both,
+            keep_range: Some(KeepRange { lo: 0.6, hi: 0.9 }),
+            unit_keep_range: Some(KeepRange { lo: 0.2, hi: 0.5 }),
+            ..fixed
+        };
+        let drawn = step_keep_ratios(&ranged, 1, 7);
+        assert_eq!(drawn.len(), 1);
+        let (d, u) = drawn[0];
+        assert!((0.6..=0.9).contains(&d) && (0.2..=0.5).contains(&u), "{d} {u}");
+        assert_eq!(step_keep_ratios(&ranged, 1, 7), drawn, "a resumed run draws the same");
+        assert_ne!(step_keep_ratios(&ranged, 1, 8), drawn);
+        let sandwich = step_keep_ratios(&MethodConfig { sandwich: true, ..ranged }, 1, 7);
+        assert_eq!(sandwich, vec![drawn[0], (0.6, 0.2), (0.9, 0.5)]);
+    }
 
     #[test]
     fn the_learning_rate_rises_to_its_peak_then_decays() {
