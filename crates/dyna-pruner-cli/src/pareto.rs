@@ -113,6 +113,10 @@ fn front(task: Task) -> Vec<FrontModel> {
         ],
         Task::Radar => vec![
             m(Dense, "configs/radar/synthetic_dense.toml"),
+            m(Control, "configs/radar/synthetic_dense_control.toml"),
+            m(StaticPruned, "configs/radar/synthetic_static50.toml"),
+            m(StaticPruned, "configs/radar/synthetic_static70.toml"),
+            m(StaticPruned, "configs/radar/synthetic_static80.toml"),
             m(Dynamic, "configs/radar/synthetic_dynamic.toml"),
             m(Dynamic, "configs/radar/synthetic_dynamic70.toml"),
             m(Dynamic, "configs/radar/synthetic_dynamic80.toml"),
