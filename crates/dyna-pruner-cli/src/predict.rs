@@ -50,8 +50,22 @@ fn faster(select_ms: f64, mask_ms: f64) -> UnitExecution {
     }
 }
 
+/// The warning `auto` prints when the model with its masks, run the faster way, is slower than
+/// the same weights without masks (the dense model's MACs): the masks cost more than they save.
+fn slower_than_dense(dynamic_ms: f64, dense_ms: f64, batch: usize) -> Option<String> {
+    (dynamic_ms > dense_ms).then(|| {
+        format!(
+            "warning: with its masks this model takes {dynamic_ms:.2} ms per batch of {batch} on this machine, \
+             more than its weights without masks ({dense_ms:.2} ms, the dense model's MACs): here the masks cost \
+             more than they save. Its weights without masks are no substitute (they were trained with the pruned \
+             units masked), so it runs with its masks; a dense model of its architecture would be faster."
+        )
+    })
+}
+
 /// How a CNN with unit masks runs its kept units (they run two ways with the same prediction;
-/// only their speed differs): as `units` says, `auto` timing both on the batch `x`. Sets it on
+/// only their speed differs): as `units` says, `auto` timing both on the batch `x` beside the
+/// same weights without masks (and warning when both ways are slower than that). Sets it on
 /// `exec` and returns it (`None` for models without that choice) with the timings.
 pub fn choose_unit_execution(
     exec: &mut Exec,
@@ -78,6 +92,9 @@ pub fn choose_unit_execution(
                     Box::new(|| {
                         mask.forward(x, batch, h, w, MaskPlan::Dynamic).expect("valid input");
                     }),
+                    Box::new(|| {
+                        select.forward(x, batch, h, w, MaskPlan::Dense).expect("valid input");
+                    }),
                 ],
             );
             let mode = faster(times[0], times[1]);
@@ -85,7 +102,10 @@ pub fn choose_unit_execution(
                 "kept units: selected {:.2} ms, masked {:.2} ms per batch of {batch} on this machine: running {mode:?}",
                 times[0], times[1]
             );
-            (mode, json!({ "batch": batch, "select_ms": times[0], "mask_ms": times[1] }))
+            if let Some(warning) = slower_than_dense(times[0].min(times[1]), times[2], batch) {
+                eprintln!("{warning}");
+            }
+            (mode, json!({ "batch": batch, "select_ms": times[0], "mask_ms": times[1], "without_masks_ms": times[2] }))
         }
     };
     exec.set_unit_execution(mode);
@@ -314,5 +334,12 @@ mod tests {
         assert_eq!(faster(1.0, 2.0), UnitExecution::Select);
         assert_eq!(faster(2.0, 2.0), UnitExecution::Select);
         assert_eq!(faster(2.5, 2.0), UnitExecution::Mask);
+    }
+
+    #[test]
+    fn issue_22_a_dynamic_model_slower_than_its_weights_without_masks_says_so() {
+        assert_eq!(slower_than_dense(1.5, 2.0, 256), None);
+        let warning = slower_than_dense(211.1, 187.2, 256).expect("slower");
+        assert!(warning.contains("211.10 ms per batch of 256") && warning.contains("187.20 ms"), "{warning}");
     }
 }

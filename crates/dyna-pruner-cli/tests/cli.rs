@@ -181,6 +181,7 @@ fn train_then_eval_writes_checkpoint_and_report() {
     let c = &auto.1["calibration"];
     let faster = if c["select_ms"].as_f64() <= c["mask_ms"].as_f64() { "select" } else { "mask" };
     assert_eq!(auto.1["unit_execution"], faster, "{c}");
+    assert!(c["without_masks_ms"].as_f64().is_some_and(|ms| ms > 0.0), "{c}");
 
     // Issue 24: `--pictures` draws four windows and the adaptivity beside the predictions.
     // Issue 25: predictions are written batch by batch; another batch size writes the same bytes.
