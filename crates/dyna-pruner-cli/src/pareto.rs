@@ -113,6 +113,8 @@ fn front(task: Task) -> Vec<FrontModel> {
         ],
         Task::Radar => vec![
             m(Dense, "configs/radar/synthetic_dense.toml"),
+            m(DenseSmall, "configs/radar/synthetic_dense_small70.toml"),
+            m(DenseSmall, "configs/radar/synthetic_dense_small80.toml"),
             m(Control, "configs/radar/synthetic_dense_control.toml"),
             m(StaticPruned, "configs/radar/synthetic_static50.toml"),
             m(StaticPruned, "configs/radar/synthetic_static70.toml"),
