@@ -148,6 +148,12 @@ impl KeepRanges {
         let along = |r: KeepRange| r.lo * (1.0 - position) + r.hi * position;
         (along(self.data), along(self.units))
     }
+
+    /// The keep ratios at both ends of the ranges, the tightest budget first (what validation
+    /// and the sandwich rule run at).
+    pub fn ends(&self) -> [(f32, f32); 2] {
+        [self.at(0.0), self.at(1.0)]
+    }
 }
 
 /// How the DataMask picks a sample's patches from its importance map S.
@@ -233,6 +239,7 @@ mod tests {
         assert!(m.with_keep(ranges, 0.5, 0.3).unwrap_err().contains("[0.6, 1]"));
         assert_eq!(ranges.at(0.0), (0.6, 0.25));
         assert_eq!(ranges.at(1.0), (1.0, 0.5));
+        assert_eq!(ranges.ends(), [(0.6, 0.25), (1.0, 0.5)]);
         assert_eq!(KeepRanges::new(None, Some(KeepRange { lo: 0.2, hi: 0.4 })), None);
     }
 

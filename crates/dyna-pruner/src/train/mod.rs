@@ -88,7 +88,7 @@ fn step_keep_ratios(method: &MethodConfig, seed: u64, step: usize) -> Vec<(f32, 
     let mut rng = StdRng::seed_from_u64(seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let drawn =
         (rng.random_range(ranges.data.lo..=ranges.data.hi), rng.random_range(ranges.units.lo..=ranges.units.hi));
-    let ends = if method.sandwich { vec![ranges.at(0.0), ranges.at(1.0)] } else { Vec::new() };
+    let ends = if method.sandwich { ranges.ends().to_vec() } else { Vec::new() };
     std::iter::once(drawn).chain(ends).collect()
 }
 
@@ -332,12 +332,9 @@ impl<'a, B: AutodiffBackend, O: Optimizer<DynamicModel<B>, B>> Run<'a, B, O> {
         let me = &self.plan.config.method;
         match me.keep_ranges() {
             None => vec![self.annealed(step, me.data_keep, me.unit_keep)],
-            Some(ranges) => [0.0, 1.0]
-                .map(|end| {
-                    let (data_keep, unit_keep) = ranges.at(end);
-                    self.annealed(step, data_keep, unit_keep)
-                })
-                .to_vec(),
+            Some(ranges) => {
+                ranges.ends().map(|(data_keep, unit_keep)| self.annealed(step, data_keep, unit_keep)).to_vec()
+            }
         }
     }
 
