@@ -121,6 +121,11 @@ pub struct TrainConfig {
     /// When `init_from` has more units per prunable layer than `[model]`: the criterion that
     /// picks the units kept (static structured pruning; the result is an ordinary smaller model).
     pub prune_init: Option<PruneCriterion>,
+    /// When fine-tuning a model with the ModelMask from `init_from`: each unit gate starts out
+    /// ranking its layer's units by this criterion (bias: the units' standardized scores;
+    /// weights: zero), so every sample's first sub-network is the statically pruned one and
+    /// training learns how samples differ from it. Unset: the gates start as they are.
+    pub gate_init: Option<PruneCriterion>,
     /// Output checkpoint directory.
     pub out: PathBuf,
     /// When > 0: train on random `crop x crop` windows of the frames (validation and test use
@@ -144,6 +149,7 @@ impl Default for TrainConfig {
             window_stride: 1,
             init_from: None,
             prune_init: None,
+            gate_init: None,
             out: PathBuf::from("runs/model"),
             crop: 0,
             augment: false,
@@ -233,6 +239,9 @@ impl TrainConfig {
         if self.prune_init.is_some() && self.init_from.is_none() {
             return Err(bad_value("train.prune_init", "set", "train.init_from (the checkpoint to prune)"));
         }
+        if self.gate_init.is_some() && self.init_from.is_none() {
+            return Err(bad_value("train.gate_init", "set", "train.init_from (the checkpoint whose units it ranks)"));
+        }
         if self.crop > 0 {
             in_range("train.crop", self.crop, patch, 4096)?;
             if !self.crop.is_multiple_of(patch) {
@@ -315,6 +324,13 @@ impl RunConfig {
         }
         self.method.validate()?;
         self.train.validate(self.model.patch)?;
+        if self.train.gate_init.is_some() && !self.method.mode.model() {
+            return Err(bad_value(
+                "train.gate_init",
+                "set",
+                format!("unset unless method.mode has the ModelMask (model or both), not {:?}", self.method.mode),
+            ));
+        }
         Ok(Plan { config: self, split })
     }
 }
@@ -347,6 +363,21 @@ mod tests {
         assert_eq!(check(&format!("{ok}sandwich = true\n")), None);
         let no_range = check("[method]\nmode = \"both\"\ndata_keep = 0.5\nsandwich = true\n").unwrap();
         assert!(no_range.contains("method.sandwich") && no_range.contains("method.keep_range"), "{no_range}");
+    }
+
+    #[test]
+    fn issue_21_gate_init_needs_a_checkpoint_and_the_model_mask() {
+        let check = |text: &str| toml::from_str::<RunConfig>(text).unwrap().validate().err().map(|e| e.to_string());
+        let model = "[method]\nmode = \"model\"\nunit_keep = 0.3\n";
+        let init = "[train]\ninit_from = \"models/dense\"\ngate_init = \"l1\"\n";
+        assert_eq!(check(&format!("{model}{init}")), None);
+        let no_checkpoint = check(&format!("{model}[train]\ngate_init = \"l1\"\n")).unwrap();
+        assert!(
+            no_checkpoint.contains("train.gate_init") && no_checkpoint.contains("train.init_from"),
+            "{no_checkpoint}"
+        );
+        let data_only = check(&format!("[method]\nmode = \"data\"\ndata_keep = 0.5\n{init}")).unwrap();
+        assert!(data_only.contains("train.gate_init") && data_only.contains("ModelMask"), "{data_only}");
     }
 
     #[test]

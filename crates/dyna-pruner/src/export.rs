@@ -117,6 +117,30 @@ pub fn prune<B: Backend>(
     import(&prune::keep_units(&exported, target, &kept).map_err(fail)?, device)
 }
 
+/// `model` with each unit gate ranking its layer's units by `criterion`, the same for every
+/// sample: the gate's bias holds the units' standardized scores and its weights are zero, so at
+/// any unit keep ratio the gates keep what static pruning by `criterion` would (a layer whose
+/// units cannot be scored keeps its gate). Training then learns how samples differ.
+pub fn rank_gates_by<B: Backend>(mut model: DynamicModel<B>, criterion: PruneCriterion) -> Result<DynamicModel<B>> {
+    let exported = export(&model, Masking::DENSE, BTreeMap::new());
+    let fail = |e: dyna_pruner_exec::ExecError| Error::Checkpoint { path: Default::default(), detail: e.to_string() };
+    let scores = match criterion {
+        PruneCriterion::L1 => prune::unit_l1_norms(&exported).map_err(fail)?,
+    };
+    for (gate, scores) in model.unit_gates.iter_mut().zip(scores) {
+        let Some(scores) = scores else { continue };
+        let n = scores.len() as f64;
+        let mean = scores.iter().sum::<f64>() / n;
+        let std = (scores.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / n).sqrt();
+        let bias: Vec<f32> = scores.iter().map(|s| if std > 0.0 { ((s - mean) / std) as f32 } else { 0.0 }).collect();
+        let linear = &mut gate.linear;
+        let device = linear.weight.device();
+        linear.weight = linear.weight.clone().map(|w| w.zeros_like().require_grad());
+        linear.bias = Some(Param::from_tensor(Tensor::from_floats(bias.as_slice(), &device)));
+    }
+    Ok(model)
+}
+
 /// The executor for `model` (in memory).
 pub fn executor<B: Backend>(model: &DynamicModel<B>, masking: Masking) -> Exec {
     export(model, masking, BTreeMap::new()).executor().expect("an exported model matches its architecture")
@@ -529,6 +553,39 @@ mod tests {
             let want = reference(&model, &arch, xt.clone(), &masks, h, w);
             let got: Vec<f32> = pruned.forward(xt, Masking::DENSE).prediction.into_data().to_vec().unwrap();
             assert_close(&got, &want, &format!("{arch:?}"));
+        }
+    }
+
+    /// Issue 21: gates ranked by the L1 criterion keep, in every sample and at any unit keep
+    /// ratio, the units static pruning by L1 keeps.
+    #[test]
+    fn issue_21_gates_ranked_by_l1_keep_the_statically_pruned_units() {
+        let mut rng = StdRng::seed_from_u64(21);
+        let makers: [RandomArch; 3] = [random_arch, random_vit, random_convlstm];
+        for random in makers {
+            let arch = random(&mut rng);
+            let model = DynamicModel::<B>::new(&arch, &Default::default());
+            let norms =
+                dyna_pruner_exec::prune::unit_l1_norms(&export(&model, Masking::DENSE, BTreeMap::new())).unwrap();
+            let model = rank_gates_by(model, PruneCriterion::L1).unwrap();
+            let (batch, h, w) = (3, 9, 11);
+            let (_, xt) = input(&mut rng, &arch, batch, h, w);
+            for unit_keep in [0.4f32, 0.6] {
+                let fwd = model.forward(xt.clone(), Masking::top_k(MaskMode::Model, 1.0, unit_keep));
+                let mut scored = 0;
+                for (f, norms) in fwd.fractions.iter().zip(&norms) {
+                    let Some(norms) = norms else { continue };
+                    scored += 1;
+                    let want =
+                        dyna_pruner_exec::prune::largest(norms, dyna_pruner_spec::kept_count(unit_keep, norms.len()));
+                    let u: Vec<f32> = f.unit_mask.clone().unwrap().into_data().to_vec().unwrap();
+                    for sample in u.chunks(norms.len()) {
+                        let got: Vec<usize> = (0..norms.len()).filter(|&i| sample[i] == 1.0).collect();
+                        assert_eq!(got, want, "{arch:?} at {unit_keep}");
+                    }
+                }
+                assert!(scored > 0, "{arch:?}: no layer was scored");
+            }
         }
     }
 

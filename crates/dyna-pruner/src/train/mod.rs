@@ -270,6 +270,14 @@ impl<'a, B: AutodiffBackend, O: Optimizer<DynamicModel<B>, B>> Run<'a, B, O> {
                     }
                     model.arch = architecture.clone();
                 }
+                if let Some(criterion) = cfg.train.gate_init {
+                    model = crate::export::rank_gates_by(model, criterion).map_err(|e| Error::Checkpoint {
+                        path: dir.clone(),
+                        detail: format!("train.gate_init: {e}"),
+                    })?;
+                    progress
+                        .message(&format!("unit gates start ranking the units of {} by {criterion:?}", dir.display()));
+                }
                 (model, init.meta.scaler.clone(), Some((teacher, init.meta.masking)))
             }
             None => (DynamicModel::new(&architecture, device), fitted, None),
