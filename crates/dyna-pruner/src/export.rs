@@ -110,11 +110,15 @@ pub fn prune<B: Backend>(
     device: &B::Device,
 ) -> Result<DynamicModel<B>> {
     let exported = export(model, Masking::DENSE, BTreeMap::new());
-    let fail = |e: dyna_pruner_exec::ExecError| Error::Checkpoint { path: Default::default(), detail: e.to_string() };
     let kept = match criterion {
-        PruneCriterion::L1 => prune::l1_selection(&exported, target).map_err(fail)?,
+        PruneCriterion::L1 => prune::l1_selection(&exported, target).map_err(pruning_failed)?,
     };
-    import(&prune::keep_units(&exported, target, &kept).map_err(fail)?, device)
+    import(&prune::keep_units(&exported, target, &kept).map_err(pruning_failed)?, device)
+}
+
+/// The executor's refusal to score or cut a model, as a checkpoint error (the caller names the file).
+fn pruning_failed(e: dyna_pruner_exec::ExecError) -> Error {
+    Error::Checkpoint { path: Default::default(), detail: e.to_string() }
 }
 
 /// `model` with each unit gate ranking its layer's units by `criterion`, the same for every
@@ -123,9 +127,8 @@ pub fn prune<B: Backend>(
 /// units cannot be scored keeps its gate). Training then learns how samples differ.
 pub fn rank_gates_by<B: Backend>(mut model: DynamicModel<B>, criterion: PruneCriterion) -> Result<DynamicModel<B>> {
     let exported = export(&model, Masking::DENSE, BTreeMap::new());
-    let fail = |e: dyna_pruner_exec::ExecError| Error::Checkpoint { path: Default::default(), detail: e.to_string() };
     let scores = match criterion {
-        PruneCriterion::L1 => prune::unit_l1_norms(&exported).map_err(fail)?,
+        PruneCriterion::L1 => prune::unit_l1_norms(&exported).map_err(pruning_failed)?,
     };
     for (gate, scores) in model.unit_gates.iter_mut().zip(scores) {
         let Some(scores) = scores else { continue };
