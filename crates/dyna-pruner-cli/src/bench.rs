@@ -75,8 +75,9 @@ pub struct Row {
     /// is that forward, so this equals `dense_ms`); absent for exported models.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub burn_dense_ms: Option<f64>,
-    /// `bench --model`, CNN: the model's own masks with `UnitExecution::Mask` (pruned units
-    /// zeroed instead of kept ones selected; the same prediction).
+    /// `bench --model`, CNN: the model's own masks with `UnitExecution::Mask` (the batch's kept
+    /// units computed with shared weights and each sample's pruned ones zeroed, instead of each
+    /// sample's kept ones selected; the same prediction).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub masked_units_ms: Option<f64>,
     /// GPU: until the sparse forward call returns (the host's share of `sparse_ms`).

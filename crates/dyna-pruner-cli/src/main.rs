@@ -100,7 +100,8 @@ enum Command {
         #[arg(long)]
         batch_size: Option<usize>,
         /// CNN: how the blocks run each sample's kept units: `select` their weights (fewest
-        /// MACs), `mask` the pruned ones (no weight copies), or `auto`: the faster on the first
+        /// MACs), `mask`: compute the batch's kept units with shared weights and zero each
+        /// sample's pruned ones (one weight copy per block), or `auto`: the faster on the first
         /// batch. The predictions are the same.
         #[arg(long, value_enum, default_value_t = predict::UnitsArg::Auto)]
         units: predict::UnitsArg,

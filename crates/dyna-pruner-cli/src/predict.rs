@@ -34,7 +34,8 @@ pub enum UnitsArg {
     Auto,
     /// Select and pack each sample's kept units' weights: the fewest MACs.
     Select,
-    /// Compute every unit at the kept positions and zero the pruned ones: no weight copies.
+    /// Compute the batch's kept units (their union) with shared weights and zero each sample's
+    /// pruned ones: one weight copy per block, not per sample.
     Mask,
 }
 

@@ -75,6 +75,7 @@ impl<'a> GateInput<'a> {
     fn update(&mut self, z: &[Vec<f32>], positions: &[Option<Vec<u32>>]) {
         let hid = self.channels;
         self.pooled = (0..z.len())
+            .into_par_iter()
             .map(|b| {
                 let kept = match &positions[b] {
                     None => pool_by_patch(&z[b], hid, self.grid, &self.importance[b]).weighted,
@@ -109,9 +110,11 @@ pub enum UnitExecution {
     /// the fewest MACs, but a copy of the weights per sample and block.
     #[default]
     Select,
-    /// Every unit is computed at the kept positions with the shared weights, and the pruned
-    /// units' hidden channels are zeroed before the second conv: the same prediction with more
-    /// MACs and no copies (faster where few positions are kept per sample, as on small grids).
+    /// The batch's kept units (the union of its samples') are computed for every sample at its
+    /// kept positions with one shared copy of their weights, and each sample's pruned units
+    /// among them are zeroed before the second conv: the same prediction with more MACs and
+    /// one weight copy per block instead of one per sample (faster where the samples keep
+    /// nearly the same units, or few positions each, as on small grids).
     Mask,
 }
 
@@ -197,29 +200,35 @@ fn add_upsampled_at(
 }
 
 /// Zeroes, at each sample's kept positions, the hidden channels of the units it prunes in
-/// block `l` (`UnitExecution::Mask`): the second conv then reads exactly what it reads under
-/// `Select`.
+/// block `l` among `columns` (the units the hidden maps hold, ascending; `UnitExecution::Mask`):
+/// the second conv then reads exactly what it reads under `Select`.
 fn zero_pruned_units<'p>(
     hidden_maps: &mut [Vec<f32>],
     masks: &[SampleMasks],
-    l: usize,
-    units: usize,
+    (l, columns, units): (usize, &[usize], usize),
     pos_of: &(dyn Fn(usize) -> Positions<'p> + Sync),
 ) {
     hidden_maps.par_iter_mut().zip(masks).enumerate().for_each(|(b, (map, m))| {
         let kept = &m.units[l];
-        if kept.len() == units {
+        if kept.len() == columns.len() {
             return;
         }
-        let mut pruned = vec![true; units];
-        kept.iter().for_each(|&u| pruned[u] = false);
-        let pruned: Vec<usize> = (0..units).filter(|&u| pruned[u]).collect();
-        let positions = pos_of(b);
+        let mut is_kept = vec![false; units];
+        kept.iter().for_each(|&u| is_kept[u] = true);
+        let pruned: Vec<usize> = (0..columns.len()).filter(|&c| !is_kept[columns[c]]).collect();
+        let (positions, width) = (pos_of(b), columns.len());
         for i in 0..positions.len() {
-            let row = &mut map[positions.get(i) * units..(positions.get(i) + 1) * units];
-            pruned.iter().for_each(|&u| row[u] = 0.0);
+            let row = &mut map[positions.get(i) * width..(positions.get(i) + 1) * width];
+            pruned.iter().for_each(|&c| row[c] = 0.0);
         }
     });
+}
+
+/// The units kept by any sample in block `l`, ascending.
+fn kept_by_any(masks: &[SampleMasks], l: usize, units: usize) -> Vec<usize> {
+    let mut any = vec![false; units];
+    masks.iter().for_each(|m| m.units[l].iter().for_each(|&u| any[u] = true));
+    (0..units).filter(|&u| any[u]).collect()
 }
 
 impl CnnExec {
@@ -369,20 +378,21 @@ impl CnnExec {
         macs: &mut [u64],
     ) {
         let all_units = self.spec.units;
-        let mask_units = self.unit_execution == UnitExecution::Mask;
-        // Weights restricted to each sample's kept units (borrowed when it keeps them all, or
-        // when the pruned units are masked instead).
-        let selected: Vec<(Cow<'_, Conv>, Cow<'_, Conv>)> = masks
-            .iter()
-            .map(|m| {
-                let u = &m.units[l];
-                if mask_units || u.len() == all_units {
-                    (Cow::Borrowed(conv1), Cow::Borrowed(conv2))
-                } else {
-                    (Cow::Owned(conv1.select_outputs(u)), Cow::Owned(conv2.select_inputs(u)))
-                }
-            })
-            .collect();
+        let select = |u: &[usize]| -> (Cow<'_, Conv>, Cow<'_, Conv>) {
+            if u.len() == all_units {
+                (Cow::Borrowed(conv1), Cow::Borrowed(conv2))
+            } else {
+                (Cow::Owned(conv1.select_outputs(u)), Cow::Owned(conv2.select_inputs(u)))
+            }
+        };
+        // Under `Mask`, the weights of the batch's kept units, shared by every sample.
+        let union = (self.unit_execution == UnitExecution::Mask).then(|| kept_by_any(masks, l, all_units));
+        let shared = union.as_deref().map(select);
+        // Weights restricted to each sample's kept units (borrowed when it keeps them all).
+        let selected: Vec<(Cow<'_, Conv>, Cow<'_, Conv>)> = match &shared {
+            Some((c1, c2)) => masks.iter().map(|_| (Cow::Borrowed(&**c1), Cow::Borrowed(&**c2))).collect(),
+            None => masks.par_iter().map(|m| select(&m.units[l])).collect(),
+        };
         let pos_of = |b: usize| match &positions[b] {
             Some(list) => Positions::List(list),
             None => Positions::all(h2, w2),
@@ -405,8 +415,8 @@ impl CnnExec {
             .collect();
         run_jobs_into_maps(&first, hidden_maps, false);
         drop(first);
-        if mask_units {
-            zero_pruned_units(hidden_maps, masks, l, all_units, &pos_of);
+        if let Some(columns) = &union {
+            zero_pruned_units(hidden_maps, masks, (l, columns, all_units), &pos_of);
         }
         let second: Vec<Job<'_>> = (0..z.len())
             .map(|b| Job {

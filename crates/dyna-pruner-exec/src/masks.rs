@@ -257,6 +257,7 @@ pub fn gate_units(
     unit_keep: Option<f32>,
 ) -> Vec<Vec<usize>> {
     (0..batch)
+        .into_par_iter()
         .map(|b| match unit_keep {
             None => (0..gate.units).collect(),
             Some(keep) => top_k(&gate.scores_pooled(&pooled[b], pixels), kept_count(keep, gate.units)),

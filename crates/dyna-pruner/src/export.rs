@@ -365,7 +365,7 @@ mod tests {
         }
     }
 
-    /// `UnitExecution::Mask` (every unit computed, pruned ones zeroed) predicts what `Select`
+    /// `UnitExecution::Mask` (the batch's kept units computed, pruned ones zeroed) predicts what `Select`
     /// does, under given and under the model's own masks, with at least as many MACs.
     #[test]
     fn masked_unit_execution_predicts_as_unit_selection() {
@@ -388,6 +388,39 @@ mod tests {
                 assert!(a.macs.iter().zip(&b.macs).all(|(s, m)| m >= s), "case {case}: {:?} {:?}", a.macs, b.macs);
             }
         }
+    }
+
+    /// `UnitExecution::Mask` computes the union of the batch's kept units, not every unit: where
+    /// all samples keep the same units it does the MACs of `Select`, and where one keeps them all
+    /// every sample computes them all (and it predicts the same either way).
+    #[test]
+    fn issue_22_masked_units_compute_only_the_batch_union() {
+        let mut rng = StdRng::seed_from_u64(2032);
+        let arch = random_arch(&mut rng);
+        let model = DynamicModel::<B>::new(&arch, &Default::default());
+        let select = executor(&model, Masking::top_k(MaskMode::Both, 0.5, 0.5));
+        let mut mask = select.clone();
+        assert!(mask.set_unit_execution(UnitExecution::Mask));
+        let (batch, h, w) = (3, 9, 11);
+        let (x, _) = input(&mut rng, &arch, batch, h, w);
+        let (hp, wp) = arch.patch_grid(h, w);
+        let mut given = random_masks(&mut rng, &model, batch, hp * wp);
+        let units = arch.prunable_layers().iter().map(|l| l.units).collect::<Vec<_>>();
+        // The same units in every sample: the first half of each layer's.
+        given.iter_mut().for_each(|m| m.units = units.iter().map(|&n| (0..n.div_ceil(2)).collect()).collect());
+        let (a, b) = (select.forward(&x, batch, h, w, MaskPlan::Given(&given)).unwrap(), {
+            mask.forward(&x, batch, h, w, MaskPlan::Given(&given)).unwrap()
+        });
+        assert_close(&b.prediction, &a.prediction, "same units");
+        assert_eq!(a.macs, b.macs, "the union is each sample's own units");
+        // Sample 0 keeps every unit: the others then compute them all too.
+        given[0].units = units.iter().map(|&n| (0..n).collect()).collect();
+        let (a, b) = (select.forward(&x, batch, h, w, MaskPlan::Given(&given)).unwrap(), {
+            mask.forward(&x, batch, h, w, MaskPlan::Given(&given)).unwrap()
+        });
+        assert_close(&b.prediction, &a.prediction, "every unit in sample 0");
+        assert_eq!(b.macs[0], a.macs[0], "sample 0 keeps the whole union");
+        assert!(b.macs[1] > a.macs[1], "sample 1 computes the union: {:?} {:?}", a.macs, b.macs);
     }
 
     #[test]
