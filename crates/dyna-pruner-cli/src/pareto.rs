@@ -92,9 +92,9 @@ fn front(task: Task) -> Vec<FrontModel> {
             m(StaticPruned, "configs/crowd/full_static50.toml"),
             m(StaticPruned, "configs/crowd/full_static70.toml"),
             m(StaticPruned, "configs/crowd/full_static80.toml"),
+            m(Dynamic, "configs/crowd/full_dynamic50.toml"),
             m(Dynamic, "configs/crowd/full_dynamic70.toml"),
             m(Dynamic, "configs/crowd/full_dynamic80.toml"),
-            m(Dynamic, "configs/crowd/full_small50_dynamic.toml"),
             // Fine-tuned from the older, smaller dense CNN (stride 2, hidden 32).
             m(Dynamic, "configs/crowd/cnn_dynamic.toml"),
             m(AnyBudget, "configs/crowd/any_budget.toml"),
