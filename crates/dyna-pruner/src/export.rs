@@ -406,18 +406,18 @@ mod tests {
         let (hp, wp) = arch.patch_grid(h, w);
         let mut given = random_masks(&mut rng, &model, batch, hp * wp);
         let units = arch.prunable_layers().iter().map(|l| l.units).collect::<Vec<_>>();
+        let both = |given: &[SampleMasks]| {
+            let plan = MaskPlan::Given(given);
+            (select.forward(&x, batch, h, w, plan).unwrap(), mask.forward(&x, batch, h, w, plan).unwrap())
+        };
         // The same units in every sample: the first half of each layer's.
         given.iter_mut().for_each(|m| m.units = units.iter().map(|&n| (0..n.div_ceil(2)).collect()).collect());
-        let (a, b) = (select.forward(&x, batch, h, w, MaskPlan::Given(&given)).unwrap(), {
-            mask.forward(&x, batch, h, w, MaskPlan::Given(&given)).unwrap()
-        });
+        let (a, b) = both(&given);
         assert_close(&b.prediction, &a.prediction, "same units");
         assert_eq!(a.macs, b.macs, "the union is each sample's own units");
         // Sample 0 keeps every unit: the others then compute them all too.
         given[0].units = units.iter().map(|&n| (0..n).collect()).collect();
-        let (a, b) = (select.forward(&x, batch, h, w, MaskPlan::Given(&given)).unwrap(), {
-            mask.forward(&x, batch, h, w, MaskPlan::Given(&given)).unwrap()
-        });
+        let (a, b) = both(&given);
         assert_close(&b.prediction, &a.prediction, "every unit in sample 0");
         assert_eq!(b.macs[0], a.macs[0], "sample 0 keeps the whole union");
         assert!(b.macs[1] > a.macs[1], "sample 1 computes the union: {:?} {:?}", a.macs, b.macs);
