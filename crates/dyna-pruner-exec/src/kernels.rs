@@ -1,14 +1,29 @@
 //! Plain f32 kernels over channels-last (`[h, w, c]`) feature maps: a safe GEMM wrapper, 3x3
-//! (or 1x1) convolution over a list of output positions (windows read in place, see `fma`),
-//! scheduled tile by tile over all samples, and the transposed convolution's upsampling.
+//! (or 1x1) convolution over a list of output positions (windows read in place, see `fma`; the
+//! 3x3 stride-1 ones through Winograd's F(2x2, 3x3) wherever whole 2x2 tiles of outputs are
+//! wanted, see `winograd`), scheduled tile by tile over all samples, and the transposed
+//! convolution's upsampling.
+
+use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
 use crate::fma::{pack, windows_times_weights, Chunk, Rows, Window};
 use crate::pool::{map_buffer, recycle};
+use crate::winograd::{TileBand, Winograd, M, NO_ROW};
 
 /// Output positions processed per task (one tile: one window list, one kernel call per chunk).
 pub const TILE: usize = 64;
+
+/// Fewest output positions of a 3x3 stride-1 conv (over all jobs of a call) that run through
+/// Winograd: the weights' transform costs about as much as several hundred positions'
+/// direct convolution, so per-sample weight copies on small maps stay direct.
+const WINOGRAD_MIN_POSITIONS: usize = 1024;
+
+/// The output positions of all `jobs` that run `conv`.
+fn positions_of(conv: &Conv, jobs: &[Job<'_>]) -> usize {
+    jobs.iter().filter(|j| std::ptr::eq(j.conv, conv)).map(|j| j.positions.len()).sum()
+}
 
 /// `dst[m x n] = a[m x k] * b[k x n] (+ dst when accumulate)`, all row-major.
 pub fn matmul(dst: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usize, n: usize, accumulate: bool) {
@@ -65,6 +80,8 @@ pub struct Conv {
     bias: Vec<f32>,
     /// The same weights in the kernel's packed chunks.
     packed: Vec<Chunk>,
+    /// The same weights in the Winograd domain (3x3, stride 1, padding 1), built on first use.
+    winograd: OnceLock<Winograd>,
 }
 
 impl Conv {
@@ -72,10 +89,86 @@ impl Conv {
     pub fn new(k: usize, stride: usize, pad: usize, cin: usize, cout: usize, weight: Vec<f32>, bias: Vec<f32>) -> Self {
         assert!(weight.len() == k * k * cin * cout && bias.len() == cout, "conv weight or bias has the wrong size");
         let packed = pack(&weight, &bias, k * k * cin, cout);
-        Conv { k, stride, pad, cin, cout, weight, bias, packed }
+        Conv { k, stride, pad, cin, cout, weight, bias, packed, winograd: OnceLock::new() }
     }
 
-    /// From a framework weight `[co, ci, ky, kx]` and bias `[co]`.
+    /// The Winograd form of a 3x3, stride-1, padding-1 convolution (built on first use).
+    fn winograd(&self) -> Option<&Winograd> {
+        (self.k == 3 && self.stride == 1 && self.pad == 1)
+            .then(|| self.winograd.get_or_init(|| Winograd::new(&self.weight, self.cin, self.cout)))
+    }
+
+    /// Whether this conv runs through Winograd where whole tiles are wanted: 3x3 stride 1 with
+    /// enough channels that the matrix products outweigh the transforms (with 8 or 16 on a
+    /// side it was no faster, docs/EXPERIMENTS.md).
+    fn suits_winograd(&self) -> bool {
+        self.k == 3 && self.stride == 1 && self.pad == 1 && self.cin.min(self.cout) >= 16 && self.cin * self.cout >= 512
+    }
+
+    /// Whether a job of this conv at `positions` runs band by band through Winograd: it suits
+    /// it, the positions ascend, and its weights are transformed already (a model's own convs,
+    /// see `from_oihw`) or enough positions (`shared`: of all the jobs of this conv) pay for it.
+    fn takes_winograd(&self, positions: Positions<'_>, shared: usize) -> bool {
+        self.suits_winograd()
+            && (self.winograd.get().is_some() || shared >= WINOGRAD_MIN_POSITIONS)
+            && match positions {
+                Positions::Range(..) => true,
+                Positions::List(list) => list.windows(2).all(|p| p[0] < p[1]),
+            }
+    }
+
+    /// Tile rows `tile_rows`' share of a job: the listed `positions` in their output rows
+    /// (ascending), whose rows go to `data` at row `p - first` for position p (a map), or with
+    /// `first = None` at their index among `positions` (compact rows). Whole 4x4 tiles run
+    /// through Winograd, the other positions through the direct kernel.
+    fn tile_band(
+        &self,
+        job: &Job<'_>,
+        tile_rows: std::ops::Range<usize>,
+        positions: Positions<'_>,
+        data: &mut [f32],
+        (first, add): (Option<usize>, bool),
+    ) {
+        let (h, w) = (job.h, job.w);
+        let base = M * tile_rows.start * w;
+        let mut slots = vec![NO_ROW; M * tile_rows.len() * w];
+        for i in 0..positions.len() {
+            let p = positions.get(i);
+            slots[p - base] = first.map_or(i, |f| p - f) as u32;
+        }
+        // Whether every in-bounds position of tile (ty, tx) is listed, per tile of the band.
+        let per_row = w.div_ceil(M);
+        let whole: Vec<bool> = (0..tile_rows.len() * per_row)
+            .map(|t| {
+                let (band_row, tx) = (t / per_row, t % per_row);
+                let rows = M * band_row..M * band_row + (h - M * (tile_rows.start + band_row)).min(M);
+                rows.into_iter().all(|y| (M * tx..(M * tx + M).min(w)).all(|x| slots[y * w + x] != NO_ROW))
+            })
+            .collect();
+        let tiles: Vec<(usize, usize)> =
+            (0..whole.len()).filter(|&t| whole[t]).map(|t| (tile_rows.start + t / per_row, t % per_row)).collect();
+        let gelu = job.act == Activation::Gelu;
+        if let (false, Some(winograd)) = (tiles.is_empty(), self.winograd()) {
+            let band =
+                TileBand { input: job.input, size: (h, w), first_row: tile_rows.start, slots: &slots, add, gelu };
+            winograd.tiles(&self.bias, &band, &tiles, data);
+        }
+        let (mut rest, mut rest_rows) = (Vec::new(), Vec::new());
+        for (offset, &slot) in slots.iter().enumerate() {
+            if slot != NO_ROW && !whole[offset / w / M * per_row + (offset % w) / M] {
+                rest.push((base + offset) as u32);
+                rest_rows.push(slot);
+            }
+        }
+        if !rest.is_empty() {
+            self.tile(job.input, h, w, Positions::List(&rest), Rows { data, at: Some((&rest_rows, 0)), add, gelu });
+        }
+    }
+
+    /// From a model's framework weight `[co, ci, ky, kx]` and bias `[co]`. A model's convs serve
+    /// every call, so their Winograd form, where they suit it, is built here once; the weight
+    /// selections of a call (`select_outputs`, `select_inputs`) build theirs only when the
+    /// call has positions enough to pay for it.
     pub fn from_oihw(
         weight: &[f32],
         bias: &[f32],
@@ -95,7 +188,11 @@ impl Conv {
                 }
             }
         }
-        Conv::new(k, stride, pad, cin, cout, w, bias.to_vec())
+        let conv = Conv::new(k, stride, pad, cin, cout, w, bias.to_vec());
+        if conv.suits_winograd() {
+            conv.winograd();
+        }
+        conv
     }
 
     pub fn out_size(&self, h: usize, w: usize) -> (usize, usize) {
@@ -234,6 +331,16 @@ impl Positions<'_> {
             Positions::List(l) => Positions::List(&l[start..end]),
         }
     }
+
+    /// The indices `i0..i1` of the positions in `lo..hi` (the positions ascending).
+    fn indices_within(&self, lo: usize, hi: usize) -> (usize, usize) {
+        match self {
+            Positions::Range(a, b) => (lo.clamp(*a, *b) - a, hi.clamp(*a, *b) - a),
+            Positions::List(l) => {
+                (l.partition_point(|&p| (p as usize) < lo), l.partition_point(|&p| (p as usize) < hi))
+            }
+        }
+    }
 }
 
 /// One sample's convolution: its input `[h, w, cin]`, the output positions to compute and the
@@ -247,22 +354,78 @@ pub struct Job<'a> {
     pub act: Activation,
 }
 
+/// One parallel task of a set of jobs.
+enum Task<'a> {
+    /// `positions` of `job` through the direct kernel into `rows` (see `Conv::tile`).
+    Direct { job: &'a Job<'a>, positions: Positions<'a>, rows: Rows<'a> },
+    /// Tile rows `tile_rows` of `job` (see `Conv::tile_band`).
+    TileBand {
+        job: &'a Job<'a>,
+        tile_rows: std::ops::Range<usize>,
+        positions: Positions<'a>,
+        data: &'a mut [f32],
+        first: Option<usize>,
+        add: bool,
+    },
+}
+
+impl Task<'_> {
+    fn run(self) {
+        match self {
+            Task::Direct { job, positions, rows } => job.conv.tile(job.input, job.h, job.w, positions, rows),
+            Task::TileBand { job, tile_rows, positions, data, first, add } => {
+                job.conv.tile_band(job, tile_rows, positions, data, (first, add))
+            }
+        }
+    }
+}
+
+/// Winograd tiles per band task at least (a band is one tile row of a wide map, several of a
+/// narrow one: enough rows per matrix product to fill the kernel's register blocks).
+const BAND_TILES: usize = 32;
+
+/// A Winograd job's tasks, one per band of tile rows with positions: `out` holds the job's rows
+/// as a map (`map`: one row per output position) or compactly (one row per position of the
+/// job).
+fn tile_band_tasks<'a>(job: &'a Job<'a>, out: &'a mut [f32], map: bool, add: bool, tasks: &mut Vec<Task<'a>>) {
+    let (cout, w) = (job.conv.cout, job.w);
+    let rows_per_band = BAND_TILES.div_ceil(w.div_ceil(M));
+    let mut rest = out;
+    let mut taken = 0;
+    for band in (0..job.h.div_ceil(M)).step_by(rows_per_band) {
+        let tile_rows = band..(band + rows_per_band).min(job.h.div_ceil(M));
+        let (lo, hi) = (M * tile_rows.start * w, (M * tile_rows.end).min(job.h) * w);
+        let (i0, i1) = job.positions.indices_within(lo, hi);
+        let (start, end) = if map { (lo, hi) } else { (i0, i1) };
+        let (_, tail) = std::mem::take(&mut rest).split_at_mut((start - taken) * cout);
+        let (data, tail) = tail.split_at_mut((end - start) * cout);
+        rest = tail;
+        taken = end;
+        if i1 > i0 {
+            let positions = job.positions.slice(i0, i1);
+            tasks.push(Task::TileBand { job, tile_rows, positions, data, first: map.then_some(lo), add });
+        }
+    }
+}
+
 /// Runs every job tile by tile, all tiles of all jobs in parallel; `outputs[j]` (sized
 /// `positions x cout`) receives job j's rows.
 pub fn run_jobs(jobs: &[Job<'_>], outputs: &mut [Vec<f32>]) {
     let mut tasks = Vec::new();
     for (job, out) in jobs.iter().zip(outputs.iter_mut()) {
         debug_assert_eq!(out.len(), job.positions.len() * job.conv.cout);
-        for (t, chunk) in out.chunks_mut(TILE * job.conv.cout).enumerate() {
-            tasks.push((job, t, chunk));
+        if job.conv.takes_winograd(job.positions, positions_of(job.conv, jobs)) {
+            tile_band_tasks(job, out, false, false, &mut tasks);
+            continue;
+        }
+        let gelu = job.act == Activation::Gelu;
+        for (t, data) in out.chunks_mut(TILE * job.conv.cout).enumerate() {
+            let start = t * TILE;
+            let positions = job.positions.slice(start, start + data.len() / job.conv.cout);
+            tasks.push(Task::Direct { job, positions, rows: Rows { data, at: None, add: false, gelu } });
         }
     }
-    tasks.into_par_iter().for_each(|(job, t, chunk)| {
-        let start = t * TILE;
-        let end = start + chunk.len() / job.conv.cout;
-        let rows = Rows { data: chunk, at: None, add: false, gelu: job.act == Activation::Gelu };
-        job.conv.tile(job.input, job.h, job.w, job.positions.slice(start, end), rows);
-    });
+    tasks.into_par_iter().for_each(Task::run);
 }
 
 /// Runs every job tile by tile, all tiles of all jobs in parallel, writing job j's row of each
@@ -272,7 +435,12 @@ pub fn run_jobs(jobs: &[Job<'_>], outputs: &mut [Vec<f32>]) {
 pub fn run_jobs_into_maps(jobs: &[Job<'_>], maps: &mut [Vec<f32>], add: bool) {
     let mut tasks = Vec::new();
     for (job, map) in jobs.iter().zip(maps.iter_mut()) {
+        if job.conv.takes_winograd(job.positions, positions_of(job.conv, jobs)) {
+            tile_band_tasks(job, map, true, add, &mut tasks);
+            continue;
+        }
         let cout = job.conv.cout;
+        let gelu = job.act == Activation::Gelu;
         // Tiles of ascending positions own disjoint, ascending ranges of map rows.
         let mut rest = &mut map[..];
         let mut first_free = 0;
@@ -280,20 +448,17 @@ pub fn run_jobs_into_maps(jobs: &[Job<'_>], maps: &mut [Vec<f32>], add: bool) {
             let positions = job.positions.slice(start, (start + TILE).min(job.positions.len()));
             let (first, last) = (positions.get(0), positions.get(positions.len() - 1));
             let (_, tail) = std::mem::take(&mut rest).split_at_mut((first - first_free) * cout);
-            let (piece, tail) = tail.split_at_mut((last + 1 - first) * cout);
+            let (data, tail) = tail.split_at_mut((last + 1 - first) * cout);
             rest = tail;
             first_free = last + 1;
-            tasks.push((job, positions, piece, first));
+            let at = match positions {
+                Positions::Range(..) => None,
+                Positions::List(list) => Some((list, first)),
+            };
+            tasks.push(Task::Direct { job, positions, rows: Rows { data, at, add, gelu } });
         }
     }
-    tasks.into_par_iter().for_each(|(job, positions, piece, first)| {
-        let at = match positions {
-            Positions::Range(..) => None,
-            Positions::List(list) => Some((list, first)),
-        };
-        let gelu = job.act == Activation::Gelu;
-        job.conv.tile(job.input, job.h, job.w, positions, Rows { data: piece, at, add, gelu });
-    });
+    tasks.into_par_iter().for_each(Task::run);
 }
 
 /// Runs one convolution per sample (`conv(b)` at `positions(b)` of `inputs[b]`, each `[h, w, cin]`)
@@ -476,6 +641,59 @@ mod tests {
                 let p = p as usize;
                 assert_eq!(&rows[0][i * cout..(i + 1) * cout], &out[0][p * cout..(p + 1) * cout]);
             }
+        }
+    }
+
+    #[test]
+    fn winograd_tiles_match_the_direct_convolution() {
+        use crate::activation::gelu_in_place;
+        // Odd and even map sides (partial edge tiles), channel counts off the 8-lane transforms
+        // and the 32-output chunks, dense maps and lists of kept positions with whole and
+        // partial tiles.
+        for ((h, w), cin, cout) in [((65, 45), 20, 36), ((64, 40), 16, 40), ((58, 47), 24, 23)] {
+            let conv = Conv::from_oihw(&pseudo(cout * cin * 9, 3), &pseudo(cout, 4), cout, cin, 3, 1, 1);
+            let input = pseudo(h * w * cin, 8);
+            let reference = direct(&conv, &input, h, w);
+            let close = |got: &[f32], want: &[f32], what: &str| {
+                for (i, (a, b)) in got.iter().zip(want).enumerate() {
+                    assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{h}x{w} {cin}->{cout} {what}, {i}: {a} vs {b}");
+                }
+            };
+            // Every position, through GELU.
+            assert!(conv.takes_winograd(Positions::all(h, w), h * w));
+            for act in [Activation::None, Activation::Gelu] {
+                let mut out = vec![vec![f32::NAN; h * w * cout]];
+                run_jobs(&[Job { conv: &conv, input: &input, h, w, positions: Positions::all(h, w), act }], &mut out);
+                let mut want = reference.clone();
+                if act == Activation::Gelu {
+                    want.iter_mut().for_each(gelu_in_place);
+                }
+                close(&out[0], &want, "all positions");
+            }
+            // 4x4 patches in a checkerboard plus single positions off it: whole and partial tiles.
+            let list: Vec<u32> =
+                (0..h * w).filter(|&p| ((p / w) / 4 + (p % w) / 4) % 2 == 0 || p % 7 == 3).map(|p| p as u32).collect();
+            let kept = Positions::List(&list);
+            assert!(conv.takes_winograd(kept, list.len()));
+            let mut rows = vec![vec![f32::NAN; list.len() * cout]];
+            run_jobs(&[Job { conv: &conv, input: &input, h, w, positions: kept, act: Activation::None }], &mut rows);
+            let want: Vec<f32> =
+                list.iter().flat_map(|&p| reference[p as usize * cout..(p as usize + 1) * cout].to_vec()).collect();
+            close(&rows[0], &want, "listed rows");
+            // The same list added into a map: the other rows untouched.
+            let mut maps = vec![pseudo(h * w * cout, 12)];
+            let before = maps[0].clone();
+            run_jobs_into_maps(
+                &[Job { conv: &conv, input: &input, h, w, positions: kept, act: Activation::None }],
+                &mut maps,
+                true,
+            );
+            let mut want = before.clone();
+            for &p in &list {
+                let p = p as usize;
+                want[p * cout..(p + 1) * cout].iter_mut().zip(&reference[p * cout..]).for_each(|(a, r)| *a += r);
+            }
+            close(&maps[0], &want, "rows added into a map");
         }
     }
 

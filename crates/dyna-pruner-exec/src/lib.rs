@@ -25,6 +25,7 @@ pub mod plan;
 pub mod pool;
 pub mod prune;
 pub mod vit;
+mod winograd;
 
 /// Deterministic test values in [-1, 1).
 #[cfg(test)]
