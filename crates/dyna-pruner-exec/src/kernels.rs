@@ -380,8 +380,9 @@ impl Task<'_> {
     }
 }
 
-/// Winograd tiles per band task at least (a band is one tile row of a wide map, several of a
-/// narrow one: enough rows per matrix product to fill the kernel's register blocks).
+/// Positions per band task at least, in whole tiles' worth (a band is one tile row of a wide
+/// dense map, several of a narrow or sparse one: enough rows per matrix product to fill the
+/// kernel's register blocks).
 const BAND_TILES: usize = 32;
 
 /// A Winograd job's tasks, one per band of tile rows with positions: `out` holds the job's rows
@@ -389,12 +390,22 @@ const BAND_TILES: usize = 32;
 /// job).
 fn tile_band_tasks<'a>(job: &'a Job<'a>, out: &'a mut [f32], map: bool, add: bool, tasks: &mut Vec<Task<'a>>) {
     let (cout, w) = (job.conv.cout, job.w);
-    let rows_per_band = BAND_TILES.div_ceil(w.div_ceil(M));
+    let tile_rows = job.h.div_ceil(M);
+    let output_row = |ty: usize| (M * ty).min(job.h) * w;
     let mut rest = out;
     let mut taken = 0;
-    for band in (0..job.h.div_ceil(M)).step_by(rows_per_band) {
-        let tile_rows = band..(band + rows_per_band).min(job.h.div_ceil(M));
-        let (lo, hi) = (M * tile_rows.start * w, (M * tile_rows.end).min(job.h) * w);
+    let mut band_start = 0;
+    while band_start < tile_rows {
+        // Tile rows until the band holds enough positions.
+        let mut band_end = band_start + 1;
+        while band_end < tile_rows {
+            let (i0, i1) = job.positions.indices_within(output_row(band_start), output_row(band_end));
+            if i1 - i0 >= BAND_TILES * M * M {
+                break;
+            }
+            band_end += 1;
+        }
+        let (lo, hi) = (output_row(band_start), output_row(band_end));
         let (i0, i1) = job.positions.indices_within(lo, hi);
         let (start, end) = if map { (lo, hi) } else { (i0, i1) };
         let (_, tail) = std::mem::take(&mut rest).split_at_mut((start - taken) * cout);
@@ -403,8 +414,10 @@ fn tile_band_tasks<'a>(job: &'a Job<'a>, out: &'a mut [f32], map: bool, add: boo
         taken = end;
         if i1 > i0 {
             let positions = job.positions.slice(i0, i1);
+            let tile_rows = band_start..band_end;
             tasks.push(Task::TileBand { job, tile_rows, positions, data, first: map.then_some(lo), add });
         }
+        band_start = band_end;
     }
 }
 

@@ -45,7 +45,7 @@ pub(crate) struct Winograd {
 }
 
 /// `G`, the weight transform of F(4x4, 3x3).
-const G: [[f64; 3]; ALPHA] = [
+const G: [[f32; 3]; ALPHA] = [
     [1.0 / 4.0, 0.0, 0.0],
     [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
     [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
@@ -55,23 +55,32 @@ const G: [[f64; 3]; ALPHA] = [
 ];
 
 impl Winograd {
-    /// From a 3x3 weight `[(ky, kx, ci), co]` row-major (`kernels::Conv`'s layout).
+    /// From a 3x3 weight `[(ky, kx, ci), co]` row-major (`kernels::Conv`'s layout). Runs once
+    /// per model conv, but once per call for a call's weight selections: so in f32, over
+    /// whole rows of output channels.
     pub(crate) fn new(weight: &[f32], cin: usize, cout: usize) -> Self {
         assert_eq!(weight.len(), 9 * cin * cout, "a 3x3 weight [(ky, kx, ci), co]");
         let mut u = vec![vec![0.0f32; cin * cout]; POINTS];
+        let mut gg = vec![0.0f32; ALPHA * 3 * cout];
         for ci in 0..cin {
-            for co in 0..cout {
-                // G g, then (G g) Gᵀ, in f64.
-                let mut gg = [[0.0f64; 3]; ALPHA];
-                for (i, row) in gg.iter_mut().enumerate() {
-                    for (kx, v) in row.iter_mut().enumerate() {
-                        *v =
-                            (0..3).map(|ky| G[i][ky] * f64::from(weight[((ky * 3 + kx) * cin + ci) * cout + co])).sum();
+            // G g: gg[i][kx] = sum_ky G[i][ky] g[ky][kx], each a row over the output channels.
+            gg.fill(0.0);
+            for (i, g_row) in G.iter().enumerate() {
+                for kx in 0..3 {
+                    let dst = &mut gg[(i * 3 + kx) * cout..(i * 3 + kx + 1) * cout];
+                    for (ky, &coefficient) in g_row.iter().enumerate() {
+                        let src = &weight[((ky * 3 + kx) * cin + ci) * cout..][..cout];
+                        dst.iter_mut().zip(src).for_each(|(d, s)| *d += coefficient * s);
                     }
                 }
-                for (xi, matrix) in u.iter_mut().enumerate() {
-                    let (i, j) = (xi / ALPHA, xi % ALPHA);
-                    matrix[ci * cout + co] = (0..3).map(|kx| gg[i][kx] * G[j][kx]).sum::<f64>() as f32;
+            }
+            // (G g) Gᵀ: u[i][j] = sum_kx gg[i][kx] G[j][kx].
+            for (xi, matrix) in u.iter_mut().enumerate() {
+                let (i, j) = (xi / ALPHA, xi % ALPHA);
+                let dst = &mut matrix[ci * cout..(ci + 1) * cout];
+                for (kx, &coefficient) in G[j].iter().enumerate() {
+                    let src = &gg[(i * 3 + kx) * cout..(i * 3 + kx + 1) * cout];
+                    dst.iter_mut().zip(src).for_each(|(d, s)| *d += coefficient * s);
                 }
             }
         }
@@ -103,18 +112,18 @@ impl TileBand<'_> {
     }
 }
 
-/// Per thread: the band's input rows (two more than its output rows), zero-padded by a pixel on each side and to whole
-/// lanes of channels, then the transformed windows and the products of a group of tiles.
+/// Per thread: a copy of one tile's input window, zero-padded past the map and to whole lanes of
+/// channels, then the transformed windows and the products of a group of tiles.
 #[derive(Default)]
 struct Scratch {
-    input_rows: Vec<f32>,
+    window_copy: Vec<f32>,
     windows: Vec<f32>,
     products: Vec<f32>,
 }
 
 thread_local! {
     static SCRATCH: Cell<Scratch> =
-        const { Cell::new(Scratch { input_rows: Vec::new(), windows: Vec::new(), products: Vec::new() }) };
+        const { Cell::new(Scratch { window_copy: Vec::new(), windows: Vec::new(), products: Vec::new() }) };
 }
 
 impl Winograd {
@@ -177,30 +186,27 @@ impl Winograd {
         let (cin, cout) = (self.cin, self.cout);
         let padded = cin.next_multiple_of(LANES);
         let (h, w) = band.size;
-        // Input rows 4 first_row - 1 .. (two more than the band's output rows), pixels -1 ..
-        // (every window of the band inside).
-        let width = w.next_multiple_of(M) + 2;
-        let input_rows = band.rows() + 2;
-        scratch.input_rows.clear();
-        scratch.input_rows.resize(input_rows * width * padded, 0.0);
-        for (r, padded_row) in scratch.input_rows.chunks_exact_mut(width * padded).enumerate() {
-            let Some(y) = (M * band.first_row + r).checked_sub(1).filter(|&y| y < h) else { continue };
-            let source = &band.input[y * w * cin..(y + 1) * w * cin];
-            if cin == padded {
-                padded_row[padded..padded + source.len()].copy_from_slice(source);
-                continue;
-            }
-            for (dst, src) in padded_row[padded..].chunks_exact_mut(padded).zip(source.chunks_exact(cin)) {
-                dst[..cin].copy_from_slice(src);
-            }
-        }
+        scratch.window_copy.resize(POINTS * padded, 0.0);
         for group in tiles.chunks(GROUP) {
             let n = group.len();
             scratch.windows.resize(POINTS * n * padded, 0.0);
             scratch.products.resize(POINTS * n * cout, 0.0);
             for (t, &(ty, tx)) in group.iter().enumerate() {
-                let corner = (M * (ty - band.first_row), M * tx);
-                transform_window(&scratch.input_rows, (width, padded), corner, (&mut scratch.windows, t));
+                // The window's first input pixel, (4 ty - 1, 4 tx - 1), if the window lies inside
+                // the map; read in place then (with whole lanes of channels), else from a copy.
+                let (y0, x0) = ((M * ty).checked_sub(1), (M * tx).checked_sub(1));
+                let inside = match (y0, x0) {
+                    (Some(y0), Some(x0)) if cin == padded && y0 + ALPHA <= h && x0 + ALPHA <= w => Some((y0, x0)),
+                    _ => None,
+                };
+                let source = match inside {
+                    Some((y0, x0)) => WindowSource { data: band.input, at: (y0 * w + x0) * cin, row: w * cin },
+                    None => {
+                        copy_window(band, (ty, tx), (cin, padded), &mut scratch.window_copy);
+                        WindowSource { data: &scratch.window_copy, at: 0, row: ALPHA * padded }
+                    }
+                };
+                transform_window(&source, padded, (&mut scratch.windows, t));
             }
             // Tile-major: tile t's transformed windows (and products) are rows POINTS t ...
             let mut windows = Vec::with_capacity(n);
@@ -300,23 +306,43 @@ fn back_1d(m: [Lane; ALPHA]) -> [Lane; M] {
     [add(add(m[0], a), c), add(b, scale(d, 2.0)), add(a, scale(c, 4.0)), add(add(b, scale(d, 8.0)), m[5])]
 }
 
-/// Writes the transformed window of the tile whose outputs start at `(y0, x0)` of the band into
-/// `windows[t]` (`windows` is `[n, POINTS, padded]`), reading the band's padded input rows
-/// (`[rows, width, padded]`, where output pixel (y, x)'s window starts at row y, column x).
+/// A tile's 6x6 input window: pixel (r, c) is `padded` floats at `data[at + r * row + c * padded..]`.
+struct WindowSource<'a> {
+    data: &'a [f32],
+    at: usize,
+    row: usize,
+}
+
+/// Copies tile `(ty, tx)`'s input window into `copy` (`[ALPHA, ALPHA, padded]`), zero past the
+/// map's edges and in the padding channels.
 #[inline(always)]
-fn transform_window(
-    input_rows: &[f32],
-    (width, padded): (usize, usize),
-    (y0, x0): (usize, usize),
-    (windows, t): (&mut [f32], usize),
-) {
+fn copy_window(band: &TileBand<'_>, (ty, tx): (usize, usize), (cin, padded): (usize, usize), copy: &mut [f32]) {
+    let (h, w) = band.size;
+    for (r, copy_row) in copy.chunks_exact_mut(ALPHA * padded).enumerate() {
+        let y = (M * ty + r).checked_sub(1).filter(|&y| y < h);
+        for (c, pixel) in copy_row.chunks_exact_mut(padded).enumerate() {
+            match (y, (M * tx + c).checked_sub(1).filter(|&x| x < w)) {
+                (Some(y), Some(x)) => {
+                    pixel[..cin].copy_from_slice(&band.input[(y * w + x) * cin..(y * w + x + 1) * cin]);
+                    pixel[cin..].fill(0.0);
+                }
+                _ => pixel.fill(0.0),
+            }
+        }
+    }
+}
+
+/// Writes the transformed window of `source` into `windows[t]` (`windows` is
+/// `[n, POINTS, padded]`).
+#[inline(always)]
+fn transform_window(source: &WindowSource<'_>, padded: usize, (windows, t): (&mut [f32], usize)) {
     for c0 in (0..padded).step_by(LANES) {
         let mut e = [[[0.0; LANES]; ALPHA]; ALPHA];
         for (r, e) in e.iter_mut().enumerate() {
             let mut d = [[0.0; LANES]; ALPHA];
             for (c, d) in d.iter_mut().enumerate() {
-                let at = ((y0 + r) * width + x0 + c) * padded + c0;
-                *d = load(&input_rows[at..at + LANES]);
+                let at = source.at + r * source.row + c * padded + c0;
+                *d = load(&source.data[at..at + LANES]);
             }
             // Along the columns first.
             *e = forward_1d(d);
