@@ -10,9 +10,10 @@
 //! their architecture and masking are the shared spec (`dyna-pruner-spec`).
 //!
 //! Modules, leaves first: `activation` and `pool` (no crate imports), `fma` (the register-blocked
-//! kernel), `kernels` (convolution scheduling, GEMM, upsampling), `plan` (the types a forward
-//! takes and returns), `masks` (mask generator, DataMask, unit gates), one file per backbone,
-//! `format` (the exported file), `prune` (static structured pruning of an exported model).
+//! kernel), `winograd` (F(4x4, 3x3) tiles on that kernel), `kernels` (convolution scheduling,
+//! GEMM, upsampling), `plan` (the types a forward takes and returns), `masks` (mask generator,
+//! DataMask, unit gates), one file per backbone, `format` (the exported file), `prune` (static
+//! structured pruning of an exported model).
 
 mod activation;
 pub mod cnn;
