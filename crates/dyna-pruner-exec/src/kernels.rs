@@ -20,6 +20,10 @@ pub const TILE: usize = 64;
 /// direct convolution, so per-sample weight copies on small maps stay direct.
 const WINOGRAD_MIN_POSITIONS: usize = 1024;
 
+/// Fewest whole tiles a band runs through Winograd (the kernel's register blocks hold 4 or 8
+/// rows of the products; on 8x4 maps, two tiles per window, the direct path was faster).
+const FEWEST_TILES: usize = 4;
+
 /// The output positions of all `jobs` that run `conv`.
 fn positions_of(conv: &Conv, jobs: &[Job<'_>]) -> usize {
     jobs.iter().filter(|j| std::ptr::eq(j.conv, conv)).map(|j| j.positions.len()).sum()
@@ -138,13 +142,17 @@ impl Conv {
         }
         // Whether every in-bounds position of tile (ty, tx) is listed, per tile of the band.
         let per_row = w.div_ceil(M);
-        let whole: Vec<bool> = (0..tile_rows.len() * per_row)
+        let mut whole: Vec<bool> = (0..tile_rows.len() * per_row)
             .map(|t| {
                 let (band_row, tx) = (t / per_row, t % per_row);
                 let rows = M * band_row..M * band_row + (h - M * (tile_rows.start + band_row)).min(M);
                 rows.into_iter().all(|y| (M * tx..(M * tx + M).min(w)).all(|x| slots[y * w + x] != NO_ROW))
             })
             .collect();
+        // Fewer whole tiles than a register block of the products: all through the direct path.
+        if whole.iter().filter(|&&t| t).count() < FEWEST_TILES {
+            whole.fill(false);
+        }
         let tiles: Vec<(usize, usize)> =
             (0..whole.len()).filter(|&t| whole[t]).map(|t| (tile_rows.start + t / per_row, t % per_row)).collect();
         let gelu = job.act == Activation::Gelu;
