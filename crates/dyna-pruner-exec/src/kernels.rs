@@ -1,8 +1,8 @@
 //! Plain f32 kernels over channels-last (`[h, w, c]`) feature maps: a safe GEMM wrapper, 3x3
 //! (or 1x1) convolution over a list of output positions (windows read in place, see `fma`; the
-//! 3x3 stride-1 ones through Winograd's F(2x2, 3x3) wherever whole 2x2 tiles of outputs are
-//! wanted, see `winograd`), scheduled tile by tile over all samples, and the transposed
-//! convolution's upsampling.
+//! 3x3 stride-1 ones with enough channels through Winograd's F(4x4, 3x3) wherever whole 4x4
+//! tiles of outputs are wanted, see `winograd`), scheduled tile by tile over all samples, and
+//! the transposed convolution's upsampling.
 
 use std::sync::OnceLock;
 
@@ -96,10 +96,9 @@ impl Conv {
         Conv { k, stride, pad, cin, cout, weight, bias, packed, winograd: OnceLock::new() }
     }
 
-    /// The Winograd form of a 3x3, stride-1, padding-1 convolution (built on first use).
+    /// The Winograd form of a conv that suits it (built on first use).
     fn winograd(&self) -> Option<&Winograd> {
-        (self.k == 3 && self.stride == 1 && self.pad == 1)
-            .then(|| self.winograd.get_or_init(|| Winograd::new(&self.weight, self.cin, self.cout)))
+        self.suits_winograd().then(|| self.winograd.get_or_init(|| Winograd::new(&self.weight, self.cin, self.cout)))
     }
 
     /// Whether this conv runs through Winograd where whole tiles are wanted: 3x3 stride 1 with
@@ -197,9 +196,7 @@ impl Conv {
             }
         }
         let conv = Conv::new(k, stride, pad, cin, cout, w, bias.to_vec());
-        if conv.suits_winograd() {
-            conv.winograd();
-        }
+        conv.winograd();
         conv
     }
 
