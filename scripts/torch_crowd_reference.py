@@ -15,7 +15,8 @@ of the convention (0.1017 in `dyna-pruner eval`).
 --schedule onecycle: PyTorch's OneCycleLR (peak --lr at 30% of the run, from lr/25 down to
 ~0, with beta1 cycled between 0.85 and 0.95); ours: the trainer's `scheduled_lr` (a linear rise
 from lr/25 over --warmup of the run, cosine down to 5% of lr). Reads the HDF5 files with h5py,
-or a cache written by --write-cache for a machine without it.
+or a cache written by --write-cache for a machine without it. --group-norm G puts a
+GroupNorm(G) before each GELU (SimVP's blocks have one; this backbone leaves them out).
 """
 import argparse
 import json
@@ -80,6 +81,28 @@ def window_starts(hours, stamps, lo, hi, length):
     return np.nonzero(run[: len(hours)] >= length)[0]
 
 
+class GroupNormCnn(Cnn):
+    """This CNN with a GroupNorm before each GELU, as SimVP's blocks have (`--group-norm G`)."""
+
+    def __init__(self, *args, groups):
+        super().__init__(*args)
+        hidden, units = self.enc_in.out_channels, self.blocks[0].conv1.out_channels
+        self.norm_in = torch.nn.GroupNorm(groups, hidden)
+        self.norm_down = torch.nn.GroupNorm(groups, hidden)
+        self.norms = torch.nn.ModuleList(torch.nn.GroupNorm(groups, units) for _ in self.blocks)
+
+    def forward(self, x):
+        b, t, c, h, w = x.shape
+        skip = F.gelu(self.norm_in(self.enc_in(x.reshape(b, t * c, h, w))))
+        z = F.gelu(self.norm_down(self.enc_down(skip)))
+        for block, norm in zip(self.blocks, self.norms):
+            z = z + block.conv2(F.gelu(norm(block.conv1(z))))
+        if self.dec_up is not None:
+            z = F.gelu(self.dec_up(z))[:, :, :h, :w]
+        delta = self.dec_out(z + skip).reshape(b, self.t_out, self.channels, h, w)
+        return x[:, -1:] + delta
+
+
 class Persistence(torch.nn.Module):
     """The last input frame, repeated."""
 
@@ -128,6 +151,7 @@ def main():
     p.add_argument("--units", type=int, default=128)
     p.add_argument("--blocks", type=int, default=6)
     p.add_argument("--stride", type=int, default=1)
+    p.add_argument("--group-norm", type=int, default=0, help="G > 0: GroupNorm(G) before each GELU")
     p.add_argument("--tf32", action="store_true", help="TF32 convolutions (off: plain f32, as Burn)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--cache", help="npz with frames and stamps (written by --write-cache)")
@@ -156,7 +180,8 @@ def main():
     dev = torch.device(a.device)
     scaled = torch.as_tensor((frames - fmin) / (fmax - fmin), device=dev)
 
-    model = Cnn(T_IN, T_OUT, 2, a.hidden, a.units, a.blocks, a.stride).to(dev)
+    shape = (T_IN, T_OUT, 2, a.hidden, a.units, a.blocks, a.stride)
+    model = (GroupNormCnn(*shape, groups=a.group_norm) if a.group_norm else Cnn(*shape)).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay, eps=a.adam_epsilon)
     steps = math.ceil(len(splits["train"]) / a.batch)
     total = steps * a.epochs
