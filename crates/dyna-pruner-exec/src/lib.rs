@@ -76,11 +76,13 @@ impl Exec {
         w: usize,
         plan: MaskPlan<'_>,
     ) -> Result<Output, ExecError> {
-        match self {
+        // On a pool thread, so that each layer's parallel loop is split there instead of being
+        // handed from the calling thread to the pool and waited for, once per loop.
+        rayon::scope(|_| match self {
             Exec::Cnn(m) => m.forward(x, batch, h, w, plan),
             Exec::Vit(m) => m.forward(x, batch, h, w, plan),
             Exec::ConvLstm(m) => m.forward(x, batch, h, w, plan),
-        }
+        })
     }
 
     /// The model's architecture.
