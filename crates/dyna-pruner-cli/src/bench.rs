@@ -56,7 +56,7 @@ pub struct BenchPlan {
 }
 
 /// One measured configuration (CPU and GPU benches alike).
-#[derive(Serialize)]
+#[derive(Serialize, Default)]
 pub struct Row {
     /// The exported model timed (`bench --model`); absent for the random models.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -90,6 +90,15 @@ pub struct Row {
     /// The fastest of `torch_ms`: what a PyTorch user gets at best.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub torch_best_ms: Option<f64>,
+    /// GPU: the backend's float element.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub precision: Option<crate::device::Precision>,
+    /// GPU: fused or direct kernel launches.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub launch: Option<crate::device::Launch>,
+    /// GPU: the sparse output's largest difference from the f32 masked-dense reference.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reference_max_diff: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -240,7 +249,6 @@ fn bench_backbone(
                 let mac_ratio = dense_macs / sparse_macs;
                 let speedup = dense_ms / sparse_ms;
                 let row = Row {
-                    model: None,
                     backbone: name,
                     height: h,
                     width: w,
@@ -252,10 +260,9 @@ fn bench_backbone(
                     speedup,
                     efficiency: speedup / mac_ratio,
                     burn_dense_ms: Some(burn_dense_ms),
-                    masked_units_ms: None,
-                    sparse_host_ms: None,
                     torch_ms: torch_ms.clone(),
                     torch_best_ms,
+                    ..Row::default()
                 };
                 println!(
                     "| {name} | {h}x{w} | {batch} | {f:.1} | {mac_ratio:.2} | {dense_ms:.2} | {sparse_ms:.2} | {speedup:.2} | {:.2} | {burn_dense_ms:.2} | {:.2} | {} | {} |",

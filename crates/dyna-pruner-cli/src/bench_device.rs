@@ -1,16 +1,19 @@
-//! `dyna-pruner bench --device cuda`: on a GPU the sparse path is the framework-ops one
-//! (`DynamicModel::forward_gathered`: selected im2col rows of the kept patches, batched matmuls
-//! with each sample's kept units), timed against the model's dense forward (Burn's `conv2d`:
-//! our dense GPU path) in the same run, optionally next to a PyTorch twin of the
-//! dense CNN (`scripts/torch_twin.py`) timed on the same device. Clocks are read after a device
-//! sync; JIT and autotune run in the warm-up. Build with `--features autotune` for these
-//! timings: without it Burn runs fixed kernels (the report says which).
+//! `dyna-pruner bench --device cuda`: the CNN's sparse GPU path (`DynamicModel::forward_gathered`:
+//! the kept patches' pixels and each sample's kept units through the gathered kernels) timed
+//! against the model's dense forward (Burn's `conv2d`: our dense GPU path) in the same run, for
+//! each backend of `--precision f32,bf16` x `--launch fused,direct`, all with the same weights.
+//! Every sparse forward is first checked against the f32 masked-dense forward under the masks
+//! it chose. Optionally next to a PyTorch twin of the dense CNN (`scripts/torch_twin.py`) timed
+//! on the same device in every precision its users pick. Clocks are read after a device sync;
+//! JIT and autotune run in the warm-up. Build with `--features autotune` for these timings:
+//! without it Burn runs fixed kernels (the report says which).
 
 use std::path::Path;
 use std::time::Instant;
 
 use anyhow::Context;
 use burn::prelude::*;
+use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -22,6 +25,7 @@ use dyna_pruner::model::{Architecture, DynamicModel};
 use dyna_pruner_exec::spec::BackboneSpec;
 
 use crate::bench::{architecture, BenchPlan, Row};
+use crate::device::{Launch, Precision};
 use crate::torch_twin::{best, TorchTimes};
 
 #[derive(Serialize)]
@@ -67,113 +71,51 @@ fn median_ms<B: Backend>(device: &B::Device, runs: usize, warmup: usize, mut f: 
     Timing { wall: median(&mut wall), host: median(&mut host) }
 }
 
-/// The CNN rows on backend `B` (the GPU in practice; any backend works).
-pub fn run<B: GatheredBackend>(
-    device: &B::Device,
-    device_name: &str,
-    out: &Path,
-    plan: &BenchPlan,
-) -> anyhow::Result<()> {
+/// The CNN rows on the GPU: the dense and the sparse forward of each backend in `variants`,
+/// every sparse forward first checked against the f32 masked-dense reference (the fused f32
+/// backend) under the masks it chose. All variants run the same weights.
+pub fn run(device_name: &str, out: &Path, plan: &BenchPlan, variants: &[(Precision, Launch)]) -> anyhow::Result<()> {
+    use burn::tensor::bf16;
+    use dyna_pruner::{CudaBackend, CudaDirectBackend};
     if !cfg!(feature = "autotune") {
         eprintln!("note: built without `--features autotune`: Burn's dense forward runs untuned kernels");
     }
     let arch = architecture(BackboneKind::Cnn, plan.data_scope);
-    B::seed(device, 1);
-    let model = DynamicModel::<B>::new(&arch, device);
-    let BackboneSpec::Cnn(cnn) = &arch.model.backbone else { unreachable!("the GPU bench runs the CNN") };
+    let device = Default::default();
+    CudaBackend::<f32>::seed(&device, 1);
+    let reference = DynamicModel::<CudaBackend>::new(&arch, &device);
+    let weights = BinBytesRecorder::<FullPrecisionSettings>::default()
+        .record(reference.clone().into_record(), ())
+        .context("recording the model's weights")?;
     let shapes = (&plan.sizes[..], &plan.batches[..]);
     let torch = (plan.torch_twin.as_deref())
         .map(|s| TorchTimes::measure(s, &arch, shapes, (plan.runs, plan.warmup), "cuda", 0))
         .transpose()?;
     println!("{device_name}: {arch:?}\nmedian of {} runs after {} warm-up runs\n", plan.runs, plan.warmup);
     println!(
-        "| size | batch | kept | MAC ratio | dense (conv2d) ms | sparse ms | speedup | efficiency | torch f32 / tf32 / bf16 ms | sparse / torch best |"
+        "| size | batch | precision | launch | kept | MAC ratio | dense ms | sparse ms (host) | speedup | torch f32 / tf32 / bf16 ms | sparse / torch best |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    let bench = Bench { arch: &arch, plan, reference: (&reference, &device), weights: &weights, torch: torch.as_ref() };
     let mut rows = Vec::new();
-    let mut rng = StdRng::seed_from_u64(1);
-    // Progress on stderr: on a fresh machine the first warm-up of each shape compiles and
-    // autotunes its kernels, which takes minutes without other output.
-    let start = Instant::now();
-    let progress = |what: String| eprintln!("[{:>4.0} s] {what}", start.elapsed().as_secs_f64());
-    for &size in &plan.sizes {
-        for &batch in &plan.batches {
-            let (h, w) = (size, size);
-            let shape = [batch, arch.frames.t_in, arch.frames.channels, h, w];
-            let values: Vec<f32> = (0..shape.iter().product()).map(|_| rng.random_range(0.0..1.0)).collect();
-            let x = Tensor::<B, 5>::from_data(TensorData::new(values, shape), device);
-            let macs = model.mac_model(h, w);
-            progress(format!(
-                "{size}x{size}, batch {batch}: dense forward (warm-up compiles and autotunes new shapes)"
-            ));
-            let dense = median_ms::<B>(device, plan.runs, plan.warmup, || {
-                let _ = model.forward(x.clone(), Masking::DENSE).prediction;
-            });
-            eprintln!("  dense forward: {:.2} ms, of which {:.2} ms until the call returns", dense.wall, dense.host);
-            let dense_ms = dense.wall;
-            let torch_ms = torch.as_ref().map(|t| t.at(size, batch));
-            let torch_best_ms = torch_ms.as_ref().and_then(best);
-            for &f in &plan.fractions {
-                let masking = Masking::top_k(MaskMode::Both, f, f);
-                progress(format!("{size}x{size}, batch {batch}, kept {f:.1}: sparse forward, checked, then timed"));
-                // On this device: the sparse path against the masked-dense reference under the masks
-                // it chose. (The gates' pooled sums round differently from the reference's, so
-                // near-tied unit scores can rank apart here; the choice itself is tested on the CPU.)
-                let (got, used) = model.forward_gathered(x.clone(), GatheredMasks::Method(masking));
-                let grid = arch.patch_grid(h, w);
-                let units = arch.layer_units();
-                let mut fixed = FixedMasks::new(&used.to_lists(), grid, &units, arch.patch(), device);
-                let want = model.forward_masked(x.clone(), &mut fixed);
-                let scale = want.clone().abs().max().into_scalar().elem::<f64>().max(1e-3);
-                let worst = (got - want).abs().max().into_scalar().elem::<f64>();
-                if worst > 1e-3 * scale {
-                    anyhow::bail!("{size}x{size}, batch {batch}, kept {f}: the sparse path differs from the masked-dense reference by {worst} (scale {scale})");
-                }
-                let sparse = median_ms::<B>(device, plan.runs, plan.warmup, || {
-                    let _ = model.forward_gathered(x.clone(), GatheredMasks::Method(masking));
-                });
-                let sparse_ms = sparse.wall;
-                let patches = grid.0 * grid.1;
-                let mac_ratio = macs.dense() as f64 / macs.nominal_dynamic(patches, f, cnn.units, f);
-                let speedup = dense_ms / sparse_ms;
-                let row = Row {
-                    model: None,
-                    backbone: "cnn",
-                    height: h,
-                    width: w,
-                    batch,
-                    kept_fraction: f,
-                    mac_ratio,
-                    dense_ms,
-                    sparse_ms,
-                    speedup,
-                    efficiency: speedup / mac_ratio,
-                    burn_dense_ms: Some(dense_ms),
-                    masked_units_ms: None,
-                    sparse_host_ms: Some(sparse.host),
-                    torch_ms: torch_ms.clone(),
-                    torch_best_ms,
-                };
-                println!(
-                    "| {size}x{size} | {batch} | {f:.1} | {mac_ratio:.2} | {dense_ms:.2} | {sparse_ms:.2} | {speedup:.2} | {:.2} | {} | {} |",
-                    row.efficiency,
-                    torch_ms.as_ref().map_or("-".into(), crate::torch_twin::columns),
-                    torch_best_ms.map_or("-".into(), |t| format!("{:.2}", sparse_ms / t))
-                );
-                eprintln!(
-                    "  checked against the masked-dense reference: max |diff| {worst:.2e} (max |value| {scale:.2}); sparse forward: {:.2} ms, of which {:.2} ms until the call returns",
-                    sparse.wall, sparse.host
-                );
-                rows.push(row);
-            }
-        }
+    for &(precision, launch) in variants {
+        let variant = (precision, launch);
+        let timed = match variant {
+            (Precision::F32, Launch::Fused) => bench.rows::<CudaBackend>(&device, variant),
+            (Precision::F32, Launch::Direct) => bench.rows::<CudaDirectBackend>(&device, variant),
+            (Precision::Bf16, Launch::Fused) => bench.rows::<CudaBackend<bf16>>(&device, variant),
+            (Precision::Bf16, Launch::Direct) => bench.rows::<CudaDirectBackend<bf16>>(&device, variant),
+        };
+        rows.extend(timed?.into_iter().map(|mut row| {
+            row.precision = Some(precision);
+            row.launch = Some(launch);
+            row
+        }));
     }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let backend = std::any::type_name::<B>();
-    let backend = if backend.to_lowercase().contains("cuda") { "cuda" } else { "flex" };
     let report = Report {
         device: device_name.to_string(),
-        backend,
+        backend: "cuda",
         autotune: cfg!(feature = "autotune"),
         architecture: arch,
         runs: plan.runs,
@@ -186,4 +128,133 @@ pub fn run<B: GatheredBackend>(
         .with_context(|| format!("writing {}", path.display()))?;
     println!("\nwrote {}", path.display());
     Ok(())
+}
+
+/// What every variant of one bench run shares.
+struct Bench<'a, R: GatheredBackend> {
+    arch: &'a Architecture,
+    plan: &'a BenchPlan,
+    /// The f32 model every sparse forward is checked against, and its device.
+    reference: (&'a DynamicModel<R>, &'a R::Device),
+    /// Its weights, loaded into each variant's backend.
+    weights: &'a [u8],
+    torch: Option<&'a TorchTimes>,
+}
+
+impl<R: GatheredBackend> Bench<'_, R> {
+    /// The rows of backend `B` (`variant`): the dense forward, then per kept fraction the sparse
+    /// forward, checked, then timed.
+    fn rows<B: GatheredBackend>(&self, device: &B::Device, variant: (Precision, Launch)) -> anyhow::Result<Vec<Row>> {
+        let (arch, plan) = (self.arch, self.plan);
+        let record = BinBytesRecorder::<FullPrecisionSettings>::default()
+            .load(self.weights.to_vec(), device)
+            .context("loading the model's weights into the backend")?;
+        let model = DynamicModel::<B>::new(arch, device).load_record(record);
+        let BackboneSpec::Cnn(cnn) = &arch.model.backbone else { unreachable!("the GPU bench runs the CNN") };
+        let name = format!("{:?} {:?}", variant.0, variant.1).to_lowercase();
+        let mut rows = Vec::new();
+        let mut rng = StdRng::seed_from_u64(1);
+        // Progress on stderr: on a fresh machine the first warm-up of each shape compiles and
+        // autotunes its kernels, which takes minutes without other output.
+        let start = Instant::now();
+        let progress = |what: String| eprintln!("[{:>4.0} s] {what}", start.elapsed().as_secs_f64());
+        for &size in &plan.sizes {
+            for &batch in &plan.batches {
+                let (h, w) = (size, size);
+                let shape = [batch, arch.frames.t_in, arch.frames.channels, h, w];
+                let values: Vec<f32> = (0..shape.iter().product()).map(|_| rng.random_range(0.0..1.0)).collect();
+                let input = TensorData::new(values, shape);
+                let x = Tensor::<B, 5>::from_data(input.clone(), device);
+                let x_reference = Tensor::<R, 5>::from_data(input, self.reference.1);
+                let macs = model.mac_model(h, w);
+                progress(format!(
+                    "{name}, {size}x{size}, batch {batch}: dense forward (warm-up compiles and autotunes new shapes)"
+                ));
+                let dense = median_ms::<B>(device, plan.runs, plan.warmup, || {
+                    let _ = model.forward(x.clone(), Masking::DENSE).prediction;
+                });
+                eprintln!(
+                    "  dense forward: {:.2} ms, of which {:.2} ms until the call returns",
+                    dense.wall, dense.host
+                );
+                let dense_ms = dense.wall;
+                let torch_ms = self.torch.map(|t| t.at(size, batch));
+                let torch_best_ms = torch_ms.as_ref().and_then(best);
+                for &f in &plan.fractions {
+                    let masking = Masking::top_k(MaskMode::Both, f, f);
+                    progress(format!("{size}x{size}, batch {batch}, kept {f:.1}: sparse forward, checked, then timed"));
+                    let (worst, scale) = self.check(&model, x.clone(), x_reference.clone(), masking, (h, w));
+                    let allowed = variant.0.tolerance() * scale;
+                    if worst > allowed {
+                        anyhow::bail!(
+                            "{name}, {size}x{size}, batch {batch}, kept {f}: the sparse path differs from the f32 masked-dense reference by {worst} (allowed {allowed})"
+                        );
+                    }
+                    let sparse = median_ms::<B>(device, plan.runs, plan.warmup, || {
+                        let _ = model.forward_gathered(x.clone(), GatheredMasks::Method(masking));
+                    });
+                    let sparse_ms = sparse.wall;
+                    let grid = arch.patch_grid(h, w);
+                    let mac_ratio = macs.dense() as f64 / macs.nominal_dynamic(grid.0 * grid.1, f, cnn.units, f);
+                    let speedup = dense_ms / sparse_ms;
+                    let row = Row {
+                        backbone: "cnn",
+                        height: h,
+                        width: w,
+                        batch,
+                        kept_fraction: f,
+                        mac_ratio,
+                        dense_ms,
+                        sparse_ms,
+                        speedup,
+                        efficiency: speedup / mac_ratio,
+                        burn_dense_ms: Some(dense_ms),
+                        sparse_host_ms: Some(sparse.host),
+                        reference_max_diff: Some(worst),
+                        torch_ms: torch_ms.clone(),
+                        torch_best_ms,
+                        ..Row::default()
+                    };
+                    println!(
+                        "| {size}x{size} | {batch} | {:?} | {:?} | {f:.1} | {mac_ratio:.2} | {dense_ms:.2} | {sparse_ms:.2} ({:.2}) | {speedup:.2} | {} | {} |",
+                        variant.0,
+                        variant.1,
+                        sparse.host,
+                        torch_ms.as_ref().map_or("-".into(), crate::torch_twin::columns),
+                        torch_best_ms.map_or("-".into(), |t| format!("{:.2}", sparse_ms / t))
+                    );
+                    eprintln!(
+                        "  checked against the f32 masked-dense reference: max |diff| {:.2e} (allowed {:.2e}); sparse forward: {:.2} ms, of which {:.2} ms until the call returns",
+                        worst, allowed, sparse.wall, sparse.host
+                    );
+                    rows.push(row);
+                }
+            }
+        }
+        Ok(rows)
+    }
+
+    /// The sparse forward of `model` against the f32 reference's masked-dense forward under the
+    /// masks it chose: the largest difference and the reference's largest value. (The gates' pooled sums
+    /// round differently from the reference's, so near-tied unit scores can rank apart here;
+    /// the choice itself is tested on the CPU.)
+    fn check<B: GatheredBackend>(
+        &self,
+        model: &DynamicModel<B>,
+        x: Tensor<B, 5>,
+        x_reference: Tensor<R, 5>,
+        masking: Masking,
+        (h, w): (usize, usize),
+    ) -> (f64, f64) {
+        let (got, used) = model.forward_gathered(x, GatheredMasks::Method(masking));
+        let (reference, device) = self.reference;
+        let got = Tensor::<R, 5>::from_data(got.into_data().convert::<f32>(), device);
+        let arch = self.arch;
+        let mut fixed =
+            FixedMasks::new(&used.to_lists(), arch.patch_grid(h, w), &arch.layer_units(), arch.patch(), device);
+        let want = reference.forward_masked(x_reference, &mut fixed);
+        let scale = want.clone().abs().max().into_scalar().elem::<f64>().max(1e-3);
+        let worst = (got - want).abs().max().into_scalar().elem::<f64>();
+        (worst, scale)
+    }
 }

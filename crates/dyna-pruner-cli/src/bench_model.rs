@@ -82,11 +82,8 @@ pub fn run(models: &[PathBuf], data: &[PathBuf], out: &Path, plan: &BenchPlan, k
                 sparse_ms,
                 speedup,
                 efficiency: speedup / mac_ratio,
-                burn_dense_ms: None,
-                sparse_host_ms: None,
                 masked_units_ms,
-                torch_ms: None,
-                torch_best_ms: None,
+                ..Row::default()
             });
         }
     }

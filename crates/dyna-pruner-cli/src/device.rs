@@ -1,6 +1,7 @@
 //! `--device`: which backend runs the work.
 
 use clap::ValueEnum;
+use serde::Serialize;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DeviceArg {
@@ -37,4 +38,36 @@ macro_rules! with_backend {
             }
         }
     }};
+}
+
+/// The GPU backend's float element (`bench --device cuda --precision`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// f32 storage and arithmetic.
+    F32,
+    /// bf16 weights and activations; the gathered kernels accumulate in f32.
+    Bf16,
+}
+
+/// How the GPU backend launches its kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Launch {
+    /// Through Burn's fusion layer (element-wise chains merged into one kernel).
+    Fused,
+    /// Each operation's kernel launched when called (no fusion layer).
+    Direct,
+}
+
+#[cfg(feature = "cuda")]
+impl Precision {
+    /// The largest difference from the f32 masked-dense reference accepted, relative to the
+    /// reference's largest value: f32 rounding, or bf16's 8-bit mantissa through the network.
+    pub fn tolerance(self) -> f64 {
+        match self {
+            Precision::F32 => 1e-3,
+            Precision::Bf16 => 5e-2,
+        }
+    }
 }

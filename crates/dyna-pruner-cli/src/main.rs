@@ -1,6 +1,7 @@
 //! `dyna-pruner`: train, evaluate and demonstrate dynamic co-pruned spatio-temporal models.
 
 mod bench;
+#[cfg(feature = "cuda")]
 mod bench_device;
 mod bench_model;
 mod budget;
@@ -133,6 +134,14 @@ enum Command {
         /// With `--model`: budget-conditioned models at these keep ratios.
         #[command(flatten)]
         keep: budget::KeepArgs,
+        /// `--device cuda`: the float elements to time (f32; bf16: weights and activations in
+        /// bf16, the gathered kernels accumulating in f32).
+        #[arg(long, value_enum, value_delimiter = ',', default_values = ["f32"])]
+        precision: Vec<device::Precision>,
+        /// `--device cuda`: `fused` (through Burn's fusion layer) and/or `direct` (each
+        /// operation launched when called).
+        #[arg(long, value_enum, value_delimiter = ',', default_values = ["fused"])]
+        launch: Vec<device::Launch>,
     },
     /// Evaluate the shipped dense and dynamic models and persistence on a task's test range:
     /// crowd (TaxiNYC, CNN) or weather (ERA5 t2m, ViT).
@@ -186,6 +195,7 @@ enum Command {
 }
 
 /// The GPU's name from `nvidia-smi`, or "cuda device 0".
+#[cfg(feature = "cuda")]
 fn gpu_name() -> String {
     std::process::Command::new("nvidia-smi")
         .args(["--query-gpu=name", "--format=csv,noheader", "--id=0"])
@@ -255,7 +265,7 @@ fn main() -> anyhow::Result<()> {
             };
             predict::run(&source, &data, &out, (batch_size, units, budget), pictures)
         }
-        Command::Bench { out, plan, device, model, data, keep } => {
+        Command::Bench { out, plan, device, model, data, keep, precision, launch } => {
             if keep.is_set() && model.is_empty() {
                 anyhow::bail!("bench: --keep and --keep-units apply to trained models (--model)");
             }
@@ -266,11 +276,22 @@ fn main() -> anyhow::Result<()> {
             {
                 anyhow::bail!("bench: --runs >= 1, sizes and batches >= 1, fractions in (0, 1]");
             }
+            let gpu_default = precision == [device::Precision::F32] && launch == [device::Launch::Fused];
             match device {
+                DeviceArg::Cpu if !gpu_default => {
+                    anyhow::bail!("bench: --precision and --launch apply to --device cuda (the CPU executor runs f32)")
+                }
                 DeviceArg::Cpu if !model.is_empty() => bench_model::run(&model, &data, &out, &plan, keep),
                 DeviceArg::Cpu => bench::run(&out, &plan),
+                #[cfg(feature = "cuda")]
                 DeviceArg::Cuda => {
-                    with_backend!(device, |B, T, dev| bench_device::run::<B>(&dev, &gpu_name(), &out, &plan))
+                    let variants: Vec<_> =
+                        precision.iter().flat_map(|&p| launch.iter().map(move |&l| (p, l))).collect();
+                    bench_device::run(&gpu_name(), &out, &plan, &variants)
+                }
+                #[cfg(not(feature = "cuda"))]
+                DeviceArg::Cuda => {
+                    anyhow::bail!("this binary was built without CUDA support; rebuild with `--features cuda`")
                 }
             }
         }

@@ -328,6 +328,17 @@ fn eval_rejects_a_missing_file_with_its_name() {
 }
 
 #[test]
+fn bench_precision_and_launch_apply_to_the_gpu_only() {
+    let out = run(bin().args(["bench", "--precision", "bf16", "--out", "/nonexistent/bench"]));
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("--precision and --launch apply to --device cuda") && !err.contains("panicked"), "{err}");
+    let out = run(bin().args(["bench", "--device", "cuda", "--precision", "f16"]));
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("f16"), "{}", stderr(&out));
+}
+
+#[test]
 fn invalid_config_value_names_the_field_and_range() {
     let dir = temp_dir("badcfg");
     let data = synthetic_file(&dir);

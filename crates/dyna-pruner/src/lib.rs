@@ -26,9 +26,15 @@ pub type CpuBackend = burn::backend::Flex;
 /// The CPU backend with autodiff, for training.
 pub type TrainBackend = burn::backend::Autodiff<CpuBackend>;
 
-/// The CUDA backend (feature `cuda`).
+/// The CUDA backend (feature `cuda`): operations queue in Burn's fusion layer, which merges
+/// element-wise chains into one kernel. `F` is the float element: `f32`, or `bf16` (weights,
+/// activations and kernel operands in bf16; the gathered kernels accumulate in f32).
 #[cfg(feature = "cuda")]
-pub type CudaBackend = burn::backend::Cuda;
+pub type CudaBackend<F = f32> = burn::backend::Cuda<F>;
+/// The CUDA backend without the fusion layer (feature `cuda`): each operation launches its
+/// kernel when called (less host work per operation, no merged kernels).
+#[cfg(feature = "cuda")]
+pub type CudaDirectBackend<F = f32> = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, F, i32, u8>;
 /// The CUDA backend with autodiff, for training (feature `cuda`).
 #[cfg(feature = "cuda")]
 pub type CudaTrainBackend = burn::backend::Autodiff<CudaBackend>;

@@ -20,22 +20,27 @@ use burn::prelude::*;
 use burn::tensor::DType;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
-use burn_cubecl::CubeBackend;
+use burn_cubecl::{CubeBackend, FloatElement};
 use burn_fusion::stream::{Operation, OperationStreams};
-use burn_fusion::{FusionRuntime, FusionTensor};
+use burn_fusion::{Fusion, FusionRuntime, FusionTensor};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 use cubecl::cuda::CudaRuntime;
 use cubecl::prelude::{ComputeClient, CubeCount};
 use cubecl::{calculate_cube_count_elemwise, CubeDim};
 
-use kernels::{kept_weights_kernel, rank_kernel, window_conv_kernel, PIXELS_PER_THREAD, TILE};
+use kernels::{
+    kept_weights_kernel, rank_kernel, window_conv_kernel, window_conv_mma_kernel, FRAGMENT, MMA_TILE,
+    PIXELS_PER_THREAD, TILE,
+};
+
+use std::marker::PhantomData;
 
 use super::{GatheredBackend, KeptUnits, WindowConv};
-use crate::CudaBackend;
 
-/// The backend under the fusion layer.
-type Cube = CubeBackend<CudaRuntime, f32, i32, u8>;
-type Runtime = <Cube as burn_fusion::FusionBackend>::FusionRuntime;
+/// The backend under the fusion layer, with float element `F`.
+type Cube<F> = CubeBackend<CudaRuntime, F, i32, u8>;
+/// The fusion runtime (the same for every float element).
+type Runtime = <Cube<f32> as burn_fusion::FusionBackend>::FusionRuntime;
 type Handles = HandleContainer<<Runtime as FusionRuntime>::FusionHandle>;
 
 /// The kernels (in their own module: CubeCL's prelude names `Tensor`, `Float` and `Int` too).
@@ -128,10 +133,11 @@ mod kernels {
         let mut rows = SharedMemory::<u32>::new(tile_taps);
         let mut xs = SharedMemory::<F>::new(comptime!(TILE * pitch));
         let mut ws = SharedMemory::<F>::new(comptime!(channels * units4));
-        let mut acc = Array::<F>::new(outputs);
+        // f32 accumulators whatever the storage type (bf16 keeps only 8 bits of mantissa).
+        let mut acc = Array::<f32>::new(outputs);
         #[unroll]
         for i in 0..outputs {
-            acc[i] = F::new(0.0);
+            acc[i] = 0.0;
         }
         // The tile's windows (pixels past the sample's last read row 0; their outputs are dropped).
         let mut e = lid;
@@ -165,15 +171,15 @@ mod kernels {
             sync_cube();
             #[unroll]
             for c in 0..channels {
-                let mut a = Array::<F>::new(PIXELS_PER_THREAD);
-                let mut w = Array::<F>::new(4usize);
+                let mut a = Array::<f32>::new(PIXELS_PER_THREAD);
+                let mut w = Array::<f32>::new(4usize);
                 #[unroll]
                 for i in 0..PIXELS_PER_THREAD {
-                    a[i] = xs[(tx + i * lanes) * pitch + c];
+                    a[i] = f32::cast_from(xs[(tx + i * lanes) * pitch + c]);
                 }
                 #[unroll]
                 for j in 0..4usize {
-                    w[j] = ws[c * units4 + ty * 4usize + j];
+                    w[j] = f32::cast_from(ws[c * units4 + ty * 4usize + j]);
                 }
                 #[unroll]
                 for i in 0..PIXELS_PER_THREAD {
@@ -189,21 +195,21 @@ mod kernels {
         #[unroll]
         for j in 0..4usize {
             let u = ty * 4usize + j;
-            let mut b = F::new(0.0);
+            let mut b = 0.0f32;
             if u < units {
                 let mut o = u;
                 if select_outputs {
                     o = u32::cast_from(kept[kept_row + u * kept.stride(1)]) as usize;
                 }
-                b = bias[o * bias.stride(0)];
+                b = f32::cast_from(bias[o * bias.stride(0)]);
             }
             #[unroll]
             for i in 0..PIXELS_PER_THREAD {
                 let mut v = acc[i * 4usize + j] + b;
                 if gelu {
-                    v = v * F::new(0.5) * (F::new(1.0) + F::erf(v * F::new(core::f32::consts::FRAC_1_SQRT_2)));
+                    v = v * 0.5 * (1.0 + cubecl::frontend::Erf::erf(v * core::f32::consts::FRAC_1_SQRT_2));
                 }
-                os[(tx + i * lanes) * units4 + u] = v;
+                os[(tx + i * lanes) * units4 + u] = F::cast_from(v);
             }
         }
         sync_cube();
@@ -216,33 +222,177 @@ mod kernels {
         }
     }
 
-    /// A conv's weights `[O, I, 3, 3]` laid out for [`window_conv_kernel`]: per row of `kept`
-    /// (a sample; one placeholder row if neither side is selected), tap by tap, `[channels, units]` rows padded with zeros to
-    /// whole groups of 4 units, with the sample's kept units (`kept[sample, _]`) as the outputs
-    /// when `select_outputs` or the input channels when `select_inputs`. One thread per value.
+    /// Pixels per cube of [`window_conv_mma_kernel`].
+    pub(super) const MMA_TILE: usize = 64;
+    /// The tensor cores' fragment side (bf16: m16 n16 k16).
+    pub(super) const FRAGMENT: usize = 16;
+
+    /// [`window_conv_kernel`] on the tensor cores, for bf16 operands: one cube per `MMA_TILE`
+    /// pixels of one sample, one warp per 16 x 16 block of outputs (`CUBE_DIM_Y` warps of 32),
+    /// accumulating in f32 through the matrix multiply-accumulate instructions. Per tap the cube
+    /// stages its pixels' source rows (channels zero-padded to whole fragments) and the tap's
+    /// weights (`weight`: its sample's row of [`kept_weights_kernel`]'s layout, padded to whole
+    /// fragments on both sides) in shared memory; the accumulators go through shared memory to
+    /// add the bias, apply GELU and write the tile row by row.
     #[cube(launch)]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn window_conv_mma_kernel<F: Float, I: Int>(
+        source: &Tensor<F>,
+        windows: &Tensor<I>,
+        weight: &Tensor<F>,
+        bias: &Tensor<F>,
+        kept: &Tensor<I>,
+        out: &mut Tensor<F>,
+        per_sample: u32,
+        #[comptime] channels: usize,
+        #[comptime] units: usize,
+        #[comptime] select_outputs: bool,
+        #[comptime] gelu: bool,
+        #[define(F, I)] _dtypes: [StorageType; 2],
+    ) {
+        let k_pad = comptime!(channels.div_ceil(FRAGMENT) * FRAGMENT);
+        let u_pad = comptime!(units.div_ceil(FRAGMENT) * FRAGMENT);
+        let fragments_n = comptime!(u_pad / FRAGMENT);
+        let (tile_taps, tile_values) = comptime!((MMA_TILE * 9, MMA_TILE * k_pad));
+        let sample = CUBE_POS_Y as usize;
+        let first = CUBE_POS_X as usize * MMA_TILE;
+        let per_sample = per_sample as usize;
+        let base = sample * per_sample + first;
+        let mut count = per_sample - first;
+        if count > MMA_TILE {
+            count = MMA_TILE;
+        }
+        let threads = (CUBE_DIM_X * CUBE_DIM_Y) as usize;
+        let lid = UNIT_POS as usize;
+        let warp = UNIT_POS_Y as usize;
+        let (fm, fn_) = (warp / fragments_n, warp % fragments_n);
+        let kept_row = sample * kept.stride(0);
+        let source_rows = source.shape(0);
+        let weight_row = sample * weight.stride(0);
+
+        let mut rows = SharedMemory::<u32>::new(tile_taps);
+        // Fragments load from 32-byte aligned addresses.
+        let mut xs = SharedMemory::<F>::new_aligned(tile_values, 32usize);
+        let mut ws = SharedMemory::<F>::new_aligned(comptime!(k_pad * u_pad), 32usize);
+        let acc = cmma::Matrix::<f32>::from_value(
+            cmma::MatrixIdent::Accumulator,
+            FRAGMENT,
+            FRAGMENT,
+            FRAGMENT,
+            cmma::MatrixLayout::Undefined,
+            0.0,
+        );
+        let mut e = lid;
+        while e < tile_taps {
+            let mut row = 0u32;
+            if e < count * 9usize {
+                row = u32::cast_from(windows[(base * 9usize + e) * windows.stride(0)]);
+            }
+            rows[e] = row;
+            e += threads;
+        }
+        for t in 0..9usize {
+            sync_cube();
+            let mut e = lid;
+            while e < tile_values {
+                let p = e / k_pad;
+                let c = e % k_pad;
+                let row = rows[p * 9usize + t] as usize;
+                let mut v = F::new(0.0);
+                if row < source_rows && c < channels {
+                    v = source[row * source.stride(0) + c * source.stride(1)];
+                }
+                xs[e] = v;
+                e += threads;
+            }
+            let mut e = lid;
+            while e < comptime!(k_pad * u_pad) {
+                ws[e] = weight[weight_row + t * comptime!(k_pad * u_pad) + e];
+                e += threads;
+            }
+            sync_cube();
+            #[unroll]
+            for kk in 0..comptime!(k_pad / FRAGMENT) {
+                let a_start = fm * comptime!(FRAGMENT * k_pad) + kk * FRAGMENT;
+                let b_start = kk * comptime!(FRAGMENT * u_pad) + fn_ * FRAGMENT;
+                let a = cmma::Matrix::<F>::from_slice(
+                    cmma::MatrixIdent::A,
+                    FRAGMENT,
+                    FRAGMENT,
+                    FRAGMENT,
+                    cmma::MatrixLayout::RowMajor,
+                    &xs.slice(a_start, tile_values),
+                    k_pad as u32,
+                );
+                let b = cmma::Matrix::<F>::from_slice(
+                    cmma::MatrixIdent::B,
+                    FRAGMENT,
+                    FRAGMENT,
+                    FRAGMENT,
+                    cmma::MatrixLayout::RowMajor,
+                    &ws.slice(b_start, comptime!(k_pad * u_pad)),
+                    u_pad as u32,
+                );
+                cmma::execute::<F, F, f32, f32>(&a, &b, &acc, &acc);
+            }
+        }
+        let mut os = SharedMemory::<f32>::new_aligned(comptime!(MMA_TILE * u_pad), 32usize);
+        let o_start = fm * comptime!(FRAGMENT * u_pad) + fn_ * FRAGMENT;
+        cmma::store(
+            &mut os.slice_mut(o_start, comptime!(MMA_TILE * u_pad)),
+            &acc,
+            u_pad as u32,
+            cmma::MatrixLayout::RowMajor,
+        );
+        sync_cube();
+        let mut e = lid;
+        while e < count * units {
+            let p = e / units;
+            let u = e % units;
+            let mut o = u;
+            if select_outputs {
+                o = u32::cast_from(kept[kept_row + u * kept.stride(1)]) as usize;
+            }
+            let mut v = os[p * u_pad + u] + f32::cast_from(bias[o * bias.stride(0)]);
+            if gelu {
+                v = v * 0.5 * (1.0 + cubecl::frontend::Erf::erf(v * core::f32::consts::FRAC_1_SQRT_2));
+            }
+            out[(base + p) * out.stride(0) + u * out.stride(1)] = F::cast_from(v);
+            e += threads;
+        }
+    }
+
+    /// A conv's weights `[O, I, 3, 3]` laid out for the window-conv kernels: per row of `kept`
+    /// (a sample; one placeholder row if neither side is selected), tap by tap, `[channels,
+    /// units]` rows zero-padded to `channels_pad` x `units_pad` (whole groups of 4 units for
+    /// [`window_conv_kernel`], whole fragments for [`window_conv_mma_kernel`]), with the
+    /// sample's kept units (`kept[sample, _]`) as the outputs when `select_outputs` or the input
+    /// channels when `select_inputs`. One thread per value.
+    #[cube(launch)]
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn kept_weights_kernel<F: Float, I: Int>(
         weight: &Tensor<F>,
         kept: &Tensor<I>,
         out: &mut Tensor<F>,
         #[comptime] channels: usize,
         #[comptime] units: usize,
+        #[comptime] channels_pad: usize,
+        #[comptime] units_pad: usize,
         #[comptime] select_outputs: bool,
         #[comptime] select_inputs: bool,
         #[define(F, I)] _dtypes: [StorageType; 2],
     ) {
-        let units4 = comptime!(units.div_ceil(4) * 4);
-        let per_sample = comptime!(9 * channels * units4);
+        let per_sample = comptime!(9 * channels_pad * units_pad);
         if ABSOLUTE_POS >= out.shape(0) * per_sample {
             terminate!();
         }
         let sample = ABSOLUTE_POS / per_sample;
         let r = ABSOLUTE_POS % per_sample;
-        let t = r / comptime!(channels * units4);
-        let c = (r / units4) % channels;
-        let u = r % units4;
+        let t = r / comptime!(channels_pad * units_pad);
+        let c = (r / units_pad) % channels_pad;
+        let u = r % units_pad;
         let mut v = F::new(0.0);
-        if u < units {
+        if u < units && c < channels {
             let kept_row = sample * kept.stride(0);
             let mut o = u;
             if select_outputs {
@@ -288,7 +438,14 @@ fn rank_cube(scores: CubeTensor<CudaRuntime>, k: usize) -> (CubeTensor<CudaRunti
     (ranks, top)
 }
 
-/// [`GatheredBackend::window_conv`] on the GPU: one [`window_conv_kernel`] launch. `kept`
+/// Whether a window conv runs on the tensor cores: bf16 operands, and its tile fits the
+/// shared memory (at most 64 output and 128 input units, padded to whole fragments).
+fn on_tensor_cores(dtype: DType, channels: usize, units: usize) -> bool {
+    dtype == DType::BF16 && units.div_ceil(FRAGMENT) * FRAGMENT <= 64 && channels.div_ceil(FRAGMENT) * FRAGMENT <= 128
+}
+
+/// [`GatheredBackend::window_conv`] on the GPU: the sample's weights laid out, then
+/// [`window_conv_mma_kernel`] (bf16 within its bounds) or [`window_conv_kernel`]. `kept`
 /// selects per `selects` (`[outputs, inputs]`), unread if neither.
 fn window_conv_cube(
     [source, windows, weight, bias, kept]: [CubeTensor<CudaRuntime>; 5],
@@ -304,7 +461,13 @@ fn window_conv_cube(
     let out = empty(&source, [n, units], source.dtype);
     let client = source.client.clone();
     let dtypes = [source.dtype.into(), windows.dtype.into()];
-    let laid_out = empty(&source, [batch, 9 * channels * units.div_ceil(4) * 4], source.dtype);
+    let mma = on_tensor_cores(source.dtype, channels, units);
+    let pads = if mma {
+        (channels.div_ceil(FRAGMENT) * FRAGMENT, units.div_ceil(FRAGMENT) * FRAGMENT)
+    } else {
+        (channels, units.div_ceil(4) * 4)
+    };
+    let laid_out = empty(&source, [batch, 9 * pads.0 * pads.1], source.dtype);
     let (count, dim) = elementwise(&client, laid_out.meta.shape().iter().product());
     kept_weights_kernel::launch(
         &client,
@@ -315,11 +478,34 @@ fn window_conv_cube(
         laid_out.clone().into_tensor_arg(),
         channels,
         units,
+        pads.0,
+        pads.1,
         selects[0],
         selects[1],
         dtypes,
     );
     let weight = laid_out;
+    if mma {
+        let warps = (MMA_TILE / FRAGMENT) * (pads.1 / FRAGMENT);
+        window_conv_mma_kernel::launch(
+            &client,
+            CubeCount::Static(per_sample.div_ceil(MMA_TILE) as u32, batch as u32, 1),
+            CubeDim::new_2d(32, warps as u32),
+            source.into_tensor_arg(),
+            windows.into_tensor_arg(),
+            weight.into_tensor_arg(),
+            bias.into_tensor_arg(),
+            kept.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            per_sample as u32,
+            channels,
+            units,
+            selects[0],
+            gelu,
+            dtypes,
+        );
+        return out;
+    }
     window_conv_kernel::launch(
         &client,
         CubeCount::Static(per_sample.div_ceil(TILE) as u32, batch as u32, 1),
@@ -340,60 +526,23 @@ fn window_conv_cube(
     out
 }
 
-#[derive(Debug)]
-struct WindowConvOp {
-    desc: CustomOpIr,
+/// A [`WindowConv`]'s operands with its kept units resolved: `kept` (a placeholder row when
+/// neither side is selected), which side it selects (`[outputs, inputs]`) and the output units.
+struct ResolvedConv<B: Backend> {
+    source: Tensor<B, 2>,
+    windows: Tensor<B, 1, Int>,
+    weight: Tensor<B, 4>,
+    bias: Tensor<B, 1>,
+    kept: Tensor<B, 2, Int>,
     selects: [bool; 2],
+    units: usize,
     gelu: bool,
 }
 
-impl Operation<Runtime> for WindowConvOp {
-    fn execute(&self, handles: &mut Handles) {
-        let ([source, windows, weight, bias, kept], [out]) = self.desc.as_fixed();
-        let inputs = [
-            handles.get_float_tensor::<Cube>(source),
-            handles.get_int_tensor::<Cube>(windows),
-            handles.get_float_tensor::<Cube>(weight),
-            handles.get_float_tensor::<Cube>(bias),
-            handles.get_int_tensor::<Cube>(kept),
-        ];
-        let output = window_conv_cube(inputs, self.selects, self.gelu);
-        handles.register_float_tensor::<Cube>(&out.id, output);
-    }
-}
-
-#[derive(Debug)]
-struct RankOp {
-    desc: CustomOpIr,
-}
-
-impl Operation<Runtime> for RankOp {
-    fn execute(&self, handles: &mut Handles) {
-        let ([scores], [ranks, top]) = self.desc.as_fixed();
-        let scores = handles.get_float_tensor::<Cube>(scores);
-        let (rank_values, top_values) = rank_cube(scores, top.shape[1]);
-        handles.register_int_tensor::<Cube>(&ranks.id, rank_values);
-        handles.register_int_tensor::<Cube>(&top.id, top_values);
-    }
-}
-
-impl GatheredBackend for CudaBackend {
-    fn rank_top_k(scores: Tensor<Self, 2>, k: usize) -> (Tensor<Self, 2, Int>, Tensor<Self, 2, Int>) {
-        let [b, n] = scores.dims();
-        let scores: FusionTensor<Runtime> = scores.into_primitive().tensor();
-        let client = scores.client.clone();
-        let streams = OperationStreams::with_inputs([&scores]);
-        let output = |shape: [usize; 2]| TensorIr::uninit(client.create_empty_handle(), Shape::new(shape), DType::I32);
-        let desc = CustomOpIr::new("dyna_pruner_rank", &[scores.into_ir()], &[output([b, n]), output([b, k])]);
-        let mut out = client.register(streams, OperationIr::Custom(desc.clone()), RankOp { desc });
-        let top = Tensor::from_primitive(out.pop().expect("two outputs"));
-        let ranks = Tensor::from_primitive(out.pop().expect("two outputs"));
-        (top, ranks)
-    }
-
-    fn window_conv(conv: WindowConv<Self>) -> Tensor<Self, 2> {
+impl<B: Backend> ResolvedConv<B> {
+    fn new(conv: WindowConv<B>) -> Self {
         let WindowConv { source, windows, weight, bias, units, gelu } = conv;
-        let (n, [o, ..]) = (windows.dims()[0] / 9, weight.dims());
+        let [o, ..] = weight.dims();
         let (kept, selects, units) = match units {
             // A placeholder of one row (one sample) that the kernels do not read.
             KeptUnits::All => (windows.clone().reshape([1, -1]), [false, false], o),
@@ -403,15 +552,98 @@ impl GatheredBackend for CudaBackend {
             }
             KeptUnits::Inputs(kept) => (kept, [false, true], o),
         };
-        let source: FusionTensor<Runtime> = source.into_primitive().tensor();
+        ResolvedConv { source, windows, weight, bias, kept, selects, units, gelu }
+    }
+}
+
+/// The kernels launched directly (`--launch direct`: no fusion layer, each op runs when called).
+impl<F: FloatElement> GatheredBackend for Cube<F> {
+    fn rank_top_k(scores: Tensor<Self, 2>, k: usize) -> (Tensor<Self, 2, Int>, Tensor<Self, 2, Int>) {
+        let (ranks, top) = rank_cube(scores.into_primitive().tensor(), k);
+        (Tensor::from_primitive(top), Tensor::from_primitive(ranks))
+    }
+
+    fn window_conv(conv: WindowConv<Self>) -> Tensor<Self, 2> {
+        let c = ResolvedConv::new(conv);
+        let inputs = [
+            c.source.into_primitive().tensor(),
+            c.windows.into_primitive(),
+            c.weight.into_primitive().tensor(),
+            c.bias.into_primitive().tensor(),
+            c.kept.into_primitive(),
+        ];
+        let out = window_conv_cube(inputs, c.selects, c.gelu);
+        Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(out))
+    }
+}
+
+#[derive(Debug)]
+struct WindowConvOp<F> {
+    desc: CustomOpIr,
+    selects: [bool; 2],
+    gelu: bool,
+    float: PhantomData<F>,
+}
+
+impl<F: FloatElement> Operation<Runtime> for WindowConvOp<F> {
+    fn execute(&self, handles: &mut Handles) {
+        let ([source, windows, weight, bias, kept], [out]) = self.desc.as_fixed();
+        let inputs = [
+            handles.get_float_tensor::<Cube<F>>(source),
+            handles.get_int_tensor::<Cube<F>>(windows),
+            handles.get_float_tensor::<Cube<F>>(weight),
+            handles.get_float_tensor::<Cube<F>>(bias),
+            handles.get_int_tensor::<Cube<F>>(kept),
+        ];
+        let output = window_conv_cube(inputs, self.selects, self.gelu);
+        handles.register_float_tensor::<Cube<F>>(&out.id, output);
+    }
+}
+
+#[derive(Debug)]
+struct RankOp<F> {
+    desc: CustomOpIr,
+    float: PhantomData<F>,
+}
+
+impl<F: FloatElement> Operation<Runtime> for RankOp<F> {
+    fn execute(&self, handles: &mut Handles) {
+        let ([scores], [ranks, top]) = self.desc.as_fixed();
+        let scores = handles.get_float_tensor::<Cube<F>>(scores);
+        let (rank_values, top_values) = rank_cube(scores, top.shape[1]);
+        handles.register_int_tensor::<Cube<F>>(&ranks.id, rank_values);
+        handles.register_int_tensor::<Cube<F>>(&top.id, top_values);
+    }
+}
+
+/// The kernels as custom operations of the fusion stream (`--launch fused`, the default).
+impl<F: FloatElement> GatheredBackend for Fusion<Cube<F>> {
+    fn rank_top_k(scores: Tensor<Self, 2>, k: usize) -> (Tensor<Self, 2, Int>, Tensor<Self, 2, Int>) {
+        let [b, n] = scores.dims();
+        let scores: FusionTensor<Runtime> = scores.into_primitive().tensor();
+        let client = scores.client.clone();
+        let streams = OperationStreams::with_inputs([&scores]);
+        let output = |shape: [usize; 2]| TensorIr::uninit(client.create_empty_handle(), Shape::new(shape), DType::I32);
+        let desc = CustomOpIr::new("dyna_pruner_rank", &[scores.into_ir()], &[output([b, n]), output([b, k])]);
+        let op = RankOp::<F> { desc: desc.clone(), float: PhantomData };
+        let mut out = client.register(streams, OperationIr::Custom(desc), op);
+        let top = Tensor::from_primitive(out.pop().expect("two outputs"));
+        let ranks = Tensor::from_primitive(out.pop().expect("two outputs"));
+        (top, ranks)
+    }
+
+    fn window_conv(conv: WindowConv<Self>) -> Tensor<Self, 2> {
+        let c = ResolvedConv::new(conv);
+        let n = c.windows.dims()[0] / 9;
+        let source: FusionTensor<Runtime> = c.source.into_primitive().tensor();
         let client = source.client.clone();
-        let output = TensorIr::uninit(client.create_empty_handle(), Shape::new([n, units]), source.dtype);
-        let (windows, kept) = (windows.into_primitive(), kept.into_primitive());
-        let (weight, bias) = (weight.into_primitive().tensor(), bias.into_primitive().tensor());
+        let output = TensorIr::uninit(client.create_empty_handle(), Shape::new([n, c.units]), source.dtype);
+        let (windows, kept) = (c.windows.into_primitive(), c.kept.into_primitive());
+        let (weight, bias) = (c.weight.into_primitive().tensor(), c.bias.into_primitive().tensor());
         let streams = OperationStreams::with_inputs([&source, &windows, &weight, &bias, &kept]);
         let inputs = [source.into_ir(), windows.into_ir(), weight.into_ir(), bias.into_ir(), kept.into_ir()];
         let desc = CustomOpIr::new("dyna_pruner_window_conv", &inputs, &[output]);
-        let op = WindowConvOp { desc: desc.clone(), selects, gelu };
+        let op = WindowConvOp::<F> { desc: desc.clone(), selects: c.selects, gelu: c.gelu, float: PhantomData };
         let mut out = client.register(streams, OperationIr::Custom(desc), op);
         Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(out.pop().expect("one output")))
     }
@@ -421,7 +653,8 @@ impl GatheredBackend for CudaBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::CpuBackend;
+    use crate::{CpuBackend, CudaBackend};
+    use burn::tensor::bf16;
     use burn::tensor::TensorData;
     use rand::rngs::StdRng;
     use rand::seq::index::sample;
@@ -439,10 +672,23 @@ mod tests {
             let values: Vec<f32> = (0..b * n).map(|_| rng.random_range(0..9) as f32 / 8.0).collect();
             let scores = Tensor::<CpuBackend, 2>::from_data(TensorData::new(values, [b, n]), &Default::default());
             let (top, ranks) = CpuBackend::rank_top_k(scores.clone(), k);
-            let (cuda_top, cuda_ranks) =
-                CudaBackend::rank_top_k(Tensor::from_data(scores.into_data(), &Default::default()), k);
-            assert_eq!(ints(cuda_top), ints(top), "top-{k} of [{b}, {n}]");
-            assert_eq!(ints(cuda_ranks), ints(ranks), "ranks of [{b}, {n}]");
+            let (top, ranks) = (ints(top), ints(ranks));
+            fn on<B: GatheredBackend>(scores: TensorData, k: usize) -> [Vec<i64>; 2] {
+                // The scores are multiples of 1/8: exact in bf16 too.
+                let scores = Tensor::<B, 2>::from_data(scores.convert::<B::FloatElem>(), &Default::default());
+                let (top, ranks) = B::rank_top_k(scores, k);
+                [ints(top), ints(ranks)]
+            }
+            let data = scores.into_data();
+            for (name, [cuda_top, cuda_ranks]) in [
+                ("fused f32", on::<CudaBackend>(data.clone(), k)),
+                ("direct f32", on::<crate::CudaDirectBackend>(data.clone(), k)),
+                ("fused bf16", on::<CudaBackend<bf16>>(data.clone(), k)),
+                ("direct bf16", on::<crate::CudaDirectBackend<bf16>>(data.clone(), k)),
+            ] {
+                assert_eq!(cuda_top, top, "{name}: top-{k} of [{b}, {n}]");
+                assert_eq!(cuda_ranks, ranks, "{name}: ranks of [{b}, {n}]");
+            }
         }
     }
 
@@ -468,33 +714,49 @@ mod tests {
         ) -> Vec<f32> {
             let [b, mode, gelu] = setup;
             let device = Default::default();
+            let float = |i: usize| data[i].clone().convert::<B::FloatElem>();
             let kept = Tensor::<B, 1, Int>::from_ints(kept, &device).reshape([b as i32, -1]);
             let units = [KeptUnits::All, KeptUnits::Outputs(kept.clone()), KeptUnits::Inputs(kept)];
             let out = B::window_conv(WindowConv {
-                source: Tensor::from_data(data[0].clone(), &device),
+                source: Tensor::from_data(float(0), &device),
                 windows: Tensor::from_ints(windows, &device),
-                weight: Tensor::from_data(data[1].clone(), &device),
-                bias: Tensor::from_data(data[2].clone(), &device),
+                weight: Tensor::from_data(float(1), &device),
+                bias: Tensor::from_data(float(2), &device),
                 units: units.into_iter().nth(mode).expect("three modes"),
                 gelu: gelu == 1,
             });
-            out.into_data().to_vec().unwrap()
+            out.into_data().convert::<f32>().to_vec().unwrap()
         }
         let setup = [b, mode, gelu as usize];
         let want = run::<CpuBackend>(&data, &windows, &kept, setup);
-        let got = run::<CudaBackend>(&data, &windows, &kept, setup);
-        assert_eq!(got.len(), want.len());
-        let worst = got.iter().zip(&want).fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
         let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
-        assert!(worst < 1e-5 * scale, "{setup:?}, {o}x{i} conv, {k} kept: max |diff| {worst}");
+        // bf16 rounds the operands and the output to 8 bits of mantissa (2^-8 = 3.9e-3), f32
+        // accumulation.
+        let backends: [(&str, fn(&[TensorData; 3], &[i64], &[i64], [usize; 3]) -> Vec<f32>, f32); 4] = [
+            ("fused f32", run::<CudaBackend>, 1e-5),
+            ("direct f32", run::<crate::CudaDirectBackend>, 1e-5),
+            ("fused bf16", run::<CudaBackend<bf16>>, 2e-2),
+            ("direct bf16", run::<crate::CudaDirectBackend<bf16>>, 2e-2),
+        ];
+        for (name, run_on, tolerance) in backends {
+            let got = run_on(&data, &windows, &kept, setup);
+            assert_eq!(got.len(), want.len());
+            let worst = got.iter().zip(&want).fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(
+                worst < tolerance * scale,
+                "{name}, {setup:?}, {o}x{i} conv, {k} kept: max |diff| {worst} (scale {scale})"
+            );
+        }
     }
 
     #[test]
     fn cuda_window_conv_matches_the_reference() {
         let mut rng = StdRng::seed_from_u64(4);
         // [batch, pixels per sample, outputs, inputs, kept]: tiles cut short, counts off
-        // multiples of 4, the blocks', encoder's and decoder's shapes.
+        // multiples of 4 and of the fragments, the blocks', encoder's and decoder's shapes;
+        // more than 64 kept units (bf16 then runs the plain kernel).
         for (shape, mode) in [
+            ([2, 50, 96, 16, 70], 1),
             ([3, 100, 64, 32, 19], 1),
             ([2, 64, 32, 64, 19], 2),
             ([2, 130, 32, 6, 1], 0),
