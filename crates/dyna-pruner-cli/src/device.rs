@@ -38,9 +38,26 @@ macro_rules! with_backend {
             }
         }
     }};
+    // With a float element: bf16 runs on the GPU only.
+    ($device:expr, $precision:expr, |$B:ident, $T:ident, $dev:ident| $body:expr) => {{
+        match ($device, $precision) {
+            (_, $crate::device::Precision::F32) => $crate::with_backend!($device, |$B, $T, $dev| $body),
+            #[cfg(feature = "cuda")]
+            ($crate::device::DeviceArg::Cuda, $crate::device::Precision::Bf16) => {
+                type $B = dyna_pruner::CudaBackend<burn::tensor::bf16>;
+                #[allow(dead_code)]
+                type $T = burn::backend::Autodiff<$B>;
+                let $dev = Default::default();
+                $body
+            }
+            (_, $crate::device::Precision::Bf16) => {
+                anyhow::bail!("--precision bf16 runs on the GPU (`--device cuda` in a build with `--features cuda`); the CPU backend computes in f32")
+            }
+        }
+    }};
 }
 
-/// The GPU backend's float element (`bench --device cuda --precision`).
+/// The float element of Burn's backend (`--precision`; bf16 on the GPU only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {

@@ -14,7 +14,7 @@ use dyna_pruner::model::Architecture;
 use dyna_pruner::train::prepare_data;
 
 use crate::budget::{BudgetArgs, LatencyChoice};
-use crate::device::DeviceArg;
+use crate::device::{DeviceArg, Precision};
 use crate::progress::eval_bar;
 use crate::with_backend;
 
@@ -153,10 +153,10 @@ pub fn run(
     source: &Source,
     out: Option<&Path>,
     (batch_size, dense, budget): (Option<usize>, bool, BudgetArgs),
-    device: DeviceArg,
+    (device, precision): (DeviceArg, Precision),
 ) -> anyhow::Result<()> {
     let label = checkpoint_dir.display().to_string();
-    with_backend!(device, |B, T, dev| {
+    with_backend!(device, precision, |B, T, dev| {
         let mut ck = checkpoint::load::<B>(checkpoint_dir, &dev)?;
         if dense {
             ck.meta.masking = dyna_pruner::method::Masking::DENSE;
@@ -207,6 +207,7 @@ pub fn run(
             report["batch_size"] = json!(batch_size);
             report["peak_rss_mb"] = json!(peak_rss_mb());
             report["masking"] = json!(ck.meta.masking);
+            report["precision"] = json!(precision);
             report["latency_budget"] = json!(latency);
             std::fs::write(out, serde_json::to_string_pretty(&report)?)
                 .with_context(|| format!("writing {}", out.display()))?;

@@ -81,6 +81,10 @@ enum Command {
         dense: bool,
         #[command(flatten)]
         budget: budget::BudgetArgs,
+        /// The float element the model runs in: f32, or bf16 (weights and activations; with
+        /// `--device cuda`).
+        #[arg(long, value_enum, default_value_t = device::Precision::F32)]
+        precision: device::Precision,
     },
     /// Run the sparse executor of a checkpoint (or of an exported model alone) on data files;
     /// writes DIR/predictions.npy, DIR/samples.json (per-sample kept fractions and MACs) and,
@@ -241,12 +245,12 @@ fn main() -> anyhow::Result<()> {
         Command::Train { config, resume, stop_after, device } => {
             train::run(&config, dyna_pruner::train::RunControl { resume, stop_after }, device)
         }
-        Command::Eval { checkpoint, data, split, config, out, batch_size, device, dense, budget } => {
+        Command::Eval { checkpoint, data, split, config, out, batch_size, device, dense, budget, precision } => {
             let source = match split {
                 Some(split) => eval::Source::Split { split, config },
                 None => eval::Source::Files(data),
             };
-            eval::run(&checkpoint, &source, out.as_deref(), (batch_size, dense, budget), device)
+            eval::run(&checkpoint, &source, out.as_deref(), (batch_size, dense, budget), (device, precision))
         }
         Command::Demo { task, out, retrain, root, device, batch_size, keep } => {
             demo::run(task, &out, retrain, &root, device, (batch_size, keep))

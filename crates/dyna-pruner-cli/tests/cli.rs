@@ -328,11 +328,15 @@ fn eval_rejects_a_missing_file_with_its_name() {
 }
 
 #[test]
-fn bench_precision_and_launch_apply_to_the_gpu_only() {
+fn bf16_and_direct_launches_are_refused_off_the_gpu() {
     let out = run(bin().args(["bench", "--precision", "bf16", "--out", "/nonexistent/bench"]));
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(err.contains("--precision and --launch apply to --device cuda") && !err.contains("panicked"), "{err}");
+    let out = run(bin().args(["eval", "--checkpoint", "/nonexistent/ck", "--split", "test", "--precision", "bf16"]));
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("--precision bf16 runs on the GPU") && !err.contains("panicked"), "{err}");
     let out = run(bin().args(["bench", "--device", "cuda", "--precision", "f16"]));
     assert!(!out.status.success());
     assert!(stderr(&out).contains("f16"), "{}", stderr(&out));

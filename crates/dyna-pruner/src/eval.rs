@@ -73,8 +73,9 @@ pub fn evaluate<B: Backend>(
     for chunk in indices.chunks(batch_size.max(1)) {
         let (x, y) = windows.batch::<B>(chunk, scoring.scaler, device);
         let out = model.forward(x, masking);
-        let pred: Vec<f32> = out.prediction.into_data().to_vec().expect("f32 prediction");
-        let target: Vec<f32> = y.into_data().to_vec().expect("f32 target");
+        // As f32 whatever the backend's float element (bf16 on the GPU).
+        let pred: Vec<f32> = out.prediction.into_data().convert::<f32>().to_vec().expect("f32 prediction");
+        let target: Vec<f32> = y.into_data().convert::<f32>().to_vec().expect("f32 target");
         metrics.update(&pred, &target);
         costs.extend(sample_costs(&mac_model, &out.fractions, chunk.len()));
         on_batch(costs.len(), windows.len());

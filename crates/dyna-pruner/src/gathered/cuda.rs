@@ -29,8 +29,7 @@ use cubecl::prelude::{ComputeClient, CubeCount};
 use cubecl::{calculate_cube_count_elemwise, CubeDim};
 
 use kernels::{
-    kept_weights_kernel, rank_kernel, window_conv_kernel, window_conv_mma_kernel, FRAGMENT, MMA_TILE,
-    PIXELS_PER_THREAD, TILE,
+    kept_weights_kernel, rank_kernel, window_conv_kernel, window_conv_mma_kernel, FRAGMENT, PIXELS_PER_THREAD, TILE,
 };
 
 use std::marker::PhantomData;
@@ -79,19 +78,122 @@ mod kernels {
         }
     }
 
-    /// Pixels per cube of [`window_conv_kernel`]; each thread holds `PIXELS_PER_THREAD` of them
-    /// for 4 units.
+    /// Pixels per cube of the window-conv kernels; each thread of [`window_conv_kernel`] holds
+    /// `PIXELS_PER_THREAD` of them for 4 units.
     pub(super) const TILE: usize = 64;
     pub(super) const PIXELS_PER_THREAD: usize = 4;
+    /// The tensor cores' fragment side (bf16: m16 n16 k16).
+    pub(super) const FRAGMENT: usize = 16;
+
+    /// How many of the sample's pixels the cube's tile (`CUBE_POS_X`) holds: `TILE` but for
+    /// the last tile.
+    #[cube]
+    fn tile_count(per_sample: usize) -> usize {
+        let mut count = per_sample - CUBE_POS_X as usize * TILE;
+        if count > TILE {
+            count = TILE;
+        }
+        count
+    }
+
+    /// The tile's windows into `rows`: its pixels' 9 source rows each (pixels past the
+    /// sample's last read row 0; their outputs are dropped).
+    #[cube]
+    fn stage_windows<I: Int>(windows: &Tensor<I>, rows: &mut SharedMemory<u32>, base: usize, count: usize) {
+        let threads = (CUBE_DIM_X * CUBE_DIM_Y) as usize;
+        let mut e = UNIT_POS as usize;
+        while e < comptime!(TILE * 9) {
+            let mut row = 0u32;
+            if e < count * 9usize {
+                row = u32::cast_from(windows[(base * 9usize + e) * windows.stride(0)]);
+            }
+            rows[e] = row;
+            e += threads;
+        }
+    }
+
+    /// Tap `t`'s source rows of the tile's pixels into `xs`, `stride` apart, `padded` values each:
+    /// the `channels` of the row, zeros past them and for the row index `source.shape(0)`.
+    #[cube]
+    fn stage_pixels<F: Float>(
+        source: &Tensor<F>,
+        rows: &SharedMemory<u32>,
+        xs: &mut SharedMemory<F>,
+        t: usize,
+        #[comptime] channels: usize,
+        #[comptime] padded: usize,
+        #[comptime] stride: usize,
+    ) {
+        let threads = (CUBE_DIM_X * CUBE_DIM_Y) as usize;
+        let source_rows = source.shape(0);
+        let mut e = UNIT_POS as usize;
+        while e < comptime!(TILE * padded) {
+            let p = e / padded;
+            let c = e % padded;
+            let row = rows[p * 9usize + t] as usize;
+            let mut v = F::new(0.0);
+            if row < source_rows && c < channels {
+                v = source[row * source.stride(0) + c * source.stride(1)];
+            }
+            xs[p * stride + c] = v;
+            e += threads;
+        }
+    }
+
+    /// `len` laid-out weights from `start` of `weight`'s flat buffer into `ws`.
+    #[cube]
+    fn stage_weights<F: Float>(weight: &Tensor<F>, ws: &mut SharedMemory<F>, start: usize, #[comptime] len: usize) {
+        let threads = (CUBE_DIM_X * CUBE_DIM_Y) as usize;
+        let mut e = UNIT_POS as usize;
+        while e < len {
+            ws[e] = weight[start + e];
+            e += threads;
+        }
+    }
+
+    /// The tile's sums (`sums`, `stride` per pixel) plus the bias of the sample's units (the
+    /// kept ones, `kept[sample, _]`, when `select_outputs`), then GELU if `gelu`, written to
+    /// `out` row by row (coalesced).
+    #[cube]
+    #[allow(clippy::too_many_arguments)]
+    fn write_tile<F: Float, I: Int>(
+        sums: &SharedMemory<f32>,
+        bias: &Tensor<F>,
+        kept: &Tensor<I>,
+        out: &mut Tensor<F>,
+        base: usize,
+        count: usize,
+        #[comptime] units: usize,
+        #[comptime] stride: usize,
+        #[comptime] select_outputs: bool,
+        #[comptime] gelu: bool,
+    ) {
+        let threads = (CUBE_DIM_X * CUBE_DIM_Y) as usize;
+        let kept_row = CUBE_POS_Y as usize * kept.stride(0);
+        let mut e = UNIT_POS as usize;
+        while e < count * units {
+            let p = e / units;
+            let u = e % units;
+            let mut o = u;
+            if select_outputs {
+                o = u32::cast_from(kept[kept_row + u * kept.stride(1)]) as usize;
+            }
+            let mut v = sums[p * stride + u] + f32::cast_from(bias[o * bias.stride(0)]);
+            if gelu {
+                v = v * 0.5 * (1.0 + cubecl::frontend::Erf::erf(v * core::f32::consts::FRAC_1_SQRT_2));
+            }
+            out[(base + p) * out.stride(0) + u * out.stride(1)] = F::cast_from(v);
+            e += threads;
+        }
+    }
 
     /// A 3x3 convolution at gathered pixels, read in place (implicit GEMM): one cube per `TILE`
     /// pixels of one sample (`CUBE_POS_X` tile, `CUBE_POS_Y` sample), `TILE / 4` x
-    /// `units / 4` threads, each accumulating 4 pixels x 4 units in registers. Per tap, the
+    /// `units / 4` threads, each accumulating 4 pixels x 4 units in f32 registers. Per tap, the
     /// cube stages its pixels' source rows (zeros for the row index `source.shape(0)`) and the
     /// tap's weights (`weight`: its sample's row of [`kept_weights_kernel`]'s layout) in shared
-    /// memory; the output tile goes through shared memory too, so that it is written row by row
-    /// (coalesced). The bias is the kept output units' (`kept[sample, _]`) when
-    /// `select_outputs`.
+    /// memory; the sums go through shared memory too, so that the tile is written row by row.
+    /// The bias is the kept output units' (`kept[sample, _]`) when `select_outputs`.
     #[cube(launch)]
     #[allow(clippy::too_many_arguments)]
     pub(super) fn window_conv_kernel<F: Float, I: Int>(
@@ -113,24 +215,13 @@ mod kernels {
         let units4 = comptime!(units.div_ceil(4) * 4);
         let lanes = comptime!(TILE / PIXELS_PER_THREAD);
         let outputs = comptime!(PIXELS_PER_THREAD * 4);
-        let (tile_taps, tile_values) = comptime!((TILE * 9, TILE * channels));
-        let sample = CUBE_POS_Y as usize;
-        let first = CUBE_POS_X as usize * TILE;
         let per_sample = per_sample as usize;
-        let base = sample * per_sample + first;
-        let mut count = per_sample - first;
-        if count > TILE {
-            count = TILE;
-        }
-        let threads = (CUBE_DIM_X * CUBE_DIM_Y) as usize;
-        let lid = UNIT_POS as usize;
+        let (base, count) = (CUBE_POS_Y as usize * per_sample + CUBE_POS_X as usize * TILE, tile_count(per_sample));
         let tx = UNIT_POS_X as usize;
         let ty = UNIT_POS_Y as usize;
-        let kept_row = sample * kept.stride(0);
-        let source_rows = source.shape(0);
-        let weight_row = sample * weight.stride(0);
+        let weight_row = CUBE_POS_Y as usize * weight.stride(0);
 
-        let mut rows = SharedMemory::<u32>::new(tile_taps);
+        let mut rows = SharedMemory::<u32>::new(comptime!(TILE * 9));
         let mut xs = SharedMemory::<F>::new(comptime!(TILE * pitch));
         let mut ws = SharedMemory::<F>::new(comptime!(channels * units4));
         // f32 accumulators whatever the storage type (bf16 keeps only 8 bits of mantissa).
@@ -139,35 +230,11 @@ mod kernels {
         for i in 0..outputs {
             acc[i] = 0.0;
         }
-        // The tile's windows (pixels past the sample's last read row 0; their outputs are dropped).
-        let mut e = lid;
-        while e < tile_taps {
-            let mut row = 0u32;
-            if e < count * 9usize {
-                row = u32::cast_from(windows[(base * 9usize + e) * windows.stride(0)]);
-            }
-            rows[e] = row;
-            e += threads;
-        }
+        stage_windows(windows, &mut rows, base, count);
         for t in 0..9usize {
             sync_cube();
-            let mut e = lid;
-            while e < tile_values {
-                let p = e / channels;
-                let c = e % channels;
-                let row = rows[p * 9usize + t] as usize;
-                let mut v = F::new(0.0);
-                if row < source_rows {
-                    v = source[row * source.stride(0) + c * source.stride(1)];
-                }
-                xs[p * pitch + c] = v;
-                e += threads;
-            }
-            let mut e = lid;
-            while e < comptime!(channels * units4) {
-                ws[e] = weight[weight_row + t * comptime!(channels * units4) + e];
-                e += threads;
-            }
+            stage_pixels(source, &rows, &mut xs, t, channels, channels, pitch);
+            stage_weights(weight, &mut ws, weight_row + t * comptime!(channels * units4), comptime!(channels * units4));
             sync_cube();
             #[unroll]
             for c in 0..channels {
@@ -190,50 +257,24 @@ mod kernels {
                 }
             }
         }
-        // Bias and GELU, then the tile through shared memory, written row by row.
-        let mut os = SharedMemory::<F>::new(comptime!(TILE * units4));
+        let mut sums = SharedMemory::<f32>::new(comptime!(TILE * units4));
         #[unroll]
         for j in 0..4usize {
-            let u = ty * 4usize + j;
-            let mut b = 0.0f32;
-            if u < units {
-                let mut o = u;
-                if select_outputs {
-                    o = u32::cast_from(kept[kept_row + u * kept.stride(1)]) as usize;
-                }
-                b = f32::cast_from(bias[o * bias.stride(0)]);
-            }
             #[unroll]
             for i in 0..PIXELS_PER_THREAD {
-                let mut v = acc[i * 4usize + j] + b;
-                if gelu {
-                    v = v * 0.5 * (1.0 + cubecl::frontend::Erf::erf(v * core::f32::consts::FRAC_1_SQRT_2));
-                }
-                os[(tx + i * lanes) * units4 + u] = F::cast_from(v);
+                sums[(tx + i * lanes) * units4 + ty * 4usize + j] = acc[i * 4usize + j];
             }
         }
         sync_cube();
-        let mut e = lid;
-        while e < count * units {
-            let p = e / units;
-            let u = e % units;
-            out[(base + p) * out.stride(0) + u * out.stride(1)] = os[p * units4 + u];
-            e += threads;
-        }
+        write_tile(&sums, bias, kept, out, base, count, units, units4, select_outputs, gelu);
     }
 
-    /// Pixels per cube of [`window_conv_mma_kernel`].
-    pub(super) const MMA_TILE: usize = 64;
-    /// The tensor cores' fragment side (bf16: m16 n16 k16).
-    pub(super) const FRAGMENT: usize = 16;
-
-    /// [`window_conv_kernel`] on the tensor cores, for bf16 operands: one cube per `MMA_TILE`
-    /// pixels of one sample, one warp per 16 x 16 block of outputs (`CUBE_DIM_Y` warps of 32),
+    /// [`window_conv_kernel`] on the tensor cores, for bf16 operands: one cube per `TILE` pixels
+    /// of one sample, one warp per 16 x 16 block of outputs (`CUBE_DIM_Y` warps of 32),
     /// accumulating in f32 through the matrix multiply-accumulate instructions. Per tap the cube
     /// stages its pixels' source rows (channels zero-padded to whole fragments) and the tap's
     /// weights (`weight`: its sample's row of [`kept_weights_kernel`]'s layout, padded to whole
-    /// fragments on both sides) in shared memory; the accumulators go through shared memory to
-    /// add the bias, apply GELU and write the tile row by row.
+    /// fragments on both sides) in shared memory.
     #[cube(launch)]
     #[allow(clippy::too_many_arguments)]
     pub(super) fn window_conv_mma_kernel<F: Float, I: Int>(
@@ -253,24 +294,14 @@ mod kernels {
         let k_pad = comptime!(channels.div_ceil(FRAGMENT) * FRAGMENT);
         let u_pad = comptime!(units.div_ceil(FRAGMENT) * FRAGMENT);
         let fragments_n = comptime!(u_pad / FRAGMENT);
-        let (tile_taps, tile_values) = comptime!((MMA_TILE * 9, MMA_TILE * k_pad));
-        let sample = CUBE_POS_Y as usize;
-        let first = CUBE_POS_X as usize * MMA_TILE;
+        let tile_values = comptime!(TILE * k_pad);
         let per_sample = per_sample as usize;
-        let base = sample * per_sample + first;
-        let mut count = per_sample - first;
-        if count > MMA_TILE {
-            count = MMA_TILE;
-        }
-        let threads = (CUBE_DIM_X * CUBE_DIM_Y) as usize;
-        let lid = UNIT_POS as usize;
+        let (base, count) = (CUBE_POS_Y as usize * per_sample + CUBE_POS_X as usize * TILE, tile_count(per_sample));
         let warp = UNIT_POS_Y as usize;
         let (fm, fn_) = (warp / fragments_n, warp % fragments_n);
-        let kept_row = sample * kept.stride(0);
-        let source_rows = source.shape(0);
-        let weight_row = sample * weight.stride(0);
+        let weight_row = CUBE_POS_Y as usize * weight.stride(0);
 
-        let mut rows = SharedMemory::<u32>::new(tile_taps);
+        let mut rows = SharedMemory::<u32>::new(comptime!(TILE * 9));
         // Fragments load from 32-byte aligned addresses.
         let mut xs = SharedMemory::<F>::new_aligned(tile_values, 32usize);
         let mut ws = SharedMemory::<F>::new_aligned(comptime!(k_pad * u_pad), 32usize);
@@ -282,34 +313,11 @@ mod kernels {
             cmma::MatrixLayout::Undefined,
             0.0,
         );
-        let mut e = lid;
-        while e < tile_taps {
-            let mut row = 0u32;
-            if e < count * 9usize {
-                row = u32::cast_from(windows[(base * 9usize + e) * windows.stride(0)]);
-            }
-            rows[e] = row;
-            e += threads;
-        }
+        stage_windows(windows, &mut rows, base, count);
         for t in 0..9usize {
             sync_cube();
-            let mut e = lid;
-            while e < tile_values {
-                let p = e / k_pad;
-                let c = e % k_pad;
-                let row = rows[p * 9usize + t] as usize;
-                let mut v = F::new(0.0);
-                if row < source_rows && c < channels {
-                    v = source[row * source.stride(0) + c * source.stride(1)];
-                }
-                xs[e] = v;
-                e += threads;
-            }
-            let mut e = lid;
-            while e < comptime!(k_pad * u_pad) {
-                ws[e] = weight[weight_row + t * comptime!(k_pad * u_pad) + e];
-                e += threads;
-            }
+            stage_pixels(source, &rows, &mut xs, t, channels, k_pad, k_pad);
+            stage_weights(weight, &mut ws, weight_row + t * comptime!(k_pad * u_pad), comptime!(k_pad * u_pad));
             sync_cube();
             #[unroll]
             for kk in 0..comptime!(k_pad / FRAGMENT) {
@@ -336,30 +344,16 @@ mod kernels {
                 cmma::execute::<F, F, f32, f32>(&a, &b, &acc, &acc);
             }
         }
-        let mut os = SharedMemory::<f32>::new_aligned(comptime!(MMA_TILE * u_pad), 32usize);
+        let mut sums = SharedMemory::<f32>::new_aligned(comptime!(TILE * u_pad), 32usize);
         let o_start = fm * comptime!(FRAGMENT * u_pad) + fn_ * FRAGMENT;
         cmma::store(
-            &mut os.slice_mut(o_start, comptime!(MMA_TILE * u_pad)),
+            &mut sums.slice_mut(o_start, comptime!(TILE * u_pad)),
             &acc,
             u_pad as u32,
             cmma::MatrixLayout::RowMajor,
         );
         sync_cube();
-        let mut e = lid;
-        while e < count * units {
-            let p = e / units;
-            let u = e % units;
-            let mut o = u;
-            if select_outputs {
-                o = u32::cast_from(kept[kept_row + u * kept.stride(1)]) as usize;
-            }
-            let mut v = os[p * u_pad + u] + f32::cast_from(bias[o * bias.stride(0)]);
-            if gelu {
-                v = v * 0.5 * (1.0 + cubecl::frontend::Erf::erf(v * core::f32::consts::FRAC_1_SQRT_2));
-            }
-            out[(base + p) * out.stride(0) + u * out.stride(1)] = F::cast_from(v);
-            e += threads;
-        }
+        write_tile(&sums, bias, kept, out, base, count, units, u_pad, select_outputs, gelu);
     }
 
     /// A conv's weights `[O, I, 3, 3]` laid out for the window-conv kernels: per row of `kept`
@@ -486,10 +480,10 @@ fn window_conv_cube(
     );
     let weight = laid_out;
     if mma {
-        let warps = (MMA_TILE / FRAGMENT) * (pads.1 / FRAGMENT);
+        let warps = (TILE / FRAGMENT) * (pads.1 / FRAGMENT);
         window_conv_mma_kernel::launch(
             &client,
-            CubeCount::Static(per_sample.div_ceil(MMA_TILE) as u32, batch as u32, 1),
+            CubeCount::Static(per_sample.div_ceil(TILE) as u32, batch as u32, 1),
             CubeDim::new_2d(32, warps as u32),
             source.into_tensor_arg(),
             windows.into_tensor_arg(),
@@ -732,7 +726,8 @@ mod tests {
         let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
         // bf16 rounds the operands and the output to 8 bits of mantissa (2^-8 = 3.9e-3), f32
         // accumulation.
-        let backends: [(&str, fn(&[TensorData; 3], &[i64], &[i64], [usize; 3]) -> Vec<f32>, f32); 4] = [
+        type Run = fn(&[TensorData; 3], &[i64], &[i64], [usize; 3]) -> Vec<f32>;
+        let backends: [(&str, Run, f32); 4] = [
             ("fused f32", run::<CudaBackend>, 1e-5),
             ("direct f32", run::<crate::CudaDirectBackend>, 1e-5),
             ("fused bf16", run::<CudaBackend<bf16>>, 2e-2),
