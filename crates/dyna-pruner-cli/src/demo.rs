@@ -14,7 +14,7 @@ use dyna_pruner::eval::{default_batch, evaluate_persistence};
 use dyna_pruner::train::{prepare_data, RunControl};
 
 use crate::budget::KeepArgs;
-use crate::device::DeviceArg;
+use crate::device::{DeviceArg, Precision};
 use crate::eval::{evaluate_checkpoint, table_header, table_metrics, table_row};
 use crate::pictures::Palette;
 use crate::report::{demo_table, draw_pictures, write_page, Style, RADAR_STYLE};
@@ -171,25 +171,29 @@ pub fn run(
     out: &Path,
     retrain: bool,
     root: &Path,
-    device: DeviceArg,
+    (device, precision): (DeviceArg, Precision),
     (batch_size, keep): (Option<usize>, KeepArgs),
 ) -> anyhow::Result<()> {
+    if precision == Precision::Bf16 && device == DeviceArg::Cpu {
+        // Before any retraining: the evaluation would refuse it.
+        anyhow::bail!("--precision bf16 runs on the GPU (`--device cuda`); the CPU backend computes in f32");
+    }
     for demo in task.demos() {
         if keep.is_set() && demo.any_budget_model.is_none() {
             eprintln!("{}: no budget-conditioned model; --keep applies to the other demonstrations", demo.dataset);
         }
-        run_one(&demo, &out.join(demo.subdir), &out.join(demo.report), retrain, root, device, (batch_size, keep))?;
+        let paths = (out.join(demo.subdir), out.join(demo.report));
+        run_one(&demo, (&paths.0, &paths.1), retrain, root, (device, precision), (batch_size, keep))?;
     }
     Ok(())
 }
 
 fn run_one(
     demo: &Demo,
-    out: &Path,
-    report_path: &Path,
+    (out, report_path): (&Path, &Path),
     retrain: bool,
     root: &Path,
-    device: DeviceArg,
+    (device, precision): (DeviceArg, Precision),
     (batch_size, keep): (Option<usize>, KeepArgs),
 ) -> anyhow::Result<()> {
     let dense_plan = load_plan(root, demo.dense_config)?;
@@ -211,7 +215,7 @@ fn run_one(
     let (splits, _) = prepare_data(&dense_plan)?;
     let test = &splits.test;
     let batch = batch_size.unwrap_or_else(|| default_batch(test.height, test.width));
-    let report = with_backend!(device, |B, T, dev| {
+    let report = with_backend!(device, precision, |B, T, dev| {
         let dense = checkpoint::load::<B>(&dense_dir, &dev)?;
         let dynamic = checkpoint::load::<B>(&dynamic_dir, &dev)?;
         if dense.meta.scaler != dynamic.meta.scaler {
@@ -271,6 +275,7 @@ fn run_one(
             "dataset": demo.dataset,
             "backbone": demo.backbone,
             "test_samples": test.len(),
+            "precision": precision,
             "main_metric": main,
             "dense": { "metrics": d.metrics, "macs_per_sample": dense_macs },
             "dynamic": {

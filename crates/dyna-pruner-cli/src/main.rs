@@ -168,6 +168,10 @@ enum Command {
         /// Also the task's budget-conditioned model at these keep ratios.
         #[command(flatten)]
         keep: budget::KeepArgs,
+        /// The float element of the evaluation: f32, or bf16 with `--device cuda` (`--retrain`
+        /// trains in f32).
+        #[arg(long, value_enum, default_value_t = device::Precision::F32)]
+        precision: device::Precision,
     },
     /// Every shipped model of a task on its test range against the alternatives at the same
     /// cost (dense, smaller dense, statically pruned, control, dynamic, persistence): MACs and
@@ -252,8 +256,8 @@ fn main() -> anyhow::Result<()> {
             };
             eval::run(&checkpoint, &source, out.as_deref(), (batch_size, dense, budget), (device, precision))
         }
-        Command::Demo { task, out, retrain, root, device, batch_size, keep } => {
-            demo::run(task, &out, retrain, &root, device, (batch_size, keep))
+        Command::Demo { task, out, retrain, root, device, batch_size, keep, precision } => {
+            demo::run(task, &out, retrain, &root, (device, precision), (batch_size, keep))
         }
         Command::Pareto { task, out, retrain, root, runs, device, keep } => {
             if runs == 0 {

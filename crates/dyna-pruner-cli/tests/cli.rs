@@ -337,6 +337,10 @@ fn bf16_and_direct_launches_are_refused_off_the_gpu() {
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(err.contains("--precision bf16 runs on the GPU") && !err.contains("panicked"), "{err}");
+    let out = run(bin().args(["demo", "--retrain", "--precision", "bf16", "--out", "/nonexistent/demo"]));
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("--precision bf16 runs on the GPU") && !err.contains("panicked"), "{err}");
     let out = run(bin().args(["bench", "--device", "cuda", "--precision", "f16"]));
     assert!(!out.status.success());
     assert!(stderr(&out).contains("f16"), "{}", stderr(&out));
