@@ -101,6 +101,33 @@ pub struct Row {
     pub reference_max_diff: Option<f64>,
 }
 
+impl Row {
+    /// A row of `backbone` at `(height, width)`, `batch` and `kept_fraction`: the dense and the
+    /// sparse path's times, with the speedup and the efficiency (speedup / MAC ratio) they give.
+    pub fn timed(
+        backbone: &'static str,
+        (height, width): (usize, usize),
+        (batch, kept_fraction): (usize, f32),
+        mac_ratio: f64,
+        (dense_ms, sparse_ms): (f64, f64),
+    ) -> Row {
+        let speedup = dense_ms / sparse_ms;
+        Row {
+            backbone,
+            height,
+            width,
+            batch,
+            kept_fraction,
+            mac_ratio,
+            dense_ms,
+            sparse_ms,
+            speedup,
+            efficiency: speedup / mac_ratio,
+            ..Row::default()
+        }
+    }
+}
+
 #[derive(Serialize)]
 struct Report {
     threads: usize,
@@ -247,23 +274,13 @@ fn bench_backbone(
             for ((f, _, sparse_macs), &sparse_ms) in sparse.iter().zip(&times[1..]) {
                 let (f, sparse_macs) = (*f, *sparse_macs);
                 let mac_ratio = dense_macs / sparse_macs;
-                let speedup = dense_ms / sparse_ms;
                 let row = Row {
-                    backbone: name,
-                    height: h,
-                    width: w,
-                    batch,
-                    kept_fraction: f,
-                    mac_ratio,
-                    dense_ms,
-                    sparse_ms,
-                    speedup,
-                    efficiency: speedup / mac_ratio,
                     burn_dense_ms: Some(burn_dense_ms),
                     torch_ms: torch_ms.clone(),
                     torch_best_ms,
-                    ..Row::default()
+                    ..Row::timed(name, (h, w), (batch, f), mac_ratio, (dense_ms, sparse_ms))
                 };
+                let speedup = row.speedup;
                 println!(
                     "| {name} | {h}x{w} | {batch} | {f:.1} | {mac_ratio:.2} | {dense_ms:.2} | {sparse_ms:.2} | {speedup:.2} | {:.2} | {burn_dense_ms:.2} | {:.2} | {} | {} |",
                     row.efficiency,

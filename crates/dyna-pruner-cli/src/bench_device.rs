@@ -196,25 +196,15 @@ impl<R: GatheredBackend> Bench<'_, R> {
                     let sparse_ms = sparse.wall;
                     let grid = arch.patch_grid(h, w);
                     let mac_ratio = macs.dense() as f64 / macs.nominal_dynamic(grid.0 * grid.1, f, cnn.units, f);
-                    let speedup = dense_ms / sparse_ms;
                     let row = Row {
-                        backbone: "cnn",
-                        height: h,
-                        width: w,
-                        batch,
-                        kept_fraction: f,
-                        mac_ratio,
-                        dense_ms,
-                        sparse_ms,
-                        speedup,
-                        efficiency: speedup / mac_ratio,
                         burn_dense_ms: Some(dense_ms),
                         sparse_host_ms: Some(sparse.host),
                         reference_max_diff: Some(worst),
                         torch_ms: torch_ms.clone(),
                         torch_best_ms,
-                        ..Row::default()
+                        ..Row::timed("cnn", (h, w), (batch, f), mac_ratio, (dense_ms, sparse_ms))
                     };
+                    let speedup = row.speedup;
                     println!(
                         "| {size}x{size} | {batch} | {:?} | {:?} | {f:.1} | {mac_ratio:.2} | {dense_ms:.2} | {sparse_ms:.2} ({:.2}) | {speedup:.2} | {} | {} |",
                         variant.0,

@@ -64,27 +64,18 @@ pub fn run(models: &[PathBuf], data: &[PathBuf], out: &Path, plan: &BenchPlan, k
             let times = interleaved_medians(plan.runs, plan.warmup, &mut jobs);
             drop(jobs);
             let (dense_ms, sparse_ms, masked_units_ms) = (times[0], times[1], times.get(2).copied());
-            let speedup = dense_ms / sparse_ms;
-            println!(
-                "| {name} | {h}x{w} | {batch} | {kept:.2} | {mac_ratio:.2} | {dense_ms:.2} | {sparse_ms:.2} | {} | {speedup:.2} | {:.2} |",
-                masked_units_ms.map_or("-".into(), |m| format!("{m:.2}")),
-                speedup / mac_ratio
-            );
-            rows.push(Row {
+            let row = Row {
                 model: Some(name.clone()),
-                backbone: model.arch.kind().name(),
-                height: h,
-                width: w,
-                batch,
-                kept_fraction: kept as f32,
-                mac_ratio,
-                dense_ms,
-                sparse_ms,
-                speedup,
-                efficiency: speedup / mac_ratio,
                 masked_units_ms,
-                ..Row::default()
-            });
+                ..Row::timed(model.arch.kind().name(), (h, w), (batch, kept as f32), mac_ratio, (dense_ms, sparse_ms))
+            };
+            println!(
+                "| {name} | {h}x{w} | {batch} | {kept:.2} | {mac_ratio:.2} | {dense_ms:.2} | {sparse_ms:.2} | {} | {:.2} | {:.2} |",
+                masked_units_ms.map_or("-".into(), |m| format!("{m:.2}")),
+                row.speedup,
+                row.efficiency
+            );
+            rows.push(row);
         }
     }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;

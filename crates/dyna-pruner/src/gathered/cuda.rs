@@ -432,12 +432,6 @@ fn rank_cube(scores: CubeTensor<CudaRuntime>, k: usize) -> (CubeTensor<CudaRunti
     (ranks, top)
 }
 
-/// Whether a window conv runs on the tensor cores: bf16 operands, and its tile fits the
-/// shared memory (at most 64 output and 128 input units, padded to whole fragments).
-fn on_tensor_cores(dtype: DType, channels: usize, units: usize) -> bool {
-    dtype == DType::BF16 && units.div_ceil(FRAGMENT) * FRAGMENT <= 64 && channels.div_ceil(FRAGMENT) * FRAGMENT <= 128
-}
-
 /// [`GatheredBackend::window_conv`] on the GPU: the sample's weights laid out, then
 /// [`window_conv_mma_kernel`] (bf16 within its bounds) or [`window_conv_kernel`]. `kept`
 /// selects per `selects` (`[outputs, inputs]`), unread if neither.
@@ -455,12 +449,11 @@ fn window_conv_cube(
     let out = empty(&source, [n, units], source.dtype);
     let client = source.client.clone();
     let dtypes = [source.dtype.into(), windows.dtype.into()];
-    let mma = on_tensor_cores(source.dtype, channels, units);
-    let pads = if mma {
-        (channels.div_ceil(FRAGMENT) * FRAGMENT, units.div_ceil(FRAGMENT) * FRAGMENT)
-    } else {
-        (channels, units.div_ceil(4) * 4)
-    };
+    // The tensor cores take bf16 operands and a tile that fits shared memory: at most 64
+    // output and 128 input units, padded to whole fragments.
+    let fragments = (channels.div_ceil(FRAGMENT) * FRAGMENT, units.div_ceil(FRAGMENT) * FRAGMENT);
+    let mma = source.dtype == DType::BF16 && fragments.1 <= 64 && fragments.0 <= 128;
+    let pads = if mma { fragments } else { (channels, units.div_ceil(4) * 4) };
     let laid_out = empty(&source, [batch, 9 * pads.0 * pads.1], source.dtype);
     let (count, dim) = elementwise(&client, laid_out.meta.shape().iter().product());
     kept_weights_kernel::launch(
