@@ -641,8 +641,16 @@ impl<F: FloatElement> GatheredBackend for Fusion<Cube<F>> {
 mod tests {
     use super::*;
     use crate::{CpuBackend, CudaBackend};
+    use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
     use burn::tensor::bf16;
     use burn::tensor::TensorData;
+    use dyna_pruner_exec::SampleMasks;
+    use dyna_pruner_spec::{BackboneSpec, CnnSpec, DataScope, Frames};
+
+    use crate::gathered::{GatheredMasks, IndexMasks};
+    use crate::method::masks::kept_count;
+    use crate::method::FixedMasks;
+    use crate::model::{Architecture, DynamicModel};
     use rand::rngs::StdRng;
     use rand::seq::index::sample;
     use rand::{Rng, SeedableRng};
@@ -756,5 +764,75 @@ mod tests {
                 check_window_conv(&mut rng, shape, mode, gelu);
             }
         }
+    }
+
+    type Forwards = fn(&[u8], &Architecture, &TensorData, &[SampleMasks]) -> [Vec<f32>; 2];
+
+    /// The masked-dense and the gathered forward of the model recorded in `weights` on backend
+    /// `B`, under the given masks.
+    fn forwards<B: GatheredBackend>(
+        weights: &[u8],
+        arch: &Architecture,
+        x: &TensorData,
+        masks: &[SampleMasks],
+    ) -> [Vec<f32>; 2] {
+        let device = Default::default();
+        let record = BinBytesRecorder::<FullPrecisionSettings>::default().load(weights.to_vec(), &device).unwrap();
+        let model = DynamicModel::<B>::new(arch, &device).load_record(record);
+        let x = Tensor::<B, 5>::from_data(x.clone().convert::<B::FloatElem>(), &device);
+        let [_, _, _, h, w] = x.dims();
+        let patch = arch.patch();
+        let mut fixed =
+            FixedMasks::new(masks, (h.div_ceil(patch), w.div_ceil(patch)), &arch.layer_units(), patch, &device);
+        let masked = model.forward_masked(x.clone(), &mut fixed);
+        let (gathered, _) = model.forward_gathered(x, GatheredMasks::Given(IndexMasks::from_lists(masks, &device)));
+        [masked, gathered].map(|t| t.into_data().convert::<f32>().to_vec().unwrap())
+    }
+
+    /// The bench's CNN (`dyna-pruner bench --device cuda`) at its sizes, on every CUDA backend,
+    /// against the CPU's masked-dense forward: the kernel tests above run small shapes only.
+    #[test]
+    fn cuda_gathered_forward_matches_the_cpu_at_bench_sizes() {
+        let mut rng = StdRng::seed_from_u64(6);
+        let mut failures = Vec::new();
+        for scope in [DataScope::Network, DataScope::Translator] {
+            let cnn = CnnSpec { hidden: 32, units: 64, blocks: 8, stride: 2, data_scope: scope };
+            let arch = Architecture::new(Frames { t_in: 4, t_out: 4, channels: 2 }, 8, BackboneSpec::Cnn(cnn));
+            let model = DynamicModel::<CpuBackend>::new(&arch, &Default::default());
+            let weights = BinBytesRecorder::<FullPrecisionSettings>::default().record(model.into_record(), ()).unwrap();
+            for (size, batch) in [(64usize, 2usize), (384, 2), (384, 32)] {
+                let shape = [batch, 4, 2, size, size];
+                let values: Vec<f32> = (0..shape.iter().product()).map(|_| rng.random_range(0.0..1.0)).collect();
+                let x = TensorData::new(values, shape);
+                let n = size.div_ceil(8).pow(2);
+                let masks: Vec<SampleMasks> = (0..batch)
+                    .map(|_| SampleMasks {
+                        patches: sample(&mut rng, n, kept_count(0.3, n)).into_vec(),
+                        units: (0..8).map(|_| sample(&mut rng, 64, 19).into_vec()).collect(),
+                    })
+                    .collect();
+                let [want, _] = forwards::<CpuBackend>(&weights, &arch, &x, &masks);
+                let scale = want.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+                let backends: [(&str, Forwards, f32); 4] = [
+                    ("fused f32", forwards::<CudaBackend>, 1e-3),
+                    ("direct f32", forwards::<crate::CudaDirectBackend>, 1e-3),
+                    ("fused bf16", forwards::<CudaBackend<bf16>>, 5e-2),
+                    ("direct bf16", forwards::<crate::CudaDirectBackend<bf16>>, 5e-2),
+                ];
+                for (name, run_on, tolerance) in backends {
+                    for (path, got) in ["masked-dense", "gathered"].iter().zip(run_on(&weights, &arch, &x, &masks)) {
+                        let worst = got.iter().zip(&want).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+                        let line = format!(
+                            "{scope:?} {size}x{size} batch {batch}, {name} {path}: max |diff| {worst:.3e} (scale {scale:.3})"
+                        );
+                        eprintln!("{line}");
+                        if worst.is_nan() || worst > tolerance * scale {
+                            failures.push(line);
+                        }
+                    }
+                }
+            }
+        }
+        assert!(failures.is_empty(), "beyond tolerance:\n{}", failures.join("\n"));
     }
 }
