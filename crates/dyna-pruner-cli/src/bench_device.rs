@@ -83,10 +83,12 @@ pub fn run(device_name: &str, out: &Path, plan: &BenchPlan, variants: &[(Precisi
     let arch = architecture(BackboneKind::Cnn, plan.data_scope);
     let device = Default::default();
     CudaBackend::<f32>::seed(&device, 1);
-    let reference = DynamicModel::<CudaBackend>::new(&arch, &device);
+    // The reference too is loaded from the record: Burn initialises parameters lazily, so a
+    // clone taken before their first use draws weights of its own.
     let weights = BinBytesRecorder::<FullPrecisionSettings>::default()
-        .record(reference.clone().into_record(), ())
+        .record(DynamicModel::<CudaBackend>::new(&arch, &device).into_record(), ())
         .context("recording the model's weights")?;
+    let reference = recorded::<CudaBackend>(&weights, &arch, &device)?;
     let shapes = (&plan.sizes[..], &plan.batches[..]);
     let torch = (plan.torch_twin.as_deref())
         .map(|s| TorchTimes::measure(s, &arch, shapes, (plan.runs, plan.warmup), "cuda", 0))
@@ -130,6 +132,14 @@ pub fn run(device_name: &str, out: &Path, plan: &BenchPlan, variants: &[(Precisi
     Ok(())
 }
 
+/// The model whose weights `weights` recorded, on backend `B`.
+fn recorded<B: Backend>(weights: &[u8], arch: &Architecture, device: &B::Device) -> anyhow::Result<DynamicModel<B>> {
+    let record = BinBytesRecorder::<FullPrecisionSettings>::default()
+        .load(weights.to_vec(), device)
+        .context("loading the model's weights into the backend")?;
+    Ok(DynamicModel::<B>::new(arch, device).load_record(record))
+}
+
 /// What every variant of one bench run shares.
 struct Bench<'a, R: GatheredBackend> {
     arch: &'a Architecture,
@@ -146,10 +156,7 @@ impl<R: GatheredBackend> Bench<'_, R> {
     /// forward, checked, then timed.
     fn rows<B: GatheredBackend>(&self, device: &B::Device, variant: (Precision, Launch)) -> anyhow::Result<Vec<Row>> {
         let (arch, plan) = (self.arch, self.plan);
-        let record = BinBytesRecorder::<FullPrecisionSettings>::default()
-            .load(self.weights.to_vec(), device)
-            .context("loading the model's weights into the backend")?;
-        let model = DynamicModel::<B>::new(arch, device).load_record(record);
+        let model = recorded::<B>(self.weights, arch, device)?;
         let BackboneSpec::Cnn(cnn) = &arch.model.backbone else { unreachable!("the GPU bench runs the CNN") };
         let name = format!("{:?} {:?}", variant.0, variant.1).to_lowercase();
         let mut rows = Vec::new();
