@@ -768,6 +768,23 @@ mod tests {
 
     type Forwards = fn(&[u8], &Architecture, &TensorData, &[SampleMasks]) -> [Vec<f32>; 2];
 
+    /// The model recorded in `weights`, on backend `B`'s default device, and the input on it.
+    fn loaded<B: Backend>(weights: &[u8], arch: &Architecture, x: &TensorData) -> (DynamicModel<B>, Tensor<B, 5>) {
+        let device = Default::default();
+        let record = BinBytesRecorder::<FullPrecisionSettings>::default().load(weights.to_vec(), &device).unwrap();
+        let x = Tensor::<B, 5>::from_data(x.clone().convert::<B::FloatElem>(), &device);
+        (DynamicModel::<B>::new(arch, &device).load_record(record), x)
+    }
+
+    /// `model`'s masked-dense forward under the given masks.
+    fn masked_dense<B: Backend>(model: &DynamicModel<B>, x: Tensor<B, 5>, masks: &[SampleMasks]) -> Vec<f32> {
+        let [_, _, _, h, w] = x.dims();
+        let patch = model.arch.patch();
+        let grid = (h.div_ceil(patch), w.div_ceil(patch));
+        let mut fixed = FixedMasks::new(masks, grid, &model.arch.layer_units(), patch, &x.device());
+        model.forward_masked(x, &mut fixed).into_data().convert::<f32>().to_vec().unwrap()
+    }
+
     /// The masked-dense and the gathered forward of the model recorded in `weights` on backend
     /// `B`, under the given masks.
     fn forwards<B: GatheredBackend>(
@@ -776,17 +793,10 @@ mod tests {
         x: &TensorData,
         masks: &[SampleMasks],
     ) -> [Vec<f32>; 2] {
-        let device = Default::default();
-        let record = BinBytesRecorder::<FullPrecisionSettings>::default().load(weights.to_vec(), &device).unwrap();
-        let model = DynamicModel::<B>::new(arch, &device).load_record(record);
-        let x = Tensor::<B, 5>::from_data(x.clone().convert::<B::FloatElem>(), &device);
-        let [_, _, _, h, w] = x.dims();
-        let patch = arch.patch();
-        let mut fixed =
-            FixedMasks::new(masks, (h.div_ceil(patch), w.div_ceil(patch)), &arch.layer_units(), patch, &device);
-        let masked = model.forward_masked(x.clone(), &mut fixed);
-        let (gathered, _) = model.forward_gathered(x, GatheredMasks::Given(IndexMasks::from_lists(masks, &device)));
-        [masked, gathered].map(|t| t.into_data().convert::<f32>().to_vec().unwrap())
+        let (model, x) = loaded::<B>(weights, arch, x);
+        let given = GatheredMasks::Given(IndexMasks::from_lists(masks, &x.device()));
+        let gathered = model.forward_gathered(x.clone(), given).0;
+        [masked_dense(&model, x, masks), gathered.into_data().convert::<f32>().to_vec().unwrap()]
     }
 
     /// The bench's CNN (`dyna-pruner bench --device cuda`) at its sizes, on every CUDA backend,
@@ -811,7 +821,8 @@ mod tests {
                         units: (0..8).map(|_| sample(&mut rng, 64, 19).into_vec()).collect(),
                     })
                     .collect();
-                let [want, _] = forwards::<CpuBackend>(&weights, &arch, &x, &masks);
+                let (cpu_model, cpu_x) = loaded::<CpuBackend>(&weights, &arch, &x);
+                let want = masked_dense(&cpu_model, cpu_x, &masks);
                 let scale = want.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
                 let backends: [(&str, Forwards, f32); 4] = [
                     ("fused f32", forwards::<CudaBackend>, 1e-3),
