@@ -13,7 +13,6 @@ use std::time::Instant;
 
 use anyhow::Context;
 use burn::prelude::*;
-use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -85,10 +84,8 @@ pub fn run(device_name: &str, out: &Path, plan: &BenchPlan, variants: &[(Precisi
     CudaBackend::<f32>::seed(&device, 1);
     // The reference too is loaded from the record: Burn initialises parameters lazily, so a
     // clone taken before their first use draws weights of its own.
-    let weights = BinBytesRecorder::<FullPrecisionSettings>::default()
-        .record(DynamicModel::<CudaBackend>::new(&arch, &device).into_record(), ())
-        .context("recording the model's weights")?;
-    let reference = recorded::<CudaBackend>(&weights, &arch, &device)?;
+    let weights = DynamicModel::<CudaBackend>::new(&arch, &device).into_weight_bytes()?;
+    let reference = DynamicModel::<CudaBackend>::from_weight_bytes(&arch, &weights, &device)?;
     let shapes = (&plan.sizes[..], &plan.batches[..]);
     let torch = (plan.torch_twin.as_deref())
         .map(|s| TorchTimes::measure(s, &arch, shapes, (plan.runs, plan.warmup), "cuda", 0))
@@ -132,14 +129,6 @@ pub fn run(device_name: &str, out: &Path, plan: &BenchPlan, variants: &[(Precisi
     Ok(())
 }
 
-/// The model whose weights `weights` recorded, on backend `B`.
-fn recorded<B: Backend>(weights: &[u8], arch: &Architecture, device: &B::Device) -> anyhow::Result<DynamicModel<B>> {
-    let record = BinBytesRecorder::<FullPrecisionSettings>::default()
-        .load(weights.to_vec(), device)
-        .context("loading the model's weights into the backend")?;
-    Ok(DynamicModel::<B>::new(arch, device).load_record(record))
-}
-
 /// What every variant of one bench run shares.
 struct Bench<'a, R: GatheredBackend> {
     arch: &'a Architecture,
@@ -156,7 +145,7 @@ impl<R: GatheredBackend> Bench<'_, R> {
     /// forward, checked, then timed.
     fn rows<B: GatheredBackend>(&self, device: &B::Device, variant: (Precision, Launch)) -> anyhow::Result<Vec<Row>> {
         let (arch, plan) = (self.arch, self.plan);
-        let model = recorded::<B>(self.weights, arch, device)?;
+        let model = DynamicModel::<B>::from_weight_bytes(arch, self.weights, device)?;
         let BackboneSpec::Cnn(cnn) = &arch.model.backbone else { unreachable!("the GPU bench runs the CNN") };
         let name = format!("{:?} {:?}", variant.0, variant.1).to_lowercase();
         let mut rows = Vec::new();

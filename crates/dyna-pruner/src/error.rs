@@ -33,6 +33,9 @@ pub enum Error {
     /// Tensors of incompatible shapes reached an op.
     #[error("shape mismatch in {op}: {detail}")]
     Shape { op: &'static str, detail: String },
+    /// Weights that could not be written to or read from bytes.
+    #[error("cannot {op}: {detail}")]
+    Weights { op: &'static str, detail: String },
     /// A checkpoint directory is incomplete or inconsistent.
     #[error("checkpoint {path}: {detail}")]
     Checkpoint { path: PathBuf, detail: String },

@@ -1,6 +1,7 @@
 //! A backbone wrapped by the method: mask generator + one unit gate per prunable layer.
 
 use burn::prelude::*;
+use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
 
 use crate::backbones::{Backbone, SpatioTemporal};
 use crate::macs::MacModel;
@@ -54,6 +55,28 @@ impl<B: Backend> DynamicModel<B> {
             backbone: Backbone::new(arch, device),
             arch: arch.clone(),
         }
+    }
+
+    /// This model's weights as bytes, for [`Self::from_weight_bytes`] on any backend. Burn
+    /// initialises parameters lazily, so a `clone()` of a fresh model taken before their first
+    /// use draws weights of its own: copy a model through these bytes instead.
+    pub fn into_weight_bytes(self) -> crate::Result<Vec<u8>> {
+        BinBytesRecorder::<FullPrecisionSettings>::default()
+            .record(self.into_record(), ())
+            .map_err(|e| crate::Error::Weights { op: "record the model's weights", detail: e.to_string() })
+    }
+
+    /// The model of `arch` with the weights that [`Self::into_weight_bytes`] wrote, on `device`.
+    ///
+    /// # Panics
+    /// When the weights are of another architecture (Burn's `load_record` panics): this copies
+    /// a model between backends; checkpoints on disk go through [`crate::checkpoint`], which
+    /// checks the architecture first.
+    pub fn from_weight_bytes(arch: &Architecture, weights: &[u8], device: &B::Device) -> crate::Result<Self> {
+        let record = BinBytesRecorder::<FullPrecisionSettings>::default()
+            .load(weights.to_vec(), device)
+            .map_err(|e| crate::Error::Weights { op: "load recorded weights into the model", detail: e.to_string() })?;
+        Ok(Self::new(arch, device).load_record(record))
     }
 
     /// # Shapes
@@ -161,6 +184,26 @@ mod tests {
                 (dense.into_data().to_vec().unwrap(), masked.into_data().to_vec().unwrap());
             assert_eq!(a, b, "{kind:?} patch {patch} stride {stride} {h}x{w}");
         }
+    }
+
+    #[test]
+    fn models_from_the_weight_bytes_of_a_fresh_model_agree() {
+        let device = Default::default();
+        let arch = arch_of(BackboneKind::Cnn, 2, 2);
+        let weights = DynamicModel::<CpuBackend>::new(&arch, &device).into_weight_bytes().unwrap();
+        let x = input::<CpuBackend>(2, 10, 6, &device);
+        let outputs: Vec<Vec<f32>> = (0..2)
+            .map(|_| {
+                let model = DynamicModel::<CpuBackend>::from_weight_bytes(&arch, &weights, &device).unwrap();
+                model
+                    .forward(x.clone(), Masking::top_k(MaskMode::Both, 0.5, 0.5))
+                    .prediction
+                    .into_data()
+                    .to_vec()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(outputs[0], outputs[1]);
     }
 
     #[test]

@@ -641,7 +641,6 @@ impl<F: FloatElement> GatheredBackend for Fusion<Cube<F>> {
 mod tests {
     use super::*;
     use crate::{CpuBackend, CudaBackend};
-    use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
     use burn::tensor::bf16;
     use burn::tensor::TensorData;
     use dyna_pruner_exec::SampleMasks;
@@ -771,9 +770,8 @@ mod tests {
     /// The model recorded in `weights`, on backend `B`'s default device, and the input on it.
     fn loaded<B: Backend>(weights: &[u8], arch: &Architecture, x: &TensorData) -> (DynamicModel<B>, Tensor<B, 5>) {
         let device = Default::default();
-        let record = BinBytesRecorder::<FullPrecisionSettings>::default().load(weights.to_vec(), &device).unwrap();
         let x = Tensor::<B, 5>::from_data(x.clone().convert::<B::FloatElem>(), &device);
-        (DynamicModel::<B>::new(arch, &device).load_record(record), x)
+        (DynamicModel::<B>::from_weight_bytes(arch, weights, &device).unwrap(), x)
     }
 
     /// `model`'s masked-dense forward under the given masks.
@@ -809,7 +807,7 @@ mod tests {
             let cnn = CnnSpec { hidden: 32, units: 64, blocks: 8, stride: 2, data_scope: scope };
             let arch = Architecture::new(Frames { t_in: 4, t_out: 4, channels: 2 }, 8, BackboneSpec::Cnn(cnn));
             let model = DynamicModel::<CpuBackend>::new(&arch, &Default::default());
-            let weights = BinBytesRecorder::<FullPrecisionSettings>::default().record(model.into_record(), ()).unwrap();
+            let weights = model.into_weight_bytes().unwrap();
             for (size, batch) in [(64usize, 2usize), (384, 2), (384, 32)] {
                 let shape = [batch, 4, 2, size, size];
                 let values: Vec<f32> = (0..shape.iter().product()).map(|_| rng.random_range(0.0..1.0)).collect();
