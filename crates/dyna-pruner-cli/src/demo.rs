@@ -221,8 +221,8 @@ fn run_one(
         if dense.meta.scaler != dynamic.meta.scaler {
             anyhow::bail!("the dense and dynamic checkpoints were fitted with different scalers");
         }
-        let d = evaluate_checkpoint(&dense, test, batch, &dev, "dense");
-        let y = evaluate_checkpoint(&dynamic, test, batch, &dev, "dynamic");
+        let d = evaluate_checkpoint(&dense, test, batch, &dev, "dense")?;
+        let y = evaluate_checkpoint(&dynamic, test, batch, &dev, "dynamic")?;
         let p = evaluate_persistence(test, dense.meta.scoring());
         let dense_macs = d.macs_per_sample.unwrap_or(f64::NAN);
         let dynamic_macs = y.macs_per_sample.unwrap_or(f64::NAN);
@@ -250,7 +250,7 @@ fn run_one(
             Some(dir) => {
                 let mut ck = checkpoint::load::<B>(&root.join(dir), &dev)?;
                 ck.meta.masking = keep.apply(&ck.meta.architecture, ck.meta.masking, dir)?;
-                let e = evaluate_checkpoint(&ck, test, batch, &dev, "any budget");
+                let e = evaluate_checkpoint(&ck, test, batch, &dev, "any budget")?;
                 println!("{}", table_row(&format!("any-budget {}", demo.label), &e, Some(dense_macs), cols));
                 json!({ "model": dir, "masking": ck.meta.masking, "metrics": e.metrics, "macs_per_sample": e.macs_per_sample })
             }

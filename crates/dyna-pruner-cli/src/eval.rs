@@ -25,13 +25,13 @@ pub fn evaluate_checkpoint<B: Backend>(
     batch_size: usize,
     device: &B::Device,
     label: &str,
-) -> Evaluation {
+) -> anyhow::Result<Evaluation> {
     let bar = eval_bar(label, windows.len());
     let result = evaluate(&ck.model, windows, ck.meta.scoring(), ck.meta.masking, batch_size, device, &mut |d, _| {
         bar.set_position(d as u64)
     });
     bar.finish_and_clear();
-    result
+    result.with_context(|| format!("evaluating checkpoint {}", ck.dir.display()))
 }
 
 /// All windows of `files` for a model of architecture `arch` trained on data read by `data`
@@ -188,7 +188,10 @@ pub fn run(
             }
             None => None,
         };
-        let e = evaluate_checkpoint(&ck, &windows, batch_size, &dev, "eval");
+        let e = evaluate_checkpoint(&ck, &windows, batch_size, &dev, "eval").with_context(|| match precision {
+            Precision::Bf16 => "at --precision bf16, where Burn runs every operation in bf16 (not an autocast)",
+            Precision::F32 => "at --precision f32",
+        })?;
         let p = evaluate_persistence(&windows, ck.meta.scoring());
         let cols = table_metrics(&windows);
         println!(

@@ -211,7 +211,7 @@ pub fn run(task: Task, out: &Path, root: &Path, options: &Options) -> anyhow::Re
                     PointKind::AnyBudget => format!("{name} @{}/{}", masking.data_keep, masking.unit_keep),
                     _ => name.clone(),
                 };
-                let e = evaluate_checkpoint(&ck, test, 64, &dev, &label);
+                let e = evaluate_checkpoint(&ck, test, 64, &dev, &label)?;
                 let metric = *e.metrics.get(main).with_context(|| format!("{label}: no {main} on this data"))?;
                 runs.push((i, masking));
                 points.push(Point {

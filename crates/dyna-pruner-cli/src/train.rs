@@ -20,7 +20,7 @@ pub fn train_plan(plan: &Plan, control: RunControl, device: DeviceArg) -> anyhow
         };
         let ck = checkpoint::load::<B>(&trained.checkpoint, &dev)?;
         let test_set = &trained.splits.test;
-        let test = evaluate_checkpoint(&ck, test_set, default_batch(test_set.height, test_set.width), &dev, "test");
+        let test = evaluate_checkpoint(&ck, test_set, default_batch(test_set.height, test_set.width), &dev, "test")?;
         let persistence = evaluate_persistence(&trained.splits.test, ck.meta.scoring());
         let cols = table_metrics(&trained.splits.test);
         println!(

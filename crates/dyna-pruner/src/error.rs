@@ -36,6 +36,9 @@ pub enum Error {
     /// Weights that could not be written to or read from bytes.
     #[error("cannot {op}: {detail}")]
     Weights { op: &'static str, detail: String },
+    /// A forward pass gave NaN or infinite predictions.
+    #[error("the model's prediction is not finite: {detail}")]
+    NonFinitePrediction { detail: String },
     /// A checkpoint directory is incomplete or inconsistent.
     #[error("checkpoint {path}: {detail}")]
     Checkpoint { path: PathBuf, detail: String },

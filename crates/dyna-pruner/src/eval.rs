@@ -56,7 +56,8 @@ pub fn default_batch(height: usize, width: usize) -> usize {
     (BATCH_PIXELS / (height * width).max(1)).clamp(1, 64)
 }
 
-/// Runs `model` over `windows` in batches; `on_batch(done, total)` reports progress.
+/// Runs `model` over `windows` in batches; `on_batch(done, total)` reports progress. A NaN or
+/// infinite prediction is an error naming its window, never a NaN score.
 pub fn evaluate<B: Backend>(
     model: &DynamicModel<B>,
     windows: &WindowSet,
@@ -65,7 +66,7 @@ pub fn evaluate<B: Backend>(
     batch_size: usize,
     device: &B::Device,
     on_batch: &mut dyn FnMut(usize, usize),
-) -> Evaluation {
+) -> crate::Result<Evaluation> {
     let mut metrics = Metrics::for_windows(windows, scoring.scaler, scoring.climatology);
     let mac_model = model.mac_model(windows.height, windows.width);
     let mut costs = Vec::with_capacity(windows.len());
@@ -75,6 +76,12 @@ pub fn evaluate<B: Backend>(
         let out = model.forward(x, masking);
         // As f32 whatever the backend's float element (bf16 on the GPU).
         let pred: Vec<f32> = out.prediction.into_data().convert::<f32>().to_vec().expect("f32 prediction");
+        if let Some(at) = pred.iter().position(|v| !v.is_finite()) {
+            let window = chunk[at / (pred.len() / chunk.len())];
+            return Err(crate::Error::NonFinitePrediction {
+                detail: format!("{} in window {window} of {}", pred[at], windows.len()),
+            });
+        }
         let target: Vec<f32> = y.into_data().convert::<f32>().to_vec().expect("f32 target");
         metrics.update(&pred, &target);
         costs.extend(sample_costs(&mac_model, &out.fractions, chunk.len()));
@@ -82,14 +89,14 @@ pub fn evaluate<B: Backend>(
     }
     let n = costs.len().max(1) as f64;
     let dynamic = masking.mode != MaskMode::Dense;
-    Evaluation {
+    Ok(Evaluation {
         metrics: metrics.finish(),
         macs_per_sample: Some(costs.iter().map(|c| c.macs).sum::<f64>() / n),
         samples: windows.len(),
         kept_patch_fraction: dynamic.then(|| costs.iter().map(|c| c.kept_patch_fraction as f64).sum::<f64>() / n),
         kept_unit_fraction: dynamic.then(|| costs.iter().map(|c| c.kept_unit_fraction as f64).sum::<f64>() / n),
         per_sample: costs,
-    }
+    })
 }
 
 /// MACs and kept fractions of each sample of a batch from the hard per-layer fractions.
@@ -148,6 +155,24 @@ pub fn evaluate_persistence(windows: &WindowSet, scoring: Scoring<'_>) -> Evalua
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_non_finite_prediction_is_an_error_naming_its_window() {
+        use crate::data::MinMaxScaler;
+        use dyna_pruner_spec::{Architecture, BackboneSpec, CnnSpec, DataScope, Frames};
+        let cnn = CnnSpec { hidden: 4, units: 4, blocks: 1, stride: 1, data_scope: DataScope::Network };
+        let arch = Architecture::new(Frames { t_in: 2, t_out: 1, channels: 1 }, 2, BackboneSpec::Cnn(cnn));
+        let device = Default::default();
+        let model = DynamicModel::<crate::CpuBackend>::new(&arch, &device);
+        let (n, frame) = (3, 4 * 4);
+        let mut x = vec![0.5; n * 2 * frame];
+        x[2 * frame + frame + 5] = f32::INFINITY; // window 1's last input frame
+        let windows = WindowSet::from_pairs(x, vec![0.5; n * frame], n, 2, 1, [1, 4, 4]);
+        let scaler = Scaler::MinMax(MinMaxScaler { min: 0.0, max: 1.0 });
+        let scoring = Scoring { scaler: &scaler, climatology: None };
+        let err = evaluate(&model, &windows, scoring, Masking::DENSE, 2, &device, &mut |_, _| {}).unwrap_err();
+        assert!(err.to_string().contains("window 1 of 3"), "{err}");
+    }
 
     #[test]
     fn the_default_batch_shrinks_with_the_frame() {

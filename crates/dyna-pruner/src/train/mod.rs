@@ -485,7 +485,7 @@ impl<'a, B: AutodiffBackend, O: Optimizer<DynamicModel<B>, B>> Run<'a, B, O> {
             progress.validating(pass * windows, passes * windows);
             let val = evaluate(&valid, &self.splits.val, scoring, *masking, batch, self.device, &mut |d, _| {
                 progress.validating(pass * windows + d, passes * windows)
-            });
+            })?;
             val_mse_by_keep.push([masking.data_keep as f64, masking.unit_keep as f64, val.metrics["mse"]]);
         }
         let val_mse = val_mse_by_keep.iter().map(|v| v[2]).sum::<f64>() / passes as f64;
