@@ -42,6 +42,15 @@ impl<B: Backend> MaskGenerator<B> {
     }
 }
 
+/// `w` with `extra` zero slices appended along `dim`, as a trainable leaf if `w` was one.
+fn with_zero_slices<B: Backend, const D: usize>(w: Tensor<B, D>, dim: usize, extra: usize) -> Tensor<B, D> {
+    let trainable = w.is_require_grad();
+    let mut shape = w.dims();
+    shape[dim] = extra;
+    let zeros = Tensor::zeros(shape, &w.device());
+    Tensor::cat(vec![w, zeros], dim).detach().set_require_grad(trainable)
+}
+
 /// Patch-grid side for a frame side: `ceil(side / patch)`.
 pub fn patch_grid(side: usize, patch: usize) -> usize {
     side.div_ceil(patch)
@@ -75,6 +84,17 @@ impl<B: Backend> MaskGenerator<B> {
         let logits = self.head.forward(hidden);
         let [_, _, hp, wp] = logits.dims();
         sigmoid(logits).reshape([b, hp, wp])
+    }
+
+    /// This generator as a budget-conditioned one of `spec` (same width and motion input): its
+    /// first convolution also reads the keep ratios, with zero weights, so S is unchanged until
+    /// training moves them.
+    pub fn conditioned_on_budget(mut self, spec: GeneratorSpec) -> Self {
+        debug_assert_eq!((spec.width, spec.motion), (self.spec.width, self.spec.motion));
+        let extra = spec.budget_inputs() - self.spec.budget_inputs();
+        self.conv1.weight = self.conv1.weight.map(|w| with_zero_slices(w, 1, extra));
+        self.spec = spec;
+        self
     }
 
     /// MACs per sample: pooling reads (counted as one MAC per element) plus the convolutions.
@@ -158,6 +178,14 @@ impl<B: Backend> UnitGate<B> {
         sigmoid(self.linear.forward(Tensor::cat(inputs, 1)))
     }
 
+    /// This gate also reading the keep ratios (`budget_inputs` of them, none before), with zero
+    /// weights: its scores are unchanged until training moves them.
+    pub fn conditioned_on_budget(mut self, budget_inputs: usize) -> Self {
+        debug_assert_eq!(self.linear.weight.dims()[0], self.in_channels + 1);
+        self.linear.weight = self.linear.weight.map(|w| with_zero_slices(w, 0, budget_inputs));
+        self
+    }
+
     /// MACs per sample at a layer resolution of `pixels`.
     pub fn macs(&self, pixels: usize) -> u64 {
         let [inputs, units] = self.linear.weight.dims();
@@ -189,5 +217,50 @@ mod tests {
             let (a, l) = (s(arriving.clone()), s(leaving.clone()));
             assert_eq!(a != l, motion, "motion {motion}: {a:?} vs {l:?}");
         }
+    }
+
+    /// A trained generator and gate taken over by a budget-conditioned model score as before at
+    /// every keep ratio, until training moves the new weights.
+    #[test]
+    fn conditioning_on_the_budget_leaves_the_scores_unchanged() {
+        let device = Default::default();
+        let x = Tensor::<CpuBackend, 5>::random([2, 3, 2, 8, 8], burn::tensor::Distribution::Default, &device);
+        let spec = GeneratorSpec { width: 8, ..GeneratorSpec::default() };
+        let conditioned_spec = GeneratorSpec { keep_range: Some([0.2, 0.9].into()), ..spec };
+        let generator = MaskGenerator::<CpuBackend>::new(2, 2, spec, &device);
+        let gate = UnitGateConfig::new(2, 5).init::<CpuBackend>(&device);
+        let features = x.clone().narrow(1, 2, 1).reshape([2, 2, 8, 8]);
+        let importance = Tensor::<CpuBackend, 4>::random([2, 1, 8, 8], burn::tensor::Distribution::Default, &device);
+        let plain = Masking::top_k(crate::method::MaskMode::Both, 0.5, 0.5);
+        let values = |t: Tensor<CpuBackend, 3>| t.into_data().to_vec::<f32>().unwrap();
+        let s = values(generator.forward(x.clone(), &plain));
+        let g = values(gate.forward(features.clone(), importance.clone(), &plain).unsqueeze());
+        let (generator, gate) = (generator.conditioned_on_budget(conditioned_spec), gate.conditioned_on_budget(2));
+        for keep in [0.2, 0.5, 0.9] {
+            let masking = Masking::top_k(crate::method::MaskMode::Both, keep, 1.0 - keep);
+            // Equal up to f32 rounding: the convolution sums more (zero) terms.
+            let close = |a: Vec<f32>, b: &[f32]| a.iter().zip(b).all(|(a, b)| (a - b).abs() < 1e-6);
+            assert!(close(values(generator.forward(x.clone(), &masking)), &s), "keep {keep}");
+            let scores = gate.forward(features.clone(), importance.clone(), &masking);
+            assert!(close(values(scores.unsqueeze()), &g), "keep {keep}");
+        }
+        assert_eq!(generator.conv1.weight.dims()[1], 3 * 2 + 2);
+        assert_eq!(gate.linear.weight.dims()[0], 2 + 1 + 2);
+    }
+
+    /// The widened weights stay trainable parameters (the trainer takes a model over this way).
+    #[test]
+    fn the_budget_weights_of_a_conditioned_gate_get_gradients() {
+        type T = crate::TrainBackend;
+        let device = Default::default();
+        let gate = UnitGateConfig::new(3, 4).init::<T>(&device).conditioned_on_budget(2);
+        let features = Tensor::<T, 4>::random([2, 3, 4, 4], burn::tensor::Distribution::Default, &device);
+        let importance = Tensor::<T, 4>::ones([2, 1, 4, 4], &device);
+        let masking = Masking::top_k(crate::method::MaskMode::Both, 0.5, 0.5);
+        let grads = gate.forward(features, importance, &masking).sum().backward();
+        let grad = gate.linear.weight.grad(&grads).expect("a gradient for the gate's weights");
+        assert_eq!(grad.dims(), [3 + 1 + 2, 4]);
+        let budget_rows: Vec<f32> = grad.narrow(0, 4, 2).into_data().to_vec().unwrap();
+        assert!(budget_rows.iter().any(|g| *g != 0.0), "{budget_rows:?}");
     }
 }

@@ -257,16 +257,34 @@ impl<'a, B: AutodiffBackend, O: Optimizer<DynamicModel<B>, B>> Run<'a, B, O> {
                 let mut model = init.model;
                 if init.meta.architecture != architecture {
                     // A budget-conditioned model's gates read two more inputs.
-                    let budget_inputs = |a: &Architecture| a.model.generator.budget_inputs();
-                    let gates_too = budget_inputs(&init.meta.architecture) != budget_inputs(&architecture);
-                    let afresh =
-                        if gates_too { "the mask generator and unit gates start" } else { "the mask generator starts" };
-                    let kept = if gates_too { "backbone" } else { "backbone and unit gates" };
-                    progress
-                        .message(&format!("{}: {kept} taken over; {afresh} afresh (its shape differs)", dir.display()));
-                    model.mask_generator = crate::model::mask_generator(&architecture, device);
-                    if gates_too {
-                        model.unit_gates = crate::model::unit_gates(&architecture, device);
+                    let (from, to) = (init.meta.architecture.model.generator, architecture.model.generator);
+                    let gates_too = from.budget_inputs() != to.budget_inputs();
+                    // A dynamic model's trained generator and gates only gain the keep ratios.
+                    let trained = init.meta.masking.mode != MaskMode::Dense;
+                    if trained && from.budget_inputs() == 0 && (from.width, from.motion) == (to.width, to.motion) {
+                        progress.message(&format!(
+                            "{}: backbone, mask generator and unit gates taken over; the keep ratios enter them with zero weights",
+                            dir.display()
+                        ));
+                        model.mask_generator = model.mask_generator.conditioned_on_budget(to);
+                        let gates = std::mem::take(&mut model.unit_gates);
+                        model.unit_gates =
+                            gates.into_iter().map(|g| g.conditioned_on_budget(to.budget_inputs())).collect();
+                    } else {
+                        let afresh = if gates_too {
+                            "the mask generator and unit gates start"
+                        } else {
+                            "the mask generator starts"
+                        };
+                        let kept = if gates_too { "backbone" } else { "backbone and unit gates" };
+                        progress.message(&format!(
+                            "{}: {kept} taken over; {afresh} afresh (its shape differs)",
+                            dir.display()
+                        ));
+                        model.mask_generator = crate::model::mask_generator(&architecture, device);
+                        if gates_too {
+                            model.unit_gates = crate::model::unit_gates(&architecture, device);
+                        }
                     }
                     model.arch = architecture.clone();
                 }
