@@ -256,37 +256,9 @@ impl<'a, B: AutodiffBackend, O: Optimizer<DynamicModel<B>, B>> Run<'a, B, O> {
                 }
                 let mut model = init.model;
                 if init.meta.architecture != architecture {
-                    // A budget-conditioned model's gates read two more inputs.
-                    let (from, to) = (init.meta.architecture.model.generator, architecture.model.generator);
-                    let gates_too = from.budget_inputs() != to.budget_inputs();
-                    // A dynamic model's trained generator and gates only gain the keep ratios.
-                    let trained = init.meta.masking.mode != MaskMode::Dense;
-                    if trained && from.budget_inputs() == 0 && (from.width, from.motion) == (to.width, to.motion) {
-                        progress.message(&format!(
-                            "{}: backbone, mask generator and unit gates taken over; the keep ratios enter them with zero weights",
-                            dir.display()
-                        ));
-                        model.mask_generator = model.mask_generator.conditioned_on_budget(to);
-                        let gates = std::mem::take(&mut model.unit_gates);
-                        model.unit_gates =
-                            gates.into_iter().map(|g| g.conditioned_on_budget(to.budget_inputs())).collect();
-                    } else {
-                        let afresh = if gates_too {
-                            "the mask generator and unit gates start"
-                        } else {
-                            "the mask generator starts"
-                        };
-                        let kept = if gates_too { "backbone" } else { "backbone and unit gates" };
-                        progress.message(&format!(
-                            "{}: {kept} taken over; {afresh} afresh (its shape differs)",
-                            dir.display()
-                        ));
-                        model.mask_generator = crate::model::mask_generator(&architecture, device);
-                        if gates_too {
-                            model.unit_gates = crate::model::unit_gates(&architecture, device);
-                        }
-                    }
-                    model.arch = architecture.clone();
+                    let taken;
+                    (model, taken) = with_generator_of(model, &init.meta, &architecture, device);
+                    progress.message(&format!("{}: {taken}", dir.display()));
                 }
                 if let Some(criterion) = cfg.train.gate_init {
                     model = crate::export::rank_gates_by(model, criterion).map_err(|e| Error::Checkpoint {
@@ -620,6 +592,37 @@ pub fn calibrate_threshold<B: Backend>(
         scores.extend(s.into_data().to_vec::<f32>().expect("f32 importance"));
     }
     quantile_threshold(scores, data_keep)
+}
+
+/// `model`, taken over from a checkpoint (`init`) whose mask generator differs from
+/// `architecture`'s, with that generator: a dynamic checkpoint's trained generator and gates
+/// only gain the keep ratios (with zero weights); otherwise the parts whose shape differs start
+/// afresh. Also says which parts were taken over.
+fn with_generator_of<B: Backend>(
+    mut model: DynamicModel<B>,
+    init: &CheckpointMeta,
+    architecture: &Architecture,
+    device: &B::Device,
+) -> (DynamicModel<B>, &'static str) {
+    let (from, to) = (init.architecture.model.generator, architecture.model.generator);
+    let trained = init.masking.mode != MaskMode::Dense;
+    let taken = if trained && from.budget_inputs() == 0 && (from.width, from.motion) == (to.width, to.motion) {
+        model.mask_generator = model.mask_generator.conditioned_on_budget(to);
+        let gates = std::mem::take(&mut model.unit_gates);
+        model.unit_gates = gates.into_iter().map(|g| g.conditioned_on_budget(to.budget_inputs())).collect();
+        "backbone, mask generator and unit gates taken over; the keep ratios enter them with zero weights"
+    } else {
+        model.mask_generator = crate::model::mask_generator(architecture, device);
+        // A budget-conditioned model's gates read two more inputs.
+        if from.budget_inputs() != to.budget_inputs() {
+            model.unit_gates = crate::model::unit_gates(architecture, device);
+            "backbone taken over; the mask generator and unit gates start afresh (their shape differs)"
+        } else {
+            "backbone and unit gates taken over; the mask generator starts afresh (its shape differs)"
+        }
+    };
+    model.arch = architecture.clone();
+    (model, taken)
 }
 
 fn non_finite_importance(out: &Path, epoch: usize) -> Error {
