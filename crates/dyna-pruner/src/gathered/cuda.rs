@@ -14,7 +14,10 @@
 //!   a first kernel lays each sample's kept weights out tap by tap (`[channels, units]`),
 //!   then each cube stages its pixels' window rows and the tap's weights in shared memory and
 //!   each thread accumulates 4 pixels x 4 units. Earlier kernels without shared memory lost to
-//!   the framework ops (docs/EXPERIMENTS.md).
+//!   the framework ops (docs/EXPERIMENTS.md). Where the pixels come in whole patch cells (every
+//!   conv but the strided one), a cube reads each cell's `(cell + 2)^2` window rows once
+//!   instead of 9 rows per pixel; each thread keeps several global loads in flight while
+//!   staging.
 
 use burn::prelude::*;
 use burn::tensor::DType;
@@ -29,7 +32,8 @@ use cubecl::prelude::{ComputeClient, CubeCount};
 use cubecl::{calculate_cube_count_elemwise, CubeDim};
 
 use kernels::{
-    kept_weights_kernel, rank_kernel, window_conv_kernel, window_conv_mma_kernel, FRAGMENT, PIXELS_PER_THREAD, TILE,
+    halo_rows, kept_weights_kernel, rank_kernel, window_conv_kernel, window_conv_mma_kernel, FRAGMENT,
+    PIXELS_PER_THREAD, TILE,
 };
 
 use std::marker::PhantomData;
@@ -96,19 +100,60 @@ mod kernels {
         count
     }
 
-    /// The tile's windows into `rows`: its pixels' 9 source rows each (pixels past the
-    /// sample's last read row 0; their outputs are dropped).
+    /// Global loads each thread has in flight while staging: a loop that stores each value
+    /// before loading the next waits out the memory latency once per value.
+    const LOADS: usize = 8;
+
+    /// The element that thread `UNIT_POS` stages as load `i` of `chunk` (of a cube of `threads`).
     #[cube]
-    fn stage_windows<I: Int>(windows: &Tensor<I>, rows: &mut SharedMemory<u32>, base: usize, count: usize) {
-        let threads = (CUBE_DIM_X * CUBE_DIM_Y) as usize;
-        let mut e = UNIT_POS as usize;
-        while e < comptime!(TILE * 9) {
-            let mut row = 0u32;
-            if e < count * 9usize {
-                row = u32::cast_from(windows[(base * 9usize + e) * windows.stride(0)]);
+    fn staged_element(chunk: usize, i: usize, #[comptime] threads: usize) -> usize {
+        UNIT_POS as usize + (chunk * LOADS + i) * threads
+    }
+
+    /// A chunk's loaded `values` into `dest`: element `e < len` at `(e / padded) * stride + e %
+    /// padded` (rows of `padded` values, `stride` apart).
+    #[cube]
+    fn store_chunk<T: CubePrimitive>(
+        values: &Array<T>,
+        dest: &mut SharedMemory<T>,
+        chunk: usize,
+        #[comptime] len: usize,
+        #[comptime] padded: usize,
+        #[comptime] stride: usize,
+        #[comptime] threads: usize,
+    ) {
+        #[unroll]
+        for i in 0..LOADS {
+            let e = staged_element(chunk, i, threads);
+            if e < len {
+                dest[(e / padded) * stride + e % padded] = values[i];
             }
-            rows[e] = row;
-            e += threads;
+        }
+    }
+
+    /// The tile's windows into `rows`: its pixels' 9 source rows each (pixels past the
+    /// sample's last read row 0; their outputs are dropped). `threads`: the cube's.
+    #[cube]
+    fn stage_windows<I: Int>(
+        windows: &Tensor<I>,
+        rows: &mut SharedMemory<u32>,
+        base: usize,
+        count: usize,
+        #[comptime] threads: usize,
+    ) {
+        let len = comptime!(TILE * 9);
+        for chunk in 0..comptime!(len.div_ceil(threads * LOADS)) {
+            let mut values = Array::<u32>::new(LOADS);
+            #[unroll]
+            for i in 0..LOADS {
+                let e = staged_element(chunk, i, threads);
+                let mut row = 0u32;
+                if e < count * 9usize {
+                    row = u32::cast_from(windows[(base * 9usize + e) * windows.stride(0)]);
+                }
+                values[i] = row;
+            }
+            store_chunk(&values, rows, chunk, len, 1usize, 1usize, threads);
         }
     }
 
@@ -123,31 +168,180 @@ mod kernels {
         #[comptime] channels: usize,
         #[comptime] padded: usize,
         #[comptime] stride: usize,
+        #[comptime] threads: usize,
     ) {
-        let threads = (CUBE_DIM_X * CUBE_DIM_Y) as usize;
         let source_rows = source.shape(0);
-        let mut e = UNIT_POS as usize;
-        while e < comptime!(TILE * padded) {
-            let p = e / padded;
-            let c = e % padded;
-            let row = rows[p * 9usize + t] as usize;
-            let mut v = F::new(0.0);
-            if row < source_rows && c < channels {
-                v = source[row * source.stride(0) + c * source.stride(1)];
+        let len = comptime!(TILE * padded);
+        for chunk in 0..comptime!(len.div_ceil(threads * LOADS)) {
+            let mut values = Array::<F>::new(LOADS);
+            #[unroll]
+            for i in 0..LOADS {
+                let e = staged_element(chunk, i, threads);
+                let (p, c) = (e / padded, e % padded);
+                let mut v = F::new(0.0);
+                if e < len {
+                    let row = rows[p * 9usize + t] as usize;
+                    if row < source_rows && c < channels {
+                        v = source[row * source.stride(0) + c * source.stride(1)];
+                    }
+                }
+                values[i] = v;
             }
-            xs[p * stride + c] = v;
-            e += threads;
+            store_chunk(&values, xs, chunk, len, padded, stride, threads);
+        }
+    }
+
+    /// The distinct source rows of a tile whose pixels come in whole `cell x cell` cells: each
+    /// cell's `(cell + 2)^2` window rows. (With one `TILE` of pixels per cube, a cell of side 4
+    /// reads 144 rows instead of 576.)
+    pub(super) const fn halo_rows(cell: usize) -> usize {
+        TILE / (cell * cell) * (cell + 2) * (cell + 2)
+    }
+
+    /// The row indices a tile stages ([`stage_tile`]).
+    pub(super) const fn tile_rows(cell: usize) -> usize {
+        if cell > 0 {
+            halo_rows(cell)
+        } else {
+            TILE * 9
+        }
+    }
+
+    /// The values a tile stages before its taps, `padded` per row (one placeholder without cells).
+    pub(super) const fn halo_values(cell: usize, padded: usize) -> usize {
+        if cell > 0 {
+            halo_rows(cell) * padded
+        } else {
+            1
+        }
+    }
+
+    /// The tile's source rows before its taps, into `rows` (and their values into `halo`,
+    /// `padded` per row, when `cell > 0`): each pixel's 9 row indices; or, when its pixels come
+    /// in whole `cell x cell` cells, each cell's [`halo_rows`], each read from the window of the
+    /// cell's pixel nearest to it.
+    #[cube]
+    #[allow(clippy::too_many_arguments)]
+    fn stage_tile<F: Float, I: Int>(
+        source: &Tensor<F>,
+        windows: &Tensor<I>,
+        rows: &mut SharedMemory<u32>,
+        halo: &mut SharedMemory<F>,
+        base: usize,
+        count: usize,
+        #[comptime] cell: usize,
+        #[comptime] channels: usize,
+        #[comptime] padded: usize,
+        #[comptime] threads: usize,
+    ) {
+        if comptime![cell > 0] {
+            let side = comptime!(cell + 2);
+            let per_cell = comptime!((cell + 2) * (cell + 2));
+            let len = comptime!(halo_rows(cell));
+            for chunk in 0..comptime!(len.div_ceil(threads * LOADS)) {
+                let mut values = Array::<u32>::new(LOADS);
+                #[unroll]
+                for i in 0..LOADS {
+                    let e = staged_element(chunk, i, threads);
+                    let (q, h) = (e / per_cell, e % per_cell);
+                    let (hy, hx) = (h / side, h % side);
+                    let mut dy = hy;
+                    if dy >= cell {
+                        dy = cell - 1;
+                    }
+                    let mut dx = hx;
+                    if dx >= cell {
+                        dx = cell - 1;
+                    }
+                    let p = q * comptime!(cell * cell) + dy * cell + dx;
+                    let t = (hy - dy) * 3usize + hx - dx;
+                    let mut row = 0u32;
+                    if e < len && p < count {
+                        row = u32::cast_from(windows[((base + p) * 9usize + t) * windows.stride(0)]);
+                    }
+                    values[i] = row;
+                }
+                store_chunk(&values, rows, chunk, len, 1usize, 1usize, threads);
+            }
+            sync_cube();
+            let source_rows = source.shape(0);
+            let len = comptime!(halo_rows(cell) * padded);
+            for chunk in 0..comptime!(len.div_ceil(threads * LOADS)) {
+                let mut values = Array::<F>::new(LOADS);
+                #[unroll]
+                for i in 0..LOADS {
+                    let e = staged_element(chunk, i, threads);
+                    let mut v = F::new(0.0);
+                    if e < len {
+                        let (row, c) = (rows[e / padded] as usize, e % padded);
+                        if row < source_rows && c < channels {
+                            v = source[row * source.stride(0) + c * source.stride(1)];
+                        }
+                    }
+                    values[i] = v;
+                }
+                store_chunk(&values, halo, chunk, len, 1usize, 1usize, threads);
+            }
+        } else {
+            stage_windows(windows, rows, base, count, threads);
+        }
+    }
+
+    /// Tap `t`'s values of the tile's pixels into `xs`, `stride` apart, `padded` each: from
+    /// `halo` when `cell > 0` (see [`stage_tile`]), else read through `rows` by [`stage_pixels`].
+    #[cube]
+    #[allow(clippy::too_many_arguments)]
+    fn stage_tap<F: Float>(
+        source: &Tensor<F>,
+        rows: &SharedMemory<u32>,
+        halo: &SharedMemory<F>,
+        xs: &mut SharedMemory<F>,
+        t: usize,
+        #[comptime] cell: usize,
+        #[comptime] channels: usize,
+        #[comptime] padded: usize,
+        #[comptime] stride: usize,
+        #[comptime] threads: usize,
+    ) {
+        if comptime![cell > 0] {
+            let side = comptime!(cell + 2);
+            let per_cell = comptime!((cell + 2) * (cell + 2));
+            let cc = comptime!(cell * cell);
+            let (ky, kx) = (t / 3usize, t % 3usize);
+            let mut e = UNIT_POS as usize;
+            while e < comptime!(TILE * padded) {
+                let (p, c) = (e / padded, e % padded);
+                let (q, l) = (p / cc, p % cc);
+                let h = q * per_cell + (l / cell + ky) * side + l % cell + kx;
+                xs[p * stride + c] = halo[h * padded + c];
+                e += threads;
+            }
+        } else {
+            stage_pixels(source, rows, xs, t, channels, padded, stride, threads);
         }
     }
 
     /// `len` laid-out weights from `start` of `weight`'s flat buffer into `ws`.
     #[cube]
-    fn stage_weights<F: Float>(weight: &Tensor<F>, ws: &mut SharedMemory<F>, start: usize, #[comptime] len: usize) {
-        let threads = (CUBE_DIM_X * CUBE_DIM_Y) as usize;
-        let mut e = UNIT_POS as usize;
-        while e < len {
-            ws[e] = weight[start + e];
-            e += threads;
+    fn stage_weights<F: Float>(
+        weight: &Tensor<F>,
+        ws: &mut SharedMemory<F>,
+        start: usize,
+        #[comptime] len: usize,
+        #[comptime] threads: usize,
+    ) {
+        for chunk in 0..comptime!(len.div_ceil(threads * LOADS)) {
+            let mut values = Array::<F>::new(LOADS);
+            #[unroll]
+            for i in 0..LOADS {
+                let e = staged_element(chunk, i, threads);
+                let mut v = F::new(0.0);
+                if e < len {
+                    v = weight[start + e];
+                }
+                values[i] = v;
+            }
+            store_chunk(&values, ws, chunk, len, 1usize, 1usize, threads);
         }
     }
 
@@ -206,6 +400,7 @@ mod kernels {
         per_sample: u32,
         #[comptime] channels: usize,
         #[comptime] units: usize,
+        #[comptime] cell: usize,
         #[comptime] select_outputs: bool,
         #[comptime] gelu: bool,
         #[define(F, I)] _dtypes: [StorageType; 2],
@@ -221,7 +416,8 @@ mod kernels {
         let ty = UNIT_POS_Y as usize;
         let weight_row = CUBE_POS_Y as usize * weight.stride(0);
 
-        let mut rows = SharedMemory::<u32>::new(comptime!(TILE * 9));
+        let mut rows = SharedMemory::<u32>::new(comptime!(tile_rows(cell)));
+        let mut halo = SharedMemory::<F>::new(comptime!(halo_values(cell, channels)));
         let mut xs = SharedMemory::<F>::new(comptime!(TILE * pitch));
         let mut ws = SharedMemory::<F>::new(comptime!(channels * units4));
         // f32 accumulators whatever the storage type (bf16 keeps only 8 bits of mantissa).
@@ -230,11 +426,13 @@ mod kernels {
         for i in 0..outputs {
             acc[i] = 0.0;
         }
-        stage_windows(windows, &mut rows, base, count);
+        let threads = comptime!(lanes * units4 / 4);
+        stage_tile(source, windows, &mut rows, &mut halo, base, count, cell, channels, channels, threads);
         for t in 0..9usize {
             sync_cube();
-            stage_pixels(source, &rows, &mut xs, t, channels, channels, pitch);
-            stage_weights(weight, &mut ws, weight_row + t * comptime!(channels * units4), comptime!(channels * units4));
+            stage_tap(source, &rows, &halo, &mut xs, t, cell, channels, channels, pitch, threads);
+            let len = comptime!(channels * units4);
+            stage_weights(weight, &mut ws, weight_row + t * len, len, threads);
             sync_cube();
             #[unroll]
             for c in 0..channels {
@@ -287,6 +485,7 @@ mod kernels {
         per_sample: u32,
         #[comptime] channels: usize,
         #[comptime] units: usize,
+        #[comptime] cell: usize,
         #[comptime] select_outputs: bool,
         #[comptime] gelu: bool,
         #[define(F, I)] _dtypes: [StorageType; 2],
@@ -301,7 +500,8 @@ mod kernels {
         let (fm, fn_) = (warp / fragments_n, warp % fragments_n);
         let weight_row = CUBE_POS_Y as usize * weight.stride(0);
 
-        let mut rows = SharedMemory::<u32>::new(comptime!(TILE * 9));
+        let mut rows = SharedMemory::<u32>::new(comptime!(tile_rows(cell)));
+        let mut halo = SharedMemory::<F>::new(comptime!(halo_values(cell, k_pad)));
         // Fragments load from 32-byte aligned addresses.
         let mut xs = SharedMemory::<F>::new_aligned(tile_values, 32usize);
         let mut ws = SharedMemory::<F>::new_aligned(comptime!(k_pad * u_pad), 32usize);
@@ -313,11 +513,13 @@ mod kernels {
             cmma::MatrixLayout::Undefined,
             0.0,
         );
-        stage_windows(windows, &mut rows, base, count);
+        let threads = comptime!(32 * (TILE / FRAGMENT) * fragments_n);
+        stage_tile(source, windows, &mut rows, &mut halo, base, count, cell, channels, k_pad, threads);
         for t in 0..9usize {
             sync_cube();
-            stage_pixels(source, &rows, &mut xs, t, channels, k_pad, k_pad);
-            stage_weights(weight, &mut ws, weight_row + t * comptime!(k_pad * u_pad), comptime!(k_pad * u_pad));
+            stage_tap(source, &rows, &halo, &mut xs, t, cell, channels, k_pad, k_pad, threads);
+            let len = comptime!(k_pad * u_pad);
+            stage_weights(weight, &mut ws, weight_row + t * len, len, threads);
             sync_cube();
             #[unroll]
             for kk in 0..comptime!(k_pad / FRAGMENT) {
@@ -432,6 +634,25 @@ fn rank_cube(scores: CubeTensor<CudaRuntime>, k: usize) -> (CubeTensor<CudaRunti
     (ranks, top)
 }
 
+/// The cell side the window-conv kernels stage whole cells of ([`WindowConv::cell`]), or 0 (each
+/// tap's rows read from global memory): cells that tile a `TILE` and whose staging fits in
+/// shared memory (48 KiB per cube without opting in to more) next to the kernel's other buffers.
+fn staged_cell(hint: Option<usize>, channels: usize, (c_pad, u_pad): (usize, usize), mma: bool, bytes: usize) -> usize {
+    const SHARED_BYTES: usize = 48 * 1024;
+    let Some(cell) = hint.filter(|&c| c >= 2 && TILE.is_multiple_of(c * c)) else {
+        return 0;
+    };
+    let padded = if mma { c_pad } else { channels };
+    let pitch = if mma { c_pad } else { channels | 1 };
+    let staged = halo_rows(cell) * (4 + padded * bytes);
+    let others = TILE * pitch * bytes + c_pad * u_pad * bytes + TILE * u_pad * 4;
+    if staged + others <= SHARED_BYTES {
+        cell
+    } else {
+        0
+    }
+}
+
 /// [`GatheredBackend::window_conv`] on the GPU: the sample's weights laid out, then
 /// [`window_conv_mma_kernel`] (bf16 within its bounds) or [`window_conv_kernel`]. `kept`
 /// selects per `selects` (`[outputs, inputs]`), unread if neither.
@@ -439,6 +660,7 @@ fn window_conv_cube(
     [source, windows, weight, bias, kept]: [CubeTensor<CudaRuntime>; 5],
     selects: [bool; 2],
     gelu: bool,
+    cell: Option<usize>,
 ) -> CubeTensor<CudaRuntime> {
     let n = windows.meta.shape()[0] / 9;
     let (channels, kept_units) = (source.meta.shape()[1], kept.meta.shape()[1]);
@@ -454,6 +676,7 @@ fn window_conv_cube(
     let fragments = (channels.div_ceil(FRAGMENT) * FRAGMENT, units.div_ceil(FRAGMENT) * FRAGMENT);
     let mma = source.dtype == DType::BF16 && fragments.1 <= 64 && fragments.0 <= 128;
     let pads = if mma { fragments } else { (channels, units.div_ceil(4) * 4) };
+    let cell = staged_cell(cell, channels, pads, mma, source.dtype.size());
     let laid_out = empty(&source, [batch, 9 * pads.0 * pads.1], source.dtype);
     let (count, dim) = elementwise(&client, laid_out.meta.shape().iter().product());
     kept_weights_kernel::launch(
@@ -487,6 +710,7 @@ fn window_conv_cube(
             per_sample as u32,
             channels,
             units,
+            cell,
             selects[0],
             gelu,
             dtypes,
@@ -506,6 +730,7 @@ fn window_conv_cube(
         per_sample as u32,
         channels,
         units,
+        cell,
         selects[0],
         gelu,
         dtypes,
@@ -524,11 +749,12 @@ struct ResolvedConv<B: Backend> {
     selects: [bool; 2],
     units: usize,
     gelu: bool,
+    cell: Option<usize>,
 }
 
 impl<B: Backend> ResolvedConv<B> {
     fn new(conv: WindowConv<B>) -> Self {
-        let WindowConv { source, windows, weight, bias, units, gelu } = conv;
+        let WindowConv { source, windows, weight, bias, units, gelu, cell } = conv;
         let [o, ..] = weight.dims();
         let (kept, selects, units) = match units {
             // A placeholder of one row (one sample) that the kernels do not read.
@@ -539,7 +765,7 @@ impl<B: Backend> ResolvedConv<B> {
             }
             KeptUnits::Inputs(kept) => (kept, [false, true], o),
         };
-        ResolvedConv { source, windows, weight, bias, kept, selects, units, gelu }
+        ResolvedConv { source, windows, weight, bias, kept, selects, units, gelu, cell }
     }
 }
 
@@ -559,7 +785,7 @@ impl<F: FloatElement> GatheredBackend for Cube<F> {
             c.bias.into_primitive().tensor(),
             c.kept.into_primitive(),
         ];
-        let out = window_conv_cube(inputs, c.selects, c.gelu);
+        let out = window_conv_cube(inputs, c.selects, c.gelu, c.cell);
         Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(out))
     }
 }
@@ -569,6 +795,7 @@ struct WindowConvOp<F> {
     desc: CustomOpIr,
     selects: [bool; 2],
     gelu: bool,
+    cell: Option<usize>,
     float: PhantomData<F>,
 }
 
@@ -582,7 +809,7 @@ impl<F: FloatElement> Operation<Runtime> for WindowConvOp<F> {
             handles.get_float_tensor::<Cube<F>>(bias),
             handles.get_int_tensor::<Cube<F>>(kept),
         ];
-        let output = window_conv_cube(inputs, self.selects, self.gelu);
+        let output = window_conv_cube(inputs, self.selects, self.gelu, self.cell);
         handles.register_float_tensor::<Cube<F>>(&out.id, output);
     }
 }
@@ -630,7 +857,8 @@ impl<F: FloatElement> GatheredBackend for Fusion<Cube<F>> {
         let streams = OperationStreams::with_inputs([&source, &windows, &weight, &bias, &kept]);
         let inputs = [source.into_ir(), windows.into_ir(), weight.into_ir(), bias.into_ir(), kept.into_ir()];
         let desc = CustomOpIr::new("dyna_pruner_window_conv", &inputs, &[output]);
-        let op = WindowConvOp::<F> { desc: desc.clone(), selects: c.selects, gelu: c.gelu, float: PhantomData };
+        let (selects, gelu, cell) = (c.selects, c.gelu, c.cell);
+        let op = WindowConvOp::<F> { desc: desc.clone(), selects, gelu, cell, float: PhantomData };
         let mut out = client.register(streams, OperationIr::Custom(desc), op);
         Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(out.pop().expect("one output")))
     }
@@ -686,13 +914,35 @@ mod tests {
         }
     }
 
+    /// Windows of `n` pixels into `rows` rows (and the index `rows`, which reads zeros): any
+    /// rows; or, with `cell`, whole cells whose pixels' taps on the same pixel name the same row.
+    fn test_windows(rng: &mut StdRng, n: usize, rows: usize, cell: Option<usize>) -> Vec<i64> {
+        let Some(cell) = cell else {
+            return (0..n * 9).map(|t| ((t * 7919 + 13) % (rows + 1)) as i64).collect();
+        };
+        let side = cell + 2;
+        let mut windows = Vec::with_capacity(n * 9);
+        for _ in 0..n / (cell * cell) {
+            let halo: Vec<i64> = (0..side * side).map(|_| rng.random_range(0..=rows) as i64).collect();
+            for (dy, dx) in (0..cell).flat_map(|dy| (0..cell).map(move |dx| (dy, dx))) {
+                windows.extend((0..9).map(|t| halo[(dy + t / 3) * side + dx + t % 3]));
+            }
+        }
+        windows
+    }
+
     /// The kernel against the provided method for `KeptUnits` `mode` (0 all, 1 outputs, 2 inputs).
-    fn check_window_conv(rng: &mut StdRng, [b, per_sample, o, i, k]: [usize; 5], mode: usize, gelu: bool) {
+    fn check_window_conv(
+        rng: &mut StdRng,
+        [b, per_sample, o, i, k]: [usize; 5],
+        mode: usize,
+        gelu: bool,
+        cell: Option<usize>,
+    ) {
         let n = per_sample * b;
         let c = [i, i, k][mode];
         let rows = 3 * n;
-        // Every index up to `rows`, which reads zeros.
-        let windows: Vec<i64> = (0..n * 9).map(|t| ((t * 7919 + 13) % (rows + 1)) as i64).collect();
+        let windows = test_windows(rng, n, rows, cell);
         let kept: Vec<i64> =
             (0..b).flat_map(|_| sample(rng, [o, o, i][mode], k).into_vec()).map(|u| u as i64).collect();
         let mut uniform = |shape: Vec<usize>| {
@@ -704,9 +954,9 @@ mod tests {
             data: &[TensorData; 3],
             windows: &[i64],
             kept: &[i64],
-            setup: [usize; 3],
+            setup: [usize; 4],
         ) -> Vec<f32> {
-            let [b, mode, gelu] = setup;
+            let [b, mode, gelu, cell] = setup;
             let device = Default::default();
             let float = |i: usize| data[i].clone().convert::<B::FloatElem>();
             let kept = Tensor::<B, 1, Int>::from_ints(kept, &device).reshape([b as i32, -1]);
@@ -718,15 +968,16 @@ mod tests {
                 bias: Tensor::from_data(float(2), &device),
                 units: units.into_iter().nth(mode).expect("three modes"),
                 gelu: gelu == 1,
+                cell: (cell > 0).then_some(cell),
             });
             out.into_data().convert::<f32>().to_vec().unwrap()
         }
-        let setup = [b, mode, gelu as usize];
+        let setup = [b, mode, gelu as usize, cell.unwrap_or(0)];
         let want = run::<CpuBackend>(&data, &windows, &kept, setup);
         let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
         // bf16 rounds the operands and the output to 8 bits of mantissa (2^-8 = 3.9e-3), f32
         // accumulation.
-        type Run = fn(&[TensorData; 3], &[i64], &[i64], [usize; 3]) -> Vec<f32>;
+        type Run = fn(&[TensorData; 3], &[i64], &[i64], [usize; 4]) -> Vec<f32>;
         let backends: [(&str, Run, f32); 4] = [
             ("fused f32", run::<CudaBackend>, 1e-5),
             ("direct f32", run::<crate::CudaDirectBackend>, 1e-5),
@@ -739,7 +990,7 @@ mod tests {
             let worst = got.iter().zip(&want).fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
             assert!(
                 worst < tolerance * scale,
-                "{name}, {setup:?}, {o}x{i} conv, {k} kept: max |diff| {worst} (scale {scale})"
+                "{name}, {setup:?} (batch, mode, gelu, cell), {o}x{i} conv, {k} kept: max |diff| {worst} (scale {scale})"
             );
         }
     }
@@ -749,18 +1000,27 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(4);
         // [batch, pixels per sample, outputs, inputs, kept]: tiles cut short, counts off
         // multiples of 4 and of the fragments, the blocks', encoder's and decoder's shapes;
-        // more than 64 kept units (bf16 then runs the plain kernel).
-        for (shape, mode) in [
-            ([2, 50, 96, 16, 70], 1),
-            ([3, 100, 64, 32, 19], 1),
-            ([2, 64, 32, 64, 19], 2),
-            ([2, 130, 32, 6, 1], 0),
-            ([2, 70, 8, 32, 1], 0),
-            ([1, 7, 5, 3, 2], 1),
-            ([1, 7, 5, 3, 2], 2),
+        // more than 64 kept units (bf16 then runs the plain kernel). Then whole cells staged
+        // once: tiles of several cells, of one, cut short; a cell side whose staging does not
+        // fit or does not tile (the kernels then read each tap).
+        for (shape, mode, cell) in [
+            ([2, 50, 96, 16, 70], 1, None),
+            ([3, 100, 64, 32, 19], 1, None),
+            ([2, 64, 32, 64, 19], 2, None),
+            ([2, 130, 32, 6, 1], 0, None),
+            ([2, 70, 8, 32, 1], 0, None),
+            ([1, 7, 5, 3, 2], 1, None),
+            ([1, 7, 5, 3, 2], 2, None),
+            ([3, 112, 64, 32, 19], 1, Some(4)),
+            ([2, 48, 32, 64, 19], 2, Some(4)),
+            ([2, 192, 32, 8, 1], 0, Some(8)),
+            ([2, 20, 5, 3, 2], 1, Some(2)),
+            ([2, 48, 96, 16, 70], 1, Some(4)),
+            ([1, 18, 6, 4, 1], 0, Some(3)),
+            ([2, 32, 32, 96, 19], 1, Some(4)),
         ] {
             for gelu in [false, true] {
-                check_window_conv(&mut rng, shape, mode, gelu);
+                check_window_conv(&mut rng, shape, mode, gelu, cell);
             }
         }
     }

@@ -39,8 +39,8 @@
 //! `conv2d`), as in the dense forward this path is timed against. Under `DataScope::Network`
 //! they too run at the kept patches' pixels only: the first conv at the input's kept pixels,
 //! the strided conv on the windows of the kept skip rows (zero elsewhere), the transposed conv
-//! as one matmul per kept translator pixel, and the last conv as per-tap products summed over
-//! each kept pixel's window; the change is scattered back onto the last frame. The reference is
+//! as one matmul per kept translator pixel, and the last conv at the full-resolution kept
+//! pixels; the change is scattered back onto the last frame. The reference is
 //! the framework's masked-dense forward (tests here, on the CPU backend; `dyna-pruner bench
 //! --device cuda` checks it on the GPU).
 
@@ -139,7 +139,7 @@ pub trait GatheredBackend: Backend {
     /// - weight: the layer's `[O, I, 3, 3]`; bias: `[O]`
     /// - output: `[pixels, U]`: `U = O` and `C = I`, or as [`KeptUnits`] says
     fn window_conv(conv: WindowConv<Self>) -> Tensor<Self, 2> {
-        let WindowConv { source, windows, weight, bias, units, gelu } = conv;
+        let WindowConv { source, windows, weight, bias, units, gelu, cell: _ } = conv;
         let [o, i, _, _] = weight.dims();
         let n = windows.dims()[0] / 9;
         let cols = with_zero_row(source).select(0, windows);
@@ -189,6 +189,11 @@ pub struct WindowConv<B: Backend> {
     pub bias: Tensor<B, 1>,
     pub units: KeptUnits<B>,
     pub gelu: bool,
+    /// `Some(c)` when the pixels come in whole `c x c` cells (row-major, each sample's pixels a
+    /// whole number of cells) and the taps of a cell's pixels that land on the same pixel name
+    /// the same row: a kernel may then read each cell's `(c + 2)^2` rows once. The reference
+    /// does not need it.
+    pub cell: Option<usize>,
 }
 
 impl GatheredBackend for crate::CpuBackend {}
@@ -339,9 +344,10 @@ fn conv_at<B: GatheredBackend>(
     (source, windows): (Tensor<B, 2>, Tensor<B, 1, Int>),
     units: KeptUnits<B>,
     gelu: bool,
+    cell: Option<usize>,
 ) -> Tensor<B, 2> {
     let bias = layer.bias.as_ref().expect("convs have a bias").val();
-    B::window_conv(WindowConv { source, windows, weight: layer.weight.val(), bias, units, gelu })
+    B::window_conv(WindowConv { source, windows, weight: layer.weight.val(), bias, units, gelu, cell })
 }
 
 /// Per sample, the sum of its rows weighted by `s`: rows `[batch * n, C]`, s `[batch, n, 1]` ->
@@ -372,9 +378,10 @@ impl<B: GatheredBackend> MaskedBlock<B> {
         kept: &KeptRows<B>,
         units: &Tensor<B, 2, Int>,
     ) -> Tensor<B, 2> {
-        let hidden = conv_at(&self.conv1, (source, windows), KeptUnits::Outputs(units.clone()), true);
+        let cell = Some(kept.grid.cell);
+        let hidden = conv_at(&self.conv1, (source, windows), KeptUnits::Outputs(units.clone()), true, cell);
         let windows = kept.buffer_windows.clone();
-        conv_at(&self.conv2, (hidden, windows), KeptUnits::Inputs(units.clone()), false)
+        conv_at(&self.conv2, (hidden, windows), KeptUnits::Inputs(units.clone()), false, cell)
     }
 }
 
@@ -429,9 +436,9 @@ impl<B: GatheredBackend> Cnn<B> {
             .pad((1, fg.cols - 1 - w, 1, fg.rows - 1 - h), PadMode::Constant(0.0))
             .permute([0, 2, 3, 1])
             .reshape([b * fg.pixels(), t * c]);
-        let skip = conv_at(&self.enc_in, (input, full.windows.clone()), KeptUnits::All, true);
+        let skip = conv_at(&self.enc_in, (input, full.windows.clone()), KeptUnits::All, true, Some(fg.cell));
         let reads = full.back.clone().select(0, strided_windows(patches, fg, low, self.spec.stride));
-        let z = conv_at(&self.enc_down, (skip.clone(), reads), KeptUnits::All, true);
+        let z = conv_at(&self.enc_down, (skip.clone(), reads), KeptUnits::All, true, None);
         (skip, z)
     }
 
@@ -458,18 +465,9 @@ impl<B: GatheredBackend> Cnn<B> {
             }
             None => z,
         };
-        // The last conv as per-tap products of each source pixel, summed over each window
-        // (8 output channels: far fewer floats than im2col rows of its 32 input channels; a
-        // `window_conv` of 8 outputs keeps a CUDA cube at one warp).
         let out_c = self.frames.t_out * self.frames.channels;
-        let weight = self.dec_out.weight.val().permute([1, 2, 3, 0]).reshape([hid, 9 * out_c]);
-        // The zero row (taps off the kept pixels) appended to the input: 32 floats, not 72.
-        let products = with_zero_row(up + skip).matmul(weight).reshape([(n + 1) * 9, out_c]);
-        let device = x.device();
-        let tap = Tensor::<B, 1, Int>::arange(0..9, &device).reshape([1, 9]).repeat_dim(0, n).reshape([n * 9]);
-        let reads = full.buffer_windows.clone().mul_scalar(9) + tap;
-        let bias = self.dec_out.bias.as_ref().expect("convs have a bias").val().reshape([1, out_c]);
-        let delta = products.select(0, reads).reshape([n, 9, out_c]).sum_dim(1).reshape([n, out_c]) + bias;
+        let windows = (up + skip, full.buffer_windows.clone());
+        let delta = conv_at(&self.dec_out, windows, KeptUnits::All, false, Some(full.grid.cell));
         let delta = with_zero_row(delta).select(0, full.back.clone());
         let delta = delta
             .reshape([b, full.grid.rows, full.grid.cols, out_c])
