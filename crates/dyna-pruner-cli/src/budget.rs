@@ -19,7 +19,9 @@ use dyna_pruner_exec::{Exec, MaskPlan};
 #[derive(clap::Args, Debug, Clone, Copy, Default)]
 pub struct KeepArgs {
     /// Run a budget-conditioned model (trained with `method.keep_range`) at this patch keep
-    /// ratio, and unit keep ratio unless --keep-units is given, instead of its default.
+    /// ratio instead of its default. Unless --keep-units is given, the units are kept at the
+    /// same position along their trained range (R itself where the two ranges are the same, or
+    /// where the model prunes units only).
     #[arg(long)]
     pub keep: Option<f32>,
     /// The unit keep ratio of a budget-conditioned model.
@@ -49,7 +51,13 @@ impl KeepArgs {
             );
         }
         let data_keep = self.keep.unwrap_or(masking.data_keep);
-        let unit_keep = self.keep_units.or(self.keep).unwrap_or(masking.unit_keep);
+        let unit_keep = match (self.keep_units, self.keep) {
+            (Some(units), _) => units,
+            // Without the DataMask `--keep` names the unit keep ratio itself.
+            (None, Some(keep)) if !masking.mode.data() => keep,
+            (None, Some(keep)) => ranges.units_matching(keep).unwrap_or(masking.unit_keep),
+            (None, None) => masking.unit_keep,
+        };
         masking.with_keep(ranges, data_keep, unit_keep).map_err(|e| anyhow!("{model}: {e}"))
     }
 }
@@ -420,8 +428,30 @@ mod tests {
         let units = KeepArgs { keep: None, keep_units: Some(0.3) };
         assert!(units.apply(&arch, patches_only, "m").unwrap_err().to_string().contains("prunes no units"));
         arch.model.generator.unit_keep_range = Some(KeepRange { lo: 0.2, hi: 0.4 });
-        assert_eq!(keep.apply(&arch, masking, "m").unwrap(), Masking::top_k(MaskMode::Both, 0.3, 0.3));
+        let err = both.apply(&arch, masking, "m").unwrap_err().to_string();
+        assert!(err.contains("unit keep ratio 0.7") && err.contains("[0.2, 0.4]"), "{err}");
+    }
+
+    /// A model whose unit range differs from its patch range (the weather any-budget ViT:
+    /// patches [0.6, 1], units [0.25, 0.5]) ran at no `--keep R` alone: the units took R too.
+    #[test]
+    fn issue_26_keep_alone_keeps_units_at_the_same_position_of_their_range() {
+        use dyna_pruner_exec::spec::{BackboneSpec, CnnSpec, Frames};
+        let mut arch =
+            Architecture::new(Frames { t_in: 2, t_out: 1, channels: 1 }, 2, BackboneSpec::Cnn(CnnSpec::default()));
+        arch.model.generator.keep_range = Some(KeepRange { lo: 0.6, hi: 1.0 });
+        arch.model.generator.unit_keep_range = Some(KeepRange { lo: 0.25, hi: 0.5 });
+        let masking = Masking::top_k(MaskMode::Both, 1.0, 0.5);
+        for (keep, units) in [(0.6, 0.25), (0.8, 0.375), (1.0, 0.5)] {
+            let got = KeepArgs { keep: Some(keep), keep_units: None }.apply(&arch, masking, "m").unwrap();
+            assert_eq!(got.data_keep, keep);
+            assert!((got.unit_keep - units).abs() < 1e-6, "--keep {keep}: units {} not {units}", got.unit_keep);
+        }
         let err = KeepArgs { keep: Some(0.5), keep_units: None }.apply(&arch, masking, "m").unwrap_err().to_string();
-        assert!(err.contains("unit keep ratio 0.5") && err.contains("[0.2, 0.4]"), "{err}");
+        assert!(err.contains("patch keep ratio 0.5") && err.contains("[0.6, 1]"), "{err}");
+        // Units only: `--keep` is the unit keep ratio.
+        let units_only = Masking::top_k(MaskMode::Model, 1.0, 0.5);
+        let got = KeepArgs { keep: Some(0.3), keep_units: None }.apply(&arch, units_only, "m").unwrap();
+        assert_eq!(got, Masking::top_k(MaskMode::Model, 1.0, 0.3));
     }
 }

@@ -149,6 +149,14 @@ impl KeepRanges {
         (along(self.data), along(self.units))
     }
 
+    /// The unit keep ratio at the position along its range that `data_keep` has along the
+    /// patches' range (the budget axis of [`KeepRanges::at`]); `None` when the patches' range is
+    /// a single ratio. A ratio outside the patches' range maps outside the units'.
+    pub fn units_matching(&self, data_keep: f32) -> Option<f32> {
+        let span = self.data.hi - self.data.lo;
+        (span > 0.0).then(|| self.at((data_keep - self.data.lo) / span).1)
+    }
+
     /// The keep ratios at both ends of the ranges, the tightest budget first (what validation
     /// and the sandwich rule run at).
     pub fn ends(&self) -> [(f32, f32); 2] {
