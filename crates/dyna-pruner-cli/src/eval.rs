@@ -97,7 +97,7 @@ pub fn table_header(metrics: &[&str]) -> String {
     )
 }
 
-/// One line of a results table.
+/// One line of a results table; its MACs ratio is over `dense_macs`.
 pub fn table_row(name: &str, e: &Evaluation, dense_macs: Option<f64>, metrics: &[&str]) -> String {
     let macs = e.macs_per_sample.map(|m| format!("{:.2}M", m / 1e6)).unwrap_or_else(|| "-".into());
     let ratio = match (e.macs_per_sample, dense_macs) {
@@ -201,7 +201,7 @@ pub fn run(
             windows.width,
             table_header(cols)
         );
-        println!("{}", table_row("model", &e, e.macs_per_sample, cols));
+        println!("{}", table_row("model", &e, e.dense_macs_per_sample, cols));
         println!("{}", table_row("persistence", &p, None, cols));
         if let Some(out) = out {
             let mut report = serde_json::to_value(&e)?;

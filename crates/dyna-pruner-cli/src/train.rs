@@ -31,7 +31,7 @@ pub fn train_plan(plan: &Plan, control: RunControl, device: DeviceArg) -> anyhow
             trained.splits.test.len(),
             table_header(cols)
         );
-        println!("{}", table_row("model", &test, test.macs_per_sample, cols));
+        println!("{}", table_row("model", &test, test.dense_macs_per_sample, cols));
         println!("{}", table_row("persistence", &persistence, None, cols));
         Ok(Some(test))
     })

@@ -18,6 +18,9 @@ pub struct Evaluation {
     /// Mean MACs per sample (absent for persistence).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub macs_per_sample: Option<f64>,
+    /// MACs per sample of the same network without masks (absent for persistence).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dense_macs_per_sample: Option<f64>,
     pub samples: usize,
     /// Mean fraction of pixels computed by the prunable layers (dynamic models only).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -92,6 +95,7 @@ pub fn evaluate<B: Backend>(
     Ok(Evaluation {
         metrics: metrics.finish(),
         macs_per_sample: Some(costs.iter().map(|c| c.macs).sum::<f64>() / n),
+        dense_macs_per_sample: Some(mac_model.dense() as f64),
         samples: windows.len(),
         kept_patch_fraction: dynamic.then(|| costs.iter().map(|c| c.kept_patch_fraction as f64).sum::<f64>() / n),
         kept_unit_fraction: dynamic.then(|| costs.iter().map(|c| c.kept_unit_fraction as f64).sum::<f64>() / n),
@@ -145,6 +149,7 @@ pub fn evaluate_persistence(windows: &WindowSet, scoring: Scoring<'_>) -> Evalua
     Evaluation {
         metrics: metrics.finish(),
         macs_per_sample: None,
+        dense_macs_per_sample: None,
         samples: windows.len(),
         kept_patch_fraction: None,
         kept_unit_fraction: None,
@@ -172,6 +177,29 @@ mod tests {
         let scoring = Scoring { scaler: &scaler, climatology: None };
         let err = evaluate(&model, &windows, scoring, Masking::DENSE, 2, &device, &mut |_, _| {}).unwrap_err();
         assert!(err.to_string().contains("window 1 of 3"), "{err}");
+    }
+
+    /// `eval` and `train` printed each model's MACs over its own MACs (a ratio of 1.000 at any
+    /// keep): the ratio's denominator is the network without masks.
+    #[test]
+    fn the_dense_macs_are_those_of_the_network_without_masks() {
+        use crate::data::MinMaxScaler;
+        use crate::method::MaskMode;
+        use dyna_pruner_spec::{Architecture, BackboneSpec, CnnSpec, DataScope, Frames};
+        let cnn = CnnSpec { hidden: 4, units: 8, blocks: 2, stride: 1, data_scope: DataScope::Network };
+        let arch = Architecture::new(Frames { t_in: 2, t_out: 1, channels: 1 }, 2, BackboneSpec::Cnn(cnn));
+        let device = Default::default();
+        let model = DynamicModel::<crate::CpuBackend>::new(&arch, &device);
+        let (n, frame) = (3, 8 * 8);
+        let windows = WindowSet::from_pairs(vec![0.5; n * 2 * frame], vec![0.5; n * frame], n, 2, 1, [1, 8, 8]);
+        let scaler = Scaler::MinMax(MinMaxScaler { min: 0.0, max: 1.0 });
+        let scoring = Scoring { scaler: &scaler, climatology: None };
+        let run = |masking| evaluate(&model, &windows, scoring, masking, 2, &device, &mut |_, _| {}).unwrap();
+        let dense = run(Masking::DENSE);
+        let dynamic = run(Masking::top_k(MaskMode::Both, 0.25, 0.25));
+        assert_eq!(dense.dense_macs_per_sample, dense.macs_per_sample);
+        assert_eq!(dynamic.dense_macs_per_sample, dense.macs_per_sample);
+        assert!(dynamic.macs_per_sample.unwrap() < 0.6 * dense.macs_per_sample.unwrap());
     }
 
     #[test]
