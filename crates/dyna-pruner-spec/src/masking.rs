@@ -249,6 +249,12 @@ mod tests {
         assert_eq!(ranges.at(1.0), (1.0, 0.5));
         assert_eq!(ranges.ends(), [(0.6, 0.25), (1.0, 0.5)]);
         assert_eq!(KeepRanges::new(None, Some(KeepRange { lo: 0.2, hi: 0.4 })), None);
+        assert_eq!(ranges.units_matching(0.6), Some(0.25));
+        assert_eq!(ranges.units_matching(1.0), Some(0.5));
+        assert!((ranges.units_matching(0.8).unwrap() - 0.375).abs() < 1e-6);
+        assert!(ranges.units_matching(0.5).unwrap() < 0.25, "outside the patches' range maps outside");
+        let one_ratio = KeepRanges::new(Some(KeepRange { lo: 0.5, hi: 0.5 }), Some(KeepRange { lo: 0.2, hi: 0.4 }));
+        assert_eq!(one_ratio.unwrap().units_matching(0.5), None);
     }
 
     #[test]
