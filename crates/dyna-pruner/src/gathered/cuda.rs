@@ -637,14 +637,15 @@ fn rank_cube(scores: CubeTensor<CudaRuntime>, k: usize) -> (CubeTensor<CudaRunti
 /// The cell side the window-conv kernels stage whole cells of ([`WindowConv::cell`]), or 0 (each
 /// tap's rows read from global memory): cells that tile a `TILE` and whose staging fits in
 /// shared memory (48 KiB per cube without opting in to more) next to the kernel's other buffers.
-fn staged_cell(hint: Option<usize>, channels: usize, (c_pad, u_pad): (usize, usize), mma: bool, bytes: usize) -> usize {
+/// `(c_pad, u_pad)`: the kernel's channels and units as padded (the channels themselves in
+/// [`window_conv_kernel`], whose pixel rows are an odd pitch apart).
+fn staged_cell(hint: Option<usize>, (c_pad, u_pad): (usize, usize), mma: bool, bytes: usize) -> usize {
     const SHARED_BYTES: usize = 48 * 1024;
     let Some(cell) = hint.filter(|&c| c >= 2 && TILE.is_multiple_of(c * c)) else {
         return 0;
     };
-    let padded = if mma { c_pad } else { channels };
-    let pitch = if mma { c_pad } else { channels | 1 };
-    let staged = halo_rows(cell) * (4 + padded * bytes);
+    let pitch = if mma { c_pad } else { c_pad | 1 };
+    let staged = halo_rows(cell) * (4 + c_pad * bytes);
     let others = TILE * pitch * bytes + c_pad * u_pad * bytes + TILE * u_pad * 4;
     if staged + others <= SHARED_BYTES {
         cell
@@ -676,7 +677,7 @@ fn window_conv_cube(
     let fragments = (channels.div_ceil(FRAGMENT) * FRAGMENT, units.div_ceil(FRAGMENT) * FRAGMENT);
     let mma = source.dtype == DType::BF16 && fragments.1 <= 64 && fragments.0 <= 128;
     let pads = if mma { fragments } else { (channels, units.div_ceil(4) * 4) };
-    let cell = staged_cell(cell, channels, pads, mma, source.dtype.size());
+    let cell = staged_cell(cell, pads, mma, source.dtype.size());
     let laid_out = empty(&source, [batch, 9 * pads.0 * pads.1], source.dtype);
     let (count, dim) = elementwise(&client, laid_out.meta.shape().iter().product());
     kept_weights_kernel::launch(
