@@ -161,21 +161,27 @@ pub fn evaluate_persistence(windows: &WindowSet, scoring: Scoring<'_>) -> Evalua
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_non_finite_prediction_is_an_error_naming_its_window() {
+    /// `evaluate` of a small random CNN (`units` per block, `blocks` blocks, 2 -> 1 frames of
+    /// one channel) on `windows`, values unscaled, two windows per batch.
+    fn evaluate_cnn(units: usize, blocks: usize, windows: &WindowSet, masking: Masking) -> crate::Result<Evaluation> {
         use crate::data::MinMaxScaler;
         use dyna_pruner_spec::{Architecture, BackboneSpec, CnnSpec, DataScope, Frames};
-        let cnn = CnnSpec { hidden: 4, units: 4, blocks: 1, stride: 1, data_scope: DataScope::Network };
+        let cnn = CnnSpec { hidden: 4, units, blocks, stride: 1, data_scope: DataScope::Network };
         let arch = Architecture::new(Frames { t_in: 2, t_out: 1, channels: 1 }, 2, BackboneSpec::Cnn(cnn));
         let device = Default::default();
         let model = DynamicModel::<crate::CpuBackend>::new(&arch, &device);
+        let scaler = Scaler::MinMax(MinMaxScaler { min: 0.0, max: 1.0 });
+        let scoring = Scoring { scaler: &scaler, climatology: None };
+        evaluate(&model, windows, scoring, masking, 2, &device, &mut |_, _| {})
+    }
+
+    #[test]
+    fn a_non_finite_prediction_is_an_error_naming_its_window() {
         let (n, frame) = (3, 4 * 4);
         let mut x = vec![0.5; n * 2 * frame];
         x[2 * frame + frame + 5] = f32::INFINITY; // window 1's last input frame
         let windows = WindowSet::from_pairs(x, vec![0.5; n * frame], n, 2, 1, [1, 4, 4]);
-        let scaler = Scaler::MinMax(MinMaxScaler { min: 0.0, max: 1.0 });
-        let scoring = Scoring { scaler: &scaler, climatology: None };
-        let err = evaluate(&model, &windows, scoring, Masking::DENSE, 2, &device, &mut |_, _| {}).unwrap_err();
+        let err = evaluate_cnn(4, 1, &windows, Masking::DENSE).unwrap_err();
         assert!(err.to_string().contains("window 1 of 3"), "{err}");
     }
 
@@ -183,18 +189,10 @@ mod tests {
     /// keep): the ratio's denominator is the network without masks.
     #[test]
     fn the_dense_macs_are_those_of_the_network_without_masks() {
-        use crate::data::MinMaxScaler;
         use crate::method::MaskMode;
-        use dyna_pruner_spec::{Architecture, BackboneSpec, CnnSpec, DataScope, Frames};
-        let cnn = CnnSpec { hidden: 4, units: 8, blocks: 2, stride: 1, data_scope: DataScope::Network };
-        let arch = Architecture::new(Frames { t_in: 2, t_out: 1, channels: 1 }, 2, BackboneSpec::Cnn(cnn));
-        let device = Default::default();
-        let model = DynamicModel::<crate::CpuBackend>::new(&arch, &device);
         let (n, frame) = (3, 8 * 8);
         let windows = WindowSet::from_pairs(vec![0.5; n * 2 * frame], vec![0.5; n * frame], n, 2, 1, [1, 8, 8]);
-        let scaler = Scaler::MinMax(MinMaxScaler { min: 0.0, max: 1.0 });
-        let scoring = Scoring { scaler: &scaler, climatology: None };
-        let run = |masking| evaluate(&model, &windows, scoring, masking, 2, &device, &mut |_, _| {}).unwrap();
+        let run = |masking| evaluate_cnn(8, 2, &windows, masking).unwrap();
         let dense = run(Masking::DENSE);
         let dynamic = run(Masking::top_k(MaskMode::Both, 0.25, 0.25));
         assert_eq!(dense.dense_macs_per_sample, dense.macs_per_sample);
