@@ -1,12 +1,13 @@
 //! `dyna-pruner bench --device cuda`: the CNN's sparse GPU path (`DynamicModel::forward_gathered`:
 //! the kept patches' pixels and each sample's kept units through the gathered kernels) timed
-//! against the model's dense forward (Burn's `conv2d`: our dense GPU path) in the same run, for
-//! each backend of `--precision f32,bf16` x `--launch fused,direct`, all with the same weights.
-//! Every sparse forward is first checked against the f32 masked-dense forward under the masks
-//! it chose. Optionally next to a PyTorch twin of the dense CNN (`scripts/torch_twin.py`) timed
-//! on the same device in every precision its users pick. Clocks are read after a device sync;
-//! JIT and autotune run in the warm-up. Build with `--features autotune` for these timings:
-//! without it Burn runs fixed kernels (the report says which).
+//! against the model's dense forward (Burn's `conv2d`: our dense GPU path) in the same run, in
+//! one `--precision` (Burn fixes the GPU's float type at its first tensor) for each of
+//! `--launch fused,direct`, all with the same weights. Every sparse forward is first checked
+//! against the CPU's f32 masked-dense forward under the masks it chose. Optionally next to a
+//! PyTorch twin of the dense CNN (`scripts/torch_twin.py`) timed on the same device in every
+//! precision its users pick. Clocks are read after a device sync; JIT and autotune run in the
+//! warm-up. Build with `--features autotune` for these timings: without it Burn runs fixed
+//! kernels (the report says which).
 
 use std::path::Path;
 use std::time::Instant;
@@ -21,6 +22,7 @@ use dyna_pruner::backbones::BackboneKind;
 use dyna_pruner::gathered::{GatheredBackend, GatheredMasks};
 use dyna_pruner::method::{FixedMasks, MaskMode, Masking};
 use dyna_pruner::model::{Architecture, DynamicModel};
+use dyna_pruner::CpuBackend;
 use dyna_pruner_exec::spec::BackboneSpec;
 
 use crate::bench::{architecture, BenchPlan, Row};
@@ -70,22 +72,30 @@ fn median_ms<B: Backend>(device: &B::Device, runs: usize, warmup: usize, mut f: 
     Timing { wall: median(&mut wall), host: median(&mut host) }
 }
 
-/// The CNN rows on the GPU: the dense and the sparse forward of each backend in `variants`,
-/// every sparse forward first checked against the f32 masked-dense reference (the fused f32
-/// backend) under the masks it chose. All variants run the same weights.
-pub fn run(device_name: &str, out: &Path, plan: &BenchPlan, variants: &[(Precision, Launch)]) -> anyhow::Result<()> {
+/// The CNN rows on the GPU in `precision`: the dense and the sparse forward of each launch in
+/// `launches`, every sparse forward first checked against the f32 masked-dense reference on
+/// the CPU under the masks it chose. All variants run the same weights (drawn on the CPU with
+/// a fixed seed). One precision per process: Burn fixes the GPU's float type at its first
+/// tensor ([`dyna_pruner::cuda_device`]).
+pub fn run(
+    device_name: &str,
+    out: &Path,
+    plan: &BenchPlan,
+    precision: Precision,
+    launches: &[Launch],
+) -> anyhow::Result<()> {
     use burn::tensor::bf16;
-    use dyna_pruner::{CudaBackend, CudaDirectBackend};
+    use dyna_pruner::{cuda_device, CudaBackend, CudaDirectBackend};
     if !cfg!(feature = "autotune") {
         eprintln!("note: built without `--features autotune`: Burn's dense forward runs untuned kernels");
     }
     let arch = architecture(BackboneKind::Cnn, plan.data_scope);
-    let device = Default::default();
-    CudaBackend::<f32>::seed(&device, 1);
+    let cpu = Default::default();
+    CpuBackend::seed(&cpu, 1);
     // The reference too is loaded from the record: Burn initialises parameters lazily, so a
     // clone taken before their first use draws weights of its own.
-    let weights = DynamicModel::<CudaBackend>::new(&arch, &device).into_weight_bytes()?;
-    let reference = DynamicModel::<CudaBackend>::from_weight_bytes(&arch, &weights, &device)?;
+    let weights = DynamicModel::<CpuBackend>::new(&arch, &cpu).into_weight_bytes()?;
+    let reference = DynamicModel::<CpuBackend>::from_weight_bytes(&arch, &weights, &cpu)?;
     let shapes = (&plan.sizes[..], &plan.batches[..]);
     let torch = (plan.torch_twin.as_deref())
         .map(|s| TorchTimes::measure(s, &arch, shapes, (plan.runs, plan.warmup), "cuda", 0))
@@ -95,15 +105,17 @@ pub fn run(device_name: &str, out: &Path, plan: &BenchPlan, variants: &[(Precisi
         "| size | batch | precision | launch | kept | MAC ratio | dense ms | sparse ms (host) | speedup | torch f32 / tf32 / bf16 ms | sparse / torch best |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
-    let bench = Bench { arch: &arch, plan, reference: (&reference, &device), weights: &weights, torch: torch.as_ref() };
+    let bench = Bench { arch: &arch, plan, reference: (&reference, &cpu), weights: &weights, torch: torch.as_ref() };
     let mut rows = Vec::new();
-    for &(precision, launch) in variants {
+    for &launch in launches {
         let variant = (precision, launch);
         let timed = match variant {
-            (Precision::F32, Launch::Fused) => bench.rows::<CudaBackend>(&device, variant),
-            (Precision::F32, Launch::Direct) => bench.rows::<CudaDirectBackend>(&device, variant),
-            (Precision::Bf16, Launch::Fused) => bench.rows::<CudaBackend<bf16>>(&device, variant),
-            (Precision::Bf16, Launch::Direct) => bench.rows::<CudaDirectBackend<bf16>>(&device, variant),
+            (Precision::F32, Launch::Fused) => bench.rows::<CudaBackend>(&cuda_device::<f32>()?, variant),
+            (Precision::F32, Launch::Direct) => bench.rows::<CudaDirectBackend>(&cuda_device::<f32>()?, variant),
+            (Precision::Bf16, Launch::Fused) => bench.rows::<CudaBackend<bf16>>(&cuda_device::<bf16>()?, variant),
+            (Precision::Bf16, Launch::Direct) => {
+                bench.rows::<CudaDirectBackend<bf16>>(&cuda_device::<bf16>()?, variant)
+            }
         };
         rows.extend(timed?.into_iter().map(|mut row| {
             row.precision = Some(precision);
@@ -128,6 +140,10 @@ pub fn run(device_name: &str, out: &Path, plan: &BenchPlan, variants: &[(Precisi
     println!("\nwrote {}", path.display());
     Ok(())
 }
+
+/// The samples of each batch checked against the CPU reference (its forward at 384x384 takes
+/// seconds per sample).
+const CHECKED_SAMPLES: usize = 2;
 
 /// What every variant of one bench run shares.
 struct Bench<'a, R: GatheredBackend> {
@@ -161,7 +177,8 @@ impl<R: GatheredBackend> Bench<'_, R> {
                 let values: Vec<f32> = (0..shape.iter().product()).map(|_| rng.random_range(0.0..1.0)).collect();
                 let input = TensorData::new(values, shape);
                 let x = Tensor::<B, 5>::from_data(input.clone(), device);
-                let x_reference = Tensor::<R, 5>::from_data(input, self.reference.1);
+                let checked = batch.min(CHECKED_SAMPLES);
+                let x_reference = Tensor::<R, 5>::from_data(input, self.reference.1).narrow(0, 0, checked);
                 let macs = model.mac_model(h, w);
                 progress(format!(
                     "{name}, {size}x{size}, batch {batch}: dense forward (warm-up compiles and autotunes new shapes)"
@@ -221,9 +238,10 @@ impl<R: GatheredBackend> Bench<'_, R> {
     }
 
     /// The sparse forward of `model` against the f32 reference's masked-dense forward under the
-    /// masks it chose: the largest difference and the reference's largest value. (The gates' pooled sums
-    /// round differently from the reference's, so near-tied unit scores can rank apart here;
-    /// the choice itself is tested on the CPU.)
+    /// masks it chose, on the samples `x_reference` holds (the first of the batch: each
+    /// sample's forward is its own): the largest difference and the reference's largest value.
+    /// (The gates' pooled sums round differently from the reference's, so near-tied unit
+    /// scores can rank apart here; the choice itself is tested on the CPU.)
     fn check<B: GatheredBackend>(
         &self,
         model: &DynamicModel<B>,
@@ -234,10 +252,11 @@ impl<R: GatheredBackend> Bench<'_, R> {
     ) -> (f64, f64) {
         let (got, used) = model.forward_gathered(x, GatheredMasks::Method(masking));
         let (reference, device) = self.reference;
-        let got = Tensor::<R, 5>::from_data(got.into_data().convert::<f32>(), device);
+        let checked = x_reference.dims()[0];
+        let got = Tensor::<R, 5>::from_data(got.narrow(0, 0, checked).into_data().convert::<f32>(), device);
         let arch = self.arch;
-        let mut fixed =
-            FixedMasks::new(&used.to_lists(), arch.patch_grid(h, w), &arch.layer_units(), arch.patch(), device);
+        let masks = &used.to_lists()[..checked];
+        let mut fixed = FixedMasks::new(masks, arch.patch_grid(h, w), &arch.layer_units(), arch.patch(), device);
         let want = reference.forward_masked(x_reference, &mut fixed);
         let scale = want.clone().abs().max().into_scalar().elem::<f64>().max(1e-3);
         let worst = (got - want).abs().max().into_scalar().elem::<f64>();

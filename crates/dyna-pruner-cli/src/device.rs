@@ -29,7 +29,7 @@ macro_rules! with_backend {
                 type $B = dyna_pruner::CudaBackend;
                 #[allow(dead_code)]
                 type $T = dyna_pruner::CudaTrainBackend;
-                let $dev = Default::default();
+                let $dev = dyna_pruner::cuda_device::<f32>()?;
                 $body
             }
             #[cfg(not(feature = "cuda"))]
@@ -47,7 +47,7 @@ macro_rules! with_backend {
                 type $B = dyna_pruner::CudaBackend<burn::tensor::bf16>;
                 #[allow(dead_code)]
                 type $T = burn::backend::Autodiff<$B>;
-                let $dev = Default::default();
+                let $dev = dyna_pruner::cuda_device::<burn::tensor::bf16>()?;
                 $body
             }
             (_, $crate::device::Precision::Bf16) => {

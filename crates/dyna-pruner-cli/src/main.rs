@@ -138,10 +138,11 @@ enum Command {
         /// With `--model`: budget-conditioned models at these keep ratios.
         #[command(flatten)]
         keep: budget::KeepArgs,
-        /// `--device cuda`: the float elements to time (f32; bf16: weights and activations in
-        /// bf16, the gathered kernels accumulating in f32).
-        #[arg(long, value_enum, value_delimiter = ',', default_values = ["f32"])]
-        precision: Vec<device::Precision>,
+        /// `--device cuda`: the float element to time (f32; bf16: weights and activations in
+        /// bf16, the gathered kernels accumulating in f32). One per run: Burn fixes the GPU's
+        /// float type at its first tensor.
+        #[arg(long, value_enum, default_value = "f32")]
+        precision: device::Precision,
         /// `--device cuda`: `fused` (through Burn's fusion layer) and/or `direct` (each
         /// operation launched when called).
         #[arg(long, value_enum, value_delimiter = ',', default_values = ["fused"])]
@@ -284,7 +285,7 @@ fn main() -> anyhow::Result<()> {
             {
                 anyhow::bail!("bench: --runs >= 1, sizes and batches >= 1, fractions in (0, 1]");
             }
-            let gpu_default = precision == [device::Precision::F32] && launch == [device::Launch::Fused];
+            let gpu_default = precision == device::Precision::F32 && launch == [device::Launch::Fused];
             match device {
                 DeviceArg::Cpu if !gpu_default => {
                     anyhow::bail!("bench: --precision and --launch apply to --device cuda (the CPU executor runs f32)")
@@ -292,11 +293,7 @@ fn main() -> anyhow::Result<()> {
                 DeviceArg::Cpu if !model.is_empty() => bench_model::run(&model, &data, &out, &plan, keep),
                 DeviceArg::Cpu => bench::run(&out, &plan),
                 #[cfg(feature = "cuda")]
-                DeviceArg::Cuda => {
-                    let variants: Vec<_> =
-                        precision.iter().flat_map(|&p| launch.iter().map(move |&l| (p, l))).collect();
-                    bench_device::run(&gpu_name(), &out, &plan, &variants)
-                }
+                DeviceArg::Cuda => bench_device::run(&gpu_name(), &out, &plan, precision, &launch),
                 #[cfg(not(feature = "cuda"))]
                 DeviceArg::Cuda => {
                     anyhow::bail!("this binary was built without CUDA support; rebuild with `--features cuda`")

@@ -39,6 +39,11 @@ pub enum Error {
     /// A forward pass gave NaN or infinite predictions.
     #[error("the model's prediction is not finite: {detail}")]
     NonFinitePrediction { detail: String },
+    /// The GPU was asked for a float type other than the one its first tensor fixed.
+    #[error(
+        "the GPU already computes in {have} in this process, not {want}: Burn fixes a device's float type at its first tensor, so run each precision in a process of its own"
+    )]
+    DeviceFloat { want: String, have: String },
     /// A checkpoint directory is incomplete or inconsistent.
     #[error("checkpoint {path}: {detail}")]
     Checkpoint { path: PathBuf, detail: String },

@@ -35,6 +35,21 @@ pub type CudaBackend<F = f32> = burn::backend::Cuda<F>;
 /// kernel when called (less host work per operation, no merged kernels).
 #[cfg(feature = "cuda")]
 pub type CudaDirectBackend<F = f32> = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, F, i32, u8>;
+/// The GPU's device (feature `cuda`), with every float tensor created on it in `F`. Burn fixes
+/// a device's float type at its first tensor, whatever the element type of the backend that
+/// creates it (a `CudaBackend<bf16>` tensor made after a `CudaBackend<f32>` one is f32), so a
+/// process computes in one precision per device: another is an [`Error::DeviceFloat`].
+#[cfg(feature = "cuda")]
+pub fn cuda_device<F: burn_cubecl::FloatElement>() -> Result<burn::backend::cuda::CudaDevice> {
+    use burn::tensor::DType;
+    let device = Default::default();
+    let have: DType = burn::tensor::get_device_settings::<CudaBackend<F>>(&device).float_dtype.into();
+    let want = F::dtype();
+    if have != want {
+        return Err(Error::DeviceFloat { want: format!("{want:?}"), have: format!("{have:?}") });
+    }
+    Ok(device)
+}
 /// The CUDA backend with autodiff, for training (feature `cuda`).
 #[cfg(feature = "cuda")]
 pub type CudaTrainBackend = burn::backend::Autodiff<CudaBackend>;
