@@ -8,7 +8,7 @@ use std::borrow::Cow;
 use dyna_pruner_spec::{Architecture, ConvLstmSpec, Masking};
 use rayon::prelude::*;
 
-use crate::activation::sigmoid;
+use crate::activation::{gate_sigmoid, tanh};
 use crate::kernels::{add_upsampled, run_per_sample, Activation, Conv, Positions};
 use crate::masks::{gate_units, kept_positions, plan_masks, pool_by_patch, MaskGenerator, Pooled, UnitGate};
 use crate::plan::{MaskPlan, Output};
@@ -193,10 +193,14 @@ impl ConvLstmExec {
                         .flat_map_iter(|(i, r)| {
                             let p = pos.get(i);
                             u.iter().enumerate().map(move |(j, &unit)| {
-                                let (ig, fg, og, gg) =
-                                    (sigmoid(r[j]), sigmoid(r[k + j]), sigmoid(r[2 * k + j]), r[3 * k + j].tanh());
+                                let (ig, fg, og, gg) = (
+                                    gate_sigmoid(r[j]),
+                                    gate_sigmoid(r[k + j]),
+                                    gate_sigmoid(r[2 * k + j]),
+                                    tanh(r[3 * k + j]),
+                                );
                                 let cell = fg * c_old[p * units + unit] + ig * gg;
-                                (og * cell.tanh(), cell)
+                                (og * tanh(cell), cell)
                             })
                         })
                         .collect();
