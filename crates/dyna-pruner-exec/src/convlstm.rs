@@ -8,7 +8,7 @@ use std::borrow::Cow;
 use dyna_pruner_spec::{Architecture, ConvLstmSpec, Masking};
 use rayon::prelude::*;
 
-use crate::activation::{gate_sigmoid, tanh};
+use crate::activation::lstm_cell;
 use crate::kernels::{add_upsampled, run_per_sample, Activation, Conv, Positions};
 use crate::masks::{gate_units, kept_positions, plan_masks, pool_by_patch, MaskGenerator, Pooled, UnitGate};
 use crate::plan::{MaskPlan, Output};
@@ -185,31 +185,33 @@ impl ConvLstmExec {
                     let (u, pos) = (units_of(b, l), pos_of(b));
                     let k = u.len();
                     macs[b] += pos.len() as u64 * conv_of(b).macs_per_position();
-                    // The gate nonlinearities in parallel over positions, then the state writes.
+                    // The gate nonlinearities in parallel over positions (each position's new h
+                    // then c, for its kept units), then the state writes.
                     let c_old = &cs[b][l];
-                    let updated: Vec<(f32, f32)> = rows[b]
-                        .par_chunks_exact(4 * k)
+                    let mut updated = vec![0.0f32; rows[b].len() / 2];
+                    updated
+                        .par_chunks_mut(2 * k)
+                        .zip(rows[b].par_chunks_exact(4 * k))
                         .enumerate()
-                        .flat_map_iter(|(i, r)| {
-                            let p = pos.get(i);
-                            u.iter().enumerate().map(move |(j, &unit)| {
-                                let (ig, fg, og, gg) = (
-                                    gate_sigmoid(r[j]),
-                                    gate_sigmoid(r[k + j]),
-                                    gate_sigmoid(r[2 * k + j]),
-                                    tanh(r[3 * k + j]),
-                                );
-                                let cell = fg * c_old[p * units + unit] + ig * gg;
-                                (og * tanh(cell), cell)
-                            })
-                        })
-                        .collect();
+                        .with_min_len(64)
+                        .for_each_init(
+                            || vec![0.0f32; k],
+                            |c_prev, (i, (out, pre))| {
+                                let p = pos.get(i);
+                                for (value, &unit) in c_prev.iter_mut().zip(u) {
+                                    *value = c_old[p * units + unit];
+                                }
+                                let (h_new, c_new) = out.split_at_mut(k);
+                                lstm_cell(pre, c_prev, h_new, c_new);
+                            },
+                        );
                     let (h_map, c_map) = (&mut hs[b][l], &mut cs[b][l]);
-                    for (i, chunk) in updated.chunks_exact(k).enumerate() {
+                    for (i, chunk) in updated.chunks_exact(2 * k).enumerate() {
                         let p = pos.get(i);
-                        for (&unit, &(h_new, c_new)) in u.iter().zip(chunk) {
-                            h_map[p * units + unit] = h_new;
-                            c_map[p * units + unit] = c_new;
+                        let (h_new, c_new) = chunk.split_at(k);
+                        for (j, &unit) in u.iter().enumerate() {
+                            h_map[p * units + unit] = h_new[j];
+                            c_map[p * units + unit] = c_new[j];
                         }
                     }
                 }
