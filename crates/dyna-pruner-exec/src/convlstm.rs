@@ -10,7 +10,9 @@ use rayon::prelude::*;
 
 use crate::activation::lstm_cell;
 use crate::kernels::{add_upsampled, run_per_sample, Activation, Conv, Positions};
-use crate::masks::{gate_units, kept_positions, plan_masks, pool_by_patch, MaskGenerator, Pooled, UnitGate};
+use crate::masks::{
+    gate_units, kept_positions, plan_masks, pool_by_patch, window_rows, MaskGenerator, Pooled, UnitGate,
+};
 use crate::plan::{MaskPlan, Output};
 use crate::ExecError;
 
@@ -125,6 +127,9 @@ impl ConvLstmExec {
             Some(Some(list)) => Positions::List(list),
             _ => Positions::all(lh, lw),
         };
+        // The rows the kept positions' windows read: the only rows of the conv input built.
+        let read_rows: Vec<Option<Vec<u32>>> =
+            positions.iter().map(|p| p.as_ref().map(|list| window_rows(list, (lh, lw)))).collect();
         let all_units: Vec<usize> = (0..units).collect();
         let units_of = |b: usize, l: usize| masks.get(b).map_or(all_units.as_slice(), |m| m.units[l].as_slice());
         // Each sample's gate weights restricted to its kept units (borrowed when all are kept).
@@ -157,20 +162,27 @@ impl ConvLstmExec {
             for l in 0..s.cells {
                 let with_input = l > 0 || t < t_in;
                 let cin = if l == 0 { hid } else { units };
-                // The conv input per sample: [input, h] channels last, or h alone.
-                let inputs: Vec<Vec<f32>> = (0..batch)
+                // The conv input per sample: [input, h] channels last at the rows its windows
+                // read (zero elsewhere, never read), or h alone.
+                let inputs: Vec<Cow<'_, [f32]>> = (0..batch)
                     .map(|b| {
                         let state = &hs[b][l];
                         if !with_input {
-                            return state.clone();
+                            return Cow::Borrowed(state.as_slice());
                         }
                         let input = if l == 0 { &encoded[frame_of(b, t)] } else { &hs[b][l - 1] };
-                        let mut joint = Vec::with_capacity(low * (cin + units));
-                        for p in 0..low {
-                            joint.extend_from_slice(&input[p * cin..(p + 1) * cin]);
-                            joint.extend_from_slice(&state[p * units..(p + 1) * units]);
+                        let width = cin + units;
+                        let mut joint = vec![0.0f32; low * width];
+                        let mut copy = |p: usize| {
+                            let row = &mut joint[p * width..(p + 1) * width];
+                            row[..cin].copy_from_slice(&input[p * cin..(p + 1) * cin]);
+                            row[cin..].copy_from_slice(&state[p * units..(p + 1) * units]);
+                        };
+                        match read_rows.get(b) {
+                            Some(Some(rows)) => rows.iter().for_each(|&p| copy(p as usize)),
+                            _ => (0..low).for_each(copy),
                         }
-                        joint
+                        Cow::Owned(joint)
                     })
                     .collect();
                 let conv_of = |b: usize| -> &Conv {

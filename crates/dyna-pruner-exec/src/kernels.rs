@@ -482,7 +482,7 @@ pub fn run_jobs_into_maps(jobs: &[Job<'_>], maps: &mut [Vec<f32>], add: bool) {
 /// Runs one convolution per sample (`conv(b)` at `positions(b)` of `inputs[b]`, each `[h, w, cin]`)
 /// and returns each sample's rows `[positions, cout]`.
 pub fn run_per_sample<'c, 'p>(
-    inputs: &[Vec<f32>],
+    inputs: &[impl AsRef<[f32]>],
     (h, w): (usize, usize),
     conv: impl Fn(usize) -> &'c Conv,
     positions: impl Fn(usize) -> Positions<'p>,
@@ -491,7 +491,7 @@ pub fn run_per_sample<'c, 'p>(
     let jobs: Vec<Job<'_>> = inputs
         .iter()
         .enumerate()
-        .map(|(b, input)| Job { conv: conv(b), input, h, w, positions: positions(b), act })
+        .map(|(b, input)| Job { conv: conv(b), input: input.as_ref(), h, w, positions: positions(b), act })
         .collect();
     // Every output float is written by its tile, so stale buffer contents never show.
     let mut outputs: Vec<Vec<f32>> = jobs.iter().map(|j| map_buffer(j.positions.len() * j.conv.cout)).collect();
