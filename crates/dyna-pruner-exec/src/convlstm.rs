@@ -171,17 +171,29 @@ impl ConvLstmExec {
                             return Cow::Borrowed(state.as_slice());
                         }
                         let input = if l == 0 { &encoded[frame_of(b, t)] } else { &hs[b][l - 1] };
+                        let input_row = |p: usize| &input[p * cin..(p + 1) * cin];
+                        let state_row = |p: usize| &state[p * units..(p + 1) * units];
                         let width = cin + units;
-                        let mut joint = vec![0.0f32; low * width];
-                        let mut copy = |p: usize| {
-                            let row = &mut joint[p * width..(p + 1) * width];
-                            row[..cin].copy_from_slice(&input[p * cin..(p + 1) * cin]);
-                            row[cin..].copy_from_slice(&state[p * units..(p + 1) * units]);
+                        let joint = match read_rows.get(b) {
+                            Some(Some(rows)) => {
+                                let mut joint = vec![0.0f32; low * width];
+                                for p in rows.iter().map(|&p| p as usize) {
+                                    let row = &mut joint[p * width..(p + 1) * width];
+                                    row[..cin].copy_from_slice(input_row(p));
+                                    row[cin..].copy_from_slice(state_row(p));
+                                }
+                                joint
+                            }
+                            // Every row, in order: no zeroed map to overwrite.
+                            _ => {
+                                let mut joint = Vec::with_capacity(low * width);
+                                for p in 0..low {
+                                    joint.extend_from_slice(input_row(p));
+                                    joint.extend_from_slice(state_row(p));
+                                }
+                                joint
+                            }
                         };
-                        match read_rows.get(b) {
-                            Some(Some(rows)) => rows.iter().for_each(|&p| copy(p as usize)),
-                            _ => (0..low).for_each(copy),
-                        }
                         Cow::Owned(joint)
                     })
                     .collect();
