@@ -146,17 +146,17 @@ pub fn run(
 const CHECKED_SAMPLES: usize = 2;
 
 /// What every variant of one bench run shares.
-struct Bench<'a, R: GatheredBackend> {
+struct Bench<'a> {
     arch: &'a Architecture,
     plan: &'a BenchPlan,
-    /// The f32 model every sparse forward is checked against, and its device.
-    reference: (&'a DynamicModel<R>, &'a R::Device),
+    /// The f32 model on the CPU that every sparse forward is checked against, and its device.
+    reference: (&'a DynamicModel<CpuBackend>, &'a burn::tensor::Device<CpuBackend>),
     /// Its weights, loaded into each variant's backend.
     weights: &'a [u8],
     torch: Option<&'a TorchTimes>,
 }
 
-impl<R: GatheredBackend> Bench<'_, R> {
+impl Bench<'_> {
     /// The rows of backend `B` (`variant`): the dense forward, then per kept fraction the sparse
     /// forward, checked, then timed.
     fn rows<B: GatheredBackend>(&self, device: &B::Device, variant: (Precision, Launch)) -> anyhow::Result<Vec<Row>> {
@@ -178,7 +178,7 @@ impl<R: GatheredBackend> Bench<'_, R> {
                 let input = TensorData::new(values, shape);
                 let x = Tensor::<B, 5>::from_data(input.clone(), device);
                 let checked = batch.min(CHECKED_SAMPLES);
-                let x_reference = Tensor::<R, 5>::from_data(input, self.reference.1).narrow(0, 0, checked);
+                let x_reference = Tensor::<CpuBackend, 5>::from_data(input, self.reference.1).narrow(0, 0, checked);
                 let macs = model.mac_model(h, w);
                 progress(format!(
                     "{name}, {size}x{size}, batch {batch}: dense forward (warm-up compiles and autotunes new shapes)"
@@ -246,14 +246,14 @@ impl<R: GatheredBackend> Bench<'_, R> {
         &self,
         model: &DynamicModel<B>,
         x: Tensor<B, 5>,
-        x_reference: Tensor<R, 5>,
+        x_reference: Tensor<CpuBackend, 5>,
         masking: Masking,
         (h, w): (usize, usize),
     ) -> (f64, f64) {
         let (got, used) = model.forward_gathered(x, GatheredMasks::Method(masking));
         let (reference, device) = self.reference;
         let checked = x_reference.dims()[0];
-        let got = Tensor::<R, 5>::from_data(got.narrow(0, 0, checked).into_data().convert::<f32>(), device);
+        let got = Tensor::<CpuBackend, 5>::from_data(got.narrow(0, 0, checked).into_data().convert::<f32>(), device);
         let arch = self.arch;
         let masks = &used.to_lists()[..checked];
         let mut fixed = FixedMasks::new(masks, arch.patch_grid(h, w), &arch.layer_units(), arch.patch(), device);
