@@ -1,20 +1,44 @@
 //! The dynamic ConvLSTM encoder-forecaster (see the trainer's `backbones/convlstm.rs`) on plain
-//! kernels: dense encoder and decoder; at every step each cell computes its gates only at the
-//! kept positions and for the kept hidden channels (one kernel call per tile over
-//! `[input, h]`), and updates the state there; elsewhere the state carries over.
+//! kernels: dense encoder and decoder, run band by band of state rows so that their
+//! full-resolution features stay in the cache (only the last input frame's are kept, for the
+//! decoder's skip connection); at every step each cell computes its gates only at the kept
+//! positions and for the kept hidden channels (one kernel call per tile over `[input, h]`), and
+//! updates the state there; elsewhere the state carries over.
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 
 use dyna_pruner_spec::{Architecture, ConvLstmSpec, Masking};
 use rayon::prelude::*;
 
 use crate::activation::lstm_cell;
-use crate::kernels::{add_upsampled, run_per_sample, Activation, Conv, Positions};
+use crate::kernels::{run_per_sample, Activation, Conv, Positions};
 use crate::masks::{
     gate_units, kept_positions, plan_masks, pool_by_patch, window_rows, MaskGenerator, Pooled, UnitGate,
 };
 use crate::plan::{MaskPlan, Output};
+use crate::pool::{map_buffer, recycle};
 use crate::ExecError;
+
+/// State rows per band of the encoder's and decoder's full-resolution work (`stride` rows of
+/// full-resolution features each): small enough that a band's features stay in the L2 cache
+/// between the two convolutions that read them.
+const BAND_ROWS: usize = 4;
+
+thread_local! {
+    /// One band's full-resolution features, reused across bands and calls.
+    static BAND: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on this thread's band buffer, `n` floats of unspecified contents.
+fn with_band<R>(n: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    BAND.with_borrow_mut(|band| {
+        if band.len() < n {
+            band.resize(n, 0.0);
+        }
+        f(&mut band[..n])
+    })
+}
 
 /// One cell's gate convolutions, 3x3, outputs `[i, f, o, g]` x units.
 #[derive(Debug, Clone)]
@@ -36,11 +60,23 @@ pub struct ConvLstmExec {
     pub(crate) enc_down: Conv,
     pub(crate) cells: Vec<CellConvs>,
     pub(crate) dec_proj: Conv,
-    /// Transposed conv (kernel = stride) as a 1x1 conv to `stride^2 * hidden` outputs.
-    pub(crate) dec_up: Conv,
+    /// The transposed conv (kernel = stride) as one 1x1 conv per output row `dy` within a state
+    /// pixel, to that row's `stride * hidden` outputs (its `stride` pixels in order).
+    pub(crate) dec_up_rows: Vec<Conv>,
     pub(crate) dec_out: Conv,
     pub(crate) generator: MaskGenerator,
     pub(crate) gates: Vec<UnitGate>,
+}
+
+/// The rows (`width` floats each) of `map` at `positions` (ascending).
+fn rows_at<'m>(map: &'m mut [f32], width: usize, positions: Positions<'_>) -> Vec<&'m mut [f32]> {
+    let mut rows = map.chunks_exact_mut(width).enumerate();
+    (0..positions.len())
+        .map(|i| {
+            let p = positions.get(i);
+            rows.find_map(|(at, row)| (at == p).then_some(row)).expect("positions ascend inside the map")
+        })
+        .collect()
 }
 
 /// The gate columns `[i, f, o, g]` of the kept units, in that order.
@@ -56,6 +92,108 @@ impl ConvLstmExec {
         ((hp, wp), (hp / st, wp / st))
     }
 
+    /// Encodes each input frame (`frames[f]`, `[h, w, c]`): its state-resolution features
+    /// `[lh, lw, hidden]`, and for the frames `keep_full` names, its full-resolution features
+    /// `[hp, wp, hidden]` (zero past `h x w`). Band by band of state rows, all bands of all frames in
+    /// parallel; the other frames' full-resolution features live in a band buffer only.
+    fn encode(
+        &self,
+        frames: &[Cow<'_, [f32]>],
+        (h, w): (usize, usize),
+        keep_full: impl Fn(usize) -> bool,
+    ) -> (Vec<Vec<f32>>, Vec<Option<Vec<f32>>>) {
+        let ((hp, wp), (lh, lw)) = self.grids(h, w);
+        let (st, hid) = (self.spec.stride, self.spec.hidden);
+        let mut low: Vec<Vec<f32>> = frames.iter().map(|_| map_buffer(lh * lw * hid)).collect();
+        let mut full: Vec<Option<Vec<f32>>> =
+            (0..frames.len()).map(|f| keep_full(f).then(|| map_buffer(hp * wp * hid))).collect();
+        let mut tasks = Vec::new();
+        for (f, (low, full)) in low.iter_mut().zip(full.iter_mut()).enumerate() {
+            let mut full_bands = full.as_mut().map(|map| map.chunks_mut(BAND_ROWS * st * wp * hid));
+            for (band, low_band) in low.chunks_mut(BAND_ROWS * lw * hid).enumerate() {
+                tasks.push((f, band, low_band, full_bands.as_mut().and_then(Iterator::next)));
+            }
+        }
+        tasks.into_par_iter().for_each(|(f, band, low_band, full_band)| {
+            let rows = low_band.len() / (lw * hid) * st;
+            let mut encode_band = |features: &mut [f32]| {
+                for (r, row) in features.chunks_exact_mut(wp * hid).enumerate() {
+                    let y = band * BAND_ROWS * st + r;
+                    let inside = if y < h { w * hid } else { 0 };
+                    if y < h {
+                        let positions = Positions::Range(y * w, (y + 1) * w);
+                        self.enc_in.rows_into(&frames[f], (h, w), positions, &mut row[..inside], Activation::Gelu);
+                    }
+                    row[inside..].fill(0.0);
+                }
+                let positions = Positions::all(rows / st, lw);
+                self.enc_down.rows_into(features, (rows, wp), positions, low_band, Activation::Gelu);
+            };
+            match full_band {
+                Some(features) => encode_band(features),
+                None => with_band(rows * wp * hid, encode_band),
+            }
+        });
+        (low, full)
+    }
+
+    /// The forecast steps' predictions `[c, h, w]` into `prediction` (steps in order): step i's
+    /// last input frame `last_frame(i)` plus the decoder's output from the last cell's state
+    /// `tops[i]` (`[lh, lw, units]`), given its sample's last-frame features `features(i)`
+    /// (state resolution, full resolution). Band by band of output rows, all bands of all steps
+    /// in parallel: each band's full-resolution features, with the row above and below it, live
+    /// in a band buffer only.
+    fn decode<'a>(
+        &self,
+        tops: &[Vec<f32>],
+        (h, w): (usize, usize),
+        features: impl Fn(usize) -> (&'a [f32], &'a [f32]) + Sync,
+        prediction: &mut [f32],
+        last_frame: impl Fn(usize) -> &'a [f32] + Sync,
+    ) {
+        let ((hp, wp), (lh, lw)) = self.grids(h, w);
+        let (st, hid, c) = (self.spec.stride, self.spec.hidden, self.arch.frames.channels);
+        let mut base = run_per_sample(tops, (lh, lw), |_| &self.dec_proj, |_| Positions::all(lh, lw), Activation::None);
+        for (i, z) in base.iter_mut().enumerate() {
+            z.iter_mut().zip(features(i).0).for_each(|(a, b)| *a += b);
+        }
+        let band_rows = BAND_ROWS * st;
+        let mut tasks = Vec::new();
+        for (i, step) in prediction.chunks_mut(c * h * w).enumerate() {
+            // Each channel's plane, cut into the bands' rows.
+            let mut planes: Vec<_> = step.chunks_mut(h * w).map(|plane| plane.chunks_mut(band_rows * w)).collect();
+            for band in 0..h.div_ceil(band_rows) {
+                let pieces: Vec<&mut [f32]> = planes.iter_mut().filter_map(Iterator::next).collect();
+                tasks.push((i, band, pieces));
+            }
+        }
+        tasks.into_par_iter().for_each(|(i, band, mut pieces)| {
+            let (y0, y1) = (band * band_rows, ((band + 1) * band_rows).min(h));
+            // The output rows' 3x3 windows read the full-resolution rows ya..yb.
+            let (ya, yb) = (y0.saturating_sub(1), (y1 + 1).min(hp));
+            let (skip, last) = (features(i).1, last_frame(i));
+            with_band((yb - ya) * wp * hid, |map| {
+                for (r, row) in map.chunks_exact_mut(wp * hid).enumerate() {
+                    let (y, positions) = (ya + r, Positions::Range((ya + r) / st * lw, ((ya + r) / st + 1) * lw));
+                    self.dec_up_rows[y % st].rows_into(&base[i], (lh, lw), positions, row, Activation::Gelu);
+                    row.iter_mut().zip(&skip[y * wp * hid..(y + 1) * wp * hid]).for_each(|(a, s)| *a += s);
+                }
+                let mut delta = vec![0.0; w * c];
+                for y in y0..y1 {
+                    let positions = Positions::Range((y - ya) * wp, (y - ya) * wp + w);
+                    self.dec_out.rows_into(map, (yb - ya, wp), positions, &mut delta, Activation::None);
+                    for (ch, piece) in pieces.iter_mut().enumerate() {
+                        let (dst, last) = (&mut piece[(y - y0) * w..][..w], &last[(ch * h + y) * w..][..w]);
+                        for (x, (d, l)) in dst.iter_mut().zip(last).enumerate() {
+                            *d = l + delta[x * c + ch];
+                        }
+                    }
+                }
+            });
+        });
+        base.into_iter().for_each(recycle);
+    }
+
     /// Runs a batch `x` (`[batch, t_in, channels, h, w]`, scaled) under `plan`.
     pub fn forward(
         &self,
@@ -68,30 +206,22 @@ impl ConvLstmExec {
         let (s, fr, patch) = (&self.spec, self.arch.frames, self.arch.model.patch);
         let (t_in, c, hid, units) = (fr.t_in, fr.channels, s.hidden, s.units);
         let per_sample = crate::check_input(x, batch, [t_in, c, h, w], plan, s.cells)?;
-        let ((hp, wp), (lh, lw)) = self.grids(h, w);
+        let (_, (lh, lw)) = self.grids(h, w);
         let low = lh * lw;
 
-        // Encoder, every input frame of every sample: [h, w, c] -> [hp, wp, hid] -> [lh, lw, hid].
-        let frames: Vec<Vec<f32>> = (0..batch * t_in)
-            .map(|f| {
-                let src = &x[f * c * h * w..(f + 1) * c * h * w];
-                (0..h * w).flat_map(|p| (0..c).map(move |ch| src[ch * h * w + p])).collect()
+        // Encoder, every input frame of every sample, channels last ([c, h, w] is [h, w, c]
+        // for one channel); the last input frame's full-resolution features are kept.
+        let frames: Vec<Cow<'_, [f32]>> = x
+            .chunks_exact(c * h * w)
+            .map(|src| match c {
+                1 => Cow::Borrowed(src),
+                _ => Cow::Owned((0..h * w).flat_map(|p| (0..c).map(move |ch| src[ch * h * w + p])).collect()),
             })
             .collect();
-        let full: Vec<Vec<f32>> =
-            run_per_sample(&frames, (h, w), |_| &self.enc_in, |_| Positions::all(h, w), Activation::Gelu)
-                .into_iter()
-                .map(|rows| {
-                    let mut padded = vec![0.0; hp * wp * hid];
-                    for y in 0..h {
-                        padded[y * wp * hid..(y * wp + w) * hid].copy_from_slice(&rows[y * w * hid..(y + 1) * w * hid]);
-                    }
-                    padded
-                })
-                .collect();
-        let encoded = run_per_sample(&full, (hp, wp), |_| &self.enc_down, |_| Positions::all(lh, lw), Activation::Gelu);
         let frame_of = |b: usize, t: usize| b * t_in + t;
-        let last_low: Vec<Vec<f32>> = (0..batch).map(|b| encoded[frame_of(b, t_in - 1)].clone()).collect();
+        let (encoded, skips) = self.encode(&frames, (h, w), |f| f % t_in == t_in - 1);
+        let skip_of = |b: usize| skips[frame_of(b, t_in - 1)].as_deref().expect("the last input frame's features");
+        let last_low = |b: usize| encoded[frame_of(b, t_in - 1)].as_slice();
         let mut macs = vec![self.fixed_macs(h, w); batch];
 
         // Masks: kept patches once, kept units of each cell from its gate on the last frame's features.
@@ -104,10 +234,10 @@ impl ConvLstmExec {
             let keep = self.masking.unit_keep();
             // Every gate reads the last input frame's encoding: pooled once for all of them.
             let pooled: Vec<Pooled> = match keep {
-                Some(_) => last_low
+                Some(_) => importance
                     .iter()
-                    .zip(&importance)
-                    .map(|(f, sc)| pool_by_patch(f, s.hidden, (lh, lw, cell_px, wpatch), sc))
+                    .enumerate()
+                    .map(|(b, sc)| pool_by_patch(last_low(b), s.hidden, (lh, lw, cell_px, wpatch), sc))
                     .collect(),
                 None => Vec::new(),
             };
@@ -174,26 +304,20 @@ impl ConvLstmExec {
                         let input_row = |p: usize| &input[p * cin..(p + 1) * cin];
                         let state_row = |p: usize| &state[p * units..(p + 1) * units];
                         let width = cin + units;
-                        let joint = match read_rows.get(b) {
-                            Some(Some(rows)) => {
-                                let mut joint = vec![0.0f32; low * width];
-                                for p in rows.iter().map(|&p| p as usize) {
-                                    let row = &mut joint[p * width..(p + 1) * width];
-                                    row[..cin].copy_from_slice(input_row(p));
-                                    row[cin..].copy_from_slice(state_row(p));
-                                }
-                                joint
-                            }
-                            // Every row, in order: no zeroed map to overwrite.
-                            _ => {
-                                let mut joint = Vec::with_capacity(low * width);
-                                for p in 0..low {
-                                    joint.extend_from_slice(input_row(p));
-                                    joint.extend_from_slice(state_row(p));
-                                }
-                                joint
-                            }
+                        let mut joint = map_buffer(low * width);
+                        let rows = read_rows.get(b).and_then(Option::as_ref);
+                        if rows.is_some() {
+                            joint.fill(0.0);
+                        }
+                        let mut build = |p: usize| {
+                            let row = &mut joint[p * width..(p + 1) * width];
+                            row[..cin].copy_from_slice(input_row(p));
+                            row[cin..].copy_from_slice(state_row(p));
                         };
+                        match rows {
+                            Some(rows) => rows.iter().for_each(|&p| build(p as usize)),
+                            None => (0..low).for_each(build),
+                        }
                         Cow::Owned(joint)
                     })
                     .collect();
@@ -205,71 +329,67 @@ impl ConvLstmExec {
                     }
                 };
                 let rows = run_per_sample(&inputs, (lh, lw), conv_of, pos_of, Activation::None);
+                for input in inputs {
+                    if let Cow::Owned(joint) = input {
+                        recycle(joint);
+                    }
+                }
                 for b in 0..batch {
                     let (u, pos) = (units_of(b, l), pos_of(b));
                     let k = u.len();
                     macs[b] += pos.len() as u64 * conv_of(b).macs_per_position();
-                    // The gate nonlinearities in parallel over positions (each position's new h
-                    // then c, for its kept units), then the state writes.
-                    let c_old = &cs[b][l];
-                    let mut updated = vec![0.0f32; rows[b].len() / 2];
-                    updated
-                        .par_chunks_mut(2 * k)
+                    // The kept positions' state rows, each updated in place, in parallel: its
+                    // kept units' c read, the cell update, their new h and c written back.
+                    let h_rows = rows_at(&mut hs[b][l], units, pos);
+                    let c_rows = rows_at(&mut cs[b][l], units, pos);
+                    h_rows
+                        .into_par_iter()
+                        .zip(c_rows)
                         .zip(rows[b].par_chunks_exact(4 * k))
-                        .enumerate()
                         .with_min_len(64)
                         .for_each_init(
-                            || vec![0.0f32; k],
-                            |c_prev, (i, (out, pre))| {
-                                let p = pos.get(i);
+                            || vec![0.0f32; 3 * k],
+                            |scratch, ((h_row, c_row), pre)| {
+                                let (c_prev, new) = scratch.split_at_mut(k);
+                                let (h_new, c_new) = new.split_at_mut(k);
                                 for (value, &unit) in c_prev.iter_mut().zip(u) {
-                                    *value = c_old[p * units + unit];
+                                    *value = c_row[unit];
                                 }
-                                let (h_new, c_new) = out.split_at_mut(k);
                                 lstm_cell(pre, c_prev, h_new, c_new);
+                                for ((&unit, h), c) in u.iter().zip(h_new.iter()).zip(c_new.iter()) {
+                                    h_row[unit] = *h;
+                                    c_row[unit] = *c;
+                                }
                             },
                         );
-                    let (h_map, c_map) = (&mut hs[b][l], &mut cs[b][l]);
-                    for (i, chunk) in updated.chunks_exact(2 * k).enumerate() {
-                        let p = pos.get(i);
-                        let (h_new, c_new) = chunk.split_at(k);
-                        for (j, &unit) in u.iter().enumerate() {
-                            h_map[p * units + unit] = h_new[j];
-                            c_map[p * units + unit] = c_new[j];
-                        }
-                    }
                 }
+                rows.into_iter().for_each(recycle);
             }
             if t >= t_in {
                 for b in 0..batch {
-                    tops[b].push(hs[b][s.cells - 1].clone());
+                    let mut top = map_buffer(low * units);
+                    top.copy_from_slice(&hs[b][s.cells - 1]);
+                    tops[b].push(top);
                 }
             }
         }
 
         // Decoder per sample and forecast step.
         let steps: Vec<Vec<f32>> = tops.into_iter().flatten().collect();
-        let sample_of = |i: usize| i / fr.t_out;
-        let mut base =
-            run_per_sample(&steps, (lh, lw), |_| &self.dec_proj, |_| Positions::all(lh, lw), Activation::None);
-        for (i, z) in base.iter_mut().enumerate() {
-            z.iter_mut().zip(&last_low[sample_of(i)]).for_each(|(a, b)| *a += b);
-        }
-        let mut maps: Vec<Vec<f32>> = (0..base.len()).map(|i| full[frame_of(sample_of(i), t_in - 1)].clone()).collect();
-        add_upsampled(&self.dec_up, &base, (lh, lw), s.stride, (hp, wp), Activation::Gelu, &mut maps);
-        let delta = run_per_sample(&maps, (hp, wp), |_| &self.dec_out, |_| Positions::all(hp, wp), Activation::None);
         let mut prediction = vec![0.0; batch * fr.t_out * c * h * w];
-        for (i, d) in delta.iter().enumerate() {
-            let b = sample_of(i);
-            let last = &x[b * per_sample + (t_in - 1) * c * h * w..b * per_sample + t_in * c * h * w];
-            let dst = &mut prediction[i * c * h * w..(i + 1) * c * h * w];
-            for ch in 0..c {
-                for y in 0..h {
-                    for xx in 0..w {
-                        dst[(ch * h + y) * w + xx] = last[(ch * h + y) * w + xx] + d[(y * wp + xx) * c + ch];
-                    }
-                }
-            }
+        self.decode(
+            &steps,
+            (h, w),
+            |i| (last_low(i / fr.t_out), skip_of(i / fr.t_out)),
+            &mut prediction,
+            |i| {
+                let b = i / fr.t_out;
+                &x[b * per_sample + (t_in - 1) * c * h * w..b * per_sample + t_in * c * h * w]
+            },
+        );
+        steps.into_iter().chain(encoded).chain(skips.into_iter().flatten()).for_each(recycle);
+        for states in hs.into_iter().chain(cs) {
+            states.into_iter().for_each(recycle);
         }
         Ok(Output { prediction, masks, macs })
     }
@@ -281,7 +401,9 @@ impl ConvLstmExec {
         let fr = self.arch.frames;
         fr.t_in as u64 * ((h * w) as u64 * self.enc_in.macs_per_position() + low * self.enc_down.macs_per_position())
             + fr.t_out as u64
-                * (low * (self.dec_proj.macs_per_position() + self.dec_up.macs_per_position())
+                * (low
+                    * (self.dec_proj.macs_per_position()
+                        + self.dec_up_rows.iter().map(Conv::macs_per_position).sum::<u64>())
                     + full * self.dec_out.macs_per_position())
     }
 }

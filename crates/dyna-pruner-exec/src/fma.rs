@@ -22,8 +22,13 @@ const CHUNK: usize = 4 * LANES;
 /// cache for the windows and outputs too.
 const L1_WEIGHT_BYTES: usize = 32 * 1024;
 
+/// Layers with at most this many output channels run as dot products along the window
+/// (`dot_chunk`): spread over a vector's lanes, so few outputs would leave most lanes idle.
+const DOT_COLS: usize = 4;
+
 /// Output channels `col0..col0 + cols` of a layer: weights `[rows, vectors * LANES]`, zero past
-/// `cols`, and the bias the same way.
+/// `cols`, and the bias the same way; for a layer of at most `DOT_COLS` outputs, the weights
+/// as columns `[cols, rows]` too.
 #[derive(Debug, Clone)]
 pub(crate) struct Chunk {
     col0: usize,
@@ -31,6 +36,7 @@ pub(crate) struct Chunk {
     vectors: usize,
     weight: Vec<f32>,
     bias: Vec<f32>,
+    columns: Option<Vec<f32>>,
 }
 
 /// Splits a row-major `[rows, cout]` weight and its bias into packed chunks.
@@ -48,7 +54,9 @@ pub(crate) fn pack(weight: &[f32], bias: &[f32], rows: usize, cout: usize) -> Ve
             }
             let mut b = vec![0.0; width];
             b[..cols].copy_from_slice(&bias[col0..col0 + cols]);
-            Chunk { col0, cols, vectors, weight: w, bias: b }
+            let columns = (cout <= DOT_COLS)
+                .then(|| (0..cols).flat_map(|co| (0..rows).map(move |r| weight[r * cout + co])).collect());
+            Chunk { col0, cols, vectors, weight: w, bias: b, columns }
         })
         .collect()
 }
@@ -106,6 +114,10 @@ pub(crate) fn windows_times_weights(
     assert!(!(rows.add && rows.gelu), "GELU applies to a layer's output, not to a sum with it");
     for chunk in chunks {
         assert_eq!(chunk.weight.len(), parts * len * chunk.vectors * LANES, "packed weight does not match");
+        if let Some(columns) = &chunk.columns {
+            dot_chunk(chunk, columns, (windows, parts, len), cout, &mut rows);
+            continue;
+        }
         #[cfg(target_arch = "x86_64")]
         if vector_chunk(chunk, (windows, parts, len), cout, &mut rows) {
             continue;
@@ -135,6 +147,119 @@ fn plain_chunk(chunk: &Chunk, windows: &[Window<'_>], parts: usize, len: usize, 
             acc.iter_mut().for_each(gelu_in_place);
         }
     }
+}
+
+/// Positions per block of the dot-product kernel: each weight load serves them all.
+const DOT_POSITIONS: usize = 4;
+
+/// The kernel for layers of few outputs: each output the dot product of the window's runs
+/// with its column of weights (`columns`, `[cols, parts * len]`), the window's floats spread
+/// over vector lanes. Blocks of `DOT_POSITIONS` positions, then the rest one by one; with AVX2
+/// and fused multiply-adds where the CPU has them.
+fn dot_chunk(
+    chunk: &Chunk,
+    columns: &[f32],
+    (windows, parts, len): (&[Window<'_>], usize, usize),
+    cout: usize,
+    rows: &mut Rows<'_>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    let vector = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+    #[cfg(not(target_arch = "x86_64"))]
+    let vector = false;
+    let mut p = 0;
+    while p < windows.len() {
+        let n = if p + DOT_POSITIONS <= windows.len() { DOT_POSITIONS } else { 1 };
+        for co in 0..chunk.cols {
+            let column = &columns[co * parts * len..(co + 1) * parts * len];
+            let sums: [f32; DOT_POSITIONS] = match (n, vector) {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: AVX2 and FMA were detected above.
+                #[allow(unsafe_code)]
+                (DOT_POSITIONS, true) => unsafe { dot_block_avx2(&windows[p..p + n], column, len) },
+                #[cfg(target_arch = "x86_64")]
+                #[allow(unsafe_code)]
+                (_, true) => [unsafe { dot_block_avx2::<1>(&windows[p..p + 1], column, len) }[0]; DOT_POSITIONS],
+                (DOT_POSITIONS, _) => dot_block_plain(&windows[p..p + n], column, len),
+                _ => [dot_block_plain::<1>(&windows[p..p + 1], column, len)[0]; DOT_POSITIONS],
+            };
+            for (i, &sum) in sums.iter().take(n).enumerate() {
+                let at = rows.start(p + i, cout) + chunk.col0 + co;
+                let value = sum + chunk.bias[co];
+                let out = &mut rows.data[at];
+                *out = if rows.add { *out + value } else { value };
+                if rows.gelu {
+                    gelu_in_place(out);
+                }
+            }
+        }
+        p += n;
+    }
+}
+
+/// The dot products of `P` windows (`column.len() / len` runs each) with `column`: the plain
+/// reference of `dot_block_avx2`.
+fn dot_block_plain<const P: usize>(windows: &[Window<'_>], column: &[f32], len: usize) -> [f32; P] {
+    std::array::from_fn(|i| {
+        let window = &windows[i];
+        column
+            .chunks_exact(len)
+            .enumerate()
+            .map(|(r, weights)| {
+                window.data[r * window.stride..][..len].iter().zip(weights).map(|(x, w)| x * w).sum::<f32>()
+            })
+            .sum()
+    })
+}
+
+/// [`dot_block_plain`] in 8-lane vectors, two accumulators per window (independent chains of
+/// fused multiply-adds), the floats past whole vectors one by one.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(unsafe_code)]
+fn dot_block_avx2<const P: usize>(windows: &[Window<'_>], column: &[f32], len: usize) -> [f32; P] {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm256_setzero_ps(); 2]; P];
+    let mut tail = [0.0f32; P];
+    for (r, weights) in column.chunks_exact(len).enumerate() {
+        let mut runs = [weights; P];
+        for (run, window) in runs.iter_mut().zip(windows) {
+            *run = &window.data[r * window.stride..][..len];
+        }
+        let mut j = 0;
+        // SAFETY: every load reads 8 floats at j or j + 8 with j + 16 <= len (then j + 8 <=
+        // len), inside `weights` and every run, which hold `len` floats.
+        unsafe {
+            while j + 16 <= len {
+                let (w0, w1) = (_mm256_loadu_ps(weights.as_ptr().add(j)), _mm256_loadu_ps(weights.as_ptr().add(j + 8)));
+                for (acc, run) in acc.iter_mut().zip(&runs) {
+                    acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(run.as_ptr().add(j)), w0, acc[0]);
+                    acc[1] = _mm256_fmadd_ps(_mm256_loadu_ps(run.as_ptr().add(j + 8)), w1, acc[1]);
+                }
+                j += 16;
+            }
+            if j + 8 <= len {
+                let w0 = _mm256_loadu_ps(weights.as_ptr().add(j));
+                for (acc, run) in acc.iter_mut().zip(&runs) {
+                    acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(run.as_ptr().add(j)), w0, acc[0]);
+                }
+                j += 8;
+            }
+        }
+        for (tail, run) in tail.iter_mut().zip(&runs) {
+            for (x, w) in run[j..].iter().zip(&weights[j..]) {
+                *tail = x.mul_add(*w, *tail);
+            }
+        }
+    }
+    let mut sums = [0.0f32; P];
+    for ((sum, acc), tail) in sums.iter_mut().zip(&acc).zip(tail) {
+        let mut lanes = [0.0f32; 8];
+        // SAFETY: `lanes` holds the 8 floats stored.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(acc[0], acc[1])) };
+        *sum = lanes.iter().sum::<f32>() + tail;
+    }
+    sums
 }
 
 /// What a block's accumulators start from.
@@ -442,11 +567,38 @@ mod tests {
     use crate::pseudo;
 
     #[test]
+    fn dot_kernel_matches_its_plain_reference() {
+        // Runs of whole 16-float steps, an 8-float step, and floats past both.
+        for len in [3, 8, 16, 29, 96] {
+            let parts = 3;
+            let column = pseudo(parts * len, 3);
+            let data = pseudo(DOT_POSITIONS * 2 + (parts - 1) * 3 + len, 9);
+            let windows: Vec<Window<'_>> = (0..DOT_POSITIONS)
+                .map(|i| Window { data: &data[i * 2..i * 2 + (parts - 1) * 3 + len], stride: 3 })
+                .collect();
+            let plain = dot_block_plain::<DOT_POSITIONS>(&windows, &column, len);
+            for (i, window) in windows.iter().enumerate() {
+                let sum: f32 = (0..parts * len).map(|q| window.data[q / len * 3 + q % len] * column[q]).sum();
+                assert!((plain[i] - sum).abs() < 1e-4, "len {len}, window {i}: {} vs {sum}", plain[i]);
+            }
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                // SAFETY: AVX2 and FMA were just detected.
+                #[allow(unsafe_code)]
+                let vector = unsafe { dot_block_avx2::<DOT_POSITIONS>(&windows, &column, len) };
+                for (a, b) in vector.iter().zip(&plain) {
+                    assert!((a - b).abs() < 1e-4, "len {len}: {a} vs {b}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn vector_kernel_matches_the_plain_one_for_every_chunk_width() {
         // Output widths covering 1-4 vectors, partial vectors and several chunks; position
         // counts that leave remainders after the register blocks; short windows (all parts in
         // one pass) and long ones (weights past `L1_WEIGHT_BYTES`: part by part).
-        let shapes = [1, 8, 13, 20, 32, 33, 64, 70].into_iter().flat_map(|c| [(c, 7), (c, 130)]);
+        let shapes = [1, 3, 8, 13, 20, 32, 33, 64, 70].into_iter().flat_map(|c| [(c, 7), (c, 130)]);
         for (cout, len) in shapes {
             for positions in [1, 5, 13] {
                 let parts = 3;

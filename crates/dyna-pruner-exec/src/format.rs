@@ -263,6 +263,12 @@ fn transposed_as_1x1(t: &Tensors, name: &str, c: usize, st: usize) -> Result<Con
     Ok(Conv::new(1, 1, 0, c, cout, weight, bias))
 }
 
+/// [`transposed_as_1x1`]'s conv split by output row: conv `dy` makes output row `st y + dy` from
+/// input row y, its `st * c` outputs per input pixel being that row's `st` pixels in order.
+fn transposed_rows(up: &Conv, c: usize, st: usize) -> Vec<Conv> {
+    (0..st).map(|dy| up.select_outputs(&(dy * st * c..(dy + 1) * st * c).collect::<Vec<_>>())).collect()
+}
+
 fn convlstm_from_tensors(spec: &ConvLstmSpec, t: &Tensors, p: Parts) -> Result<ConvLstmExec, ExecError> {
     let (hid, units, c, st) = (spec.hidden, spec.units, p.arch.frames.channels, spec.stride);
     let cells = (0..spec.cells)
@@ -291,7 +297,7 @@ fn convlstm_from_tensors(spec: &ConvLstmSpec, t: &Tensors, p: Parts) -> Result<C
         enc_down: Conv::from_oihw(down_w, down_b, hid, hid, st, st, 0),
         cells,
         dec_proj: conv(t, "dec_proj", hid, units, 1, 1)?,
-        dec_up: transposed_as_1x1(t, "dec_up", hid, st)?,
+        dec_up_rows: transposed_rows(&transposed_as_1x1(t, "dec_up", hid, st)?, hid, st),
         dec_out: conv(t, "dec_out", c, hid, 3, 1)?,
         generator: p.generator,
         gates: p.gates,

@@ -233,6 +233,31 @@ impl Conv {
         (self.k * self.k * self.cin * self.cout) as u64
     }
 
+    /// Output rows `[positions.len(), cout]` for one sample's input `[h, w, cin]` into `out`,
+    /// tile after tile on the calling thread (for work that is one of many parallel tasks
+    /// already), through GELU with `act`.
+    pub(crate) fn rows_into(
+        &self,
+        input: &[f32],
+        (h, w): (usize, usize),
+        positions: Positions<'_>,
+        out: &mut [f32],
+        act: Activation,
+    ) {
+        assert_eq!(out.len(), positions.len() * self.cout, "conv output rows do not match the positions");
+        for (t, chunk) in out.chunks_mut(TILE * self.cout).enumerate() {
+            let start = t * TILE;
+            let positions = positions.slice(start, start + chunk.len() / self.cout);
+            self.tile(
+                input,
+                h,
+                w,
+                positions,
+                Rows { data: chunk, at: None, add: false, gelu: act == Activation::Gelu },
+            );
+        }
+    }
+
     /// Output rows `[positions.len(), cout]` for one sample's input `[h, w, cin]`, one tile: each
     /// position's window is read in place, `k` runs of `k * cin` contiguous floats one input row
     /// apart (see `fma`); only windows that reach past the map's edge are copied, zero-filled,
@@ -544,12 +569,7 @@ pub fn add_upsampled(
     rows.into_par_iter().filter(|(_, y, _)| *y < h2).for_each(|(input, y, dst)| {
         // One row's tiles run here in turn: the rows already keep every thread busy.
         let mut out = map_buffer(w2 * up.cout);
-        for (t, chunk) in out.chunks_mut(TILE * up.cout).enumerate() {
-            let start = y * w2 + t * TILE;
-            let positions = Positions::Range(start, start + chunk.len() / up.cout);
-            let rows = Rows { data: chunk, at: None, add: false, gelu: act == Activation::Gelu };
-            up.tile(input, h2, w2, positions, rows);
-        }
+        up.rows_into(input, (h2, w2), Positions::Range(y * w2, (y + 1) * w2), &mut out, act);
         depth_to_space_add(&out, (1, w2), st, (dst.len() / (w * c), w), dst);
         recycle(out);
     });
