@@ -257,8 +257,8 @@ impl ConvLstmExec {
             Some(Some(list)) => Positions::List(list),
             _ => Positions::all(lh, lw),
         };
-        // The rows the kept positions' windows read: the only rows of the conv input built.
-        let read_rows: Vec<Option<Vec<u32>>> =
+        // Whether the kept positions' windows read each row: the only rows of the conv input built.
+        let read_rows: Vec<Option<Vec<bool>>> =
             positions.iter().map(|p| p.as_ref().map(|list| window_rows(list, (lh, lw)))).collect();
         let all_units: Vec<usize> = (0..units).collect();
         let units_of = |b: usize, l: usize| masks.get(b).map_or(all_units.as_slice(), |m| m.units[l].as_slice());
@@ -305,19 +305,15 @@ impl ConvLstmExec {
                         let state_row = |p: usize| &state[p * units..(p + 1) * units];
                         let width = cin + units;
                         let mut joint = map_buffer(low * width);
-                        let rows = read_rows.get(b).and_then(Option::as_ref);
-                        if rows.is_some() {
-                            joint.fill(0.0);
-                        }
-                        let mut build = |p: usize| {
-                            let row = &mut joint[p * width..(p + 1) * width];
-                            row[..cin].copy_from_slice(input_row(p));
-                            row[cin..].copy_from_slice(state_row(p));
-                        };
-                        match rows {
-                            Some(rows) => rows.iter().for_each(|&p| build(p as usize)),
-                            None => (0..low).for_each(build),
-                        }
+                        let read = read_rows.get(b).and_then(Option::as_deref);
+                        joint.par_chunks_mut(width).enumerate().with_min_len(256).for_each(|(p, row)| {
+                            if read.is_none_or(|read| read[p]) {
+                                row[..cin].copy_from_slice(input_row(p));
+                                row[cin..].copy_from_slice(state_row(p));
+                            } else {
+                                row.fill(0.0);
+                            }
+                        });
                         Cow::Owned(joint)
                     })
                     .collect();
