@@ -2,8 +2,9 @@
 //! kernels: dense encoder and decoder, run band by band of state rows so that their
 //! full-resolution features stay in the cache (only the last input frame's are kept, for the
 //! decoder's skip connection); at every step each cell computes its gates only at the kept
-//! positions and for the kept hidden channels (one kernel call per tile over `[input, h]`), and
-//! updates the state there; elsewhere the state carries over.
+//! positions and for the kept hidden channels (one kernel call per tile over `[input, h]`,
+//! reading only the channels of kept units: a pruned unit's h stays zero), and updates the
+//! state there; elsewhere the state carries over.
 
 use std::borrow::Cow;
 use std::cell::RefCell;
@@ -66,6 +67,23 @@ pub struct ConvLstmExec {
     pub(crate) dec_out: Conv,
     pub(crate) generator: MaskGenerator,
     pub(crate) gates: Vec<UnitGate>,
+}
+
+/// One cell's gate convolutions for one sample (see `CellConvs`), restricted to its kept
+/// units' outputs and its live input channels, and the MACs per position the model counts for
+/// each (`joint`, `state_only`).
+struct SelectedCell<'a> {
+    joint: Cow<'a, Conv>,
+    state_only: Cow<'a, Conv>,
+    macs: (u64, u64),
+}
+
+/// `dst = src` at `channels` (all of it for `None`).
+fn gather(dst: &mut [f32], src: &[f32], channels: Option<&[usize]>) {
+    match channels {
+        None => dst.copy_from_slice(src),
+        Some(channels) => dst.iter_mut().zip(channels).for_each(|(d, &c)| *d = src[c]),
+    }
 }
 
 /// The rows (`width` floats each) of `map` at `positions` (ascending).
@@ -262,22 +280,40 @@ impl ConvLstmExec {
             positions.iter().map(|p| p.as_ref().map(|list| window_rows(list, (lh, lw)))).collect();
         let all_units: Vec<usize> = (0..units).collect();
         let units_of = |b: usize, l: usize| masks.get(b).map_or(all_units.as_slice(), |m| m.units[l].as_slice());
-        // Each sample's gate weights restricted to its kept units (borrowed when all are kept).
-        let selected: Vec<Vec<(Cow<'_, Conv>, Cow<'_, Conv>)>> = (0..batch)
+        // The units of a cell whose h can be nonzero, `None` for all: a pruned unit's h and c
+        // are never written in a forward, so they stay zero and its channels can be skipped.
+        let live = |b: usize, l: usize| Some(units_of(b, l)).filter(|u| u.len() < units);
+        // Each sample's gate weights restricted to its kept units' outputs and to the input
+        // channels that can be nonzero (borrowed when all are kept), and the MACs the model
+        // counts for them per position (every input channel).
+        let selected: Vec<Vec<SelectedCell<'_>>> = (0..batch)
             .map(|b| {
                 self.cells
                     .iter()
                     .enumerate()
                     .map(|(l, cell)| {
                         let u = units_of(b, l);
-                        if u.len() == units {
-                            (Cow::Borrowed(&cell.joint), Cow::Borrowed(&cell.state_only))
-                        } else {
-                            let cols = gate_columns(u, units);
-                            (
-                                Cow::Owned(cell.joint.select_outputs(&cols)),
-                                Cow::Owned(cell.state_only.select_outputs(&cols)),
-                            )
+                        let counted = |conv: &Conv| conv.macs_per_position() / units as u64 * u.len() as u64;
+                        let macs = (counted(&cell.joint), counted(&cell.state_only));
+                        let below = if l == 0 { None } else { live(b, l - 1) };
+                        if u.len() == units && below.is_none() {
+                            return SelectedCell {
+                                joint: Cow::Borrowed(&cell.joint),
+                                state_only: Cow::Borrowed(&cell.state_only),
+                                macs,
+                            };
+                        }
+                        let cols = gate_columns(u, units);
+                        let cin = cell.joint.cin - units;
+                        let joint_inputs: Vec<usize> = below
+                            .map_or_else(|| (0..cin).collect(), <[usize]>::to_vec)
+                            .into_iter()
+                            .chain(u.iter().map(|&j| cin + j))
+                            .collect();
+                        SelectedCell {
+                            joint: Cow::Owned(cell.joint.select_outputs(&cols).select_inputs(&joint_inputs)),
+                            state_only: Cow::Owned(cell.state_only.select_outputs(&cols).select_inputs(u)),
+                            macs,
                         }
                     })
                     .collect()
@@ -291,25 +327,29 @@ impl ConvLstmExec {
         for t in 0..t_in + fr.t_out {
             for l in 0..s.cells {
                 let with_input = l > 0 || t < t_in;
-                let cin = if l == 0 { hid } else { units };
-                // The conv input per sample: [input, h] channels last at the rows its windows
-                // read (zero elsewhere, never read), or h alone.
+                // The conv input per sample, channels last: the live channels of [input, h] (or
+                // of h alone) at the rows its windows read (zero elsewhere, never read); h
+                // itself when all its channels are live and there is no input.
                 let inputs: Vec<Cow<'_, [f32]>> = (0..batch)
                     .map(|b| {
-                        let state = &hs[b][l];
-                        if !with_input {
-                            return Cow::Borrowed(state.as_slice());
-                        }
-                        let input = if l == 0 { &encoded[frame_of(b, t)] } else { &hs[b][l - 1] };
-                        let input_row = |p: usize| &input[p * cin..(p + 1) * cin];
-                        let state_row = |p: usize| &state[p * units..(p + 1) * units];
-                        let width = cin + units;
+                        let (state, own) = (&hs[b][l], live(b, l));
+                        let input = match (with_input, l) {
+                            (false, _) if own.is_none() => return Cow::Borrowed(state.as_slice()),
+                            (false, _) => None,
+                            (true, 0) => Some((encoded[frame_of(b, t)].as_slice(), hid, None)),
+                            (true, _) => Some((hs[b][l - 1].as_slice(), units, live(b, l - 1))),
+                        };
+                        let input_width = input.map_or(0, |(_, cin, channels)| channels.map_or(cin, <[usize]>::len));
+                        let width = input_width + own.map_or(units, <[usize]>::len);
                         let mut joint = map_buffer(low * width);
                         let read = read_rows.get(b).and_then(Option::as_deref);
                         joint.par_chunks_mut(width).enumerate().with_min_len(256).for_each(|(p, row)| {
                             if read.is_none_or(|read| read[p]) {
-                                row[..cin].copy_from_slice(input_row(p));
-                                row[cin..].copy_from_slice(state_row(p));
+                                let (input_part, state_part) = row.split_at_mut(input_width);
+                                if let Some((map, cin, channels)) = input {
+                                    gather(input_part, &map[p * cin..(p + 1) * cin], channels);
+                                }
+                                gather(state_part, &state[p * units..(p + 1) * units], own);
                             } else {
                                 row.fill(0.0);
                             }
@@ -319,9 +359,9 @@ impl ConvLstmExec {
                     .collect();
                 let conv_of = |b: usize| -> &Conv {
                     if with_input {
-                        &selected[b][l].0
+                        &selected[b][l].joint
                     } else {
-                        &selected[b][l].1
+                        &selected[b][l].state_only
                     }
                 };
                 let rows = run_per_sample(&inputs, (lh, lw), conv_of, pos_of, Activation::None);
@@ -333,7 +373,8 @@ impl ConvLstmExec {
                 for b in 0..batch {
                     let (u, pos) = (units_of(b, l), pos_of(b));
                     let k = u.len();
-                    macs[b] += pos.len() as u64 * conv_of(b).macs_per_position();
+                    let (joint_macs, state_macs) = selected[b][l].macs;
+                    macs[b] += pos.len() as u64 * if with_input { joint_macs } else { state_macs };
                     // The kept positions' state rows, each updated in place, in parallel: its
                     // kept units' c read, the cell update, their new h and c written back.
                     let h_rows = rows_at(&mut hs[b][l], units, pos);
