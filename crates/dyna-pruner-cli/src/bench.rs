@@ -99,6 +99,23 @@ pub struct Row {
     /// GPU: the sparse output's largest difference from the f32 masked-dense reference.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reference_max_diff: Option<f64>,
+    /// `bench --model --reference`: the reference model's dense forward, timed in the same rounds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub against: Option<Against>,
+}
+
+/// A row's model with its own masks against another model's dense forward (the dense model it
+/// stands in for), timed in the same rounds on the same windows.
+#[derive(Serialize, Default, Clone)]
+pub struct Against {
+    pub model: String,
+    pub dense_ms: f64,
+    /// The reference's MACs over the row's model's with its masks.
+    pub mac_ratio: f64,
+    /// The reference's time over the row's model's with its masks.
+    pub speedup: f64,
+    /// `speedup / mac_ratio`.
+    pub efficiency: f64,
 }
 
 impl Row {

@@ -1,6 +1,7 @@
 //! `dyna-pruner bench --model PATH... --data FILE...`: trained models on real frames, through
 //! the framework-free executor: each model's dense path against its own masks, timed in the
-//! same rounds, on the first windows of the data. A path is an exported model file
+//! same rounds, on the first windows of the data, and with `--reference` against another
+//! model's dense forward in the same rounds. A path is an exported model file
 //! (`model.safetensors`, as `predict` writes it) or a checkpoint directory (exported first).
 
 use std::path::{Path, PathBuf};
@@ -8,22 +9,70 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use dyna_pruner_exec::format;
 use dyna_pruner_exec::spec::MaskMode;
-use dyna_pruner_exec::{MaskPlan, UnitExecution};
+use dyna_pruner_exec::{Exec, ExportedModel, MaskPlan, UnitExecution};
 
-use crate::bench::{interleaved_medians, BenchPlan, Row};
+use crate::bench::{interleaved_medians, Against, BenchPlan, Row};
 use crate::budget::KeepArgs;
 
+/// A model to time: an exported file, or a checkpoint directory exported first.
+fn load(path: &Path) -> anyhow::Result<ExportedModel> {
+    if path.is_dir() {
+        crate::predict::export_checkpoint(path)
+    } else {
+        Ok(format::load(path)?)
+    }
+}
+
+/// `--reference`: a dense model's executor and the scaled inputs of each batch size, on its own
+/// windows of the data.
+struct Reference {
+    name: String,
+    exec: Exec,
+    size: (usize, usize),
+    inputs: Vec<Vec<f32>>,
+}
+
+impl Reference {
+    fn load(path: &Path, data: &[PathBuf], batches: &[usize]) -> anyhow::Result<Reference> {
+        let name = path.display().to_string();
+        let model = load(path).with_context(|| format!("reference {name}"))?;
+        let (scaler, data_config) = crate::predict::scaler_and_data(&model, path)?;
+        let windows = crate::eval::windows_for(&data_config, &model.arch, data)
+            .with_context(|| format!("reference {name}: reading the data in its format"))?;
+        let mut inputs = Vec::new();
+        for &batch in batches {
+            if batch > windows.len() {
+                anyhow::bail!("{name}: batch {batch} needs {batch} windows; the data holds {}", windows.len());
+            }
+            inputs.push(windows.scaled_inputs(0..batch, &scaler));
+        }
+        Ok(Reference { name, exec: model.executor()?, size: (windows.height, windows.width), inputs })
+    }
+}
+
 /// One row per model and batch size.
-pub fn run(models: &[PathBuf], data: &[PathBuf], out: &Path, plan: &BenchPlan, keep: KeepArgs) -> anyhow::Result<()> {
+pub fn run(
+    models: &[PathBuf],
+    data: &[PathBuf],
+    reference: Option<&Path>,
+    out: &Path,
+    plan: &BenchPlan,
+    keep: KeepArgs,
+) -> anyhow::Result<()> {
     let threads = rayon::current_num_threads();
+    let reference = reference.map(|path| Reference::load(path, data, &plan.batches)).transpose()?;
     println!("{threads} threads, median of {} runs after {} warm-up runs\n", plan.runs, plan.warmup);
+    if let Some(r) = &reference {
+        println!("against: {}'s dense forward, timed in the same rounds\n", r.name);
+    }
+    let against_columns = if reference.is_some() { " against: ms | speedup | MAC ratio | efficiency |" } else { "" };
     println!(
-        "| model | size | batch | kept patches | MAC ratio | dense ms | dynamic ms | dynamic, masked units ms | speedup | efficiency |"
+        "| model | size | batch | kept patches | MAC ratio | dense ms | dynamic ms | dynamic, masked units ms | speedup | efficiency |{against_columns}"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|{}", if reference.is_some() { "---|---|---|---|" } else { "" });
     let mut rows = Vec::new();
     for path in models {
-        let model = if path.is_dir() { crate::predict::export_checkpoint(path)? } else { format::load(path)? };
+        let model = load(path)?;
         let (scaler, data_config) = crate::predict::scaler_and_data(&model, path)?;
         let mut exec = model.executor()?;
         exec.set_masking(keep.apply(&model.arch, model.masking, &path.display().to_string())?);
@@ -35,7 +84,10 @@ pub fn run(models: &[PathBuf], data: &[PathBuf], out: &Path, plan: &BenchPlan, k
         let windows = crate::eval::windows_for(&data_config, &model.arch, data)?;
         let (h, w) = (windows.height, windows.width);
         let name = path.display().to_string();
-        for &batch in &plan.batches {
+        if let Some(r) = reference.as_ref().filter(|r| r.size != (h, w)) {
+            anyhow::bail!("{name}: frames of {h}x{w}, but the reference {} reads {}x{}", r.name, r.size.0, r.size.1);
+        }
+        for (b, &batch) in plan.batches.iter().enumerate() {
             if batch > windows.len() {
                 anyhow::bail!("{name}: batch {batch} needs {batch} windows; the data holds {}", windows.len());
             }
@@ -56,24 +108,45 @@ pub fn run(models: &[PathBuf], data: &[PathBuf], out: &Path, plan: &BenchPlan, k
                     exec.forward(&x, batch, h, w, own).expect("valid input");
                 }),
             ];
-            if let Some(m) = &masked {
+            let masked_at = masked.as_ref().map(|m| {
                 jobs.push(Box::new(|| {
                     m.forward(&x, batch, h, w, own).expect("valid input");
                 }));
-            }
+                jobs.len() - 1
+            });
+            let reference_macs = match &reference {
+                Some(r) => {
+                    let macs = macs(&r.exec.forward(&r.inputs[b], batch, h, w, MaskPlan::Dense)?);
+                    jobs.push(Box::new(|| {
+                        r.exec.forward(&r.inputs[b], batch, h, w, MaskPlan::Dense).expect("valid input");
+                    }));
+                    Some(macs)
+                }
+                None => None,
+            };
             let times = interleaved_medians(plan.runs, plan.warmup, &mut jobs);
             drop(jobs);
-            let (dense_ms, sparse_ms, masked_units_ms) = (times[0], times[1], times.get(2).copied());
+            let (dense_ms, sparse_ms, masked_units_ms) = (times[0], times[1], masked_at.map(|i| times[i]));
+            let against = reference.as_ref().zip(reference_macs).map(|(r, reference_macs)| {
+                let (dense_ms, mac_ratio) = (times[times.len() - 1], reference_macs / macs(&dynamic));
+                let speedup = dense_ms / sparse_ms;
+                Against { model: r.name.clone(), dense_ms, mac_ratio, speedup, efficiency: speedup / mac_ratio }
+            });
             let row = Row {
                 model: Some(name.clone()),
                 masked_units_ms,
+                against: against.clone(),
                 ..Row::timed(model.arch.kind().name(), (h, w), (batch, kept as f32), mac_ratio, (dense_ms, sparse_ms))
             };
             println!(
-                "| {name} | {h}x{w} | {batch} | {kept:.2} | {mac_ratio:.2} | {dense_ms:.2} | {sparse_ms:.2} | {} | {:.2} | {:.2} |",
+                "| {name} | {h}x{w} | {batch} | {kept:.2} | {mac_ratio:.2} | {dense_ms:.2} | {sparse_ms:.2} | {} | {:.2} | {:.2} |{}",
                 masked_units_ms.map_or("-".into(), |m| format!("{m:.2}")),
                 row.speedup,
-                row.efficiency
+                row.efficiency,
+                against.map_or(String::new(), |a| format!(
+                    " {:.2} | {:.2} | {:.2} | {:.2} |",
+                    a.dense_ms, a.speedup, a.mac_ratio, a.efficiency
+                ))
             );
             rows.push(row);
         }

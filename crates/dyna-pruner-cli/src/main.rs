@@ -135,6 +135,11 @@ enum Command {
         /// With `--model`: data files in the models' format.
         #[arg(long, num_args = 1.., requires = "model")]
         data: Vec<PathBuf>,
+        /// With `--model`: also time this model's dense forward (the dense model the others
+        /// stand in for) in the same rounds as each row, on the same frames; rows get `against`
+        /// (its time, its MACs over the row's, speedup and efficiency against it).
+        #[arg(long, requires = "model")]
+        reference: Option<PathBuf>,
         /// With `--model`: budget-conditioned models at these keep ratios.
         #[command(flatten)]
         keep: budget::KeepArgs,
@@ -274,7 +279,7 @@ fn main() -> anyhow::Result<()> {
             };
             predict::run(&source, &data, &out, (batch_size, units, budget), pictures)
         }
-        Command::Bench { out, plan, device, model, data, keep, precision, launch } => {
+        Command::Bench { out, plan, device, model, data, reference, keep, precision, launch } => {
             if keep.is_set() && model.is_empty() {
                 anyhow::bail!("bench: --keep and --keep-units apply to trained models (--model)");
             }
@@ -290,7 +295,9 @@ fn main() -> anyhow::Result<()> {
                 DeviceArg::Cpu if !gpu_default => {
                     anyhow::bail!("bench: --precision and --launch apply to --device cuda (the CPU executor runs f32)")
                 }
-                DeviceArg::Cpu if !model.is_empty() => bench_model::run(&model, &data, &out, &plan, keep),
+                DeviceArg::Cpu if !model.is_empty() => {
+                    bench_model::run(&model, &data, reference.as_deref(), &out, &plan, keep)
+                }
                 DeviceArg::Cpu => bench::run(&out, &plan),
                 #[cfg(feature = "cuda")]
                 DeviceArg::Cuda => bench_device::run(&gpu_name(), &out, &plan, precision, &launch),

@@ -434,13 +434,16 @@ fn train_eval_predict(
         .success());
     assert_eq!(npy(&auto), npy(&pred), "a ViT or ConvLSTM runs as with --units select");
     assert!(json(&auto.join("samples.json"))["calibration"].is_null());
-    // And timed on the same data, dense path against its own masks.
+    // And timed on the same data, dense path against its own masks, and against a reference
+    // model's dense forward (here its own weights: the same MACs as its dense path).
     let bench = dir.join("bench");
     let out = run(bin()
         .args(["bench", "--model"])
         .arg(&exported)
         .arg("--data")
         .arg(data)
+        .arg("--reference")
+        .arg(&ck)
         .args(["--batches", "2", "--runs", "1", "--warmup", "0", "--out"])
         .arg(&bench));
     assert!(out.status.success(), "{}", stderr(&out));
@@ -448,6 +451,10 @@ fn train_eval_predict(
     assert_eq!(rows[0]["model"], exported.display().to_string());
     assert_eq!(rows[0]["batch"], 2);
     assert!(rows[0]["mac_ratio"].as_f64().unwrap() > 1.0, "the dynamic model does fewer MACs: {rows}");
+    let against = &rows[0]["against"];
+    assert_eq!(against["model"], ck.display().to_string());
+    assert_eq!(against["mac_ratio"], rows[0]["mac_ratio"], "the same weights' dense MACs: {rows}");
+    assert!(against["dense_ms"].as_f64().unwrap() > 0.0 && against["efficiency"].as_f64().unwrap() > 0.0);
     (stdout, json(&report), a)
 }
 
