@@ -70,11 +70,12 @@ pub struct ConvLstmExec {
 }
 
 /// One cell's gate convolutions for one sample (see `CellConvs`), restricted to its kept
-/// units' outputs and its live input channels, and the MACs per position the model counts for
+/// units' outputs and its live input channels (the state-only one for the first cell alone,
+/// the only one with steps without input), and the MACs per position the model counts for
 /// each (`joint`, `state_only`).
 struct SelectedCell<'a> {
     joint: Cow<'a, Conv>,
-    state_only: Cow<'a, Conv>,
+    state_only: Option<Cow<'a, Conv>>,
     macs: (u64, u64),
 }
 
@@ -137,11 +138,13 @@ impl ConvLstmExec {
             let mut encode_band = |features: &mut [f32]| {
                 for (r, row) in features.chunks_exact_mut(wp * hid).enumerate() {
                     let y = band * BAND_ROWS * st + r;
-                    let inside = if y < h { w * hid } else { 0 };
-                    if y < h {
+                    let inside = if y < h {
                         let positions = Positions::Range(y * w, (y + 1) * w);
-                        self.enc_in.rows_into(&frames[f], (h, w), positions, &mut row[..inside], Activation::Gelu);
-                    }
+                        self.enc_in.rows_into(&frames[f], (h, w), positions, &mut row[..w * hid], Activation::Gelu);
+                        w * hid
+                    } else {
+                        0
+                    };
                     row[inside..].fill(0.0);
                 }
                 let positions = Positions::all(rows / st, lw);
@@ -296,25 +299,26 @@ impl ConvLstmExec {
                         let counted = |conv: &Conv| conv.macs_per_position() / units as u64 * u.len() as u64;
                         let macs = (counted(&cell.joint), counted(&cell.state_only));
                         let below = if l == 0 { None } else { live(b, l - 1) };
-                        if u.len() == units && below.is_none() {
-                            return SelectedCell {
-                                joint: Cow::Borrowed(&cell.joint),
-                                state_only: Cow::Borrowed(&cell.state_only),
-                                macs,
-                            };
-                        }
                         let cols = gate_columns(u, units);
-                        let cin = cell.joint.cin - units;
-                        let joint_inputs: Vec<usize> = below
-                            .map_or_else(|| (0..cin).collect(), <[usize]>::to_vec)
-                            .into_iter()
-                            .chain(u.iter().map(|&j| cin + j))
-                            .collect();
-                        SelectedCell {
-                            joint: Cow::Owned(cell.joint.select_outputs(&cols).select_inputs(&joint_inputs)),
-                            state_only: Cow::Owned(cell.state_only.select_outputs(&cols).select_inputs(u)),
-                            macs,
-                        }
+                        let joint = if u.len() == units && below.is_none() {
+                            Cow::Borrowed(&cell.joint)
+                        } else {
+                            let cin = cell.joint.cin - units;
+                            let inputs: Vec<usize> = below
+                                .map_or_else(|| (0..cin).collect(), <[usize]>::to_vec)
+                                .into_iter()
+                                .chain(u.iter().map(|&j| cin + j))
+                                .collect();
+                            Cow::Owned(cell.joint.select_outputs(&cols).select_inputs(&inputs))
+                        };
+                        let state_only = (l == 0).then(|| {
+                            if u.len() == units {
+                                Cow::Borrowed(&cell.state_only)
+                            } else {
+                                Cow::Owned(cell.state_only.select_outputs(&cols).select_inputs(u))
+                            }
+                        });
+                        SelectedCell { joint, state_only, macs }
                     })
                     .collect()
             })
@@ -361,7 +365,7 @@ impl ConvLstmExec {
                     if with_input {
                         &selected[b][l].joint
                     } else {
-                        &selected[b][l].state_only
+                        selected[b][l].state_only.as_deref().expect("only the first cell has steps without input")
                     }
                 };
                 let rows = run_per_sample(&inputs, (lh, lw), conv_of, pos_of, Activation::None);
