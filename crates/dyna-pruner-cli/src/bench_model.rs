@@ -7,9 +7,10 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use dyna_pruner::data::{Scaler, WindowSet};
 use dyna_pruner_exec::format;
 use dyna_pruner_exec::spec::MaskMode;
-use dyna_pruner_exec::{Exec, ExportedModel, MaskPlan, UnitExecution};
+use dyna_pruner_exec::{Exec, ExportedModel, MaskPlan, Output, UnitExecution};
 
 use crate::bench::{interleaved_medians, Against, BenchPlan, Row};
 use crate::budget::KeepArgs;
@@ -23,13 +24,26 @@ fn load(path: &Path) -> anyhow::Result<ExportedModel> {
     }
 }
 
-/// `--reference`: a dense model's executor and the scaled inputs of each batch size, on its own
-/// windows of the data.
+/// The first `batch` windows, scaled, for the model `name`.
+fn batch_inputs(name: &str, windows: &WindowSet, batch: usize, scaler: &Scaler) -> anyhow::Result<Vec<f32>> {
+    if batch > windows.len() {
+        anyhow::bail!("{name}: batch {batch} needs {batch} windows; the data holds {}", windows.len());
+    }
+    Ok(windows.scaled_inputs(0..batch, scaler))
+}
+
+/// The MACs of a forward's whole batch.
+fn total_macs(output: &Output) -> f64 {
+    output.macs.iter().sum::<u64>() as f64
+}
+
+/// `--reference`: a dense model's executor, and per batch size the scaled inputs (on its own
+/// windows of the data) and the MACs of its dense forward.
 struct Reference {
     name: String,
     exec: Exec,
     size: (usize, usize),
-    inputs: Vec<Vec<f32>>,
+    inputs: Vec<(Vec<f32>, f64)>,
 }
 
 impl Reference {
@@ -39,14 +53,16 @@ impl Reference {
         let (scaler, data_config) = crate::predict::scaler_and_data(&model, path)?;
         let windows = crate::eval::windows_for(&data_config, &model.arch, data)
             .with_context(|| format!("reference {name}: reading the data in its format"))?;
-        let mut inputs = Vec::new();
-        for &batch in batches {
-            if batch > windows.len() {
-                anyhow::bail!("{name}: batch {batch} needs {batch} windows; the data holds {}", windows.len());
-            }
-            inputs.push(windows.scaled_inputs(0..batch, &scaler));
-        }
-        Ok(Reference { name, exec: model.executor()?, size: (windows.height, windows.width), inputs })
+        let (exec, (h, w)) = (model.executor()?, (windows.height, windows.width));
+        let inputs = batches
+            .iter()
+            .map(|&batch| {
+                let x = batch_inputs(&name, &windows, batch, &scaler)?;
+                let macs = total_macs(&exec.forward(&x, batch, h, w, MaskPlan::Dense)?);
+                Ok((x, macs))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Reference { name, exec, size: (h, w), inputs })
     }
 }
 
@@ -88,14 +104,10 @@ pub fn run(
             anyhow::bail!("{name}: frames of {h}x{w}, but the reference {} reads {}x{}", r.name, r.size.0, r.size.1);
         }
         for (b, &batch) in plan.batches.iter().enumerate() {
-            if batch > windows.len() {
-                anyhow::bail!("{name}: batch {batch} needs {batch} windows; the data holds {}", windows.len());
-            }
-            let x = windows.scaled_inputs(0..batch, &scaler);
+            let x = batch_inputs(&name, &windows, batch, &scaler)?;
             let dense = exec.forward(&x, batch, h, w, MaskPlan::Dense)?;
             let dynamic = exec.forward(&x, batch, h, w, own)?;
-            let macs = |o: &dyna_pruner_exec::Output| o.macs.iter().sum::<u64>() as f64;
-            let mac_ratio = macs(&dense) / macs(&dynamic);
+            let mac_ratio = total_macs(&dense) / total_macs(&dynamic);
             let (hp, wp) = model.arch.patch_grid(h, w);
             let kept =
                 dynamic.masks.iter().map(|m| m.patches.len() as f64).sum::<f64>() / (batch * hp * wp).max(1) as f64;
@@ -114,28 +126,24 @@ pub fn run(
                 }));
                 jobs.len() - 1
             });
-            let reference_macs = match &reference {
-                Some(r) => {
-                    let macs = macs(&r.exec.forward(&r.inputs[b], batch, h, w, MaskPlan::Dense)?);
-                    jobs.push(Box::new(|| {
-                        r.exec.forward(&r.inputs[b], batch, h, w, MaskPlan::Dense).expect("valid input");
-                    }));
-                    Some(macs)
-                }
-                None => None,
-            };
+            if let Some(r) = &reference {
+                let x = &r.inputs[b].0;
+                jobs.push(Box::new(move || {
+                    r.exec.forward(x, batch, h, w, MaskPlan::Dense).expect("valid input");
+                }));
+            }
             let times = interleaved_medians(plan.runs, plan.warmup, &mut jobs);
             drop(jobs);
             let (dense_ms, sparse_ms, masked_units_ms) = (times[0], times[1], masked_at.map(|i| times[i]));
-            let against = reference.as_ref().zip(reference_macs).map(|(r, reference_macs)| {
-                let (dense_ms, mac_ratio) = (times[times.len() - 1], reference_macs / macs(&dynamic));
+            let against = reference.as_ref().map(|r| {
+                let (dense_ms, mac_ratio) = (times[times.len() - 1], r.inputs[b].1 / total_macs(&dynamic));
                 let speedup = dense_ms / sparse_ms;
                 Against { model: r.name.clone(), dense_ms, mac_ratio, speedup, efficiency: speedup / mac_ratio }
             });
             let row = Row {
                 model: Some(name.clone()),
                 masked_units_ms,
-                against: against.clone(),
+                against,
                 ..Row::timed(model.arch.kind().name(), (h, w), (batch, kept as f32), mac_ratio, (dense_ms, sparse_ms))
             };
             println!(
@@ -143,7 +151,7 @@ pub fn run(
                 masked_units_ms.map_or("-".into(), |m| format!("{m:.2}")),
                 row.speedup,
                 row.efficiency,
-                against.map_or(String::new(), |a| format!(
+                row.against.as_ref().map_or(String::new(), |a| format!(
                     " {:.2} | {:.2} | {:.2} | {:.2} |",
                     a.dense_ms, a.speedup, a.mac_ratio, a.efficiency
                 ))
