@@ -29,17 +29,18 @@ pub(crate) const ERF_Q: [f32; 5] = [-1.456_607_2e-5, -2.133_740_6e-4, -1.682_827
 /// [`erf`] with its multiply-adds done by `madd(a, b, c) = a * b + c` (fused or not).
 #[inline(always)]
 fn erf_with(x: f32, madd: impl Fn(f32, f32, f32) -> f32) -> f32 {
-    let x = x.clamp(-4.0, 4.0);
+    odd_rational(x, 4.0, (&ERF_P, &ERF_Q), &madd)
+}
+
+/// `x p(x^2) / q(x^2)` with `x` clamped to `[-bound, bound]`, the polynomials' coefficients
+/// highest power first and evaluated by Horner's rule through `madd(a, b, c) = a * b + c`: the
+/// form of the branch-free `erf` and `tanh` approximations.
+#[inline(always)]
+fn odd_rational(x: f32, bound: f32, (p, q): (&[f32], &[f32]), madd: &impl Fn(f32, f32, f32) -> f32) -> f32 {
+    let x = x.clamp(-bound, bound);
     let x2 = x * x;
-    let mut p = madd(x2, ERF_P[0], ERF_P[1]);
-    for k in &ERF_P[2..] {
-        p = madd(x2, p, *k);
-    }
-    let mut q = madd(x2, ERF_Q[0], ERF_Q[1]);
-    for k in &ERF_Q[2..] {
-        q = madd(x2, q, *k);
-    }
-    x * p / q
+    let horner = |coefficients: &[f32]| coefficients[1..].iter().fold(coefficients[0], |acc, &k| madd(x2, acc, k));
+    x * horner(p) / horner(q)
 }
 
 /// `0.5 x (1 + erf(x / sqrt 2))`, the exact GELU the training framework uses.
@@ -91,17 +92,7 @@ pub fn sigmoid(x: f32) -> f32 {
 /// five sigmoids and tanhs per hidden unit and pixel (libm's took a third of a KNMI forward).
 #[inline(always)]
 fn tanh_with(x: f32, madd: impl Fn(f32, f32, f32) -> f32) -> f32 {
-    let x = x.clamp(-TANH_CLAMP, TANH_CLAMP);
-    let x2 = x * x;
-    let mut p = TANH_P[0];
-    for k in &TANH_P[1..] {
-        p = madd(p, x2, *k);
-    }
-    let mut q = TANH_Q[0];
-    for k in &TANH_Q[1..] {
-        q = madd(q, x2, *k);
-    }
-    x * p / q
+    odd_rational(x, TANH_CLAMP, (&TANH_P, &TANH_Q), &madd)
 }
 
 /// Past this the rational function's f32 value is 1 (tanh is 1 in f32 from about 9).
